@@ -1,0 +1,451 @@
+//! The refund request (contract v1, DESIGN §3) and its strict intake validation.
+//!
+//! This module owns what a valid refund request is. Parsing is strict on purpose: an order
+//! system that sends a float, a string for a number, an unknown or duplicated field, or bytes
+//! that are not UTF-8 has a bug we must surface, not guess around, because a guessed amount is
+//! a wrong payment. Every rejection names the field at fault ([`Rejection::field`]).
+//!
+//! A valid request also has a canonical form ([`RefundRequest::canonical_json`]) and its hash
+//! ([`RefundRequest::content_hash`]): two messages with the same `refund_no` are duplicates when
+//! their canonical forms are equal and a conflict otherwise, whatever their whitespace or key
+//! order.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The most a request body may weigh (DESIGN §3).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// The largest `total_fee` accepted, in fen.
+pub const MAX_TOTAL_FEE: i64 = 100_000_000_000;
+
+/// Which provider protocol a refund goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Shengpay,
+    Wupay,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Shengpay => "shengpay",
+            ProviderKind::Wupay => "wupay",
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ProviderKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shengpay" => Ok(ProviderKind::Shengpay),
+            "wupay" => Ok(ProviderKind::Wupay),
+            other => Err(format!("unknown provider {other:?} (expected shengpay or wupay)")),
+        }
+    }
+}
+
+/// ShengPay's refund fund source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefundAccount {
+    #[serde(rename = "UNSETTLED")]
+    Unsettled,
+    #[serde(rename = "RECHARGE")]
+    Recharge,
+}
+
+impl RefundAccount {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundAccount::Unsettled => "UNSETTLED",
+            RefundAccount::Recharge => "RECHARGE",
+        }
+    }
+}
+
+/// ShengPay-specific request options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShengpayOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_account: Option<RefundAccount>,
+}
+
+/// WuPay-specific request fields (required for WuPay).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WupayOptions {
+    pub pay_nd: String,
+    pub auth_type: String,
+    pub rec_organ: String,
+    pub rec_device: String,
+    pub rec_man: String,
+}
+
+/// A validated v1 refund request. Construct it with [`parse_request`] (from the wire) or
+/// [`RefundRequest::validate`] (from code): either way every rule of DESIGN §3 holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundRequest {
+    pub version: i64,
+    pub refund_no: String,
+    pub order_no: String,
+    pub provider: ProviderKind,
+    pub merchant: String,
+    pub total_fee: i64,
+    pub refund_fee: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shengpay: Option<ShengpayOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wupay: Option<WupayOptions>,
+}
+
+/// Why a message was refused at intake; `field` names the offending field (`"$"` for the
+/// message as a whole).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[error("{field}: {reason}")]
+pub struct Rejection {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Rejection {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Parses and validates one message body. Strict: see the module docs.
+pub fn parse_request(body: &[u8]) -> Result<RefundRequest, Rejection> {
+    if body.len() > MAX_MESSAGE_BYTES {
+        return Err(Rejection::new(
+            "$",
+            format!(
+                "message is {} bytes, more than the {MAX_MESSAGE_BYTES} allowed",
+                body.len()
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| {
+        Rejection::new(
+            "$",
+            format!("body is not valid UTF-8 (at byte {})", e.valid_up_to()),
+        )
+    })?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let request: RefundRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let text = json_error_text(e.inner());
+        Rejection::new(field_of(&path, &text), text)
+    })?;
+    de.end()
+        .map_err(|e| Rejection::new("$", format!("trailing data after the JSON object: {e}")))?;
+    request.validate()?;
+    Ok(request)
+}
+
+/// The field an error is about: serde reports missing and unknown fields at their parent's
+/// path, with the field's name only in the message, so take it from there.
+fn field_of(path: &str, text: &str) -> String {
+    let parent = match path {
+        "." | "" => None,
+        p => Some(p),
+    };
+    let named = ["missing field `", "unknown field `", "duplicate field `"]
+        .iter()
+        .find_map(|prefix| text.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next());
+    match (parent, named) {
+        (Some(p), Some(n)) if p == n || p.ends_with(&format!(".{n}")) => p.to_owned(),
+        (Some(p), Some(n)) => format!("{p}.{n}"),
+        (None, Some(n)) => n.to_owned(),
+        (Some(p), None) => p.to_owned(),
+        (None, None) => "$".to_owned(),
+    }
+}
+
+/// serde_json's message without its "at line L column C" suffix, which is noise for a message
+/// on one line; the path already says where.
+fn json_error_text(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+fn check_id(field: &str, v: &str) -> Result<(), Rejection> {
+    if v.is_empty() || v.len() > 32 {
+        return Err(Rejection::new(
+            field,
+            format!("must be 1 to 32 characters, got {}", v.chars().count()),
+        ));
+    }
+    if let Some(c) = v
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(Rejection::new(
+            field,
+            format!("character {c:?} is not allowed (only 0-9, A-Z, a-z, _ and -)"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_text(field: &str, v: &str, max_chars: usize) -> Result<(), Rejection> {
+    let n = v.chars().count();
+    if n > max_chars {
+        return Err(Rejection::new(
+            field,
+            format!("at most {max_chars} characters allowed, got {n}"),
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(Rejection::new(field, "control characters are not allowed"));
+    }
+    Ok(())
+}
+
+impl RefundRequest {
+    /// Checks every rule of DESIGN §3 that the type system does not already enforce.
+    pub fn validate(&self) -> Result<(), Rejection> {
+        if self.version != 1 {
+            return Err(Rejection::new(
+                "version",
+                format!("unsupported version {}, expected 1", self.version),
+            ));
+        }
+        check_id("refund_no", &self.refund_no)?;
+        check_id("order_no", &self.order_no)?;
+        if self.merchant.is_empty() {
+            return Err(Rejection::new("merchant", "must not be empty"));
+        }
+        check_text("merchant", &self.merchant, 64)?;
+        if self.total_fee < 1 || self.total_fee > MAX_TOTAL_FEE {
+            return Err(Rejection::new(
+                "total_fee",
+                format!(
+                    "must be between 1 and {MAX_TOTAL_FEE} fen, got {}",
+                    self.total_fee
+                ),
+            ));
+        }
+        if self.refund_fee < 1 {
+            return Err(Rejection::new(
+                "refund_fee",
+                format!("must be at least 1 fen, got {}", self.refund_fee),
+            ));
+        }
+        if self.refund_fee > self.total_fee {
+            return Err(Rejection::new(
+                "refund_fee",
+                format!(
+                    "{} exceeds total_fee {}",
+                    self.refund_fee, self.total_fee
+                ),
+            ));
+        }
+        if let Some(reason) = &self.reason {
+            check_text("reason", reason, 128)?;
+        }
+        if let Some(at) = &self.requested_at {
+            chrono::DateTime::parse_from_rfc3339(at).map_err(|e| {
+                Rejection::new("requested_at", format!("not an RFC 3339 timestamp: {e}"))
+            })?;
+        }
+        match (self.provider, &self.wupay) {
+            (ProviderKind::Wupay, None) => {
+                return Err(Rejection::new(
+                    "wupay",
+                    "required when provider is wupay",
+                ));
+            }
+            (_, Some(w)) => {
+                for (name, v) in [
+                    ("wupay.pay_nd", &w.pay_nd),
+                    ("wupay.auth_type", &w.auth_type),
+                    ("wupay.rec_organ", &w.rec_organ),
+                    ("wupay.rec_device", &w.rec_device),
+                    ("wupay.rec_man", &w.rec_man),
+                ] {
+                    check_text(name, v, 64)?;
+                }
+            }
+            (ProviderKind::Shengpay, None) => {}
+        }
+        Ok(())
+    }
+
+    /// The canonical JSON form: fixed field order, no insignificant whitespace.
+    pub fn canonical_json(&self) -> String {
+        // Serialising a struct of strings, integers and enums cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// SHA-256 of the canonical form: equal for duplicates, different for conflicts.
+    pub fn content_hash(&self) -> [u8; 32] {
+        Sha256::digest(self.canonical_json().as_bytes()).into()
+    }
+
+    /// ShengPay's refund account, if the request names one.
+    pub fn refund_account(&self) -> Option<RefundAccount> {
+        self.shengpay.as_ref().and_then(|s| s.refund_account)
+    }
+}
+
+/// Best effort to read `refund_no` out of a body that failed validation, so a rejection can be
+/// tied to the refund it was meant to be (and an event can name it). Never trusted for anything
+/// else.
+pub fn sniff_refund_no(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Sniff {
+        refund_no: Option<serde_json::Value>,
+    }
+    let s: Sniff = serde_json::from_slice(body).ok()?;
+    match s.refund_no? {
+        serde_json::Value::String(s) if check_id("refund_no", &s).is_ok() => Some(s),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn valid() -> serde_json::Value {
+        serde_json::json!({
+            "version": 1,
+            "refund_no": "R2026112100000001",
+            "order_no": "O2026112100000001",
+            "provider": "shengpay",
+            "merchant": "93751497",
+            "total_fee": 1000,
+            "refund_fee": 100,
+            "reason": "customer returned goods",
+            "requested_at": "2026-11-21T10:00:00+08:00",
+            "shengpay": { "refund_account": "UNSETTLED" },
+        })
+    }
+
+    fn reject(body: &[u8]) -> Rejection {
+        parse_request(body).expect_err("should be rejected")
+    }
+
+    fn with(f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut v = valid();
+        f(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn the_design_example_is_accepted() {
+        let r = parse_request(&serde_json::to_vec(&valid()).unwrap()).unwrap();
+        assert_eq!(r.refund_fee, 100);
+        assert_eq!(r.refund_account(), Some(RefundAccount::Unsettled));
+    }
+
+    #[test]
+    fn every_rejection_names_its_field() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (with(|v| v["version"] = 2.into()), "version"),
+            (with(|v| v["refund_no"] = "".into()), "refund_no"),
+            (with(|v| v["refund_no"] = "R 1".into()), "refund_no"),
+            (with(|v| v["refund_no"] = "R".repeat(33).into()), "refund_no"),
+            (with(|v| v["order_no"] = "O/1".into()), "order_no"),
+            (with(|v| v["provider"] = "paypal".into()), "provider"),
+            (with(|v| v["total_fee"] = 0.into()), "total_fee"),
+            (with(|v| v["total_fee"] = 100_000_000_001i64.into()), "total_fee"),
+            (with(|v| v["refund_fee"] = 0.into()), "refund_fee"),
+            (with(|v| v["refund_fee"] = 1001.into()), "refund_fee"),
+            (with(|v| v["refund_fee"] = serde_json::json!(1.5)), "refund_fee"),
+            (with(|v| v["refund_fee"] = serde_json::json!(100.0)), "refund_fee"),
+            (with(|v| v["total_fee"] = "1000".into()), "total_fee"),
+            (with(|v| v["reason"] = "a\u{7}b".into()), "reason"),
+            (with(|v| v["reason"] = "x".repeat(129).into()), "reason"),
+            (with(|v| v["requested_at"] = "yesterday".into()), "requested_at"),
+            (with(|v| v["shengpay"]["refund_account"] = "OTHER".into()), "shengpay.refund_account"),
+            (with(|v| v["shengpay"]["extra"] = 1.into()), "shengpay.extra"),
+            (with(|v| v["colour"] = "red".into()), "colour"),
+            (with(|v| v["provider"] = "wupay".into()), "wupay"),
+            (with(|v| {
+                v["provider"] = "wupay".into();
+                v["wupay"] = serde_json::json!({"pay_nd":"P","auth_type":"1","rec_organ":"S","rec_device":"T"});
+            }), "wupay.rec_man"),
+            (with(|v| {
+                v["provider"] = "wupay".into();
+                v["wupay"] = serde_json::json!({"pay_nd":"P\n","auth_type":"1","rec_organ":"S","rec_device":"T","rec_man":"m"});
+            }), "wupay.pay_nd"),
+            (with(|v| { v.as_object_mut().unwrap().remove("merchant"); }), "merchant"),
+        ];
+        for (body, field) in cases {
+            let r = reject(&body);
+            assert_eq!(r.field, field, "{} -> {r}", String::from_utf8_lossy(&body));
+        }
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_named_in_the_reason() {
+        let r = reject(&with(|v| v["colour"] = "red".into()));
+        assert!(r.reason.contains("colour"), "{r}");
+        let r = reject(&with(|v| {
+            v.as_object_mut().unwrap().remove("merchant");
+        }));
+        assert!(r.reason.contains("merchant"), "{r}");
+    }
+
+    #[test]
+    fn duplicate_keys_are_rejected() {
+        let body = br#"{"version":1,"refund_no":"R1","refund_no":"R2","order_no":"O1","provider":"shengpay","merchant":"m","total_fee":10,"refund_fee":1}"#;
+        let r = reject(body);
+        assert!(r.reason.contains("duplicate field `refund_no`"), "{r}");
+        assert_eq!(r.field, "refund_no");
+    }
+
+    #[test]
+    fn invalid_utf8_oversized_and_non_json_bodies_are_rejected() {
+        assert_eq!(reject(b"{\"version\":1,\"reason\":\"\xff\"}").field, "$");
+        let big = with(|v| v["reason"] = "x".repeat(70 * 1024).into());
+        assert!(reject(&big).reason.contains("more than"));
+        assert_eq!(reject(b"not json").field, "$");
+        assert_eq!(reject(b"[]").field, "$");
+        let mut trailing = serde_json::to_vec(&valid()).unwrap();
+        trailing.extend_from_slice(b" {}");
+        assert!(reject(&trailing).reason.contains("trailing"));
+    }
+
+    #[test]
+    fn canonical_form_ignores_whitespace_and_key_order() {
+        let a = parse_request(&serde_json::to_vec(&valid()).unwrap()).unwrap();
+        let text = serde_json::to_string_pretty(&valid()).unwrap();
+        let b = parse_request(text.as_bytes()).unwrap();
+        assert_eq!(a.content_hash(), b.content_hash());
+        let c = parse_request(&with(|v| v["refund_fee"] = 101.into())).unwrap();
+        assert_ne!(a.content_hash(), c.content_hash());
+    }
+
+    #[test]
+    fn refund_no_is_sniffed_from_invalid_messages_when_it_is_well_formed() {
+        assert_eq!(
+            sniff_refund_no(&with(|v| v["refund_fee"] = 1.5.into())).as_deref(),
+            Some("R2026112100000001")
+        );
+        assert_eq!(sniff_refund_no(b"\xff"), None);
+    }
+}

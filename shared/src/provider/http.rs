@@ -1,0 +1,99 @@
+//! The one HTTP client every provider call goes through, and how its failures are classified.
+//!
+//! One `reqwest::Client` per process keeps connections alive across refunds (a TLS handshake per
+//! refund would cost more than the refund). Its errors are sorted into the two transport classes
+//! of DESIGN §5: [`TransportError::NotSent`] only when the request provably never left (the
+//! connection was never established), everything else [`TransportError::MaybeDelivered`].
+//! Bodies are read with a size cap so a misbehaving provider cannot exhaust memory.
+
+use std::time::Duration;
+
+use crate::config::HttpConfig;
+
+/// A transport failure, classified by whether the provider may have seen the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("not sent: {0}")]
+    NotSent(String),
+    #[error("maybe delivered: {0}")]
+    MaybeDelivered(String),
+}
+
+/// A response that arrived whole: status and body (at most the configured cap).
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// Builds the shared client: keep-alive pool, connect and total timeouts, TCP_NODELAY.
+pub fn build_client(cfg: &HttpConfig) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+        .timeout(Duration::from_millis(cfg.timeout_ms))
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        // Redirects would send a signed refund to an address nobody configured.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
+/// Classifies a reqwest error: only a failure to connect proves the request never left.
+pub fn classify(e: &reqwest::Error) -> TransportError {
+    let text = error_chain(e);
+    if e.is_connect() || e.is_builder() {
+        TransportError::NotSent(text)
+    } else {
+        TransportError::MaybeDelivered(text)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Sends a request and reads the whole body, refusing bodies over `max_bytes`.
+pub async fn send(
+    request: reqwest::RequestBuilder,
+    max_bytes: usize,
+) -> Result<HttpReply, TransportError> {
+    let mut resp = request.send().await.map_err(|e| classify(&e))?;
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(len) = resp.content_length()
+        && len > max_bytes as u64
+    {
+        return Err(TransportError::MaybeDelivered(format!(
+            "response of {len} bytes is over the {max_bytes}-byte cap"
+        )));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        TransportError::MaybeDelivered(format!("reading response: {}", error_chain(&e)))
+    })? {
+        if body.len() + chunk.len() > max_bytes {
+            return Err(TransportError::MaybeDelivered(format!(
+                "response is over the {max_bytes}-byte cap"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(HttpReply {
+        status,
+        content_type,
+        body,
+    })
+}
