@@ -2,10 +2,17 @@
 //!
 //! Binaries (`refund-worker`, `refundctl`, `refund-reconciler`) are thin shells over this crate.
 //! Modules follow the domain: [`job`] (the request contract and intake validation), [`state`]
-//! (the job state machine as data), [`store`] (every Postgres query), [`broker`] (AMQP
-//! topology and publishing), [`provider`] (the provider trait and the ShengPay and WuPay
-//! clients), [`ledger`] (business dates and ledger rules), [`config`] and [`telemetry`].
+//! (the job state machine as data), [`workflow`] (what an outcome means: retry, fail, dead),
+//! [`store`] (every Postgres query), [`broker`] (AMQP topology and publishing), [`events`]
+//! (outcome events), [`provider`] (the provider trait and the ShengPay and WuPay clients),
+//! [`config`] and [`telemetry`].
 
+pub mod broker;
 pub mod config;
+pub mod events;
 pub mod job;
 pub mod provider;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod workflow;

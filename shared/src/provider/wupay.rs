@@ -1,1 +1,2479 @@
-//! TODO(helper): wupay
+//! The WuPay client: an ASP.NET `.asmx` service, operation `Refund` in `http://tempuri.org/`.
+//!
+//! This module owns everything WuPay-specific (DESIGN §5, seed `000_7df7c380637a5bf3.txt`): the
+//! thirteen request parameters and their order, the four bindings the service offers (SOAP 1.1,
+//! SOAP 1.2, HTTP POST form, HTTP GET query; one per merchant), reading the reply (a SOAP
+//! envelope with `RefundResponse/RefundResult`, a SOAP Fault, or `<string>` for GET/POST), and
+//! mapping the opaque `RefundResult` string to an [`Outcome`] through the merchant's
+//! `success_results` and `failure_prefixes`.
+//!
+//! XML is the risky part of this provider, so it is handled with care in both directions.
+//! Requests are written with quick-xml's [`Writer`] from events, every value escaped by
+//! [`BytesText::new`], and values that XML 1.0 cannot carry (control characters, U+FFFE,
+//! U+FFFF) are refused before anything is sent: nothing left, so [`Outcome::NotSent`].
+//! Replies are read with [`NsReader`] by namespace URI and local name, whatever prefixes the
+//! server chose; DOCTYPE is refused (no entity expansion, no external fetches), only the five
+//! predefined entities and numeric character references are decoded, size and nesting depth are
+//! capped, and no input can make the parser panic.
+//!
+//! The `rfkey` is a shared secret sent in the clear inside the request. It is replaced by `***`
+//! in the attempt record, and every string this client hands back (errors, provider messages,
+//! raw bodies) is scrubbed of it, in case a server or a URL in a transport error echoes it.
+
+use std::io;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use quick_xml::events::{BytesDecl, BytesEnd, BytesRef, BytesStart, BytesText, Event};
+use quick_xml::name::{QName, ResolveResult};
+use quick_xml::reader::NsReader;
+use quick_xml::writer::Writer;
+
+use super::http::{self, HttpReply, TransportError};
+use super::{AttemptRecord, Outcome, Provider, RefundCall};
+use crate::config::{ConfigError, HttpConfig, Secret, WupayBinding, WupayMerchant};
+use crate::job::{ProviderKind, RefundRequest};
+
+/// The service namespace of the `Refund` operation and of its reply elements.
+pub const TEMPURI_NS: &str = "http://tempuri.org/";
+/// SOAP 1.1 envelope namespace.
+pub const SOAP11_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
+/// SOAP 1.2 envelope namespace.
+pub const SOAP12_NS: &str = "http://www.w3.org/2003/05/soap-envelope";
+/// The SOAP action of `Refund` (quoted in the SOAP 1.1 `SOAPAction` header).
+pub const SOAP_ACTION: &str = "http://tempuri.org/Refund";
+/// `Content-Type` of an HTTP POST (form) request.
+pub const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
+
+const XSI_NS: &str = "http://www.w3.org/2001/XMLSchema-instance";
+const XSD_NS: &str = "http://www.w3.org/2001/XMLSchema";
+
+/// The `Refund` parameters, in the order the service declares them (the seed's help page).
+pub const PARAM_NAMES: [&str; 13] = [
+    "refund_id",
+    "order_id",
+    "pay_nd",
+    "money",
+    "refund_fee",
+    "auth_type",
+    "rec_organ",
+    "rec_device",
+    "rec_man",
+    "reason",
+    "rfkey",
+    "cpnId",
+    "area",
+];
+
+/// What the attempt record shows instead of the `rfkey`.
+const REDACTED: &str = "***";
+
+/// Deeper nesting than this is not a WuPay reply. The cap also bounds the parser's stack and
+/// the recursion of dropping the element tree, which arbitrary input could otherwise exhaust.
+const MAX_DEPTH: usize = 32;
+
+/// Provider text quoted in our error messages is cut to this many characters.
+const MAX_QUOTED_CHARS: usize = 200;
+
+/// A SOAP protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SoapVersion {
+    Soap11,
+    Soap12,
+}
+
+impl SoapVersion {
+    /// The envelope namespace URI.
+    pub fn namespace(self) -> &'static str {
+        match self {
+            SoapVersion::Soap11 => SOAP11_NS,
+            SoapVersion::Soap12 => SOAP12_NS,
+        }
+    }
+
+    /// The prefix our requests use, as in the seed.
+    fn prefix(self) -> &'static str {
+        match self {
+            SoapVersion::Soap11 => "soap",
+            SoapVersion::Soap12 => "soap12",
+        }
+    }
+
+    /// The request `Content-Type`; SOAP 1.2 carries the action in it instead of a header.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            SoapVersion::Soap11 => "text/xml; charset=utf-8",
+            SoapVersion::Soap12 => {
+                "application/soap+xml; charset=utf-8; action=\"http://tempuri.org/Refund\""
+            }
+        }
+    }
+}
+
+/// A request we refuse to build. Never carries a parameter's value (one of them is the rfkey).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("parameter `{name}` contains a control character{}; not sent", codepoint_note(*.codepoint))]
+    ControlCharacter {
+        name: String,
+        codepoint: Option<u32>,
+    },
+    #[error("parameter `{name}` contains a character XML 1.0 cannot carry{}; not sent", codepoint_note(*.codepoint))]
+    NotXmlChar {
+        name: String,
+        codepoint: Option<u32>,
+    },
+    #[error("the request has no `wupay` fields, which a WuPay refund requires")]
+    MissingWupayFields,
+    #[error("writing XML: {0}")]
+    Xml(String),
+}
+
+fn codepoint_note(codepoint: Option<u32>) -> String {
+    codepoint.map_or_else(String::new, |c| format!(" (U+{c:04X})"))
+}
+
+/// Why a reply could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("response of {len} bytes is over the {max}-byte cap")]
+    TooLarge { len: usize, max: usize },
+    #[error("response is not UTF-8 (invalid at byte {0})")]
+    NotUtf8(usize),
+    #[error("response declares encoding {0:?}; only UTF-8 is read")]
+    Encoding(String),
+    #[error("response has a DOCTYPE, which is refused")]
+    Doctype,
+    #[error("entity reference &{0}; is not a predefined XML entity or a valid character reference")]
+    Entity(String),
+    #[error("elements nest deeper than {0} levels")]
+    TooDeep(usize),
+    #[error("malformed XML: {0}")]
+    Xml(String),
+    #[error("not a WuPay reply: {0}")]
+    Shape(String),
+}
+
+/// A `Refund` reply read from the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The `RefundResult` (SOAP) or `<string>` (HTTP GET/POST) text, exactly as sent.
+    Result(String),
+    /// A SOAP Fault.
+    Fault(Fault),
+}
+
+/// A SOAP Fault, reduced to what classification needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    /// The envelope version the fault came in.
+    pub version: SoapVersion,
+    /// The fault code's local part (`Client`, `Sender`, `Server.Timeout`, ...), its prefix
+    /// resolved (or stripped when it is not declared).
+    pub code: String,
+    /// SOAP 1.2 only: the local part of the first `Subcode/Value`.
+    pub subcode: Option<String>,
+    /// `faultstring` (SOAP 1.1) or the first `Reason/Text` (SOAP 1.2).
+    pub reason: String,
+    pub class: FaultClass,
+}
+
+/// Who a fault blames, which decides whether the refund may have been processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultClass {
+    /// `Client` (1.1) / `Sender` (1.2): our request was refused; nothing was processed.
+    Sender,
+    /// `Server` (1.1) / `Receiver` (1.2): the service failed while handling it; it may have
+    /// paid first.
+    Receiver,
+    /// `VersionMismatch`, `MustUnderstand`, `DataEncodingUnknown`, or a code outside the SOAP
+    /// namespace: the service did not accept the message as we sent it.
+    Other,
+}
+
+/// What a `RefundResult` string means under a merchant's rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultClass {
+    Success,
+    Failure { code: String, message: String },
+    Unrecognised,
+}
+
+/// The `Refund` parameters for a request, in order, with the merchant's rfkey.
+pub fn refund_params(
+    request: &RefundRequest,
+    merchant: &WupayMerchant,
+    rfkey: &Secret,
+) -> Result<Vec<(&'static str, String)>, EncodeError> {
+    params_with_rfkey(request, merchant, rfkey.expose())
+}
+
+fn params_with_rfkey(
+    request: &RefundRequest,
+    merchant: &WupayMerchant,
+    rfkey: &str,
+) -> Result<Vec<(&'static str, String)>, EncodeError> {
+    let w = request
+        .wupay
+        .as_ref()
+        .ok_or(EncodeError::MissingWupayFields)?;
+    let values = [
+        request.refund_no.clone(),
+        request.order_no.clone(),
+        w.pay_nd.clone(),
+        request.total_fee.to_string(),
+        request.refund_fee.to_string(),
+        w.auth_type.clone(),
+        w.rec_organ.clone(),
+        w.rec_device.clone(),
+        w.rec_man.clone(),
+        request.reason.clone().unwrap_or_default(),
+        rfkey.to_owned(),
+        merchant.cpn_id.clone(),
+        merchant.area.clone(),
+    ];
+    Ok(PARAM_NAMES.into_iter().zip(values).collect())
+}
+
+/// Refuses a value XML 1.0 cannot carry or that would be silently altered on the way
+/// (`\r` and `\t` are normalised away by XML parsers): every `char::is_control` character, and
+/// the non-characters U+FFFE and U+FFFF. The error names the parameter, never its value, and
+/// leaves out the offending code point for the rfkey.
+pub fn check_value(name: &str, value: &str) -> Result<(), EncodeError> {
+    let codepoint = |c: char| (name != "rfkey").then_some(u32::from(c));
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(EncodeError::ControlCharacter {
+            name: name.to_owned(),
+            codepoint: codepoint(c),
+        });
+    }
+    if let Some(c) = value.chars().find(|c| matches!(c, '\u{FFFE}' | '\u{FFFF}')) {
+        return Err(EncodeError::NotXmlChar {
+            name: name.to_owned(),
+            codepoint: codepoint(c),
+        });
+    }
+    Ok(())
+}
+
+fn check_params<N: AsRef<str>>(params: &[(N, String)]) -> Result<(), EncodeError> {
+    params
+        .iter()
+        .try_for_each(|(name, value)| check_value(name.as_ref(), value))
+}
+
+/// The SOAP request envelope, shaped exactly like the seed's: XML declaration, envelope with
+/// `xsi`, `xsd` and the SOAP prefix declared, two-space indentation, `\n` line ends, and a
+/// final `\n`.
+pub fn soap_envelope<N: AsRef<str>>(
+    version: SoapVersion,
+    params: &[(N, String)],
+) -> Result<Vec<u8>, EncodeError> {
+    check_params(params)?;
+    let mut refund = BytesStart::new("Refund");
+    refund.push_attribute(("xmlns", TEMPURI_NS));
+    write_envelope(version, refund, |w| {
+        for (name, value) in params {
+            w.create_element(name.as_ref())
+                .write_text_content(BytesText::new(value))?;
+        }
+        Ok(())
+    })
+}
+
+/// A SOAP reply carrying `result`, as the service writes it: for the simulator and tests.
+pub fn soap_response(version: SoapVersion, result: &str) -> Result<Vec<u8>, EncodeError> {
+    check_value("RefundResult", result)?;
+    let mut response = BytesStart::new("RefundResponse");
+    response.push_attribute(("xmlns", TEMPURI_NS));
+    write_envelope(version, response, |w| {
+        w.create_element("RefundResult")
+            .write_text_content(BytesText::new(result))?;
+        Ok(())
+    })
+}
+
+fn write_envelope(
+    version: SoapVersion,
+    operation: BytesStart<'_>,
+    content: impl FnOnce(&mut Writer<Vec<u8>>) -> io::Result<()>,
+) -> Result<Vec<u8>, EncodeError> {
+    let prefix = version.prefix();
+    let envelope_name = format!("{prefix}:Envelope");
+    let body_name = format!("{prefix}:Body");
+    let operation_name = operation.name().as_ref().to_owned();
+    let mut envelope = BytesStart::new(envelope_name.as_str());
+    envelope.push_attribute(("xmlns:xsi", XSI_NS));
+    envelope.push_attribute(("xmlns:xsd", XSD_NS));
+    envelope.push_attribute((format!("xmlns:{prefix}").as_str(), version.namespace()));
+
+    let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
+    let written: io::Result<()> = (|| {
+        w.write_event(Event::Decl(BytesDecl::new("1.0", Some("utf-8"), None)))?;
+        w.write_event(Event::Start(envelope))?;
+        w.write_event(Event::Start(BytesStart::new(body_name.as_str())))?;
+        w.write_event(Event::Start(operation))?;
+        content(&mut w)?;
+        w.write_event(Event::End(BytesEnd::new(operation_name.as_str())))?;
+        w.write_event(Event::End(BytesEnd::new(body_name.as_str())))?;
+        w.write_event(Event::End(BytesEnd::new(envelope_name.as_str())))?;
+        Ok(())
+    })();
+    written.map_err(|e| EncodeError::Xml(e.to_string()))?;
+    let mut out = w.into_inner();
+    // A final line end, so the body equals a text file holding it (the golden fixtures).
+    out.push(b'\n');
+    Ok(out)
+}
+
+/// The `<string xmlns="http://tempuri.org/">` reply of the HTTP GET/POST bindings: for the
+/// simulator and tests.
+pub fn string_response(result: &str) -> Result<Vec<u8>, EncodeError> {
+    check_value("string", result)?;
+    let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
+    let written: io::Result<()> = (|| {
+        w.write_event(Event::Decl(BytesDecl::new("1.0", Some("utf-8"), None)))?;
+        w.create_element("string")
+            .with_attribute(("xmlns", TEMPURI_NS))
+            .write_text_content(BytesText::new(result))?;
+        Ok(())
+    })();
+    written.map_err(|e| EncodeError::Xml(e.to_string()))?;
+    let mut out = w.into_inner();
+    out.push(b'\n');
+    Ok(out)
+}
+
+/// The HTTP POST body: `application/x-www-form-urlencoded`, parameters in order (space as `+`,
+/// everything but `A-Za-z0-9*-._` percent-encoded as UTF-8, as browsers and .NET write forms).
+pub fn form_body<N: AsRef<str>>(params: &[(N, String)]) -> Result<String, EncodeError> {
+    check_params(params)?;
+    Ok(join_encoded(params, true))
+}
+
+/// The HTTP GET query (without `?`), parameters in order, everything but `A-Za-z0-9*-._~`
+/// percent-encoded as UTF-8. Spaces are `%20` rather than `+`: unambiguous to any decoder.
+pub fn query_string<N: AsRef<str>>(params: &[(N, String)]) -> Result<String, EncodeError> {
+    check_params(params)?;
+    Ok(join_encoded(params, false))
+}
+
+fn join_encoded<N: AsRef<str>>(params: &[(N, String)], form: bool) -> String {
+    let mut out = String::new();
+    for (i, (name, value)) in params.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        percent_encode_into(&mut out, name.as_ref(), form);
+        out.push('=');
+        percent_encode_into(&mut out, value, form);
+    }
+    out
+}
+
+fn percent_encode_into(out: &mut String, s: &str, form: bool) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in s.as_bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => out.push(char::from(b)),
+            // `*` is left as is in both, which keeps the redacted `***` readable in a query.
+            b'*' => out.push('*'),
+            b'~' if !form => out.push('~'),
+            b' ' if form => out.push('+'),
+            _ => {
+                out.push('%');
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0x0F)]));
+            }
+        }
+    }
+}
+
+/// Where a binding sends `Refund`: SOAP posts to the service address itself, HTTP POST and
+/// GET to `{base_url}/Refund`.
+pub fn endpoint(base_url: &str, binding: WupayBinding) -> String {
+    match binding {
+        WupayBinding::Soap11 | WupayBinding::Soap12 => base_url.to_owned(),
+        WupayBinding::HttpPost | WupayBinding::HttpGet => {
+            format!("{}/Refund", base_url.trim_end_matches('/'))
+        }
+    }
+}
+
+/// One request, ready to send: what goes on the wire and what the attempt record shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRequest {
+    pub method: &'static str,
+    pub url: String,
+    pub content_type: Option<&'static str>,
+    pub soap_action: Option<String>,
+    pub body: Option<Vec<u8>>,
+}
+
+/// Encodes the parameters for a binding.
+pub fn encode_request<N: AsRef<str>>(
+    base_url: &str,
+    binding: WupayBinding,
+    params: &[(N, String)],
+) -> Result<EncodedRequest, EncodeError> {
+    let url = endpoint(base_url, binding);
+    Ok(match binding {
+        WupayBinding::Soap11 => EncodedRequest {
+            method: "POST",
+            url,
+            content_type: Some(SoapVersion::Soap11.content_type()),
+            soap_action: Some(format!("\"{SOAP_ACTION}\"")),
+            body: Some(soap_envelope(SoapVersion::Soap11, params)?),
+        },
+        WupayBinding::Soap12 => EncodedRequest {
+            method: "POST",
+            url,
+            content_type: Some(SoapVersion::Soap12.content_type()),
+            soap_action: None,
+            body: Some(soap_envelope(SoapVersion::Soap12, params)?),
+        },
+        WupayBinding::HttpPost => EncodedRequest {
+            method: "POST",
+            url,
+            content_type: Some(FORM_CONTENT_TYPE),
+            soap_action: None,
+            body: Some(form_body(params)?.into_bytes()),
+        },
+        WupayBinding::HttpGet => EncodedRequest {
+            method: "GET",
+            url: format!("{url}?{}", query_string(params)?),
+            content_type: None,
+            soap_action: None,
+            body: None,
+        },
+    })
+}
+
+impl EncodedRequest {
+    /// What the attempt record keeps: the body as sent, or the URL for GET (whose query is
+    /// the request).
+    fn record(&self) -> String {
+        match &self.body {
+            Some(body) => String::from_utf8_lossy(body).into_owned(),
+            None => self.url.clone(),
+        }
+    }
+}
+
+/// One element of a reply. Attributes are not kept: nothing in a WuPay reply needs them.
+#[derive(Debug, Default)]
+struct Node {
+    ns: Option<String>,
+    local: String,
+    children: Vec<Node>,
+    text: String,
+    /// For a leaf whose text reads as a prefixed QName (`soap:Client`), the namespace that
+    /// prefix is bound to in the element's scope; `None` if unprefixed or undeclared.
+    text_prefix_ns: Option<String>,
+}
+
+impl Node {
+    fn is(&self, ns: &str, local: &str) -> bool {
+        self.ns.as_deref() == Some(ns) && self.local == local
+    }
+
+    fn child(&self, ns: &str, local: &str) -> Option<&Node> {
+        self.children.iter().find(|c| c.is(ns, local))
+    }
+
+    fn leaf_text(&self) -> Result<&str, ParseError> {
+        if self.children.is_empty() {
+            Ok(&self.text)
+        } else {
+            Err(ParseError::Shape(format!(
+                "<{}> should hold text, not elements",
+                self.local
+            )))
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.ns {
+            Some(ns) => format!("{{{}}}{}", quote(ns), quote(&self.local)),
+            None => quote(&self.local),
+        }
+    }
+}
+
+fn quote(s: &str) -> String {
+    if s.chars().count() <= MAX_QUOTED_CHARS {
+        s.to_owned()
+    } else {
+        let mut cut: String = s.chars().take(MAX_QUOTED_CHARS).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+/// Reads a whole document into a tree of elements, refusing what a WuPay reply never needs
+/// and an attacker might use: DOCTYPE, entities beyond the predefined ones, encodings other
+/// than UTF-8, deep nesting, oversized input.
+fn parse_tree(body: &[u8], max_bytes: usize) -> Result<Node, ParseError> {
+    if body.len() > max_bytes {
+        return Err(ParseError::TooLarge {
+            len: body.len(),
+            max: max_bytes,
+        });
+    }
+    let text = std::str::from_utf8(body).map_err(|e| ParseError::NotUtf8(e.valid_up_to()))?;
+    let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
+    let mut reader = NsReader::from_str(text);
+    reader.config_mut().expand_empty_elements = true;
+    let xml = |e: quick_xml::Error| ParseError::Xml(quote(&e.to_string()));
+
+    let mut stack: Vec<Node> = Vec::new();
+    let mut root: Option<Node> = None;
+    loop {
+        let (resolved, event) = reader.read_resolved_event().map_err(xml)?;
+        let ns = match resolved {
+            ResolveResult::Bound(ns) => Some(ns.into_inner().to_owned()),
+            ResolveResult::Unbound => None,
+            ResolveResult::Unknown(prefix) => {
+                return Err(ParseError::Xml(format!(
+                    "undeclared namespace prefix {:?}",
+                    quote(&prefix)
+                )));
+            }
+        };
+        match event {
+            Event::Start(e) => {
+                if root.is_some() {
+                    return Err(ParseError::Xml("more than one root element".into()));
+                }
+                if stack.len() >= MAX_DEPTH {
+                    return Err(ParseError::TooDeep(MAX_DEPTH));
+                }
+                stack.push(Node {
+                    ns,
+                    local: e.local_name().as_ref().to_owned(),
+                    ..Node::default()
+                });
+            }
+            Event::Empty(_) => {
+                // `expand_empty_elements` turns `<a/>` into Start and End, so this never
+                // arrives; refusing it keeps the tree honest if that ever changes.
+                return Err(ParseError::Xml("unexpanded empty element".into()));
+            }
+            Event::End(_) => {
+                let Some(mut node) = stack.pop() else {
+                    return Err(ParseError::Xml("closing tag without an opening tag".into()));
+                };
+                if node.children.is_empty() {
+                    let value = node.text.trim();
+                    if value.contains(':')
+                        && let (ResolveResult::Bound(ns), _) =
+                            reader.resolver().resolve_element(QName(value))
+                    {
+                        // The End event still sees the element's own namespace scope: the
+                        // reader pops it only on the next read.
+                        node.text_prefix_ns = Some(ns.into_inner().to_owned());
+                    }
+                }
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(node),
+                    None => root = Some(node),
+                }
+            }
+            Event::Text(t) => push_text(&mut stack, &t.xml10_content())?,
+            Event::CData(c) => push_text(&mut stack, &c.xml10_content())?,
+            Event::GeneralRef(r) => {
+                let mut buf = [0u8; 4];
+                push_text(&mut stack, decode_reference(&r)?.encode_utf8(&mut buf))?;
+            }
+            Event::DocType(_) => return Err(ParseError::Doctype),
+            Event::Decl(d) => {
+                if let Some(encoding) = d.encoding() {
+                    let encoding = encoding.map_err(|e| ParseError::Xml(quote(&e.to_string())))?;
+                    if !encoding.eq_ignore_ascii_case("utf-8") {
+                        return Err(ParseError::Encoding(quote(&encoding)));
+                    }
+                }
+            }
+            Event::Comment(_) | Event::PI(_) => {}
+            Event::Eof => break,
+        }
+    }
+    if let Some(open) = stack.last() {
+        return Err(ParseError::Xml(format!(
+            "document ends inside <{}>",
+            quote(&open.local)
+        )));
+    }
+    root.ok_or_else(|| ParseError::Shape("no root element".into()))
+}
+
+fn push_text(stack: &mut [Node], s: &str) -> Result<(), ParseError> {
+    match stack.last_mut() {
+        Some(node) => {
+            node.text.push_str(s);
+            Ok(())
+        }
+        None if s.chars().all(|c| matches!(c, ' ' | '\t' | '\r' | '\n')) => Ok(()),
+        None => Err(ParseError::Xml("text outside the root element".into())),
+    }
+}
+
+/// Decodes `&name;`: the five predefined entities and character references, nothing else (a
+/// reply has no DTD that could declare more, and we refuse any that tries).
+fn decode_reference(r: &BytesRef<'_>) -> Result<char, ParseError> {
+    let name: &str = r;
+    if r.is_char_ref() {
+        return match r.resolve_char_ref() {
+            Ok(Some(c)) => Ok(c),
+            _ => Err(ParseError::Entity(quote(name))),
+        };
+    }
+    match name {
+        "lt" => Ok('<'),
+        "gt" => Ok('>'),
+        "amp" => Ok('&'),
+        "apos" => Ok('\''),
+        "quot" => Ok('"'),
+        other => Err(ParseError::Entity(quote(other))),
+    }
+}
+
+/// The SOAP version and `Body` of an envelope root, or `None` if the root is no envelope.
+fn soap_body(root: &Node) -> Result<Option<(SoapVersion, &Node)>, ParseError> {
+    let version = if root.is(SOAP11_NS, "Envelope") {
+        SoapVersion::Soap11
+    } else if root.is(SOAP12_NS, "Envelope") {
+        SoapVersion::Soap12
+    } else {
+        return Ok(None);
+    };
+    let ns = version.namespace();
+    let mut bodies = root.children.iter().filter(|c| c.is(ns, "Body"));
+    match (bodies.next(), bodies.next()) {
+        (Some(body), None) => Ok(Some((version, body))),
+        (None, _) => Err(ParseError::Shape("envelope without a Body".into())),
+        (Some(_), Some(_)) => Err(ParseError::Shape("envelope with two Bodies".into())),
+    }
+}
+
+/// The one element inside a SOAP `Body`.
+fn body_entry(body: &Node) -> Result<&Node, ParseError> {
+    match body.children.as_slice() {
+        [entry] => Ok(entry),
+        [] => Err(ParseError::Shape("empty SOAP Body".into())),
+        _ => Err(ParseError::Shape(
+            "SOAP Body with more than one element".into(),
+        )),
+    }
+}
+
+/// Reads a `Refund` reply: a SOAP 1.1 or 1.2 envelope holding `RefundResponse/RefundResult`
+/// or a Fault, or the `<string>` document of the HTTP GET/POST bindings. Any binding's
+/// request may be answered by any of these (a SOAP 1.2 request may get a SOAP 1.1
+/// `VersionMismatch` fault), so the document, not the binding, decides how it is read.
+pub fn parse_response(body: &[u8], max_bytes: usize) -> Result<Reply, ParseError> {
+    let root = parse_tree(body, max_bytes)?;
+    if root.is(TEMPURI_NS, "string") {
+        return Ok(Reply::Result(root.leaf_text()?.to_owned()));
+    }
+    let Some((version, body)) = soap_body(&root)? else {
+        return Err(ParseError::Shape(format!(
+            "unexpected root element {}",
+            root.describe()
+        )));
+    };
+    let entry = body_entry(body)?;
+    if entry.is(version.namespace(), "Fault") {
+        return Ok(Reply::Fault(parse_fault(version, entry)?));
+    }
+    if entry.is(TEMPURI_NS, "RefundResponse") {
+        let result = entry
+            .child(TEMPURI_NS, "RefundResult")
+            .ok_or_else(|| ParseError::Shape("RefundResponse without RefundResult".into()))?;
+        return Ok(Reply::Result(result.leaf_text()?.to_owned()));
+    }
+    Err(ParseError::Shape(format!(
+        "unexpected SOAP Body element {}",
+        entry.describe()
+    )))
+}
+
+fn parse_fault(version: SoapVersion, fault: &Node) -> Result<Fault, ParseError> {
+    let ns = version.namespace();
+    let (code_node, subcode, reason) = match version {
+        SoapVersion::Soap11 => {
+            // SOAP 1.1 fault children are unqualified; a default namespace on the Fault would
+            // put them in the envelope namespace, which is read the same.
+            let named = |local: &str| {
+                fault
+                    .children
+                    .iter()
+                    .find(|c| c.local == local && c.ns.as_deref().is_none_or(|n| n == ns))
+            };
+            let code = named("faultcode")
+                .ok_or_else(|| ParseError::Shape("SOAP 1.1 Fault without faultcode".into()))?;
+            let reason = match named("faultstring") {
+                Some(s) => s.leaf_text()?.to_owned(),
+                None => String::new(),
+            };
+            (code, None, reason)
+        }
+        SoapVersion::Soap12 => {
+            let code = fault
+                .child(ns, "Code")
+                .ok_or_else(|| ParseError::Shape("SOAP 1.2 Fault without Code".into()))?;
+            let value = code
+                .child(ns, "Value")
+                .ok_or_else(|| ParseError::Shape("SOAP 1.2 Fault Code without Value".into()))?;
+            let subcode = match code.child(ns, "Subcode").and_then(|s| s.child(ns, "Value")) {
+                Some(v) => Some(qname_local(v.leaf_text()?).to_owned()),
+                None => None,
+            };
+            let reason = match fault.child(ns, "Reason").and_then(|r| r.child(ns, "Text")) {
+                Some(t) => t.leaf_text()?.to_owned(),
+                None => String::new(),
+            };
+            (value, subcode, reason)
+        }
+    };
+    let code = qname_local(code_node.leaf_text()?).to_owned();
+    // A code whose prefix is bound to some other namespace is an application's own code, not
+    // SOAP's Client/Server, whatever its local name.
+    let foreign = code_node.text_prefix_ns.as_deref().is_some_and(|n| n != ns);
+    // SOAP 1.1 refines codes with dots (`Client.Authentication`); the part before the first
+    // dot is the standard code. Both versions' names are accepted in either envelope.
+    let base = code.split('.').next().unwrap_or_default();
+    let class = match base {
+        _ if foreign => FaultClass::Other,
+        "Client" | "Sender" => FaultClass::Sender,
+        "Server" | "Receiver" => FaultClass::Receiver,
+        _ => FaultClass::Other,
+    };
+    Ok(Fault {
+        version,
+        code,
+        subcode,
+        reason: reason.trim().to_owned(),
+        class,
+    })
+}
+
+/// The local part of a QName written as text (`soap:Client` → `Client`).
+fn qname_local(value: &str) -> &str {
+    let value = value.trim();
+    value.split_once(':').map_or(value, |(_, local)| local)
+}
+
+/// Reads our own `Refund` request envelope back into its parameters, in document order: for
+/// the simulator and the round-trip tests.
+pub fn parse_refund_request(
+    body: &[u8],
+    max_bytes: usize,
+) -> Result<Vec<(String, String)>, ParseError> {
+    let root = parse_tree(body, max_bytes)?;
+    let Some((_, body)) = soap_body(&root)? else {
+        return Err(ParseError::Shape(format!(
+            "unexpected root element {}",
+            root.describe()
+        )));
+    };
+    let entry = body_entry(body)?;
+    if !entry.is(TEMPURI_NS, "Refund") {
+        return Err(ParseError::Shape(format!(
+            "unexpected SOAP Body element {}",
+            entry.describe()
+        )));
+    }
+    entry
+        .children
+        .iter()
+        .map(|p| Ok((p.local.clone(), p.leaf_text()?.to_owned())))
+        .collect()
+}
+
+/// Maps a `RefundResult` under a merchant's rules. The trimmed value equal to one of
+/// `success_results` is a success; one starting with a `failure_prefixes` entry (the longest
+/// that matches) is a failure, its code and message read from the rest (see
+/// [`split_failure`]); anything else is unrecognised.
+pub fn map_result(
+    result: &str,
+    success_results: &[String],
+    failure_prefixes: &[String],
+) -> ResultClass {
+    let value = result.trim();
+    if success_results.iter().any(|s| s == value) {
+        return ResultClass::Success;
+    }
+    let prefix = failure_prefixes
+        .iter()
+        .filter(|p| !p.is_empty() && value.starts_with(p.as_str()))
+        .max_by_key(|p| p.len());
+    match prefix {
+        Some(p) => {
+            let (code, message) = split_failure(&value[p.len()..]);
+            ResultClass::Failure { code, message }
+        }
+        None => ResultClass::Unrecognised,
+    }
+}
+
+/// Code and message from what follows a failure prefix: leading `:`, `|`, `-` and spaces are
+/// dropped, then the rest splits at the first `:` or `|`; without one, all of it is the code.
+/// An empty code becomes `FAIL`.
+pub fn split_failure(rest: &str) -> (String, String) {
+    let rest = rest.trim_start_matches([':', '|', '-', ' ']);
+    let (code, message) = match rest.split_once([':', '|']) {
+        Some((code, message)) => (code.trim(), message.trim()),
+        None => (rest.trim(), ""),
+    };
+    let code = if code.is_empty() { "FAIL" } else { code };
+    (code.to_owned(), message.to_owned())
+}
+
+/// The WuPay client for one merchant account.
+///
+/// WuPay returns no refund id of its own, so an accepted refund's `provider_refund_id` is our
+/// `refund_no` (sent as `refund_id`), and the settlement amount is the requested `refund_fee`
+/// (WuPay reports no coupons).
+pub struct WupayClient {
+    merchant: WupayMerchant,
+    rfkey: Secret,
+    client: reqwest::Client,
+    max_response_bytes: usize,
+}
+
+impl std::fmt::Debug for WupayClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WupayClient")
+            .field("merchant", &self.merchant.merchant)
+            .field("base_url", &self.merchant.base_url)
+            .field("binding", &self.merchant.binding)
+            .field("rfkey", &self.rfkey)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WupayClient {
+    /// Builds the client for a configured merchant, reading its rfkey file. `key_prefix` is the
+    /// merchant's config key (e.g. `wupay.merchants[0]`), so errors name the key at fault.
+    pub fn new(
+        merchant: &WupayMerchant,
+        key_prefix: &str,
+        client: reqwest::Client,
+        http: &HttpConfig,
+    ) -> Result<Self, ConfigError> {
+        let rfkey = Secret::read_file(&format!("{key_prefix}.rfkey_file"), &merchant.rfkey_file)?;
+        Self::with_rfkey(merchant, key_prefix, rfkey, client, http)
+    }
+
+    /// Builds the client with an rfkey already in hand (tools, tests). Refuses, at start, the
+    /// configured values that could never be sent.
+    pub fn with_rfkey(
+        merchant: &WupayMerchant,
+        key_prefix: &str,
+        rfkey: Secret,
+        client: reqwest::Client,
+        http: &HttpConfig,
+    ) -> Result<Self, ConfigError> {
+        let key = |k: &str| format!("{key_prefix}.{k}");
+        if reqwest::Url::parse(&merchant.base_url).is_err() {
+            return Err(ConfigError::invalid(
+                key("base_url"),
+                format!("{:?} is not a URL", merchant.base_url),
+            ));
+        }
+        for (k, v) in [("cpn_id", &merchant.cpn_id), ("area", &merchant.area)] {
+            check_value(k, v).map_err(|e| ConfigError::invalid(key(k), e.to_string()))?;
+        }
+        if rfkey.expose().is_empty() {
+            return Err(ConfigError::invalid(
+                key("rfkey_file"),
+                "the rfkey file is empty",
+            ));
+        }
+        check_value("rfkey", rfkey.expose())
+            .map_err(|e| ConfigError::invalid(key("rfkey_file"), e.to_string()))?;
+        Ok(Self {
+            merchant: merchant.clone(),
+            rfkey,
+            client,
+            max_response_bytes: http.max_response_bytes,
+        })
+    }
+
+    /// The binding this merchant is called with.
+    pub fn binding(&self) -> WupayBinding {
+        self.merchant.binding
+    }
+
+    fn build(&self, req: &EncodedRequest) -> reqwest::RequestBuilder {
+        let mut builder = match req.method {
+            "GET" => self.client.get(&req.url),
+            _ => self.client.post(&req.url),
+        };
+        if let Some(ct) = req.content_type {
+            builder = builder.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        if let Some(action) = &req.soap_action {
+            builder = builder.header("SOAPAction", action.as_str());
+        }
+        if let Some(body) = &req.body {
+            builder = builder.body(body.clone());
+        }
+        builder
+    }
+
+    /// Classifies a reply that arrived whole. A body that reads as a SOAP Fault decides by
+    /// the fault whatever the status (faults come with HTTP 500); a result counts only on a
+    /// 2xx. Otherwise the status decides: 429 is "try later"; 408 and 5xx "maybe delivered"
+    /// (the service may have paid before failing); any other 3xx/4xx means the service refused
+    /// the request at the door (wrong URL, binding not enabled, ...), which retrying cannot
+    /// fix; an unreadable 2xx is "maybe delivered".
+    fn outcome_of(&self, request: &RefundRequest, reply: &HttpReply) -> Outcome {
+        let status = reply.status;
+        let raw = String::from_utf8_lossy(&reply.body).into_owned();
+        let parsed = parse_response(&reply.body, self.max_response_bytes);
+        match parsed {
+            Ok(Reply::Fault(f)) => match f.class {
+                FaultClass::Receiver => Outcome::MaybeDelivered {
+                    error: format!(
+                        "SOAP fault {} (HTTP {status}): {}",
+                        f.code,
+                        quote(&f.reason)
+                    ),
+                    raw: Some(raw),
+                },
+                FaultClass::Sender | FaultClass::Other => Outcome::RequestRejected {
+                    code: match &f.subcode {
+                        Some(sub) => format!("{}/{sub}", f.code),
+                        None => f.code,
+                    },
+                    message: f.reason,
+                    raw,
+                },
+            },
+            Ok(Reply::Result(value)) if (200..300).contains(&status) => {
+                self.outcome_of_result(request, value, raw)
+            }
+            other => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "a result with a non-2xx status".to_owned(),
+                };
+                match status {
+                    429 => Outcome::RetryLater {
+                        code: "HTTP_429".into(),
+                        message: why,
+                        raw,
+                    },
+                    300..=499 if status != 408 => Outcome::RequestRejected {
+                        code: format!("HTTP_{status}"),
+                        message: why,
+                        raw,
+                    },
+                    _ => Outcome::MaybeDelivered {
+                        error: format!("HTTP {status}: {why}"),
+                        raw: Some(raw),
+                    },
+                }
+            }
+        }
+    }
+
+    fn outcome_of_result(&self, request: &RefundRequest, value: String, raw: String) -> Outcome {
+        let m = &self.merchant;
+        match map_result(&value, &m.success_results, &m.failure_prefixes) {
+            ResultClass::Success => Outcome::Accepted {
+                provider_refund_id: request.refund_no.clone(),
+                refund_fee: request.refund_fee,
+                settlement_refund_fee: request.refund_fee,
+                coupon_refund_fee: 0,
+                raw,
+            },
+            ResultClass::Failure { code, message } => Outcome::Declined { code, message, raw },
+            ResultClass::Unrecognised => Outcome::Unrecognised { result: value, raw },
+        }
+    }
+
+    /// Replaces the rfkey, in every form it could appear in (plain, XML-escaped, URL-encoded),
+    /// with `***`.
+    fn scrub(&self, s: String) -> String {
+        let key = self.rfkey.expose();
+        if key.is_empty() {
+            return s;
+        }
+        let mut form = String::new();
+        percent_encode_into(&mut form, key, true);
+        let mut query = String::new();
+        percent_encode_into(&mut query, key, false);
+        let escaped = quick_xml::escape::escape(key);
+        let mut out = s;
+        for form in [key, escaped.as_ref(), form.as_str(), query.as_str()] {
+            if out.contains(form) {
+                out = out.replace(form, REDACTED);
+            }
+        }
+        out
+    }
+
+    fn scrub_outcome(&self, outcome: Outcome) -> Outcome {
+        let s = |v: String| self.scrub(v);
+        match outcome {
+            Outcome::Accepted {
+                provider_refund_id,
+                refund_fee,
+                settlement_refund_fee,
+                coupon_refund_fee,
+                raw,
+            } => Outcome::Accepted {
+                provider_refund_id,
+                refund_fee,
+                settlement_refund_fee,
+                coupon_refund_fee,
+                raw: s(raw),
+            },
+            Outcome::Declined { code, message, raw } => Outcome::Declined {
+                code: s(code),
+                message: s(message),
+                raw: s(raw),
+            },
+            Outcome::RetryLater { code, message, raw } => Outcome::RetryLater {
+                code: s(code),
+                message: s(message),
+                raw: s(raw),
+            },
+            Outcome::RequestRejected { code, message, raw } => Outcome::RequestRejected {
+                code: s(code),
+                message: s(message),
+                raw: s(raw),
+            },
+            Outcome::NotSent { error } => Outcome::NotSent { error: s(error) },
+            Outcome::MaybeDelivered { error, raw } => Outcome::MaybeDelivered {
+                error: s(error),
+                raw: raw.map(s),
+            },
+            Outcome::Unrecognised { result, raw } => Outcome::Unrecognised {
+                result: s(result),
+                raw: s(raw),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for WupayClient {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Wupay
+    }
+
+    fn merchant(&self) -> &str {
+        &self.merchant.merchant
+    }
+
+    fn idempotent(&self) -> bool {
+        self.merchant.idempotent
+    }
+
+    async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord {
+        let started = Instant::now();
+        let m = &self.merchant;
+        let encoded = params_with_rfkey(call.request, m, self.rfkey.expose())
+            .and_then(|p| encode_request(&m.base_url, m.binding, &p));
+        // The same parameters with `***` for the rfkey encode to exactly what was sent, minus
+        // the secret, because the encoders are deterministic.
+        let redacted = params_with_rfkey(call.request, m, REDACTED)
+            .and_then(|p| encode_request(&m.base_url, m.binding, &p))
+            .map(|r| r.record())
+            .unwrap_or_default();
+        let (outcome, http_status) = match encoded {
+            Err(e) => (
+                Outcome::NotSent {
+                    error: e.to_string(),
+                },
+                None,
+            ),
+            Ok(req) => match http::send(self.build(&req), self.max_response_bytes).await {
+                Ok(reply) => (self.outcome_of(call.request, &reply), Some(reply.status)),
+                Err(TransportError::NotSent(error)) => (Outcome::NotSent { error }, None),
+                Err(TransportError::MaybeDelivered(error)) => {
+                    (Outcome::MaybeDelivered { error, raw: None }, None)
+                }
+            },
+        };
+        let outcome = self.scrub_outcome(outcome);
+        let latency = started.elapsed();
+        tracing::debug!(
+            merchant = %m.merchant,
+            refund_no = %call.request.refund_no,
+            attempt = call.attempt,
+            binding = m.binding.as_str(),
+            http_status,
+            outcome = outcome.class(),
+            latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            "wupay refund call"
+        );
+        AttemptRecord {
+            outcome,
+            request_redacted: self.scrub(redacted),
+            http_status,
+            latency,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::job::WupayOptions;
+
+    /// An rfkey whose plain, XML-escaped and URL-encoded forms all differ, so a test that it
+    /// never appears covers every form it could leak in.
+    const RFKEY: &str = "rk-S3cr3t+/Key&<x>";
+    const MAX: usize = 256 * 1024;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!("{}/tests/fixtures/wupay/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// A one-line fixture without the line end that ends the file.
+    fn fixture_line(name: &str) -> String {
+        let text = String::from_utf8(fixture(name)).unwrap();
+        text.strip_suffix('\n').unwrap().to_owned()
+    }
+
+    /// The seed's placeholders: `string` everywhere, `int` for the two SOAP integers.
+    fn seed_params(ints: &str) -> Vec<(&'static str, String)> {
+        PARAM_NAMES
+            .iter()
+            .map(|&n| {
+                let v = if matches!(n, "money" | "refund_fee") {
+                    ints
+                } else {
+                    "string"
+                };
+                (n, v.to_owned())
+            })
+            .collect()
+    }
+
+    fn request() -> RefundRequest {
+        RefundRequest {
+            version: 1,
+            refund_no: "R2026112100000001".into(),
+            order_no: "O2026112100000001".into(),
+            provider: ProviderKind::Wupay,
+            merchant: "wu-1".into(),
+            total_fee: 1000,
+            refund_fee: 100,
+            reason: Some("customer returned goods".into()),
+            requested_at: None,
+            shengpay: None,
+            wupay: Some(WupayOptions {
+                pay_nd: "P0001".into(),
+                auth_type: "1".into(),
+                rec_organ: "S01".into(),
+                rec_device: "T01".into(),
+                rec_man: "op7".into(),
+            }),
+        }
+    }
+
+    fn merchant(binding: WupayBinding, base_url: &str) -> WupayMerchant {
+        WupayMerchant {
+            merchant: "wu-1".into(),
+            base_url: base_url.into(),
+            binding,
+            cpn_id: "CPN9".into(),
+            area: "华东".into(),
+            rfkey_file: "unused".into(),
+            idempotent: false,
+            success_results: vec!["SUCCESS".into()],
+            failure_prefixes: vec!["FAIL".into()],
+        }
+    }
+
+    fn http_config() -> HttpConfig {
+        HttpConfig {
+            connect_timeout_ms: 2_000,
+            timeout_ms: 5_000,
+            ..HttpConfig::default()
+        }
+    }
+
+    fn client_for(m: &WupayMerchant) -> WupayClient {
+        let cfg = http_config();
+        let http = http::build_client(&cfg).unwrap();
+        WupayClient::with_rfkey(m, "wupay.merchants[0]", Secret::new(RFKEY), http, &cfg).unwrap()
+    }
+
+    fn reply(status: u16, body: &[u8]) -> HttpReply {
+        HttpReply {
+            status,
+            content_type: Some("text/xml; charset=utf-8".into()),
+            body: body.to_vec(),
+        }
+    }
+
+    fn outcome(status: u16, body: &[u8]) -> Outcome {
+        client_for(&merchant(
+            WupayBinding::Soap11,
+            "http://127.0.0.1:1/WuPay.asmx",
+        ))
+        .outcome_of(&request(), &reply(status, body))
+    }
+
+    fn result_of(body: &str) -> String {
+        match parse_response(body.as_bytes(), MAX) {
+            Ok(Reply::Result(r)) => r,
+            other => panic!("{body}\n-> {other:?}"),
+        }
+    }
+
+    fn fault_of(body: &[u8]) -> Fault {
+        match parse_response(body, MAX) {
+            Ok(Reply::Fault(f)) => f,
+            other => panic!("{}\n-> {other:?}", String::from_utf8_lossy(body)),
+        }
+    }
+
+    fn strings(v: &[String]) -> Vec<String> {
+        v.to_vec()
+    }
+
+    // ---- request encoding --------------------------------------------------------------
+
+    #[test]
+    fn the_soap11_envelope_for_the_seed_placeholders_equals_the_seed_byte_for_byte() {
+        let ours = soap_envelope(SoapVersion::Soap11, &seed_params("int")).unwrap();
+        assert_eq!(
+            String::from_utf8(ours).unwrap(),
+            String::from_utf8(fixture("soap11_request.xml")).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_soap12_envelope_for_the_seed_placeholders_equals_the_seed_byte_for_byte() {
+        let ours = soap_envelope(SoapVersion::Soap12, &seed_params("int")).unwrap();
+        assert_eq!(
+            String::from_utf8(ours).unwrap(),
+            String::from_utf8(fixture("soap12_request.xml")).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_http_post_form_for_the_seed_placeholders_equals_the_seed() {
+        assert_eq!(
+            form_body(&seed_params("string")).unwrap(),
+            fixture_line("http_post_form.txt")
+        );
+    }
+
+    #[test]
+    fn the_http_get_url_for_the_seed_placeholders_equals_the_seed_request_line() {
+        let req = encode_request(
+            "http://czvkqwpaydpservices.pay.wuerp.com/WuPay.asmx",
+            WupayBinding::HttpGet,
+            &seed_params("string"),
+        )
+        .unwrap();
+        assert_eq!(
+            req.url,
+            format!(
+                "http://czvkqwpaydpservices.pay.wuerp.com/WuPay.asmx/Refund?{}",
+                fixture_line("http_get_query.txt")
+            )
+        );
+        assert_eq!(req.method, "GET");
+        assert_eq!(req.body, None);
+    }
+
+    #[test]
+    fn soap_posts_to_the_service_address_and_http_bindings_to_its_refund_path() {
+        let base = "http://h/WuPay.asmx";
+        assert_eq!(endpoint(base, WupayBinding::Soap11), base);
+        assert_eq!(endpoint(base, WupayBinding::Soap12), base);
+        assert_eq!(
+            endpoint(base, WupayBinding::HttpPost),
+            "http://h/WuPay.asmx/Refund"
+        );
+        assert_eq!(
+            endpoint("http://h/WuPay.asmx/", WupayBinding::HttpGet),
+            "http://h/WuPay.asmx/Refund"
+        );
+    }
+
+    #[test]
+    fn each_binding_carries_its_content_type_and_soap_action() {
+        let p = seed_params("1");
+        let s11 = encode_request("http://h/WuPay.asmx", WupayBinding::Soap11, &p).unwrap();
+        assert_eq!(s11.content_type, Some("text/xml; charset=utf-8"));
+        assert_eq!(
+            s11.soap_action.as_deref(),
+            Some("\"http://tempuri.org/Refund\"")
+        );
+        let s12 = encode_request("http://h/WuPay.asmx", WupayBinding::Soap12, &p).unwrap();
+        assert_eq!(
+            s12.content_type,
+            Some("application/soap+xml; charset=utf-8; action=\"http://tempuri.org/Refund\"")
+        );
+        assert_eq!(s12.soap_action, None);
+        let post = encode_request("http://h/WuPay.asmx", WupayBinding::HttpPost, &p).unwrap();
+        assert_eq!(post.content_type, Some("application/x-www-form-urlencoded"));
+        assert_eq!(post.method, "POST");
+    }
+
+    #[test]
+    fn form_and_query_encode_reserved_and_non_ascii_characters() {
+        let p = vec![
+            ("reason", "a b&c=d+é*~/%".to_owned()),
+            ("area", "华东".to_owned()),
+        ];
+        assert_eq!(
+            form_body(&p).unwrap(),
+            "reason=a+b%26c%3Dd%2B%C3%A9*%7E%2F%25&area=%E5%8D%8E%E4%B8%9C"
+        );
+        assert_eq!(
+            query_string(&p).unwrap(),
+            "reason=a%20b%26c%3Dd%2B%C3%A9*~%2F%25&area=%E5%8D%8E%E4%B8%9C"
+        );
+    }
+
+    #[test]
+    fn parameters_come_in_the_service_order_from_the_request_and_the_merchant() {
+        let m = merchant(WupayBinding::Soap11, "http://h/WuPay.asmx");
+        let p = refund_params(&request(), &m, &Secret::new(RFKEY)).unwrap();
+        let expected = [
+            ("refund_id", "R2026112100000001"),
+            ("order_id", "O2026112100000001"),
+            ("pay_nd", "P0001"),
+            ("money", "1000"),
+            ("refund_fee", "100"),
+            ("auth_type", "1"),
+            ("rec_organ", "S01"),
+            ("rec_device", "T01"),
+            ("rec_man", "op7"),
+            ("reason", "customer returned goods"),
+            ("rfkey", RFKEY),
+            ("cpnId", "CPN9"),
+            ("area", "华东"),
+        ];
+        let got: Vec<(&str, &str)> = p.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_missing_reason_is_sent_as_an_empty_parameter() {
+        let mut r = request();
+        r.reason = None;
+        let m = merchant(WupayBinding::Soap11, "http://h/WuPay.asmx");
+        let p = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
+        assert_eq!(p[9], ("reason", String::new()));
+        let xml = String::from_utf8(soap_envelope(SoapVersion::Soap11, &p).unwrap()).unwrap();
+        assert!(xml.contains("\n      <reason></reason>\n"), "{xml}");
+    }
+
+    #[test]
+    fn markup_in_values_is_escaped_and_reads_back_unchanged() {
+        let mut p = seed_params("1");
+        p[9].1 = "<b>&amp; \"quoted\" 'x' ]]> </reason>".into();
+        let xml = soap_envelope(SoapVersion::Soap11, &p).unwrap();
+        let text = String::from_utf8(xml.clone()).unwrap();
+        assert!(!text.contains("<b>"), "{text}");
+        assert!(text.contains("&lt;b&gt;&amp;amp;"), "{text}");
+        let back = parse_refund_request(&xml, MAX).unwrap();
+        assert_eq!(back[9].1, p[9].1);
+    }
+
+    #[test]
+    fn control_characters_are_refused_naming_the_parameter() {
+        for c in [
+            '\t', '\r', '\n', '\u{0}', '\u{7}', '\u{1b}', '\u{7f}', '\u{85}', '\u{9f}',
+        ] {
+            let mut p = seed_params("1");
+            p[9].1 = format!("bad{c}value");
+            let e = soap_envelope(SoapVersion::Soap12, &p).unwrap_err();
+            assert_eq!(
+                e,
+                EncodeError::ControlCharacter {
+                    name: "reason".into(),
+                    codepoint: Some(u32::from(c))
+                }
+            );
+            assert!(e.to_string().contains("`reason`"), "{e}");
+            assert!(form_body(&p).is_err());
+            assert!(query_string(&p).is_err());
+        }
+    }
+
+    #[test]
+    fn a_refused_rfkey_is_named_without_any_trace_of_its_value() {
+        let mut p = seed_params("1");
+        p[10].1 = "secret\u{1}".into();
+        let e = form_body(&p).unwrap_err();
+        assert_eq!(
+            e,
+            EncodeError::ControlCharacter {
+                name: "rfkey".into(),
+                codepoint: None
+            }
+        );
+        assert!(!e.to_string().contains("secret"));
+        assert!(!e.to_string().contains("U+"));
+    }
+
+    #[test]
+    fn non_characters_xml_cannot_carry_are_refused() {
+        let mut p = seed_params("1");
+        p[6].1 = "x\u{FFFF}".into();
+        assert!(matches!(
+            soap_envelope(SoapVersion::Soap11, &p),
+            Err(EncodeError::NotXmlChar { name, .. }) if name == "rec_organ"
+        ));
+    }
+
+    // ---- reply parsing -----------------------------------------------------------------
+
+    #[test]
+    fn the_seed_replies_read_as_their_result() {
+        for f in [
+            "soap11_response.xml",
+            "soap12_response.xml",
+            "string_response.xml",
+        ] {
+            assert_eq!(
+                parse_response(&fixture(f), MAX),
+                Ok(Reply::Result("string".into())),
+                "{f}"
+            );
+        }
+    }
+
+    #[test]
+    fn our_own_reply_writers_produce_the_seed_replies() {
+        assert_eq!(
+            soap_response(SoapVersion::Soap11, "string").unwrap(),
+            fixture("soap11_response.xml")
+        );
+        assert_eq!(
+            soap_response(SoapVersion::Soap12, "string").unwrap(),
+            fixture("soap12_response.xml")
+        );
+        assert_eq!(
+            string_response("string").unwrap(),
+            fixture("string_response.xml")
+        );
+    }
+
+    #[test]
+    fn soap11_replies_are_read_whatever_the_prefixes() {
+        let cases = [
+            r#"<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><RefundResponse xmlns="http://tempuri.org/"><RefundResult>SUCCESS</RefundResult></RefundResponse></s:Body></s:Envelope>"#,
+            r#"<?xml version="1.0" encoding="UTF-8"?><env:Envelope xmlns:env="http://schemas.xmlsoap.org/soap/envelope/"><env:Header><h:Trace xmlns:h="urn:h">1</h:Trace></env:Header><env:Body><t:RefundResponse xmlns:t="http://tempuri.org/"><t:RefundResult>SUCCESS</t:RefundResult></t:RefundResponse></env:Body></env:Envelope>"#,
+            r#"<Envelope xmlns="http://schemas.xmlsoap.org/soap/envelope/"><Body><RefundResponse xmlns="http://tempuri.org/"><RefundResult>SUCCESS</RefundResult></RefundResponse></Body></Envelope>"#,
+            // A misleading prefix: `soap12` bound to the SOAP 1.1 namespace is SOAP 1.1.
+            "\u{FEFF}<soap12:Envelope xmlns:soap12=\"http://schemas.xmlsoap.org/soap/envelope/\">\r\n <soap12:Body>\r\n  <x:RefundResponse xmlns:x=\"http://tempuri.org/\"><!-- c --><x:RefundResult><![CDATA[SUC]]>CESS</x:RefundResult></x:RefundResponse></soap12:Body></soap12:Envelope>",
+        ];
+        for c in cases {
+            assert_eq!(result_of(c), "SUCCESS", "{c}");
+        }
+    }
+
+    #[test]
+    fn soap12_replies_are_read_whatever_the_prefixes() {
+        let cases = [
+            r#"<soap:Envelope xmlns:soap="http://www.w3.org/2003/05/soap-envelope"><soap:Body><RefundResponse xmlns="http://tempuri.org/"><RefundResult>FAIL:X:y</RefundResult></RefundResponse></soap:Body></soap:Envelope>"#,
+            r#"<env:Envelope xmlns:env="http://www.w3.org/2003/05/soap-envelope"><env:Body><t:RefundResponse xmlns:t="http://tempuri.org/"><t:RefundResult>FAIL:X:y</t:RefundResult></t:RefundResponse></env:Body></env:Envelope>"#,
+            r#"<Envelope xmlns="http://www.w3.org/2003/05/soap-envelope"><Body xmlns:t="http://tempuri.org/"><t:RefundResponse><t:RefundResult>FAIL:X:y</t:RefundResult></t:RefundResponse></Body></Envelope>"#,
+        ];
+        for c in cases {
+            assert_eq!(result_of(c), "FAIL:X:y", "{c}");
+        }
+    }
+
+    #[test]
+    fn result_text_keeps_its_whitespace_and_decodes_references() {
+        let body = r#"<string xmlns="http://tempuri.org/"> FAIL:&lt;A&gt;:&#x4E2D;&#25991; &amp; &quot;&apos; </string>"#;
+        assert_eq!(result_of(body), " FAIL:<A>:中文 & \"' ");
+        assert_eq!(result_of(r#"<string xmlns="http://tempuri.org/"/>"#), "");
+    }
+
+    #[test]
+    fn names_in_the_wrong_namespace_are_not_taken_for_the_reply() {
+        let cases = [
+            // Right prefix, wrong URI.
+            r#"<soap:Envelope xmlns:soap="urn:not-soap"><soap:Body><RefundResponse xmlns="http://tempuri.org/"><RefundResult>SUCCESS</RefundResult></RefundResponse></soap:Body></soap:Envelope>"#,
+            // Result elements outside tempuri.
+            r#"<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><RefundResponse><RefundResult>SUCCESS</RefundResult></RefundResponse></soap:Body></soap:Envelope>"#,
+            r#"<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><RefundResponse xmlns="http://tempuri.org/"><o:RefundResult xmlns:o="urn:o">SUCCESS</o:RefundResult></RefundResponse></soap:Body></soap:Envelope>"#,
+            // `<string>` without its namespace.
+            r#"<string>SUCCESS</string>"#,
+            // An undeclared prefix.
+            r#"<soap:Envelope><soap:Body/></soap:Envelope>"#,
+            // Body from the other SOAP version.
+            r#"<a:Envelope xmlns:a="http://schemas.xmlsoap.org/soap/envelope/" xmlns:b="http://www.w3.org/2003/05/soap-envelope"><b:Body><RefundResponse xmlns="http://tempuri.org/"><RefundResult>SUCCESS</RefundResult></RefundResponse></b:Body></a:Envelope>"#,
+            // Text where SUCCESS is only in an element's content, not the result.
+            r#"<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><RefundResponse xmlns="http://tempuri.org/">SUCCESS</RefundResponse></soap:Body></soap:Envelope>"#,
+            // A result that holds elements.
+            r#"<string xmlns="http://tempuri.org/"><b>SUCCESS</b></string>"#,
+        ];
+        for c in cases {
+            assert!(parse_response(c.as_bytes(), MAX).is_err(), "{c}");
+        }
+    }
+
+    #[test]
+    fn a_doctype_is_refused_before_any_entity_is_expanded() {
+        let laughs = r#"<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]><string xmlns="http://tempuri.org/">&lol2;</string>"#;
+        assert_eq!(
+            parse_response(laughs.as_bytes(), MAX),
+            Err(ParseError::Doctype)
+        );
+        let plain = r#"<!DOCTYPE string><string xmlns="http://tempuri.org/">SUCCESS</string>"#;
+        assert_eq!(
+            parse_response(plain.as_bytes(), MAX),
+            Err(ParseError::Doctype)
+        );
+        let external = r#"<!DOCTYPE x SYSTEM "file:///etc/passwd"><string xmlns="http://tempuri.org/">&x;</string>"#;
+        assert_eq!(
+            parse_response(external.as_bytes(), MAX),
+            Err(ParseError::Doctype)
+        );
+    }
+
+    #[test]
+    fn only_predefined_entities_and_character_references_are_decoded() {
+        for bad in [
+            "&nbsp;",
+            "&custom;",
+            "&#0;",
+            "&#xD800;",
+            "&#x110000;",
+            "&#xZZ;",
+        ] {
+            let body = format!(r#"<string xmlns="http://tempuri.org/">a{bad}b</string>"#);
+            assert!(
+                matches!(
+                    parse_response(body.as_bytes(), MAX),
+                    Err(ParseError::Entity(_) | ParseError::Xml(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_deep_non_utf8_and_foreign_encoding_replies_are_refused() {
+        let body = fixture("string_response.xml");
+        assert_eq!(
+            parse_response(&body, body.len() - 1),
+            Err(ParseError::TooLarge {
+                len: body.len(),
+                max: body.len() - 1
+            })
+        );
+        let deep = format!(
+            "<string xmlns=\"http://tempuri.org/\">{}{}</string>",
+            "<a>".repeat(10_000),
+            "</a>".repeat(10_000)
+        );
+        assert_eq!(
+            parse_response(deep.as_bytes(), MAX),
+            Err(ParseError::TooDeep(MAX_DEPTH))
+        );
+        assert!(matches!(
+            parse_response(b"<string xmlns=\"http://tempuri.org/\">\xff</string>", MAX),
+            Err(ParseError::NotUtf8(_))
+        ));
+        let latin = r#"<?xml version="1.0" encoding="ISO-8859-1"?><string xmlns="http://tempuri.org/">x</string>"#;
+        assert!(matches!(
+            parse_response(latin.as_bytes(), MAX),
+            Err(ParseError::Encoding(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_and_trailing_garbage_replies_are_refused() {
+        let body = fixture("soap11_response.xml");
+        for cut in [10, body.len() / 2, body.len() - 3] {
+            assert!(parse_response(&body[..cut], MAX).is_err(), "cut at {cut}");
+        }
+        let mut two_roots = body.clone();
+        two_roots.extend_from_slice(b"<string xmlns=\"http://tempuri.org/\">SUCCESS</string>");
+        assert!(parse_response(&two_roots, MAX).is_err());
+        let mut text_after = body;
+        text_after.extend_from_slice(b"SUCCESS");
+        assert!(parse_response(&text_after, MAX).is_err());
+    }
+
+    // ---- faults ------------------------------------------------------------------------
+
+    #[test]
+    fn asp_net_faults_read_with_their_code_reason_and_class() {
+        let cases = [
+            (
+                "soap11_fault_client.xml",
+                SoapVersion::Soap11,
+                "Client",
+                FaultClass::Sender,
+            ),
+            (
+                "soap11_fault_server.xml",
+                SoapVersion::Soap11,
+                "Server",
+                FaultClass::Receiver,
+            ),
+            (
+                "soap11_fault_version_mismatch.xml",
+                SoapVersion::Soap11,
+                "VersionMismatch",
+                FaultClass::Other,
+            ),
+            (
+                "soap12_fault_sender.xml",
+                SoapVersion::Soap12,
+                "Sender",
+                FaultClass::Sender,
+            ),
+            (
+                "soap12_fault_receiver.xml",
+                SoapVersion::Soap12,
+                "Receiver",
+                FaultClass::Receiver,
+            ),
+            (
+                "soap12_fault_must_understand.xml",
+                SoapVersion::Soap12,
+                "MustUnderstand",
+                FaultClass::Other,
+            ),
+        ];
+        for (file, version, code, class) in cases {
+            let f = fault_of(&fixture(file));
+            assert_eq!(
+                (f.version, f.code.as_str(), f.class),
+                (version, code, class),
+                "{file}"
+            );
+            assert!(!f.reason.is_empty(), "{file}");
+        }
+        assert_eq!(
+            fault_of(&fixture("soap11_fault_client.xml")).reason,
+            "Server was unable to read request. ---> There is an error in XML document (1, 2)."
+        );
+    }
+
+    #[test]
+    fn client_and_sender_faults_are_request_rejected_whatever_the_http_status() {
+        for (file, code) in [
+            ("soap11_fault_client.xml", "Client"),
+            ("soap12_fault_sender.xml", "Sender"),
+        ] {
+            for status in [500, 200, 400] {
+                match outcome(status, &fixture(file)) {
+                    Outcome::RequestRejected {
+                        code: c,
+                        message,
+                        raw,
+                    } => {
+                        assert_eq!(c, code);
+                        assert!(message.starts_with("Server was unable to read request"));
+                        assert!(raw.contains("Fault"));
+                    }
+                    other => panic!("{file} {status}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn server_and_receiver_faults_are_maybe_delivered() {
+        for file in ["soap11_fault_server.xml", "soap12_fault_receiver.xml"] {
+            match outcome(500, &fixture(file)) {
+                Outcome::MaybeDelivered { error, raw } => {
+                    assert!(error.contains("Object reference"), "{error}");
+                    assert!(raw.is_some());
+                }
+                other => panic!("{file}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn version_mismatch_and_must_understand_faults_are_request_rejected() {
+        for (file, code) in [
+            ("soap11_fault_version_mismatch.xml", "VersionMismatch"),
+            ("soap12_fault_must_understand.xml", "MustUnderstand"),
+        ] {
+            assert!(
+                matches!(outcome(500, &fixture(file)), Outcome::RequestRejected { code: c, .. } if c == code),
+                "{file}"
+            );
+        }
+    }
+
+    #[test]
+    fn fault_codes_are_resolved_as_qnames_not_matched_as_text() {
+        let soap11 = |code: &str| {
+            format!(
+                r#"<e:Envelope xmlns:e="http://schemas.xmlsoap.org/soap/envelope/"><e:Body><e:Fault><faultcode {code}</faultcode><faultstring>why</faultstring></e:Fault></e:Body></e:Envelope>"#
+            )
+        };
+        let class = |body: String| fault_of(body.as_bytes()).class;
+        // Any prefix bound to the SOAP namespace, declared where the code is.
+        assert_eq!(
+            class(soap11(
+                r#"xmlns:q="http://schemas.xmlsoap.org/soap/envelope/">q:Server"#
+            )),
+            FaultClass::Receiver
+        );
+        assert_eq!(class(soap11(">e:Client")), FaultClass::Sender);
+        // SOAP 1.1 dotted refinements keep their base class.
+        assert_eq!(
+            class(soap11(">e:Client.Authentication")),
+            FaultClass::Sender
+        );
+        assert_eq!(class(soap11(">e:Server.Timeout")), FaultClass::Receiver);
+        // Unprefixed or undeclared prefixes are stripped.
+        assert_eq!(class(soap11(">Server")), FaultClass::Receiver);
+        assert_eq!(class(soap11(">nope:Client")), FaultClass::Sender);
+        // An application's own namespace is not SOAP's, whatever the local name.
+        assert_eq!(
+            class(soap11(r#"xmlns:app="urn:app">app:Server"#)),
+            FaultClass::Other
+        );
+        assert_eq!(class(soap11(">e:Weird")), FaultClass::Other);
+
+        let soap12 = r#"<S:Envelope xmlns:S="http://www.w3.org/2003/05/soap-envelope"><S:Body><S:Fault><S:Code><S:Value>S:Sender</S:Value><S:Subcode><S:Value xmlns:w="urn:wupay">w:BadKey</S:Value></S:Subcode></S:Code><S:Reason><S:Text xml:lang="zh">密钥错误</S:Text></S:Reason></S:Fault></S:Body></S:Envelope>"#;
+        let f = fault_of(soap12.as_bytes());
+        assert_eq!(f.class, FaultClass::Sender);
+        assert_eq!(f.subcode.as_deref(), Some("BadKey"));
+        assert_eq!(f.reason, "密钥错误");
+        assert!(matches!(
+            outcome(500, soap12.as_bytes()),
+            Outcome::RequestRejected { code, message, .. } if code == "Sender/BadKey" && message == "密钥错误"
+        ));
+    }
+
+    #[test]
+    fn a_fault_without_its_code_is_unreadable() {
+        let body = r#"<e:Envelope xmlns:e="http://schemas.xmlsoap.org/soap/envelope/"><e:Body><e:Fault><faultstring>x</faultstring></e:Fault></e:Body></e:Envelope>"#;
+        assert!(parse_response(body.as_bytes(), MAX).is_err());
+        assert!(matches!(
+            outcome(500, body.as_bytes()),
+            Outcome::MaybeDelivered { .. }
+        ));
+    }
+
+    // ---- result mapping and HTTP status ------------------------------------------------
+
+    #[test]
+    fn default_rules_map_success_fail_and_anything_else() {
+        let ok = strings(&["SUCCESS".into()]);
+        let fail = strings(&["FAIL".into()]);
+        assert_eq!(map_result("SUCCESS", &ok, &fail), ResultClass::Success);
+        assert_eq!(map_result("  SUCCESS\n", &ok, &fail), ResultClass::Success);
+        assert_eq!(map_result("success", &ok, &fail), ResultClass::Unrecognised);
+        assert_eq!(
+            map_result(
+                "FAIL:ORDER_NOT_REFUNDABLE:order already refunded",
+                &ok,
+                &fail
+            ),
+            ResultClass::Failure {
+                code: "ORDER_NOT_REFUNDABLE".into(),
+                message: "order already refunded".into()
+            }
+        );
+        assert_eq!(map_result("PENDING", &ok, &fail), ResultClass::Unrecognised);
+        assert_eq!(map_result("", &ok, &fail), ResultClass::Unrecognised);
+        assert_eq!(
+            map_result("RETRY:BUSY:later", &ok, &fail),
+            ResultClass::Unrecognised
+        );
+    }
+
+    #[test]
+    fn failure_code_and_message_are_read_from_what_follows_the_prefix() {
+        let cases = [
+            ("", "FAIL", ""),
+            (":", "FAIL", ""),
+            (":NOTENOUGH", "NOTENOUGH", ""),
+            (":NOTENOUGH:", "NOTENOUGH", ""),
+            ("|NOTENOUGH|balance too low", "NOTENOUGH", "balance too low"),
+            (
+                " - NOTENOUGH: balance: too low ",
+                "NOTENOUGH",
+                "balance: too low",
+            ),
+            (" NOTENOUGH", "NOTENOUGH", ""),
+            ("::", "FAIL", ""),
+            // Every leading separator goes, so a lone message becomes the code.
+            (":: message only", "message only", ""),
+            ("-X|a:b", "X", "a:b"),
+        ];
+        for (rest, code, message) in cases {
+            assert_eq!(
+                split_failure(rest),
+                (code.to_owned(), message.to_owned()),
+                "{rest:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn custom_success_results_and_failure_prefixes_come_from_config() {
+        let ok = strings(&["0".into(), "OK".into()]);
+        let fail = strings(&["ERR".into(), "E".into(), "退款失败".into()]);
+        assert_eq!(map_result("0", &ok, &fail), ResultClass::Success);
+        assert_eq!(map_result("OK", &ok, &fail), ResultClass::Success);
+        assert_eq!(map_result("SUCCESS", &ok, &fail), ResultClass::Unrecognised);
+        assert_eq!(map_result("FAIL:X", &ok, &fail), ResultClass::Unrecognised);
+        // The longest matching prefix wins: `ERR:...` is not `E` + `RR:...`.
+        assert_eq!(
+            map_result("ERR:NOTENOUGH:x", &ok, &fail),
+            ResultClass::Failure {
+                code: "NOTENOUGH".into(),
+                message: "x".into()
+            }
+        );
+        assert_eq!(
+            map_result("退款失败：订单不存在|ORDER_NOT_EXIST", &ok, &fail),
+            ResultClass::Failure {
+                code: "：订单不存在".into(),
+                message: "ORDER_NOT_EXIST".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_accepted_refund_carries_our_refund_no_and_the_requested_amount() {
+        let body = soap_response(SoapVersion::Soap11, "SUCCESS").unwrap();
+        assert_eq!(
+            outcome(200, &body),
+            Outcome::Accepted {
+                provider_refund_id: "R2026112100000001".into(),
+                refund_fee: 100,
+                settlement_refund_fee: 100,
+                coupon_refund_fee: 0,
+                raw: String::from_utf8(body).unwrap(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_fail_result_is_declined_and_anything_else_unrecognised() {
+        let body = soap_response(
+            SoapVersion::Soap12,
+            "FAIL:ORDER_NOT_REFUNDABLE:order already refunded",
+        )
+        .unwrap();
+        assert!(matches!(
+            outcome(200, &body),
+            Outcome::Declined { code, message, .. }
+                if code == "ORDER_NOT_REFUNDABLE" && message == "order already refunded"
+        ));
+        let body = string_response(" PROCESSING ").unwrap();
+        assert!(matches!(
+            outcome(200, &body),
+            Outcome::Unrecognised { result, raw } if result == " PROCESSING " && raw.contains("PROCESSING")
+        ));
+    }
+
+    #[test]
+    fn custom_merchant_rules_drive_the_outcome() {
+        let mut m = merchant(WupayBinding::HttpPost, "http://127.0.0.1:1/WuPay.asmx");
+        m.success_results = vec!["00".into()];
+        m.failure_prefixes = vec!["ERR".into()];
+        let c = client_for(&m);
+        let accepted = c.outcome_of(&request(), &reply(200, &string_response("00").unwrap()));
+        assert_eq!(accepted.class(), "accepted");
+        let declined = c.outcome_of(
+            &request(),
+            &reply(200, &string_response("ERR|E42|no").unwrap()),
+        );
+        assert!(matches!(declined, Outcome::Declined { code, .. } if code == "E42"));
+        let unknown = c.outcome_of(
+            &request(),
+            &reply(200, &string_response("SUCCESS").unwrap()),
+        );
+        assert_eq!(unknown.class(), "unrecognised");
+    }
+
+    #[test]
+    fn http_status_decides_when_the_body_is_no_fault() {
+        let html = b"<html><body>Request format is unrecognized for URL unexpectedly ending in '/Refund'.</body></html>";
+        assert!(matches!(
+            outcome(500, html),
+            Outcome::MaybeDelivered { raw: Some(_), .. }
+        ));
+        assert!(matches!(outcome(503, b""), Outcome::MaybeDelivered { .. }));
+        assert!(matches!(
+            outcome(200, b"not xml"),
+            Outcome::MaybeDelivered { .. }
+        ));
+        assert!(matches!(outcome(200, b""), Outcome::MaybeDelivered { .. }));
+        assert!(
+            matches!(outcome(404, html), Outcome::RequestRejected { code, .. } if code == "HTTP_404")
+        );
+        assert!(
+            matches!(outcome(301, b""), Outcome::RequestRejected { code, .. } if code == "HTTP_301")
+        );
+        assert!(
+            matches!(outcome(429, b""), Outcome::RetryLater { code, .. } if code == "HTTP_429")
+        );
+        assert!(matches!(outcome(408, b""), Outcome::MaybeDelivered { .. }));
+        // A result counts only on a 2xx.
+        let success = soap_response(SoapVersion::Soap11, "SUCCESS").unwrap();
+        assert!(matches!(
+            outcome(500, &success),
+            Outcome::MaybeDelivered { .. }
+        ));
+    }
+
+    // ---- construction ------------------------------------------------------------------
+
+    #[test]
+    fn new_reads_and_trims_the_rfkey_file_and_names_the_key_when_it_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rfkey");
+        std::fs::write(&path, format!("  {RFKEY}\n")).unwrap();
+        let mut m = merchant(WupayBinding::Soap11, "http://h/WuPay.asmx");
+        m.rfkey_file = path;
+        m.idempotent = true;
+        let cfg = http_config();
+        let http = http::build_client(&cfg).unwrap();
+        let c = WupayClient::new(&m, "wupay.merchants[3]", http.clone(), &cfg).unwrap();
+        assert_eq!(c.rfkey.expose(), RFKEY);
+        assert!(c.idempotent());
+        assert_eq!(c.kind(), ProviderKind::Wupay);
+        assert_eq!(Provider::merchant(&c), "wu-1");
+        assert!(!format!("{c:?}").contains("S3cr3t"));
+
+        m.rfkey_file = dir.path().join("missing");
+        let e = WupayClient::new(&m, "wupay.merchants[3]", http, &cfg).unwrap_err();
+        assert!(
+            e.to_string().contains("wupay.merchants[3].rfkey_file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn configured_values_that_could_never_be_sent_are_refused_at_start() {
+        let cfg = http_config();
+        let http = http::build_client(&cfg).unwrap();
+        let mut m = merchant(WupayBinding::Soap11, "http://h/WuPay.asmx");
+        m.area = "east\n".into();
+        let e = WupayClient::with_rfkey(
+            &m,
+            "wupay.merchants[0]",
+            Secret::new(RFKEY),
+            http.clone(),
+            &cfg,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("wupay.merchants[0].area"), "{e}");
+        let m = merchant(WupayBinding::Soap11, "http://h/WuPay.asmx");
+        let e = WupayClient::with_rfkey(
+            &m,
+            "wupay.merchants[0]",
+            Secret::new("k\tey"),
+            http.clone(),
+            &cfg,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("rfkey_file") && !e.to_string().contains("k\tey"),
+            "{e}"
+        );
+        let e = WupayClient::with_rfkey(&m, "wupay.merchants[0]", Secret::new(""), http, &cfg)
+            .unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+    }
+
+    // ---- end to end against a local HTTP server -----------------------------------------
+
+    #[derive(Debug)]
+    struct Received {
+        method: String,
+        target: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Received {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// Accepts one connection, reads one HTTP/1.1 request, answers with a canned response.
+    async fn serve_once(
+        status: u16,
+        content_type: &'static str,
+        body: Vec<u8>,
+    ) -> (String, tokio::task::JoinHandle<Received>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/WuPay.asmx", listener.local_addr().unwrap());
+        let handle = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let head_end = loop {
+                let mut chunk = [0u8; 4096];
+                let n = sock.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed before the request head");
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i;
+                }
+            };
+            let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+            let mut lines = head.split("\r\n");
+            let mut request_line = lines.next().unwrap().split(' ');
+            let method = request_line.next().unwrap().to_owned();
+            let target = request_line.next().unwrap().to_owned();
+            let headers: Vec<(String, String)> = lines
+                .map(|l| {
+                    let (n, v) = l.split_once(':').unwrap();
+                    (n.trim().to_owned(), v.trim().to_owned())
+                })
+                .collect();
+            let len: usize = headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .map_or(0, |(_, v)| v.parse().unwrap());
+            let mut req_body = buf[head_end + 4..].to_vec();
+            while req_body.len() < len {
+                let mut chunk = [0u8; 4096];
+                let n = sock.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed inside the request body");
+                req_body.extend_from_slice(&chunk[..n]);
+            }
+            let reason = if status == 200 {
+                "OK"
+            } else {
+                "Internal Server Error"
+            };
+            let mut response = format!(
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            response.extend_from_slice(&body);
+            sock.write_all(&response).await.unwrap();
+            sock.shutdown().await.unwrap();
+            Received {
+                method,
+                target,
+                headers,
+                body: req_body,
+            }
+        });
+        (base, handle)
+    }
+
+    fn call(r: &RefundRequest) -> RefundCall<'_> {
+        RefundCall {
+            request: r,
+            attempt: 1,
+        }
+    }
+
+    fn assert_no_rfkey(s: &str) {
+        let mut form = String::new();
+        percent_encode_into(&mut form, RFKEY, true);
+        let mut query = String::new();
+        percent_encode_into(&mut query, RFKEY, false);
+        for leak in [
+            RFKEY,
+            &quick_xml::escape::escape(RFKEY),
+            &form,
+            &query,
+            "S3cr3t",
+        ] {
+            assert!(!s.contains(leak), "{leak:?} leaked into {s}");
+        }
+    }
+
+    #[tokio::test]
+    async fn soap11_refund_posts_the_envelope_with_its_soap_action() {
+        let (base, server) = serve_once(
+            200,
+            "text/xml; charset=utf-8",
+            soap_response(SoapVersion::Soap11, "SUCCESS").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::Soap11, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(got.method, "POST");
+        assert_eq!(got.target, "/WuPay.asmx");
+        assert_eq!(got.header("content-type"), Some("text/xml; charset=utf-8"));
+        assert_eq!(
+            got.header("soapaction"),
+            Some("\"http://tempuri.org/Refund\"")
+        );
+        let sent = parse_refund_request(&got.body, MAX).unwrap();
+        let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
+        assert_eq!(
+            sent,
+            expected
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.clone()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            got.body,
+            soap_envelope(SoapVersion::Soap11, &expected).unwrap()
+        );
+        assert_eq!(record.outcome.class(), "accepted");
+        assert_eq!(record.http_status, Some(200));
+        assert_no_rfkey(&record.request_redacted);
+        assert!(
+            record.request_redacted.contains("<rfkey>***</rfkey>"),
+            "{}",
+            record.request_redacted
+        );
+        // Apart from the rfkey, the record is exactly what was sent.
+        let sent_text = String::from_utf8(got.body).unwrap();
+        let escaped = quick_xml::escape::escape(RFKEY);
+        assert_eq!(
+            record.request_redacted,
+            sent_text.replace(escaped.as_ref(), "***")
+        );
+    }
+
+    #[tokio::test]
+    async fn soap12_refund_posts_the_envelope_with_the_action_in_its_content_type() {
+        let (base, server) = serve_once(
+            200,
+            "application/soap+xml; charset=utf-8",
+            soap_response(SoapVersion::Soap12, "FAIL:NOTENOUGH:balance too low").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::Soap12, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(got.method, "POST");
+        assert_eq!(got.target, "/WuPay.asmx");
+        assert_eq!(
+            got.header("content-type"),
+            Some("application/soap+xml; charset=utf-8; action=\"http://tempuri.org/Refund\"")
+        );
+        assert_eq!(got.header("soapaction"), None);
+        let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
+        assert_eq!(
+            got.body,
+            soap_envelope(SoapVersion::Soap12, &expected).unwrap()
+        );
+        assert!(matches!(
+            record.outcome,
+            Outcome::Declined { ref code, ref message, .. } if code == "NOTENOUGH" && message == "balance too low"
+        ));
+        assert_no_rfkey(&record.request_redacted);
+    }
+
+    #[tokio::test]
+    async fn http_post_refund_sends_the_form_to_the_refund_path() {
+        let (base, server) = serve_once(
+            200,
+            "text/xml; charset=utf-8",
+            string_response("SUCCESS").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::HttpPost, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(got.method, "POST");
+        assert_eq!(got.target, "/WuPay.asmx/Refund");
+        assert_eq!(
+            got.header("content-type"),
+            Some("application/x-www-form-urlencoded")
+        );
+        let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
+        let body = String::from_utf8(got.body).unwrap();
+        assert_eq!(body, form_body(&expected).unwrap());
+        assert!(body.starts_with("refund_id=R2026112100000001&order_id=O2026112100000001&pay_nd=P0001&money=1000&refund_fee=100&"), "{body}");
+        assert!(
+            body.ends_with("&cpnId=CPN9&area=%E5%8D%8E%E4%B8%9C"),
+            "{body}"
+        );
+        assert_eq!(record.outcome.class(), "accepted");
+        assert_no_rfkey(&record.request_redacted);
+        assert!(
+            record.request_redacted.contains("&rfkey=***&"),
+            "{}",
+            record.request_redacted
+        );
+    }
+
+    #[tokio::test]
+    async fn http_get_refund_sends_the_query_to_the_refund_path() {
+        let (base, server) = serve_once(
+            200,
+            "text/xml; charset=utf-8",
+            string_response("SUCCESS").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::HttpGet, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(got.method, "GET");
+        let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
+        assert_eq!(
+            got.target,
+            format!("/WuPay.asmx/Refund?{}", query_string(&expected).unwrap())
+        );
+        assert!(got.body.is_empty());
+        assert_eq!(record.outcome.class(), "accepted");
+        assert_no_rfkey(&record.request_redacted);
+        assert!(
+            record
+                .request_redacted
+                .starts_with(&format!("{base}/Refund?refund_id="))
+        );
+        assert!(
+            record.request_redacted.contains("&rfkey=***&"),
+            "{}",
+            record.request_redacted
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fault_with_http_500_is_classified_by_the_fault() {
+        let (base, server) = serve_once(
+            500,
+            "text/xml; charset=utf-8",
+            fixture("soap11_fault_client.xml"),
+        )
+        .await;
+        let m = merchant(WupayBinding::Soap11, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        server.await.unwrap();
+        assert_eq!(record.http_status, Some(500));
+        assert!(
+            matches!(record.outcome, Outcome::RequestRejected { ref code, .. } if code == "Client")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_rfkey_echoed_by_the_provider_is_scrubbed_from_the_outcome() {
+        let escaped = quick_xml::escape::escape(RFKEY).into_owned();
+        let body = format!(
+            r#"<string xmlns="http://tempuri.org/">FAIL:BAD_KEY:rfkey {escaped} is wrong</string>"#
+        );
+        let (base, server) = serve_once(200, "text/xml", body.into_bytes()).await;
+        let m = merchant(WupayBinding::HttpPost, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        server.await.unwrap();
+        match &record.outcome {
+            Outcome::Declined { code, message, raw } => {
+                assert_eq!(code, "BAD_KEY");
+                assert_eq!(message, "rfkey *** is wrong");
+                assert_no_rfkey(message);
+                assert_no_rfkey(raw);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_not_sent_and_its_error_hides_the_rfkey() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        for binding in [
+            WupayBinding::Soap11,
+            WupayBinding::Soap12,
+            WupayBinding::HttpPost,
+            WupayBinding::HttpGet,
+        ] {
+            let m = merchant(binding, &format!("http://{addr}/WuPay.asmx"));
+            let r = request();
+            let record = client_for(&m).refund(call(&r)).await;
+            match &record.outcome {
+                Outcome::NotSent { error } => assert_no_rfkey(error),
+                other => panic!("{binding:?}: {other:?}"),
+            }
+            assert_eq!(record.http_status, None);
+            assert_no_rfkey(&record.request_redacted);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_value_with_a_control_character_is_not_sent_at_all() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let m = merchant(
+            WupayBinding::Soap11,
+            &format!("http://{}/WuPay.asmx", listener.local_addr().unwrap()),
+        );
+        let mut r = request();
+        if let Some(w) = r.wupay.as_mut() {
+            w.rec_man = "op\t7".into();
+        }
+        let record = client_for(&m).refund(call(&r)).await;
+        match &record.outcome {
+            Outcome::NotSent { error } => assert!(error.contains("`rec_man`"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), listener.accept())
+                .await
+                .is_err(),
+            "nothing may reach the provider"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reply_over_the_size_cap_is_maybe_delivered() {
+        let big = format!(
+            r#"<string xmlns="http://tempuri.org/">{}</string>"#,
+            "x".repeat(300 * 1024)
+        );
+        let (base, server) = serve_once(200, "text/xml", big.into_bytes()).await;
+        let m = merchant(WupayBinding::HttpGet, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        server.await.unwrap();
+        assert_eq!(record.outcome.class(), "maybe_delivered");
+    }
+
+    // ---- properties --------------------------------------------------------------------
+
+    fn xml_char() -> impl Strategy<Value = char> {
+        prop_oneof![
+            4 => any::<char>(),
+            1 => prop::sample::select(vec!['<', '>', '&', '"', '\'', ' ', ']', ';', '#', ':', '\u{FEFF}', '\u{2028}', '中']),
+        ]
+        .prop_filter("XML-safe", |c| !c.is_control() && !matches!(c, '\u{FFFE}' | '\u{FFFF}'))
+    }
+
+    fn xml_value() -> impl Strategy<Value = String> {
+        prop::collection::vec(xml_char(), 0..24).prop_map(String::from_iter)
+    }
+
+    fn fragment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            prop::sample::select(vec![
+                "<",
+                ">",
+                "&",
+                "&#",
+                "&#x;",
+                "&lt",
+                "</soap:Body>",
+                "<soap:Fault>",
+                "<faultcode>",
+                "soap:Server",
+                "</faultcode>",
+                "<!DOCTYPE x>",
+                "<![CDATA[",
+                "]]>",
+                "<!--",
+                "-->",
+                "<?xml version=\"1.0\" encoding=\"x\"?>",
+                " xmlns:a=\"urn:a\"",
+                " xmlns=\"\"",
+                "<a:b>",
+                "</a:b>",
+                "\"",
+                "'",
+                ":",
+                "<RefundResult>",
+                "</RefundResult>",
+            ])
+            .prop_map(str::to_owned),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_non_control_values_round_trip_through_both_envelopes(
+            values in prop::collection::vec(xml_value(), 13),
+            soap12 in any::<bool>(),
+        ) {
+            let params: Vec<(&str, String)> = PARAM_NAMES.iter().copied().zip(values).collect();
+            let version = if soap12 { SoapVersion::Soap12 } else { SoapVersion::Soap11 };
+            let xml = soap_envelope(version, &params).unwrap();
+            let back = parse_refund_request(&xml, usize::MAX).unwrap();
+            let expected: Vec<(String, String)> =
+                params.iter().map(|(n, v)| ((*n).to_owned(), v.clone())).collect();
+            prop_assert_eq!(back, expected);
+        }
+
+        #[test]
+        fn any_result_text_round_trips_through_every_reply_shape(value in xml_value()) {
+            for body in [
+                soap_response(SoapVersion::Soap11, &value).unwrap(),
+                soap_response(SoapVersion::Soap12, &value).unwrap(),
+                string_response(&value).unwrap(),
+            ] {
+                prop_assert_eq!(parse_response(&body, usize::MAX), Ok(Reply::Result(value.clone())));
+            }
+        }
+
+        #[test]
+        fn values_with_a_control_character_are_refused_by_every_encoder(
+            before in xml_value(),
+            control in any::<char>().prop_filter("control", |c| c.is_control()),
+            after in xml_value(),
+            index in 0..13usize,
+        ) {
+            let mut params = seed_params("1");
+            params[index].1 = format!("{before}{control}{after}");
+            let name = PARAM_NAMES[index];
+            let named = |r: Result<(), EncodeError>| matches!(
+                r, Err(EncodeError::ControlCharacter { name: n, .. }) if n == name
+            );
+            prop_assert!(named(soap_envelope(SoapVersion::Soap11, &params).map(drop)));
+            prop_assert!(named(soap_envelope(SoapVersion::Soap12, &params).map(drop)));
+            prop_assert!(named(form_body(&params).map(drop)));
+            prop_assert!(named(query_string(&params).map(drop)));
+        }
+
+        #[test]
+        fn the_reply_parser_never_panics_on_arbitrary_bytes(
+            body in prop::collection::vec(any::<u8>(), 0..2048),
+            status in 100u16..600,
+        ) {
+            let _ = parse_response(&body, MAX);
+            let _ = parse_refund_request(&body, MAX);
+            let _ = outcome(status, &body);
+        }
+
+        #[test]
+        fn the_reply_parser_never_panics_on_text_spliced_into_a_valid_reply(
+            file in prop::sample::select(vec![
+                "soap11_response.xml", "soap12_response.xml", "string_response.xml",
+                "soap11_fault_client.xml", "soap12_fault_receiver.xml",
+            ]),
+            splices in prop::collection::vec((any::<prop::sample::Index>(), fragment()), 1..4),
+            status in prop::sample::select(vec![200u16, 400, 500]),
+        ) {
+            let mut body = fixture(file);
+            for (at, text) in splices {
+                let i = at.index(body.len() + 1);
+                body.splice(i..i, text.into_bytes());
+            }
+            let _ = parse_response(&body, MAX);
+            let _ = parse_refund_request(&body, MAX);
+            let _ = outcome(status, &body);
+        }
+    }
+}

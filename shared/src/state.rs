@@ -1,0 +1,208 @@
+//! The job state machine of DESIGN §4, as data.
+//!
+//! This module owns which transitions exist and who may make them. The store executes them
+//! (one conditional `UPDATE … WHERE state = expected` plus a history row, in one transaction);
+//! this module is the single list it checks against, so a transition that is not in
+//! [`TRANSITIONS`] cannot be written by any path — worker, sweeper, replay or operator.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Received,
+    InFlight,
+    RetryWait,
+    Succeeded,
+    Failed,
+    Rejected,
+    Dead,
+}
+
+impl State {
+    pub const ALL: [State; 7] = [
+        State::Received,
+        State::InFlight,
+        State::RetryWait,
+        State::Succeeded,
+        State::Failed,
+        State::Rejected,
+        State::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Received => "received",
+            State::InFlight => "in_flight",
+            State::RetryWait => "retry_wait",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Rejected => "rejected",
+            State::Dead => "dead",
+        }
+    }
+
+    /// Final states never see another provider call, whatever arrives later.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Succeeded | State::Failed | State::Rejected)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown job state {s:?}"))
+    }
+}
+
+/// Why a job is dead. Stored as text; these are the causes the system itself writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// Transport failures or RetryLater until attempts or age ran out.
+    RetriesExhausted,
+    /// The provider may have paid and may not be asked again blindly.
+    OutcomeUnknown,
+    /// The provider refused the request itself: configuration needs an operator.
+    ProviderRejectedRequest,
+    /// No client is configured any more for the job's merchant.
+    MerchantNotConfigured,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::RetriesExhausted => "retries_exhausted",
+            Cause::OutcomeUnknown => "outcome_unknown",
+            Cause::ProviderRejectedRequest => "provider_rejected_request",
+            Cause::MerchantNotConfigured => "merchant_not_configured",
+        }
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What makes a transition happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// A valid message was stored.
+    Intake,
+    /// A worker took the job to call the provider (increments the attempt).
+    Claim,
+    /// The provider accepted.
+    Accepted,
+    /// A definitive business FAIL.
+    Declined,
+    /// Transport failure or RetryLater with attempts left.
+    RetryScheduled,
+    /// The job cannot go on without an operator.
+    Died,
+    /// The lease ran out (the worker died or stalled): back to waiting, or dead when the
+    /// provider is not idempotent.
+    LeaseExpired,
+    /// A claimed job gave its claim back before sending (lease too short to send safely).
+    Released,
+    /// An operator re-enqueued a dead job.
+    Replay,
+    /// An operator settled a dead job by hand after checking with the provider.
+    Resolve,
+}
+
+/// One allowed transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub from: State,
+    pub to: State,
+    pub trigger: Trigger,
+}
+
+const fn t(from: State, to: State, trigger: Trigger) -> Transition {
+    Transition { from, to, trigger }
+}
+
+use State::*;
+use Trigger::*;
+
+/// Every allowed transition (intake creates jobs in `received`; there is no row before it).
+pub const TRANSITIONS: &[Transition] = &[
+    t(Received, InFlight, Claim),
+    t(RetryWait, InFlight, Claim),
+    t(InFlight, Succeeded, Accepted),
+    t(InFlight, Failed, Declined),
+    t(InFlight, RetryWait, RetryScheduled),
+    t(InFlight, Dead, Died),
+    t(InFlight, RetryWait, LeaseExpired),
+    t(InFlight, Dead, LeaseExpired),
+    t(InFlight, RetryWait, Released),
+    t(Received, Dead, Died),
+    t(RetryWait, Dead, Died),
+    t(Dead, Received, Replay),
+    t(Dead, Succeeded, Resolve),
+    t(Dead, Failed, Resolve),
+];
+
+/// The states a trigger may start from towards `to`.
+pub fn sources(trigger: Trigger, to: State) -> Vec<State> {
+    TRANSITIONS
+        .iter()
+        .filter(|tr| tr.trigger == trigger && tr.to == to)
+        .map(|tr| tr.from)
+        .collect()
+}
+
+/// Whether `from → to` by `trigger` is allowed.
+pub fn allowed(from: State, to: State, trigger: Trigger) -> bool {
+    TRANSITIONS
+        .iter()
+        .any(|tr| tr.from == from && tr.to == to && tr.trigger == trigger)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_transition_leaves_a_final_state() {
+        for tr in TRANSITIONS {
+            assert!(!tr.from.is_final(), "{tr:?} leaves a final state");
+        }
+    }
+
+    #[test]
+    fn only_a_claim_enters_in_flight() {
+        for tr in TRANSITIONS.iter().filter(|tr| tr.to == InFlight) {
+            assert_eq!(tr.trigger, Claim);
+        }
+    }
+
+    #[test]
+    fn dead_is_left_only_by_an_operator() {
+        for tr in TRANSITIONS.iter().filter(|tr| tr.from == Dead) {
+            assert!(matches!(tr.trigger, Replay | Resolve), "{tr:?}");
+        }
+    }
+
+    #[test]
+    fn states_round_trip_through_text() {
+        for s in State::ALL {
+            assert_eq!(s.as_str().parse::<State>().unwrap(), s);
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Intake: turning one broker message into exactly one effect.
+//!
+//! Each message becomes a new job, a duplicate (same `refund_no`, same content: no effect), a
+//! conflict (same `refund_no`, different content: stored, never sent) or a rejection (invalid,
+//! unknown merchant, over the order's total: stored with its raw bytes). The caller runs this
+//! inside a transaction and acks the message only after that transaction commits, so a crash at
+//! any point either leaves no trace (the message is redelivered) or a complete one.
+
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, Row};
+
+use super::StoreError;
+use crate::events::{EventKind, OutcomeEvent, format_time};
+use crate::job::{ProviderKind, Rejection, RefundRequest, parse_request, sniff_refund_no};
+use crate::state::State;
+
+/// A message as it came off the broker.
+#[derive(Debug, Clone)]
+pub struct Incoming<'a> {
+    pub body: &'a [u8],
+    pub message_id: Option<&'a str>,
+    /// The broker says this delivery may have been seen before (so a stored rejection of the
+    /// same bytes is this message again, not a new occurrence).
+    pub redelivered: bool,
+}
+
+/// What intake did with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntakeResult {
+    /// A new job in `received`.
+    Created { refund_no: String },
+    /// The same request again: nothing changed.
+    Duplicate { refund_no: String, state: State },
+    /// Same `refund_no`, different content: stored as a conflict, never sent.
+    Conflict { refund_no: String },
+    /// Refused: stored with its reason.
+    Rejected { rejection: Rejection, refund_no: Option<String> },
+}
+
+impl IntakeResult {
+    /// Whether the message belongs in the dead-letter queue.
+    pub fn is_poison(&self) -> bool {
+        matches!(self, IntakeResult::Conflict { .. } | IntakeResult::Rejected { .. })
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            IntakeResult::Created { .. } => "created",
+            IntakeResult::Duplicate { .. } => "duplicate",
+            IntakeResult::Conflict { .. } => "conflict",
+            IntakeResult::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// Takes in one message: validate, then create, dedupe, or store the conflict or rejection.
+pub async fn take(
+    conn: &mut PgConnection,
+    msg: &Incoming<'_>,
+    merchant_known: &(dyn Fn(ProviderKind, &str) -> bool + Sync),
+    tz: chrono_tz::Tz,
+) -> Result<IntakeResult, StoreError> {
+    let request = match parse_request(msg.body) {
+        Ok(r) => r,
+        Err(rejection) => return reject(conn, msg, rejection, sniff_refund_no(msg.body), tz).await,
+    };
+    if !merchant_known(request.provider, &request.merchant) {
+        let rejection = Rejection::new(
+            "merchant",
+            format!(
+                "merchant {:?} is not configured for provider {}",
+                request.merchant, request.provider
+            ),
+        );
+        return reject(conn, msg, rejection, Some(request.refund_no.clone()), tz).await;
+    }
+    let hash = request.content_hash();
+    if insert_job(conn, &request, &hash).await? {
+        if let Some(rejection) = reserve_order_amount(conn, &request).await? {
+            delete_new_job(conn, &request.refund_no).await?;
+            return reject(conn, msg, rejection, Some(request.refund_no.clone()), tz).await;
+        }
+        insert_intake_history(conn, &request.refund_no).await?;
+        return Ok(IntakeResult::Created {
+            refund_no: request.refund_no,
+        });
+    }
+    let (existing_hash, state) = existing(conn, &request.refund_no).await?;
+    if existing_hash.as_slice() == hash.as_slice() {
+        return Ok(IntakeResult::Duplicate {
+            refund_no: request.refund_no,
+            state,
+        });
+    }
+    let reason = format!(
+        "refund_no {} already exists (state {state}) with different content",
+        request.refund_no
+    );
+    store_rejection(
+        conn,
+        msg,
+        "conflict",
+        Some(&request.refund_no),
+        &Rejection::new("refund_no", reason),
+    )
+    .await?;
+    Ok(IntakeResult::Conflict {
+        refund_no: request.refund_no,
+    })
+}
+
+async fn reject(
+    conn: &mut PgConnection,
+    msg: &Incoming<'_>,
+    rejection: Rejection,
+    refund_no: Option<String>,
+    tz: chrono_tz::Tz,
+) -> Result<IntakeResult, StoreError> {
+    let first = store_rejection(conn, msg, "rejected", refund_no.as_deref(), &rejection).await?;
+    // Tell the order system, unless the refund_no belongs to a real job (a malformed copy of a
+    // valid request must not announce that the refund was rejected).
+    if let Some(no) = &refund_no
+        && first
+        && !job_exists(conn, no).await?
+    {
+        let event = OutcomeEvent {
+            version: 1,
+            event: EventKind::Rejected,
+            refund_no: no.clone(),
+            order_no: None,
+            provider: None,
+            merchant: None,
+            state: State::Rejected,
+            refund_fee: None,
+            settlement_refund_fee: None,
+            provider_refund_id: None,
+            error_code: Some(format!("INVALID_{}", rejection.field.to_uppercase())),
+            error_message: Some(rejection.to_string()),
+            attempts: 0,
+            occurred_at: format_time(chrono::Utc::now(), tz),
+        };
+        super::outbox::insert(conn, &event).await?;
+    }
+    Ok(IntakeResult::Rejected {
+        rejection,
+        refund_no,
+    })
+}
+
+/// Inserts a new job in `received`; false if the `refund_no` exists.
+async fn insert_job(
+    conn: &mut PgConnection,
+    r: &RefundRequest,
+    hash: &[u8; 32],
+) -> Result<bool, StoreError> {
+    let request = serde_json::to_value(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let inserted = sqlx::query(
+        "INSERT INTO jobs (refund_no, order_no, provider, merchant, total_fee, refund_fee,
+             request, content_hash, state)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'received')
+         ON CONFLICT (refund_no) DO NOTHING",
+    )
+    .bind(&r.refund_no)
+    .bind(&r.order_no)
+    .bind(r.provider.as_str())
+    .bind(&r.merchant)
+    .bind(r.total_fee)
+    .bind(r.refund_fee)
+    .bind(request)
+    .bind(hash.as_slice())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Adds a refund to its order's committed total under the order's row lock; the rejection if
+/// the order's total differs or would be exceeded.
+async fn reserve_order_amount(
+    conn: &mut PgConnection,
+    r: &RefundRequest,
+) -> Result<Option<Rejection>, StoreError> {
+    let reserved = sqlx::query(
+        "INSERT INTO orders (order_no, total_fee, committed_fee) VALUES ($1, $2, $3)
+         ON CONFLICT (order_no) DO UPDATE
+             SET committed_fee = orders.committed_fee + EXCLUDED.committed_fee
+             WHERE orders.total_fee = EXCLUDED.total_fee
+               AND orders.committed_fee + EXCLUDED.committed_fee <= orders.total_fee
+         RETURNING committed_fee",
+    )
+    .bind(&r.order_no)
+    .bind(r.total_fee)
+    .bind(r.refund_fee)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if reserved.is_some() {
+        return Ok(None);
+    }
+    let row = sqlx::query("SELECT total_fee, committed_fee FROM orders WHERE order_no = $1")
+        .bind(&r.order_no)
+        .fetch_one(&mut *conn)
+        .await?;
+    let total: i64 = row.try_get("total_fee")?;
+    let committed: i64 = row.try_get("committed_fee")?;
+    Ok(Some(if total != r.total_fee {
+        Rejection::new(
+            "total_fee",
+            format!(
+                "{} differs from total_fee {total} of earlier refunds of order {}",
+                r.total_fee, r.order_no
+            ),
+        )
+    } else {
+        Rejection::new(
+            "refund_fee",
+            format!(
+                "{} would take refunds of order {} to {} fen, over its total_fee {total} \
+                 ({committed} already committed)",
+                r.refund_fee,
+                r.order_no,
+                committed.saturating_add(r.refund_fee)
+            ),
+        )
+    }))
+}
+
+/// Removes a job inserted by this same transaction (its order refused it).
+async fn delete_new_job(conn: &mut PgConnection, refund_no: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM jobs WHERE refund_no = $1 AND state = 'received' AND attempt = 0")
+        .bind(refund_no)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Appends the job's first history row (intake → received).
+async fn insert_intake_history(conn: &mut PgConnection, refund_no: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
+         VALUES ($1, NULL, 'received', 0, 'intake')",
+    )
+    .bind(refund_no)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The stored content hash and state of an existing job.
+async fn existing(conn: &mut PgConnection, refund_no: &str) -> Result<(Vec<u8>, State), StoreError> {
+    let row = sqlx::query("SELECT content_hash, state FROM jobs WHERE refund_no = $1")
+        .bind(refund_no)
+        .fetch_one(&mut *conn)
+        .await?;
+    let state: String = row.try_get("state")?;
+    Ok((
+        row.try_get("content_hash")?,
+        state.parse().map_err(StoreError::Corrupt)?,
+    ))
+}
+
+/// Whether a job with this `refund_no` exists.
+async fn job_exists(conn: &mut PgConnection, refund_no: &str) -> Result<bool, StoreError> {
+    Ok(sqlx::query("SELECT 1 FROM jobs WHERE refund_no = $1")
+        .bind(refund_no)
+        .fetch_optional(&mut *conn)
+        .await?
+        .is_some())
+}
+
+/// Stores a rejected or conflicting message with its raw bytes; true the first time these
+/// bytes are seen. A redelivery updates `last_seen_at` only; a new publish of identical bytes
+/// also counts an occurrence.
+async fn store_rejection(
+    conn: &mut PgConnection,
+    msg: &Incoming<'_>,
+    kind: &str,
+    refund_no: Option<&str>,
+    rejection: &Rejection,
+) -> Result<bool, StoreError> {
+    let sha: [u8; 32] = Sha256::digest(msg.body).into();
+    let row = sqlx::query(
+        "INSERT INTO rejected_messages (kind, refund_no, field, reason, body, body_sha256, message_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (body_sha256) DO UPDATE
+             SET last_seen_at = now(),
+                 occurrences = rejected_messages.occurrences + CASE WHEN $8 THEN 0 ELSE 1 END
+         RETURNING (xmax = 0) AS inserted",
+    )
+    .bind(kind)
+    .bind(refund_no)
+    .bind(&rejection.field)
+    .bind(&rejection.reason)
+    .bind(msg.body)
+    .bind(sha.as_slice())
+    .bind(msg.message_id)
+    .bind(msg.redelivered)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(row.try_get("inserted")?)
+}

@@ -1,0 +1,482 @@
+//! Claims, transitions and outcomes: the writes of a job's life.
+//!
+//! A claim moves a job to `in_flight`, increments its attempt (the fencing token) and sets a
+//! lease from the database clock, so every worker agrees on when it ends. Every later write for
+//! that attempt is conditional on the attempt still being the job's, so a worker that stalled
+//! past its lease cannot overwrite a newer attempt's result; its provider call is still kept in
+//! `provider_attempts` (marked `fenced`), because a paid refund must never go unrecorded.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::StoreError;
+use crate::events::{EventKind, OutcomeEvent, format_time};
+use crate::job::RefundRequest;
+use crate::provider::{AttemptRecord, Outcome};
+use crate::state::{self, Cause, State, Trigger};
+use crate::workflow::Decision;
+
+/// A job a worker holds: what to send and the attempt that fences its writes.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub refund_no: String,
+    pub attempt: i32,
+    pub request: RefundRequest,
+    pub created_at: DateTime<Utc>,
+    pub lease_until: DateTime<Utc>,
+}
+
+/// A state change to make, checked against [`state::TRANSITIONS`].
+#[derive(Debug, Clone)]
+pub struct Change<'a> {
+    pub refund_no: &'a str,
+    pub trigger: Trigger,
+    pub to: State,
+    /// Fencing: only apply if the job is still at this attempt.
+    pub attempt: Option<i32>,
+    pub actor: &'a str,
+    pub cause: Option<&'a str>,
+    pub retry_in: Option<Duration>,
+    pub code: Option<&'a str>,
+    pub message: Option<&'a str>,
+    pub provider_refund_id: Option<&'a str>,
+    pub settlement_refund_fee: Option<i64>,
+    pub detail: Option<serde_json::Value>,
+}
+
+impl<'a> Change<'a> {
+    pub fn new(refund_no: &'a str, trigger: Trigger, to: State, actor: &'a str) -> Self {
+        Self {
+            refund_no,
+            trigger,
+            to,
+            attempt: None,
+            actor,
+            cause: None,
+            retry_in: None,
+            code: None,
+            message: None,
+            provider_refund_id: None,
+            settlement_refund_fee: None,
+            detail: None,
+        }
+    }
+}
+
+/// The job as it is after a transition.
+#[derive(Debug, Clone)]
+pub struct Transitioned {
+    pub refund_no: String,
+    pub from: State,
+    pub to: State,
+    pub attempt: i32,
+    pub order_no: String,
+    pub provider: String,
+    pub merchant: String,
+    pub refund_fee: i64,
+    pub settlement_refund_fee: Option<i64>,
+    pub provider_refund_id: Option<String>,
+    pub code: Option<String>,
+    pub message: Option<String>,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Claims jobs that are `received`, or `retry_wait` and due, for one attempt each.
+pub async fn claim(
+    pool: &PgPool,
+    refund_nos: &[String],
+    lease: Duration,
+    actor: &str,
+) -> Result<Vec<Claimed>, StoreError> {
+    let rows = sqlx::query(
+        "WITH prev AS (
+             SELECT refund_no, state FROM jobs
+             WHERE refund_no = ANY($1) AND state IN ('received', 'retry_wait')
+               AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+             FOR UPDATE SKIP LOCKED
+         ), upd AS (
+             UPDATE jobs j SET state = 'in_flight', attempt = j.attempt + 1,
+                    lease_until = now() + $2 * interval '1 millisecond',
+                    next_attempt_at = NULL, updated_at = now()
+             FROM prev WHERE j.refund_no = prev.refund_no
+             RETURNING j.refund_no, prev.state AS from_state, j.attempt, j.request,
+                       j.created_at, j.lease_until
+         ), hist AS (
+             INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
+             SELECT refund_no, from_state, 'in_flight', attempt, $3 FROM upd
+         )
+         SELECT refund_no, attempt, request, created_at, lease_until FROM upd",
+    )
+    .bind(refund_nos)
+    .bind(millis(lease))
+    .bind(actor)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            let request: serde_json::Value = r.try_get("request")?;
+            Ok(Claimed {
+                refund_no: r.try_get("refund_no")?,
+                attempt: r.try_get("attempt")?,
+                request: serde_json::from_value(request)
+                    .map_err(|e| StoreError::Corrupt(format!("jobs.request: {e}")))?,
+                created_at: r.try_get("created_at")?,
+                lease_until: r.try_get("lease_until")?,
+            })
+        })
+        .collect()
+}
+
+/// Applies one allowed transition with its history row; `None` if the job was not in a source
+/// state (or not at the fencing attempt).
+pub async fn transition(
+    conn: &mut PgConnection,
+    change: &Change<'_>,
+) -> Result<Option<Transitioned>, StoreError> {
+    let sources: Vec<&str> = state::sources(change.trigger, change.to)
+        .into_iter()
+        .map(State::as_str)
+        .collect();
+    if sources.is_empty() {
+        return Err(StoreError::IllegalTransition {
+            from: change.to,
+            to: change.to,
+            trigger: change.trigger,
+        });
+    }
+    let row = sqlx::query(
+        "WITH prev AS (
+             SELECT refund_no, state FROM jobs
+             WHERE refund_no = $1 AND state = ANY($2) AND ($3::int IS NULL OR attempt = $3)
+             FOR UPDATE
+         ), upd AS (
+             UPDATE jobs j SET state = $4, cause = $5, lease_until = NULL,
+                    next_attempt_at = CASE WHEN $6::bigint IS NULL THEN NULL
+                                           ELSE now() + $6 * interval '1 millisecond' END,
+                    last_code = $7, last_message = $8,
+                    provider_refund_id = COALESCE($9, j.provider_refund_id),
+                    settlement_refund_fee = COALESCE($10, j.settlement_refund_fee),
+                    updated_at = now()
+             FROM prev WHERE j.refund_no = prev.refund_no
+             RETURNING j.refund_no, prev.state AS from_state, j.attempt, j.order_no, j.provider,
+                       j.merchant, j.refund_fee, j.settlement_refund_fee, j.provider_refund_id,
+                       j.last_code, j.last_message
+         ), hist AS (
+             INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor, cause, detail)
+             SELECT refund_no, from_state, $4, attempt, $11, $5, $12 FROM upd
+         )
+         SELECT * FROM upd",
+    )
+    .bind(change.refund_no)
+    .bind(&sources)
+    .bind(change.attempt)
+    .bind(change.to.as_str())
+    .bind(change.cause)
+    .bind(change.retry_in.map(millis))
+    .bind(change.code)
+    .bind(change.message)
+    .bind(change.provider_refund_id)
+    .bind(change.settlement_refund_fee)
+    .bind(change.actor)
+    .bind(&change.detail)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    let from: String = r.try_get("from_state")?;
+    let from = from.parse::<State>().map_err(StoreError::Corrupt)?;
+    if !state::allowed(from, change.to, change.trigger) {
+        return Err(StoreError::IllegalTransition {
+            from,
+            to: change.to,
+            trigger: change.trigger,
+        });
+    }
+    Ok(Some(Transitioned {
+        refund_no: r.try_get("refund_no")?,
+        from,
+        to: change.to,
+        attempt: r.try_get("attempt")?,
+        order_no: r.try_get("order_no")?,
+        provider: r.try_get("provider")?,
+        merchant: r.try_get("merchant")?,
+        refund_fee: r.try_get("refund_fee")?,
+        settlement_refund_fee: r.try_get("settlement_refund_fee")?,
+        provider_refund_id: r.try_get("provider_refund_id")?,
+        code: r.try_get("last_code")?,
+        message: r.try_get("last_message")?,
+    }))
+}
+
+/// Appends the record of one provider call.
+pub async fn insert_attempt(
+    conn: &mut PgConnection,
+    claimed: &Claimed,
+    rec: &AttemptRecord,
+    fenced: bool,
+) -> Result<(), StoreError> {
+    let (prid, fee, settle, coupon) = match &rec.outcome {
+        Outcome::Accepted {
+            provider_refund_id,
+            refund_fee,
+            settlement_refund_fee,
+            coupon_refund_fee,
+            ..
+        } => (
+            Some(provider_refund_id.as_str()),
+            Some(*refund_fee),
+            Some(*settlement_refund_fee),
+            Some(*coupon_refund_fee),
+        ),
+        _ => (None, None, None, None),
+    };
+    sqlx::query(
+        "INSERT INTO provider_attempts (refund_no, attempt, provider, merchant, outcome, code,
+             message, http_status, request, response, latency_us, provider_refund_id, refund_fee,
+             settlement_refund_fee, coupon_refund_fee, fenced)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+    )
+    .bind(&claimed.refund_no)
+    .bind(claimed.attempt)
+    .bind(claimed.request.provider.as_str())
+    .bind(&claimed.request.merchant)
+    .bind(rec.outcome.class())
+    .bind(rec.outcome.code())
+    .bind(rec.outcome.message())
+    .bind(rec.http_status.map(i32::from))
+    .bind(&rec.request_redacted)
+    .bind(rec.outcome.raw())
+    .bind(i64::try_from(rec.latency.as_micros()).unwrap_or(i64::MAX))
+    .bind(prid)
+    .bind(fee)
+    .bind(settle)
+    .bind(coupon)
+    .bind(fenced)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Appends the ledger entry of a succeeded refund, dated in the business time zone.
+pub async fn insert_ledger_entry(
+    conn: &mut PgConnection,
+    t: &Transitioned,
+    refund_fee: i64,
+    settlement_refund_fee: i64,
+    source: &str,
+    tz: chrono_tz::Tz,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO ledger (refund_no, entry_kind, provider, merchant, provider_refund_id,
+             refund_fee, settlement_refund_fee, business_date, source)
+         VALUES ($1, 'refund', $2, $3, $4, $5, $6, (now() AT TIME ZONE $7)::date, $8)",
+    )
+    .bind(&t.refund_no)
+    .bind(&t.provider)
+    .bind(&t.merchant)
+    .bind(&t.provider_refund_id)
+    .bind(refund_fee)
+    .bind(settlement_refund_fee)
+    .bind(tz.name())
+    .bind(source)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Gives a definitively failed refund's amount back to its order's cumulative cap.
+pub async fn release_order_amount(
+    conn: &mut PgConnection,
+    order_no: &str,
+    amount: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE orders SET committed_fee = committed_fee - $2 WHERE order_no = $1")
+        .bind(order_no)
+        .bind(amount)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Writes the outcome event of a transition to the outbox.
+pub async fn insert_event(
+    conn: &mut PgConnection,
+    kind: EventKind,
+    t: &Transitioned,
+    tz: chrono_tz::Tz,
+) -> Result<(), StoreError> {
+    let event = OutcomeEvent {
+        version: 1,
+        event: kind,
+        refund_no: t.refund_no.clone(),
+        order_no: Some(t.order_no.clone()),
+        provider: Some(t.provider.clone()),
+        merchant: Some(t.merchant.clone()),
+        state: t.to,
+        refund_fee: Some(t.refund_fee),
+        settlement_refund_fee: t.settlement_refund_fee.filter(|_| t.to == State::Succeeded),
+        provider_refund_id: t
+            .provider_refund_id
+            .clone()
+            .filter(|_| t.to == State::Succeeded),
+        error_code: t.code.clone().filter(|_| t.to != State::Succeeded),
+        error_message: t.message.clone().filter(|_| t.to != State::Succeeded),
+        attempts: t.attempt,
+        occurred_at: format_time(Utc::now(), tz),
+    };
+    super::outbox::insert(conn, &event).await
+}
+
+/// How an outcome was recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// The job moved to this state.
+    Applied(State),
+    /// The job had moved on (lease expired, newer attempt): only the attempt was kept.
+    Fenced,
+}
+
+/// Records a provider call and the decision taken on it — attempt row, transition, ledger
+/// entry, order release and event — in one transaction, fenced on the claiming attempt.
+pub async fn record_outcome(
+    pool: &PgPool,
+    claimed: &Claimed,
+    rec: &AttemptRecord,
+    decision: &Decision,
+    actor: &str,
+    tz: chrono_tz::Tz,
+) -> Result<Recorded, StoreError> {
+    let mut tx = pool.begin().await?;
+    let (trigger, to, cause, retry_in) = match decision {
+        Decision::Succeed => (Trigger::Accepted, State::Succeeded, None, None),
+        Decision::Fail => (Trigger::Declined, State::Failed, None, None),
+        Decision::Retry { after } => (
+            Trigger::RetryScheduled,
+            State::RetryWait,
+            None,
+            Some(*after),
+        ),
+        Decision::Dead { cause } => (Trigger::Died, State::Dead, Some(*cause), None),
+    };
+    let (prid, fees) = match &rec.outcome {
+        Outcome::Accepted {
+            provider_refund_id,
+            refund_fee,
+            settlement_refund_fee,
+            ..
+        } => (
+            Some(provider_refund_id.as_str()),
+            Some((*refund_fee, *settlement_refund_fee)),
+        ),
+        _ => (None, None),
+    };
+    let change = Change {
+        attempt: Some(claimed.attempt),
+        cause: cause.map(Cause::as_str),
+        retry_in,
+        code: rec.outcome.code(),
+        message: rec.outcome.message(),
+        provider_refund_id: prid,
+        settlement_refund_fee: fees.map(|f| f.1),
+        detail: Some(serde_json::json!({ "outcome": rec.outcome.class() })),
+        ..Change::new(&claimed.refund_no, trigger, to, actor)
+    };
+    let Some(t) = transition(&mut tx, &change).await? else {
+        insert_attempt(&mut tx, claimed, rec, true).await?;
+        tx.commit().await?;
+        return Ok(Recorded::Fenced);
+    };
+    insert_attempt(&mut tx, claimed, rec, false).await?;
+    match (to, fees) {
+        (State::Succeeded, Some((fee, settle))) => {
+            insert_ledger_entry(&mut tx, &t, fee, settle, "provider", tz).await?;
+        }
+        (State::Failed, _) => release_order_amount(&mut tx, &t.order_no, t.refund_fee).await?,
+        _ => {}
+    }
+    if let Some(kind) = EventKind::for_state(to) {
+        insert_event(&mut tx, kind, &t, tz).await?;
+    }
+    tx.commit().await?;
+    Ok(Recorded::Applied(to))
+}
+
+/// Gives a claim back without a call (too little lease left to send safely).
+pub async fn release(pool: &PgPool, claimed: &Claimed, actor: &str) -> Result<bool, StoreError> {
+    let mut conn = pool.acquire().await?;
+    let change = Change {
+        attempt: Some(claimed.attempt),
+        retry_in: Some(Duration::ZERO),
+        detail: Some(serde_json::json!({ "reason": "lease too short to send" })),
+        ..Change::new(&claimed.refund_no, Trigger::Released, State::RetryWait, actor)
+    };
+    Ok(transition(&mut conn, &change).await?.is_some())
+}
+
+/// Moves a job that cannot be called to `dead` with a cause (and its event).
+pub async fn kill(
+    pool: &PgPool,
+    refund_no: &str,
+    attempt: Option<i32>,
+    cause: Cause,
+    message: &str,
+    actor: &str,
+    tz: chrono_tz::Tz,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let change = Change {
+        attempt,
+        cause: Some(cause.as_str()),
+        message: Some(message),
+        ..Change::new(refund_no, Trigger::Died, State::Dead, actor)
+    };
+    let Some(t) = transition(&mut tx, &change).await? else {
+        return Ok(false);
+    };
+    insert_event(&mut tx, EventKind::Dead, &t, tz).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Takes back a job whose lease ran out: to `retry_wait` (due now) when the merchant is
+/// idempotent, else to `dead`/`outcome_unknown`, since the call may have gone out.
+pub async fn expire_lease(
+    pool: &PgPool,
+    refund_no: &str,
+    attempt: i32,
+    idempotent: bool,
+    actor: &str,
+    tz: chrono_tz::Tz,
+) -> Result<Option<State>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let message = "lease expired: the worker died or stalled during the attempt";
+    let change = if idempotent {
+        Change {
+            attempt: Some(attempt),
+            retry_in: Some(Duration::ZERO),
+            code: Some("LEASE_EXPIRED"),
+            message: Some(message),
+            ..Change::new(refund_no, Trigger::LeaseExpired, State::RetryWait, actor)
+        }
+    } else {
+        Change {
+            attempt: Some(attempt),
+            cause: Some(Cause::OutcomeUnknown.as_str()),
+            code: Some("LEASE_EXPIRED"),
+            message: Some(message),
+            ..Change::new(refund_no, Trigger::LeaseExpired, State::Dead, actor)
+        }
+    };
+    let Some(t) = transition(&mut tx, &change).await? else {
+        return Ok(None);
+    };
+    if t.to == State::Dead {
+        insert_event(&mut tx, EventKind::Dead, &t, tz).await?;
+    }
+    tx.commit().await?;
+    Ok(Some(t.to))
+}

@@ -1,0 +1,85 @@
+//! Postgres: the source of truth for every job, attempt, ledger entry and event.
+//!
+//! This module owns every query the system runs. Queries are short functions with a one-line
+//! doc, grouped by the part of the system that needs them: [`intake`] (turning messages into
+//! jobs, duplicates, conflicts and rejections), [`jobs`] (claims with leases and fencing, and
+//! recording outcomes with ledger and outbox in one transaction), [`sweep`] (expired leases,
+//! due retries, orphans, stuck jobs), [`outbox`] (the relay's reads and deletes) and [`ops`]
+//! (what operators read and do). Every state change goes through [`jobs::transition`], which
+//! checks it against [`crate::state::TRANSITIONS`] and appends the history row in the same
+//! transaction.
+
+pub mod intake;
+pub mod jobs;
+pub mod ops;
+pub mod outbox;
+pub mod sweep;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::config::Config;
+
+/// The schema migrations, embedded in every binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("transition {from} -> {to} by {trigger:?} is not allowed")]
+    IllegalTransition {
+        from: crate::state::State,
+        to: crate::state::State,
+        trigger: crate::state::Trigger,
+    },
+}
+
+impl StoreError {
+    /// Whether the failure is the connection's rather than the query's: worth retrying.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Db(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+                    | sqlx::Error::Protocol(_)
+            ) || e
+                .as_database_error()
+                .and_then(|d| d.code())
+                // 40001 serialization failure, 40P01 deadlock, 57P01 admin shutdown,
+                // 08xxx connection exceptions.
+                .is_some_and(|c| c == "40001" || c == "40P01" || c == "57P01" || c.starts_with("08")),
+            _ => false,
+        }
+    }
+}
+
+/// Opens a pool on `database_url` with the configured limits.
+pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
+    let options: PgConnectOptions = config
+        .database_url
+        .parse::<PgConnectOptions>()?
+        .application_name("refunds");
+    let pool = PgPoolOptions::new()
+        .max_connections(config.database.max_connections)
+        .acquire_timeout(Duration::from_millis(config.database.acquire_timeout_ms))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Applies pending migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! The refund workflow's decision: what a provider outcome means for the job.
+//!
+//! This module owns the policy half of DESIGN §4–§5, as a pure function ([`decide`]) that the
+//! worker applies after every call, so each rule — never retry a Declined, never resend a
+//! maybe-delivered request to a non-idempotent merchant, give up after the configured attempts
+//! or age — is stated once and tested without a database or a network. [`RetryPolicy`] computes
+//! backoff delays: exponential, capped, with full jitter so that a provider outage does not
+//! bring every job back at the same instant.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::config::RetryConfig;
+use crate::provider::Outcome;
+use crate::state::Cause;
+
+/// Exponential backoff with full jitter, bounded by attempts and age.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    initial: Duration,
+    cap: Duration,
+    multiplier: u32,
+    max_attempts: i32,
+    max_age: Duration,
+}
+
+impl RetryPolicy {
+    pub fn new(initial: Duration, cap: Duration) -> Self {
+        Self {
+            initial,
+            cap,
+            multiplier: 2,
+            max_attempts: 8,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    pub fn multiplier(mut self, m: u32) -> Self {
+        self.multiplier = m.max(1);
+        self
+    }
+
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = age;
+        self
+    }
+
+    pub fn from_config(c: &RetryConfig) -> Self {
+        Self::new(
+            Duration::from_millis(c.initial_delay_ms),
+            Duration::from_millis(c.max_delay_ms),
+        )
+        .multiplier(c.multiplier)
+        .max_attempts(c.max_attempts)
+        .max_age(Duration::from_millis(c.max_age_ms))
+    }
+
+    /// The ceiling of the delay after `attempt` failed calls (1-based), before jitter.
+    pub fn ceiling(&self, attempt: i32) -> Duration {
+        let exp = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0);
+        let factor = self.multiplier.checked_pow(exp).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.cap)
+    }
+
+    /// Full jitter: uniform in `[0, ceiling]`.
+    pub fn delay(&self, attempt: i32, rng: &mut impl Rng) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(rng.random_range(0..=ms))
+    }
+
+    /// Whether another call is allowed after `attempt` calls on a job of this age.
+    pub fn may_retry(&self, attempt: i32, age: Duration) -> bool {
+        attempt < self.max_attempts && age < self.max_age
+    }
+}
+
+/// What the job does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Book it: `succeeded`, ledger entry, event.
+    Succeed,
+    /// Definitive FAIL: `failed`, event; never called again.
+    Fail,
+    /// Try again after this delay (`retry_wait`).
+    Retry { after: Duration },
+    /// Stop: `dead` with this cause, for an operator.
+    Dead { cause: Cause },
+}
+
+/// Decides the next step after a call with `outcome` as attempt number `attempt` of a job that
+/// is `age` old at a merchant that is (or is not) idempotent on `refund_no`.
+pub fn decide(
+    outcome: &Outcome,
+    attempt: i32,
+    age: Duration,
+    idempotent: bool,
+    policy: &RetryPolicy,
+    rng: &mut impl Rng,
+) -> Decision {
+    let retry = |rng: &mut _| {
+        if policy.may_retry(attempt, age) {
+            Decision::Retry {
+                after: policy.delay(attempt, rng),
+            }
+        } else {
+            Decision::Dead {
+                cause: Cause::RetriesExhausted,
+            }
+        }
+    };
+    match outcome {
+        Outcome::Accepted { .. } => Decision::Succeed,
+        Outcome::Declined { .. } => Decision::Fail,
+        Outcome::RequestRejected { .. } => Decision::Dead {
+            cause: Cause::ProviderRejectedRequest,
+        },
+        Outcome::Unrecognised { .. } => Decision::Dead {
+            cause: Cause::OutcomeUnknown,
+        },
+        Outcome::MaybeDelivered { .. } if !idempotent => Decision::Dead {
+            cause: Cause::OutcomeUnknown,
+        },
+        Outcome::RetryLater { .. } | Outcome::NotSent { .. } | Outcome::MaybeDelivered { .. } => {
+            retry(rng)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy::new(Duration::from_millis(100), Duration::from_secs(5))
+            .max_attempts(4)
+            .max_age(Duration::from_secs(60))
+    }
+
+    fn maybe() -> Outcome {
+        Outcome::MaybeDelivered {
+            error: "timeout".into(),
+            raw: None,
+        }
+    }
+
+    #[test]
+    fn a_declined_refund_is_failed_the_first_time_and_never_retried() {
+        let o = Outcome::Declined {
+            code: "NOTENOUGH".into(),
+            message: String::new(),
+            raw: String::new(),
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        for attempt in 1..10 {
+            assert_eq!(
+                decide(&o, attempt, Duration::ZERO, true, &policy(), &mut rng),
+                Decision::Fail
+            );
+        }
+    }
+
+    #[test]
+    fn a_maybe_delivered_call_is_retried_only_at_an_idempotent_merchant() {
+        let mut rng = StdRng::seed_from_u64(1);
+        assert!(matches!(
+            decide(&maybe(), 1, Duration::ZERO, true, &policy(), &mut rng),
+            Decision::Retry { .. }
+        ));
+        assert_eq!(
+            decide(&maybe(), 1, Duration::ZERO, false, &policy(), &mut rng),
+            Decision::Dead {
+                cause: Cause::OutcomeUnknown
+            }
+        );
+    }
+
+    #[test]
+    fn not_sent_and_retry_later_are_retried_even_at_a_non_idempotent_merchant() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for o in [
+            Outcome::NotSent {
+                error: "refused".into(),
+            },
+            Outcome::RetryLater {
+                code: "SYSTEMERROR".into(),
+                message: String::new(),
+                raw: String::new(),
+            },
+        ] {
+            assert!(matches!(
+                decide(&o, 1, Duration::ZERO, false, &policy(), &mut rng),
+                Decision::Retry { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn retries_stop_at_the_attempt_limit_and_at_the_age_limit() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let dead = Decision::Dead {
+            cause: Cause::RetriesExhausted,
+        };
+        assert_eq!(
+            decide(&maybe(), 4, Duration::ZERO, true, &policy(), &mut rng),
+            dead
+        );
+        assert_eq!(
+            decide(&maybe(), 1, Duration::from_secs(61), true, &policy(), &mut rng),
+            dead
+        );
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_to_its_cap_and_jitter_stays_below_the_ceiling() {
+        let p = policy();
+        assert_eq!(p.ceiling(1), Duration::from_millis(100));
+        assert_eq!(p.ceiling(3), Duration::from_millis(400));
+        assert_eq!(p.ceiling(30), Duration::from_secs(5));
+        assert_eq!(p.ceiling(i32::MAX), Duration::from_secs(5));
+        let mut rng = StdRng::seed_from_u64(7);
+        let delays: Vec<_> = (0..200).map(|_| p.delay(3, &mut rng)).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(400)));
+        assert!(delays.iter().any(|d| *d < Duration::from_millis(200)));
+        assert!(delays.iter().any(|d| *d > Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn request_rejected_and_unrecognised_results_go_to_an_operator() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let rr = Outcome::RequestRejected {
+            code: "SIGN_ERROR".into(),
+            message: String::new(),
+            raw: String::new(),
+        };
+        assert_eq!(
+            decide(&rr, 1, Duration::ZERO, true, &policy(), &mut rng),
+            Decision::Dead {
+                cause: Cause::ProviderRejectedRequest
+            }
+        );
+        let un = Outcome::Unrecognised {
+            result: "PENDING".into(),
+            raw: String::new(),
+        };
+        assert_eq!(
+            decide(&un, 1, Duration::ZERO, true, &policy(), &mut rng),
+            Decision::Dead {
+                cause: Cause::OutcomeUnknown
+            }
+        );
+    }
+}

@@ -1,0 +1,896 @@
+//! The HTTP server: connections, routing, fault application and the `/_sim/` control API.
+//!
+//! Connections are served with hyper directly rather than through a framework because the
+//! transport faults need the raw connection: when the service answers a request with an error,
+//! hyper closes the connection without writing any response, which is how `reset` (plus
+//! `SO_LINGER 0`, so the peer sees a TCP RST), `drop_response` and a timed-out `hang` are done.
+//!
+//! Order of work for a provider call: read the body (capped) → parse enough to identify
+//! provider, merchant, refund and order numbers → pick the fault rule → sleep the latency →
+//! apply a transport fault, or hand over to the provider module (which applies decline,
+//! retry_later and bad_signature itself) → log the call → answer, or drop the answer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue, SERVER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::calls::{CallLog, CallRecord, Outcome};
+use super::clock::Clock;
+use super::config::SimConfig;
+use super::crypto::{self, MerchantKey, PlatformKey};
+use super::faults::{CallKey, FaultAction, FaultEngine, FaultRule};
+use super::ledger::{self, Ledger, PaidRefund};
+use super::wupay::{self, Binding, WuParams};
+use super::{Provider, SimError, shengpay};
+
+/// How long connections get to finish in-flight requests when the simulator shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+const SHENGPAY_PATH: &str = "/api/v1/payment/refund";
+
+pub(crate) struct ShengPayAccount {
+    pub name: String,
+    pub app_id: String,
+    pub mch_id: String,
+    pub key: MerchantKey,
+}
+
+pub(crate) struct WuPayAccount {
+    pub name: String,
+    pub path: String,
+    pub cpn_id: String,
+    pub area: String,
+    pub rfkey: String,
+}
+
+#[derive(Clone, Copy)]
+enum WuEndpoint {
+    /// `{path}`: SOAP 1.1 and 1.2.
+    Service,
+    /// `{path}/Refund`: HTTP POST form and HTTP GET.
+    Refund,
+}
+
+/// What does not change while the simulator runs: keys, merchants, rates, limits.
+pub(crate) struct Settings {
+    pub platform: PlatformKey,
+    pub tz: Tz,
+    pub coupon_rate: f64,
+    pub string_amounts_rate: f64,
+    pub latency_ms: u64,
+    pub hang_max: Duration,
+    pub max_body_bytes: usize,
+    pub shengpay: Vec<ShengPayAccount>,
+    pub wupay: Vec<WuPayAccount>,
+    wupay_routes: HashMap<String, (usize, WuEndpoint)>,
+}
+
+impl Settings {
+    fn load(config: &SimConfig) -> Result<Self, SimError> {
+        config.validate()?;
+        let platform = PlatformKey::new(crypto::load_private_key(&config.platform_private_key_file)?);
+        let shengpay = config
+            .shengpay
+            .merchants
+            .iter()
+            .map(|m| {
+                Ok(ShengPayAccount {
+                    name: m.merchant.clone(),
+                    app_id: m.app_id.clone(),
+                    mch_id: m.mch_id.clone(),
+                    key: MerchantKey::new(crypto::load_public_key(&m.public_key_file)?),
+                })
+            })
+            .collect::<Result<Vec<_>, SimError>>()?;
+        let wupay = config
+            .wupay
+            .merchants
+            .iter()
+            .map(|m| {
+                Ok(WuPayAccount {
+                    name: m.merchant.clone(),
+                    path: m.path.clone(),
+                    cpn_id: m.cpn_id.clone(),
+                    area: m.area.clone(),
+                    rfkey: crypto::load_secret(&m.rfkey_file)?,
+                })
+            })
+            .collect::<Result<Vec<_>, SimError>>()?;
+        let mut wupay_routes = HashMap::new();
+        for (i, m) in wupay.iter().enumerate() {
+            wupay_routes.insert(m.path.clone(), (i, WuEndpoint::Service));
+            wupay_routes.insert(format!("{}/Refund", m.path), (i, WuEndpoint::Refund));
+        }
+        Ok(Settings {
+            platform,
+            tz: config.tz()?,
+            coupon_rate: config.coupon_rate,
+            string_amounts_rate: config.string_amounts_rate,
+            latency_ms: config.latency_ms,
+            hang_max: Duration::from_millis(config.hang_max_ms),
+            max_body_bytes: config.max_body_bytes,
+            shengpay,
+            wupay,
+            wupay_routes,
+        })
+    }
+}
+
+/// Everything the request handlers share.
+pub(crate) struct SimState {
+    pub settings: Settings,
+    pub ledger: Mutex<Ledger>,
+    pub calls: Mutex<CallLog>,
+    pub faults: Mutex<FaultEngine>,
+    pub clock: Clock,
+}
+
+/// Locks a mutex even if a panicking thread poisoned it: every critical section leaves its
+/// data consistent before anything that could panic, and a test fake must keep answering.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A provider module's answer, with what it means for the call log.
+pub(crate) struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: String,
+    pub outcome: Outcome,
+    pub code: Option<String>,
+}
+
+/// Returned by the service to make hyper close the connection without a response.
+#[derive(Debug)]
+struct Abort(&'static str);
+
+impl std::fmt::Display for Abort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connection closed on purpose: {}", self.0)
+    }
+}
+
+impl std::error::Error for Abort {}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+/// Starts simulators.
+pub struct Simulator;
+
+impl Simulator {
+    /// Loads keys, binds `config.listen` and serves until [`SimHandle::shutdown`] (or the handle
+    /// is dropped).
+    pub async fn start(config: SimConfig) -> Result<SimHandle, SimError> {
+        let settings = Settings::load(&config)?;
+        let faults =
+            FaultEngine::new(&config.rules, config.seed).map_err(SimError::Invalid)?;
+        let state = Arc::new(SimState {
+            settings,
+            ledger: Mutex::new(Ledger::new()),
+            calls: Mutex::new(CallLog::new(config.call_log_capacity)),
+            faults: Mutex::new(faults),
+            clock: Clock::default(),
+        });
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let max_connections = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+        let permits = Arc::new(Semaphore::new(max_connections as usize));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(&state),
+            Arc::clone(&permits),
+            shutdown_rx,
+        ));
+        info!(
+            %addr,
+            shengpay_merchants = state.settings.shengpay.len(),
+            wupay_merchants = state.settings.wupay.len(),
+            rules = config.rules.len(),
+            "refund-sim listening"
+        );
+        Ok(SimHandle {
+            addr,
+            state,
+            shutdown,
+            accept: Some(accept),
+            permits,
+            max_connections,
+        })
+    }
+}
+
+/// A running simulator: its address, its evidence (paid list, call log, statement) and its
+/// controls (rules, clock, reset). Dropping it stops the server too.
+pub struct SimHandle {
+    addr: SocketAddr,
+    state: Arc<SimState>,
+    shutdown: watch::Sender<bool>,
+    accept: Option<JoinHandle<()>>,
+    permits: Arc<Semaphore>,
+    max_connections: u32,
+}
+
+impl SimHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, no trailing slash.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The ShengPay refund endpoint.
+    pub fn shengpay_url(&self) -> String {
+        format!("{}{SHENGPAY_PATH}", self.base_url())
+    }
+
+    /// The `.asmx` service address of a WuPay merchant (by our merchant name).
+    pub fn wupay_url(&self, merchant: &str) -> Option<String> {
+        self.state
+            .settings
+            .wupay
+            .iter()
+            .find(|m| m.name == merchant)
+            .map(|m| format!("{}{}", self.base_url(), m.path))
+    }
+
+    /// Every refund paid, in payment order.
+    pub fn paid(&self) -> Vec<PaidRefund> {
+        lock(&self.state.ledger).paid().to_vec()
+    }
+
+    /// Every provider call received (up to `call_log_capacity`, oldest dropped), in order.
+    pub fn calls(&self) -> Vec<CallRecord> {
+        lock(&self.state.calls).records()
+    }
+
+    /// The calls for one refund number.
+    pub fn calls_for(&self, refund_no: &str) -> Vec<CallRecord> {
+        let mut calls = self.calls();
+        calls.retain(|c| c.refund_no.as_deref() == Some(refund_no));
+        calls
+    }
+
+    /// Replaces all fault rules (all or nothing) and restarts their `times` counters.
+    pub fn set_rules(&self, rules: Vec<FaultRule>) -> Result<(), SimError> {
+        lock(&self.state.faults)
+            .replace(&rules)
+            .map_err(SimError::Invalid)
+    }
+
+    pub fn rules(&self) -> Vec<FaultRule> {
+        lock(&self.state.faults).rules()
+    }
+
+    /// Sets the simulator's clock to `now` (it keeps running from there); `None` returns to
+    /// the real clock. Decides `refunded_at` and so the statement's business dates.
+    pub fn set_now(&self, now: Option<DateTime<Utc>>) {
+        self.state.clock.set_now(now);
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.state.clock.now()
+    }
+
+    /// Forgets every payment, order, call and `times` counter; keeps rules and clock.
+    pub fn reset(&self) {
+        reset(&self.state);
+    }
+
+    /// The provider statement CSV for `date` (in `tz`, default the configured time zone).
+    pub fn statement_csv(
+        &self,
+        date: NaiveDate,
+        provider: Option<Provider>,
+        tz: Option<Tz>,
+    ) -> Result<String, SimError> {
+        let tz = tz.unwrap_or(self.state.settings.tz);
+        let rows = lock(&self.state.ledger).statement(date, tz, provider);
+        ledger::statement_csv(&rows, tz).map_err(|e| SimError::Io(e.into()))
+    }
+
+    /// Stops accepting, gives open connections [`SHUTDOWN_GRACE`] to finish, then closes them.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.await;
+        }
+        // Every connection holds a permit until its task ends; all permits back = all closed.
+        let all = self.permits.acquire_many(self.max_connections);
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE * 3, all).await;
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+fn reset(state: &SimState) {
+    lock(&state.ledger).clear();
+    lock(&state.calls).clear();
+    lock(&state.faults).clear_counts();
+}
+
+async fn wait_for_shutdown(rx: &mut watch::Receiver<bool>) {
+    // A dropped sender (the handle is gone) also means shut down.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<SimState>,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = wait_for_shutdown(&mut shutdown) => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = wait_for_shutdown(&mut shutdown) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, state, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<SimState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let reset_flag = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(ConnIo {
+        stream,
+        reset: Arc::clone(&reset_flag),
+    });
+    let service = service_fn(move |req| {
+        let state = Arc::clone(&state);
+        let reset_flag = Arc::clone(&reset_flag);
+        async move { route(state, reset_flag, req).await }
+    });
+    let conn = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "connection ended");
+            }
+        }
+        () = wait_for_shutdown(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await;
+        }
+    }
+}
+
+/// The TCP stream, plus a flag that turns its close into a reset.
+struct ConnIo {
+    stream: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for ConnIo {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::Relaxed) {
+            // Linger 0 makes close() send RST instead of FIN: the client sees "connection
+            // reset", the way a crashed provider or a middlebox looks. Zero linger never blocks.
+            let _ = self.stream.set_zero_linger();
+        }
+    }
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> HttpResponse {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(SERVER, HeaderValue::from_static("refund-sim"));
+    response
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> HttpResponse {
+    match serde_json::to_vec(value) {
+        Ok(body) => respond(status, "application/json", body),
+        Err(e) => error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn error_json(status: StatusCode, message: &str) -> HttpResponse {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+fn query_params(req_query: Option<&str>) -> HashMap<String, String> {
+    url::form_urlencoded::parse(req_query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+/// Reads a whole body, at most `max` bytes. `Ok(Err(response))` is the 413 to send.
+async fn read_body(body: Incoming, max: usize) -> Result<Result<Bytes, HttpResponse>, Abort> {
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(Ok(collected.to_bytes())),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Ok(Err(respond(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "text/plain; charset=utf-8",
+            "request body too large",
+        ))),
+        // The client went away mid-body: nobody to answer.
+        Err(_) => Err(Abort("request body not received")),
+    }
+}
+
+async fn route(
+    state: Arc<SimState>,
+    reset_flag: Arc<AtomicBool>,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, Abort> {
+    let path = req.uri().path().to_owned();
+    if path == "/_sim" || path.starts_with("/_sim/") {
+        return control(&state, req).await;
+    }
+    if path == SHENGPAY_PATH {
+        if req.method() != Method::POST {
+            return Ok(method_not_allowed());
+        }
+        return provider_call(state, reset_flag, req, Route::ShengPay).await;
+    }
+    let Some(&(merchant, endpoint)) = state.settings.wupay_routes.get(&path) else {
+        return Ok(respond(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found",
+        ));
+    };
+    let binding = match (endpoint, req.method()) {
+        (WuEndpoint::Refund, &Method::GET) => Binding::HttpGet,
+        (WuEndpoint::Refund, &Method::POST) => Binding::HttpPost,
+        (WuEndpoint::Service, &Method::POST) => match soap_version(req.headers()) {
+            Some(binding) => binding,
+            None => {
+                return Ok(respond(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "text/plain; charset=utf-8",
+                    "SOAP requests must be text/xml (1.1) or application/soap+xml (1.2)",
+                ));
+            }
+        },
+        (WuEndpoint::Service, &Method::GET) => return Ok(help_page()),
+        _ => return Ok(method_not_allowed()),
+    };
+    provider_call(state, reset_flag, req, Route::WuPay { merchant, binding }).await
+}
+
+fn method_not_allowed() -> HttpResponse {
+    respond(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "text/plain; charset=utf-8",
+        "method not allowed",
+    )
+}
+
+fn help_page() -> HttpResponse {
+    respond(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        "<html><body><h1>WuPay</h1><p>Operation: <b>Refund</b> (refund-sim)</p></body></html>",
+    )
+}
+
+fn media_type(headers: &HeaderMap) -> (String, String) {
+    let value = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (media, params) = value.split_once(';').unwrap_or((value, ""));
+    (media.trim().to_ascii_lowercase(), params.to_owned())
+}
+
+fn soap_version(headers: &HeaderMap) -> Option<Binding> {
+    match media_type(headers).0.as_str() {
+        "text/xml" => Some(Binding::Soap11),
+        "application/soap+xml" => Some(Binding::Soap12),
+        _ => None,
+    }
+}
+
+/// Checks the SOAP action (1.1: the `SOAPAction` header, required; 1.2: the optional `action`
+/// media-type parameter), as ASP.NET dispatches on it.
+fn check_soap_action(headers: &HeaderMap, binding: Binding) -> Result<(), String> {
+    let unquote = |s: &str| s.trim().trim_matches('"').to_owned();
+    let action = match binding {
+        Binding::Soap11 => Some(
+            headers
+                .get("soapaction")
+                .and_then(|v| v.to_str().ok())
+                .map(unquote)
+                .unwrap_or_default(),
+        ),
+        _ => media_type(headers).1.split(';').find_map(|param| {
+            let (key, value) = param.split_once('=')?;
+            (key.trim().eq_ignore_ascii_case("action")).then(|| unquote(value))
+        }),
+    };
+    match action {
+        Some(action) if action != wupay::SOAP_ACTION => Err(format!(
+            "Server did not recognize the value of HTTP Header SOAPAction: {}.",
+            action.chars().filter(|c| !c.is_control()).take(100).collect::<String>()
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Route {
+    ShengPay,
+    WuPay { merchant: usize, binding: Binding },
+}
+
+enum Parsed {
+    ShengPay {
+        request: Result<shengpay::SpRequest, String>,
+        merchant: Option<usize>,
+    },
+    WuPay {
+        merchant: usize,
+        binding: Binding,
+        params: Result<WuParams, String>,
+    },
+}
+
+impl Parsed {
+    fn provider(&self) -> Provider {
+        match self {
+            Parsed::ShengPay { .. } => Provider::ShengPay,
+            Parsed::WuPay { .. } => Provider::WuPay,
+        }
+    }
+
+    fn binding(&self) -> &'static str {
+        match self {
+            Parsed::ShengPay { .. } => "json",
+            Parsed::WuPay { binding, .. } => binding.as_str(),
+        }
+    }
+
+    /// (merchant, refund number, order number) as far as the request tells them.
+    fn identity<'a>(&'a self, state: &'a SimState) -> (Option<&'a str>, Option<&'a str>, Option<&'a str>) {
+        match self {
+            Parsed::ShengPay { request, merchant } => {
+                let merchant = merchant
+                    .and_then(|i| state.settings.shengpay.get(i))
+                    .map(|m| m.name.as_str());
+                match request {
+                    Ok(r) => (merchant, r.text("outRefundNo"), r.text("outTradeNo")),
+                    Err(_) => (merchant, None, None),
+                }
+            }
+            Parsed::WuPay { merchant, params, .. } => {
+                let merchant = state.settings.wupay.get(*merchant).map(|m| m.name.as_str());
+                match params {
+                    Ok(p) => (merchant, p.get("refund_id"), p.get("order_id")),
+                    Err(_) => (merchant, None, None),
+                }
+            }
+        }
+    }
+}
+
+async fn provider_call(
+    state: Arc<SimState>,
+    reset_flag: Arc<AtomicBool>,
+    req: Request<Incoming>,
+    route: Route,
+) -> Result<HttpResponse, Abort> {
+    let arrived = state.clock.now();
+    let (parts, body) = req.into_parts();
+    let body = match route {
+        Route::WuPay {
+            binding: Binding::HttpGet,
+            ..
+        } => Bytes::from(parts.uri.query().unwrap_or("").to_owned()),
+        _ => match read_body(body, state.settings.max_body_bytes).await? {
+            Ok(body) => body,
+            Err(too_large) => return Ok(too_large),
+        },
+    };
+    let parsed = match route {
+        Route::ShengPay => {
+            let request = shengpay::parse(&body);
+            let merchant = request
+                .as_ref()
+                .ok()
+                .and_then(|r| shengpay::find_merchant(&state, r));
+            Parsed::ShengPay { request, merchant }
+        }
+        Route::WuPay { merchant, binding } => {
+            let params = match binding {
+                Binding::HttpGet => wupay::parse_form(&body),
+                Binding::HttpPost => {
+                    let media = media_type(&parts.headers).0;
+                    if media.is_empty() || media == "application/x-www-form-urlencoded" {
+                        wupay::parse_form(&body)
+                    } else {
+                        Err(format!(
+                            "System.InvalidOperationException: Request format is invalid: {}.",
+                            media.chars().filter(|c| !c.is_control()).take(100).collect::<String>()
+                        ))
+                    }
+                }
+                Binding::Soap11 | Binding::Soap12 => check_soap_action(&parts.headers, binding)
+                    .and_then(|()| wupay::parse_soap(&body, binding)),
+            };
+            Parsed::WuPay {
+                merchant,
+                binding,
+                params,
+            }
+        }
+    };
+
+    let (merchant, refund_no, order_no) = parsed.identity(&state);
+    let key = CallKey {
+        provider: parsed.provider(),
+        merchant,
+        refund_no,
+        order_no,
+    };
+    let fired = lock(&state.faults).select(&key);
+    let mut record = CallRecord {
+        seq: 0,
+        at: arrived,
+        provider: key.provider,
+        merchant: merchant.map(str::to_owned),
+        binding: parsed.binding(),
+        refund_no: refund_no.map(str::to_owned),
+        order_no: order_no.map(str::to_owned),
+        outcome: Outcome::None,
+        code: None,
+        fault: fired.as_ref().and_then(|f| f.action),
+        rule: fired.as_ref().map(|f| f.index),
+        latency_ms: state.settings.latency_ms + fired.as_ref().map_or(0, |f| f.latency_ms),
+    };
+    if record.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(record.latency_ms)).await;
+    }
+    debug!(
+        provider = %record.provider,
+        merchant = ?record.merchant,
+        refund_no = ?record.refund_no,
+        fault = ?record.fault,
+        "provider call"
+    );
+
+    match record.fault {
+        Some(FaultAction::Http500) => {
+            lock(&state.calls).push(record);
+            return Ok(respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain; charset=utf-8",
+                "Internal Server Error",
+            ));
+        }
+        Some(FaultAction::Reset) => {
+            lock(&state.calls).push(record);
+            reset_flag.store(true, Ordering::Relaxed);
+            return Err(Abort("reset fault"));
+        }
+        Some(FaultAction::Hang) => {
+            lock(&state.calls).push(record);
+            // Hold the request until the client gives up; past hang_max, close unanswered so
+            // abandoned hangs cannot pile up.
+            tokio::time::sleep(state.settings.hang_max).await;
+            return Err(Abort("hang fault"));
+        }
+        _ => {}
+    }
+
+    let reply = match parsed {
+        Parsed::ShengPay { request, merchant } => {
+            // Signing is CPU work (slow in debug builds): keep it off the async workers.
+            let worker_state = Arc::clone(&state);
+            let fired_for_worker = fired.clone();
+            tokio::task::spawn_blocking(move || {
+                shengpay::process(&worker_state, &request, merchant, fired_for_worker.as_ref())
+            })
+            .await
+            .map_err(|_| Abort("provider handler failed"))?
+        }
+        Parsed::WuPay {
+            merchant,
+            binding,
+            params,
+        } => wupay::process(&state, merchant, binding, &params, fired.as_ref()),
+    };
+    record.outcome = reply.outcome;
+    record.code = reply.code.clone();
+    let drop_response = record.fault == Some(FaultAction::DropResponse);
+    lock(&state.calls).push(record);
+    if drop_response {
+        return Err(Abort("drop_response fault"));
+    }
+    Ok(respond(reply.status, reply.content_type, reply.body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockRequest {
+    /// RFC 3339; `null` returns to the real clock.
+    now: Option<DateTime<Utc>>,
+}
+
+async fn control(state: &SimState, req: Request<Incoming>) -> Result<HttpResponse, Abort> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = query_params(req.uri().query());
+    let body = match read_body(req.into_body(), state.settings.max_body_bytes.max(1 << 20)).await? {
+        Ok(body) => body,
+        Err(too_large) => return Ok(too_large),
+    };
+    let response = match (&method, path.as_str()) {
+        (&Method::GET, "/_sim/health") => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "status": "ok",
+                "paid": lock(&state.ledger).paid().len(),
+                "calls": lock(&state.calls).summary(None, false).total,
+            }),
+        ),
+        (&Method::GET, "/_sim/paid") => json(StatusCode::OK, &lock(&state.ledger).paid()),
+        (&Method::GET, "/_sim/calls") => {
+            let full = matches!(query.get("full").map(String::as_str), Some("1" | "true"));
+            let refund_no = query.get("refund_no").map(String::as_str);
+            json(StatusCode::OK, &lock(&state.calls).summary(refund_no, full))
+        }
+        (&Method::GET, "/_sim/statement") => statement(state, &query),
+        (&Method::POST, "/_sim/reset") => {
+            reset(state);
+            json(StatusCode::OK, &serde_json::json!({ "status": "reset" }))
+        }
+        (&Method::GET, "/_sim/rules") => json(StatusCode::OK, &lock(&state.faults).rules()),
+        (&Method::POST, "/_sim/rules") => match serde_json::from_slice::<Vec<FaultRule>>(&body) {
+            Ok(rules) => match lock(&state.faults).replace(&rules) {
+                Ok(()) => json(StatusCode::OK, &rules),
+                Err(e) => error_json(StatusCode::BAD_REQUEST, &e),
+            },
+            Err(e) => error_json(
+                StatusCode::BAD_REQUEST,
+                &format!("expected a JSON array of rules: {e}"),
+            ),
+        },
+        (&Method::GET, "/_sim/clock") => clock_json(state),
+        (&Method::POST, "/_sim/clock") => match serde_json::from_slice::<ClockRequest>(&body) {
+            Ok(request) => {
+                state.clock.set_now(request.now);
+                clock_json(state)
+            }
+            Err(e) => error_json(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"now\": RFC 3339 or null}}: {e}"),
+            ),
+        },
+        _ => error_json(StatusCode::NOT_FOUND, "unknown control endpoint"),
+    };
+    Ok(response)
+}
+
+fn clock_json(state: &SimState) -> HttpResponse {
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "now": state.clock.now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "offset_ms": state.clock.offset_ms(),
+        }),
+    )
+}
+
+fn statement(state: &SimState, query: &HashMap<String, String>) -> HttpResponse {
+    let Some(date) = query
+        .get("date")
+        .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+    else {
+        return error_json(StatusCode::BAD_REQUEST, "date=YYYY-MM-DD is required");
+    };
+    let provider = match query.get("provider").map(|p| p.parse::<Provider>()).transpose() {
+        Ok(p) => p,
+        Err(e) => return error_json(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let tz = match query.get("tz").map(|t| t.parse::<Tz>()).transpose() {
+        Ok(tz) => tz.unwrap_or(state.settings.tz),
+        Err(_) => return error_json(StatusCode::BAD_REQUEST, "tz must be an IANA time zone"),
+    };
+    let rows = lock(&state.ledger).statement(date, tz, provider);
+    match ledger::statement_csv(&rows, tz) {
+        Ok(csv) => respond(StatusCode::OK, "text/csv; charset=utf-8", csv),
+        Err(e) => error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}

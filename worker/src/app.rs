@@ -1,0 +1,148 @@
+//! Startup and shutdown: builds the shared context, starts every task, and drains on SIGTERM.
+//!
+//! [`run`] is what the binary calls; tests call it too (through `spawn`-style helpers) with
+//! their own config and, where they need one, a fake [`Registry`], so the code under test is
+//! the binary's own startup.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use shared::config::Config;
+use shared::provider::Registry;
+use shared::provider::shengpay::ShengpayClient;
+use shared::provider::wupay::WupayClient;
+use shared::provider::codes::CodeTable;
+use shared::workflow::RetryPolicy;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything the worker's tasks share.
+pub struct Ctx {
+    pub pool: PgPool,
+    pub config: Config,
+    pub registry: Registry,
+    pub tz: chrono_tz::Tz,
+    pub policy: RetryPolicy,
+    /// This process's name in history rows and logs.
+    pub actor: String,
+    /// Free executor slots: a job runs only with a permit, which bounds in-flight calls and
+    /// pushes back on the consumer.
+    pub slots: Arc<Semaphore>,
+    pub jobs: TaskTracker,
+    pub broker_up: AtomicBool,
+    pub shutdown: CancellationToken,
+}
+
+impl Ctx {
+    pub fn broker_up(&self) -> bool {
+        self.broker_up.load(Ordering::Relaxed)
+    }
+
+    pub fn set_broker_up(&self, up: bool) {
+        self.broker_up.store(up, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::BROKER_CONNECTED).set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Whether a (provider, merchant) has a client.
+    pub fn merchant_known(&self, kind: shared::job::ProviderKind, merchant: &str) -> bool {
+        self.registry.contains(kind, merchant)
+    }
+}
+
+/// Builds one client per configured merchant; any merchant whose client cannot be built
+/// (unreadable key, bad key) stops the start with an error naming its config key.
+pub fn build_registry(config: &Config) -> anyhow::Result<Registry> {
+    let http = shared::provider::http::build_client(&config.http)
+        .context("building the HTTP client")?;
+    let mut registry = Registry::default();
+    let codes = CodeTable::shengpay_default().with_overrides(&config.shengpay.codes);
+    for (i, m) in config.shengpay.merchants.iter().enumerate() {
+        let client = ShengpayClient::new(
+            m,
+            &format!("shengpay.merchants[{i}]"),
+            http.clone(),
+            &config.http,
+            codes.clone(),
+        )?;
+        registry.insert(Arc::new(client));
+    }
+    for (i, m) in config.wupay.merchants.iter().enumerate() {
+        let client = WupayClient::new(m, &format!("wupay.merchants[{i}]"), http.clone(), &config.http)?;
+        registry.insert(Arc::new(client));
+    }
+    Ok(registry)
+}
+
+/// Runs the worker until `shutdown` is cancelled, then drains and returns.
+pub async fn run(config: Config, registry: Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tz = config.tz()?;
+    if registry.is_empty() {
+        anyhow::bail!(
+            "no merchant is configured: add [[shengpay.merchants]] or [[wupay.merchants]] to the \
+             config (see README, Configuration)"
+        );
+    }
+    let pool = shared::store::connect(&config)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", config.database_url_redacted()))?;
+    if config.database.migrate_on_start {
+        shared::store::migrate(&pool).await.context("applying migrations")?;
+    }
+    let actor = format!(
+        "worker:{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+        std::process::id()
+    );
+    let ctx = Arc::new(Ctx {
+        pool,
+        policy: RetryPolicy::from_config(&config.worker.retry),
+        slots: Arc::new(Semaphore::new(config.worker.concurrency)),
+        config,
+        registry,
+        tz,
+        actor,
+        jobs: TaskTracker::new(),
+        broker_up: AtomicBool::new(false),
+        shutdown: shutdown.clone(),
+    });
+    let health = crate::health::serve(ctx.clone()).await?;
+    tracing::info!(
+        merchants = ctx.registry.len(),
+        database = %ctx.config.database_url_redacted(),
+        broker = %ctx.config.amqp_url_redacted(),
+        "refund-worker started"
+    );
+    let tasks = TaskTracker::new();
+    let stop_intake = CancellationToken::new();
+    tasks.spawn(crate::consumer::run(ctx.clone(), stop_intake.clone()));
+    tasks.spawn(crate::sweeper::run(ctx.clone()));
+    let stop_relay = CancellationToken::new();
+    tasks.spawn(crate::relay::run(ctx.clone(), stop_relay.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutdown: stopping intake, finishing in-flight jobs");
+    stop_intake.cancel();
+    ctx.jobs.close();
+    let grace = Duration::from_millis(ctx.config.worker.shutdown_grace_ms);
+    if tokio::time::timeout(grace, ctx.jobs.wait()).await.is_err() {
+        tracing::warn!(
+            "shutdown: in-flight jobs did not finish within {} ms; their leases will expire and \
+             the sweeper will take them",
+            grace.as_millis()
+        );
+    }
+    // Let the relay publish what the last jobs wrote before it stops.
+    stop_relay.cancel();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+        tracing::warn!("shutdown: background tasks did not stop within 5 s");
+    }
+    health.abort();
+    ctx.pool.close().await;
+    tracing::info!("refund-worker stopped");
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! Intake: consumes `refunds.requested`, turns each message into its effect, acks after commit.
+//!
+//! Deliveries are taken in small batches (what is already buffered, up to
+//! `worker.intake_batch`) and recorded in one transaction, so the database sees one commit per
+//! batch rather than one per message. Only after that commit is each message acked (or, for a
+//! rejection or conflict, nacked without requeue into the dead-letter exchange). A crash before
+//! the commit leaves nothing behind and the broker redelivers; a crash after it but before the
+//! ack causes a redelivery that intake recognises as a duplicate. The consumer reconnects with
+//! backoff when the broker goes away and reports readiness while disconnected as false.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use shared::store::intake::{self, Incoming, IntakeResult};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Ctx;
+
+/// Consumes until `stop` is cancelled, reconnecting as needed.
+pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
+    let mut backoff = reconnect_backoff();
+    while !stop.is_cancelled() {
+        match consume(&ctx, &stop).await {
+            Ok(()) => break,
+            Err(e) => {
+                ctx.set_broker_up(false);
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost; reconnecting");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    ctx.set_broker_up(false);
+}
+
+/// Backoff for reconnects: 100 ms doubling to 5 s, with jitter, forever.
+pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn consume(ctx: &Arc<Ctx>, stop: &CancellationToken) -> anyhow::Result<()> {
+    let cfg = &ctx.config;
+    let conn = shared::broker::connect(&cfg.amqp_url, &ctx.actor).await?;
+    let channel = conn.create_channel().await?;
+    shared::broker::declare_topology(&channel, &cfg.amqp).await?;
+    channel
+        .basic_qos(cfg.worker.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            cfg.amqp.queue.as_str().into(),
+            ctx.actor.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    ctx.set_broker_up(true);
+    tracing::info!(queue = %cfg.amqp.queue, prefetch = cfg.worker.prefetch, "consuming");
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => {
+                // Unacked deliveries go back to the queue when the channel closes.
+                let _ = channel.close(200, "shutdown".into()).await;
+                let _ = conn.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
+            d = consumer.next() => d,
+        };
+        let Some(first) = first else {
+            anyhow::bail!("consumer was cancelled by the broker");
+        };
+        let mut batch = vec![first?];
+        while batch.len() < cfg.worker.intake_batch {
+            match consumer.next().now_or_never() {
+                Some(Some(d)) => batch.push(d?),
+                Some(None) => break,
+                None => break,
+            }
+        }
+        metrics::gauge!(crate::metrics::PREFETCH_IN_USE).set(batch.len() as f64);
+        take_batch(ctx, batch).await?;
+    }
+}
+
+/// Records a batch, then acks (or dead-letters) each delivery and dispatches new jobs.
+async fn take_batch(ctx: &Arc<Ctx>, batch: Vec<Delivery>) -> anyhow::Result<()> {
+    let results = record_batch(ctx, &batch).await?;
+    for (delivery, result) in batch.iter().zip(&results) {
+        metrics::counter!(crate::metrics::INTAKE, "result" => result.label()).increment(1);
+        if result.is_poison() {
+            if let IntakeResult::Conflict { refund_no } = result {
+                metrics::counter!(crate::metrics::CONFLICTS).increment(1);
+                tracing::error!(refund_no = %refund_no, "conflict: refund_no reused with different content; stored and dead-lettered, never sent");
+            }
+            if let IntakeResult::Rejected { rejection, refund_no } = result {
+                tracing::warn!(refund_no = refund_no.as_deref().unwrap_or(""), field = %rejection.field, reason = %rejection.reason, "message rejected; stored and dead-lettered");
+            }
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    multiple: false,
+                })
+                .await?;
+        } else {
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+    }
+    for result in results {
+        match result {
+            IntakeResult::Created { refund_no } => crate::executor::dispatch(ctx, refund_no).await,
+            IntakeResult::Duplicate {
+                refund_no,
+                state: shared::state::State::Received,
+            } => crate::executor::dispatch(ctx, refund_no).await,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Runs intake for every delivery in one transaction, retrying transient database failures
+/// until they pass or shutdown begins (the deliveries stay unacked meanwhile).
+async fn record_batch(ctx: &Arc<Ctx>, batch: &[Delivery]) -> anyhow::Result<Vec<IntakeResult>> {
+    let mut backoff = reconnect_backoff();
+    loop {
+        match try_record_batch(ctx, batch).await {
+            Ok(r) => return Ok(r),
+            Err(e) => {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "intake transaction failed; retrying");
+                if ctx.shutdown.is_cancelled() {
+                    return Err(e.into());
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+async fn try_record_batch(
+    ctx: &Arc<Ctx>,
+    batch: &[Delivery],
+) -> Result<Vec<IntakeResult>, shared::store::StoreError> {
+    let known = |k, m: &str| ctx.merchant_known(k, m);
+    let mut tx = ctx.pool.begin().await?;
+    let mut out = Vec::with_capacity(batch.len());
+    for d in batch {
+        let msg = Incoming {
+            body: &d.data,
+            message_id: d.properties.message_id().as_ref().map(|s| s.as_str()),
+            redelivered: d.redelivered,
+        };
+        out.push(intake::take(&mut tx, &msg, &known, ctx.tz).await?);
+    }
+    tx.commit().await?;
+    Ok(out)
+}

@@ -1,0 +1,179 @@
+//! Running one job: claim, lease check, provider call, decision, record.
+//!
+//! A job runs only while it holds an executor slot (bounding in-flight calls) and a claim
+//! (bounding who may call the provider for it: one attempt at a time, fenced by the attempt
+//! number). The lease is checked against a local monotonic deadline started *before* the claim
+//! was requested, which is never later than the database's `lease_until`, so the check needs no
+//! extra round trip. No transaction is held across the HTTP call. Short retries wait here;
+//! longer ones go back to Postgres for the sweeper.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use shared::provider::{Outcome, RefundCall};
+use shared::state::{Cause, State};
+use shared::store::StoreError;
+use shared::store::jobs::{self, Claimed, Recorded};
+use shared::workflow::{Decision, decide};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+
+use crate::app::Ctx;
+
+/// Runs a job when a slot is free (waits for one: this is the consumer's backpressure).
+pub async fn dispatch(ctx: &Arc<Ctx>, refund_no: String) {
+    let Ok(permit) = ctx.slots.clone().acquire_owned().await else {
+        return;
+    };
+    spawn(ctx, refund_no, permit);
+}
+
+/// Runs a job in the background with an already-held slot.
+pub fn spawn(ctx: &Arc<Ctx>, refund_no: String, permit: OwnedSemaphorePermit) {
+    let ctx2 = ctx.clone();
+    ctx.jobs.spawn(async move {
+        let _permit = permit;
+        metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
+        if let Err(e) = run(&ctx2, &refund_no).await {
+            tracing::error!(refund_no = %refund_no, error = %e, "job run failed; the sweeper will pick it up");
+        }
+        metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
+    });
+}
+
+/// Claims and calls until the job is final, dead, fenced, or waiting for a later retry.
+pub async fn run(ctx: &Arc<Ctx>, refund_no: &str) -> Result<(), StoreError> {
+    let lease = ctx.config.worker.lease();
+    let margin = Duration::from_millis(ctx.config.worker.lease_margin_ms);
+    loop {
+        let started = Instant::now();
+        let claimed = jobs::claim(&ctx.pool, &[refund_no.to_owned()], lease, &ctx.actor).await?;
+        let Some(claimed) = claimed.into_iter().next() else {
+            // Final, dead, not yet due, or another worker has it.
+            return Ok(());
+        };
+        crate::metrics::transition("claimable", State::InFlight.as_str());
+        let span = tracing::info_span!(
+            "job",
+            refund_no = %claimed.refund_no,
+            provider = %claimed.request.provider,
+            merchant = %claimed.request.merchant,
+            attempt = claimed.attempt
+        );
+        let next = attempt(ctx, claimed, started, lease, margin)
+            .instrument(span)
+            .await?;
+        match next {
+            Some(wait) => {
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// One attempt; `Some(wait)` when the job should be tried again here after `wait`.
+async fn attempt(
+    ctx: &Arc<Ctx>,
+    claimed: Claimed,
+    started: Instant,
+    lease: Duration,
+    margin: Duration,
+) -> Result<Option<Duration>, StoreError> {
+    let req = &claimed.request;
+    let Some(client) = ctx.registry.get(req.provider, &req.merchant).cloned() else {
+        tracing::error!("no client is configured for this merchant any more");
+        jobs::kill(
+            &ctx.pool,
+            &claimed.refund_no,
+            Some(claimed.attempt),
+            Cause::MerchantNotConfigured,
+            "no client configured for this merchant",
+            &ctx.actor,
+            ctx.tz,
+        )
+        .await?;
+        return Ok(None);
+    };
+    // The last moment to decide whether to send: past it, the sweeper may already consider the
+    // lease expired and hand the job to someone else.
+    if started.elapsed() + margin >= lease {
+        tracing::warn!("lease nearly over before sending; giving the claim back");
+        jobs::release(&ctx.pool, &claimed, &ctx.actor).await?;
+        return Ok(None);
+    }
+    let rec = client
+        .refund(RefundCall {
+            request: req,
+            attempt: claimed.attempt,
+        })
+        .await;
+    let class = rec.outcome.class();
+    metrics::counter!(crate::metrics::PROVIDER_CALLS, "provider" => req.provider.as_str(), "outcome" => class).increment(1);
+    metrics::histogram!(crate::metrics::PROVIDER_LATENCY, "provider" => req.provider.as_str(), "outcome" => class)
+        .record(rec.latency.as_secs_f64());
+    let age = (chrono::Utc::now() - claimed.created_at)
+        .to_std()
+        .unwrap_or_default();
+    let decision = decide(
+        &rec.outcome,
+        claimed.attempt,
+        age,
+        client.idempotent(),
+        &ctx.policy,
+        &mut rand::rng(),
+    );
+    tracing::info!(
+        outcome = class,
+        code = rec.outcome.code().unwrap_or(""),
+        latency_ms = rec.latency.as_millis() as u64,
+        decision = ?decision,
+        "provider call finished"
+    );
+    let deadline = started + lease;
+    let record = || jobs::record_outcome(&ctx.pool, &claimed, &rec, &decision, &ctx.actor, ctx.tz);
+    let recorded = record
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2))
+                .with_jitter()
+                .without_max_times(),
+        )
+        .when(|e: &StoreError| e.is_transient() && Instant::now() < deadline)
+        .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "recording the outcome failed; retrying"))
+        .await;
+    let recorded = match recorded {
+        Ok(r) => r,
+        Err(e) => {
+            if matches!(rec.outcome, Outcome::Accepted { .. }) {
+                tracing::error!(error = %e, "could not record an accepted refund; the lease will expire and the sweeper decides (resend if idempotent, else outcome_unknown)");
+            }
+            return Err(e);
+        }
+    };
+    match (&recorded, &decision) {
+        (Recorded::Fenced, _) => {
+            metrics::counter!(crate::metrics::FENCED).increment(1);
+            tracing::warn!(outcome = class, "outcome arrived after the job moved on; kept as a fenced attempt");
+            Ok(None)
+        }
+        (Recorded::Applied(to), Decision::Retry { after }) => {
+            crate::metrics::transition(State::InFlight.as_str(), to.as_str());
+            metrics::counter!(crate::metrics::RETRIES, "provider" => req.provider.as_str()).increment(1);
+            let in_process = Duration::from_millis(ctx.config.worker.retry.in_process_max_ms);
+            Ok((*after <= in_process).then_some(*after))
+        }
+        (Recorded::Applied(to), decision) => {
+            crate::metrics::transition(State::InFlight.as_str(), to.as_str());
+            if let Decision::Dead { cause } = decision {
+                metrics::counter!(crate::metrics::DEAD_LETTERS, "cause" => cause.as_str()).increment(1);
+            }
+            Ok(None)
+        }
+    }
+}

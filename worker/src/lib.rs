@@ -1,0 +1,15 @@
+//! `refund-worker`: takes refund requests off RabbitMQ and drives each job to a final state.
+//!
+//! The process is a handful of cooperating tasks around one Postgres pool: the [`consumer`]
+//! (intake: message → job, acked only after commit), the [`executor`] (claim with a lease, call
+//! the provider, record the outcome with ledger and event), the [`sweeper`] (expired leases,
+//! due retries, orphans), the [`relay`] (outbox → `refunds.events` with confirms) and the
+//! [`health`] endpoint (metrics, liveness, readiness). [`app`] wires them and owns shutdown.
+
+pub mod app;
+pub mod consumer;
+pub mod executor;
+pub mod health;
+pub mod metrics;
+pub mod relay;
+pub mod sweeper;
