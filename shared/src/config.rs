@@ -430,9 +430,7 @@ impl Config {
     }
 
     fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
-        let c: Config = fig
-            .extract()
-            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        let c: Config = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
         c.validate()?;
         Ok(c)
     }
@@ -469,7 +467,10 @@ impl Config {
         }
         let w = &self.worker;
         if w.prefetch == 0 {
-            return Err(ConfigError::invalid("worker.prefetch", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "worker.prefetch",
+                "must be at least 1",
+            ));
         }
         if w.concurrency == 0 {
             return Err(ConfigError::invalid(
@@ -537,7 +538,11 @@ impl Config {
                 ));
             }
             check_url(&key("base_url"), &m.base_url)?;
-            for (k, v) in [("app_id", &m.app_id), ("mch_id", &m.mch_id), ("notify_url", &m.notify_url)] {
+            for (k, v) in [
+                ("app_id", &m.app_id),
+                ("mch_id", &m.mch_id),
+                ("notify_url", &m.notify_url),
+            ] {
                 if v.is_empty() {
                     return Err(ConfigError::invalid(key(k), "must not be empty"));
                 }
@@ -643,6 +648,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure type is figment's, not ours
     fn environment_overrides_file_values() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("r.toml", "[worker]\nprefetch = 10\nconcurrency = 3\n")?;

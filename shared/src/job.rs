@@ -49,7 +49,9 @@ impl std::str::FromStr for ProviderKind {
         match s {
             "shengpay" => Ok(ProviderKind::Shengpay),
             "wupay" => Ok(ProviderKind::Wupay),
-            other => Err(format!("unknown provider {other:?} (expected shengpay or wupay)")),
+            other => Err(format!(
+                "unknown provider {other:?} (expected shengpay or wupay)"
+            )),
         }
     }
 }
@@ -256,10 +258,7 @@ impl RefundRequest {
         if self.refund_fee > self.total_fee {
             return Err(Rejection::new(
                 "refund_fee",
-                format!(
-                    "{} exceeds total_fee {}",
-                    self.refund_fee, self.total_fee
-                ),
+                format!("{} exceeds total_fee {}", self.refund_fee, self.total_fee),
             ));
         }
         if let Some(reason) = &self.reason {
@@ -272,10 +271,7 @@ impl RefundRequest {
         }
         match (self.provider, &self.wupay) {
             (ProviderKind::Wupay, None) => {
-                return Err(Rejection::new(
-                    "wupay",
-                    "required when provider is wupay",
-                ));
+                return Err(Rejection::new("wupay", "required when provider is wupay"));
             }
             (_, Some(w)) => {
                 for (name, v) in [
@@ -367,32 +363,64 @@ mod tests {
             (with(|v| v["version"] = 2.into()), "version"),
             (with(|v| v["refund_no"] = "".into()), "refund_no"),
             (with(|v| v["refund_no"] = "R 1".into()), "refund_no"),
-            (with(|v| v["refund_no"] = "R".repeat(33).into()), "refund_no"),
+            (
+                with(|v| v["refund_no"] = "R".repeat(33).into()),
+                "refund_no",
+            ),
             (with(|v| v["order_no"] = "O/1".into()), "order_no"),
             (with(|v| v["provider"] = "paypal".into()), "provider"),
             (with(|v| v["total_fee"] = 0.into()), "total_fee"),
-            (with(|v| v["total_fee"] = 100_000_000_001i64.into()), "total_fee"),
+            (
+                with(|v| v["total_fee"] = 100_000_000_001i64.into()),
+                "total_fee",
+            ),
             (with(|v| v["refund_fee"] = 0.into()), "refund_fee"),
             (with(|v| v["refund_fee"] = 1001.into()), "refund_fee"),
-            (with(|v| v["refund_fee"] = serde_json::json!(1.5)), "refund_fee"),
-            (with(|v| v["refund_fee"] = serde_json::json!(100.0)), "refund_fee"),
+            (
+                with(|v| v["refund_fee"] = serde_json::json!(1.5)),
+                "refund_fee",
+            ),
+            (
+                with(|v| v["refund_fee"] = serde_json::json!(100.0)),
+                "refund_fee",
+            ),
             (with(|v| v["total_fee"] = "1000".into()), "total_fee"),
             (with(|v| v["reason"] = "a\u{7}b".into()), "reason"),
             (with(|v| v["reason"] = "x".repeat(129).into()), "reason"),
-            (with(|v| v["requested_at"] = "yesterday".into()), "requested_at"),
-            (with(|v| v["shengpay"]["refund_account"] = "OTHER".into()), "shengpay.refund_account"),
-            (with(|v| v["shengpay"]["extra"] = 1.into()), "shengpay.extra"),
+            (
+                with(|v| v["requested_at"] = "yesterday".into()),
+                "requested_at",
+            ),
+            (
+                with(|v| v["shengpay"]["refund_account"] = "OTHER".into()),
+                "shengpay.refund_account",
+            ),
+            (
+                with(|v| v["shengpay"]["extra"] = 1.into()),
+                "shengpay.extra",
+            ),
             (with(|v| v["colour"] = "red".into()), "colour"),
             (with(|v| v["provider"] = "wupay".into()), "wupay"),
-            (with(|v| {
-                v["provider"] = "wupay".into();
-                v["wupay"] = serde_json::json!({"pay_nd":"P","auth_type":"1","rec_organ":"S","rec_device":"T"});
-            }), "wupay.rec_man"),
-            (with(|v| {
-                v["provider"] = "wupay".into();
-                v["wupay"] = serde_json::json!({"pay_nd":"P\n","auth_type":"1","rec_organ":"S","rec_device":"T","rec_man":"m"});
-            }), "wupay.pay_nd"),
-            (with(|v| { v.as_object_mut().unwrap().remove("merchant"); }), "merchant"),
+            (
+                with(|v| {
+                    v["provider"] = "wupay".into();
+                    v["wupay"] = serde_json::json!({"pay_nd":"P","auth_type":"1","rec_organ":"S","rec_device":"T"});
+                }),
+                "wupay.rec_man",
+            ),
+            (
+                with(|v| {
+                    v["provider"] = "wupay".into();
+                    v["wupay"] = serde_json::json!({"pay_nd":"P\n","auth_type":"1","rec_organ":"S","rec_device":"T","rec_man":"m"});
+                }),
+                "wupay.pay_nd",
+            ),
+            (
+                with(|v| {
+                    v.as_object_mut().unwrap().remove("merchant");
+                }),
+                "merchant",
+            ),
         ];
         for (body, field) in cases {
             let r = reject(&body);

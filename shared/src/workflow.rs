@@ -214,7 +214,14 @@ mod tests {
             dead
         );
         assert_eq!(
-            decide(&maybe(), 1, Duration::from_secs(61), true, &policy(), &mut rng),
+            decide(
+                &maybe(),
+                1,
+                Duration::from_secs(61),
+                true,
+                &policy(),
+                &mut rng
+            ),
             dead
         );
     }

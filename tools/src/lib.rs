@@ -2,3 +2,4 @@
 //! demo, the integration tests, the fault-injection suite and the benchmark run against.
 
 pub mod sim;
+pub mod testkit;

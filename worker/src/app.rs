@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use shared::config::Config;
 use shared::provider::Registry;
+use shared::provider::codes::CodeTable;
 use shared::provider::shengpay::ShengpayClient;
 use shared::provider::wupay::WupayClient;
-use shared::provider::codes::CodeTable;
 use shared::workflow::RetryPolicy;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
@@ -56,8 +56,8 @@ impl Ctx {
 /// Builds one client per configured merchant; any merchant whose client cannot be built
 /// (unreadable key, bad key) stops the start with an error naming its config key.
 pub fn build_registry(config: &Config) -> anyhow::Result<Registry> {
-    let http = shared::provider::http::build_client(&config.http)
-        .context("building the HTTP client")?;
+    let http =
+        shared::provider::http::build_client(&config.http).context("building the HTTP client")?;
     let mut registry = Registry::default();
     let codes = CodeTable::shengpay_default().with_overrides(&config.shengpay.codes);
     for (i, m) in config.shengpay.merchants.iter().enumerate() {
@@ -71,14 +71,23 @@ pub fn build_registry(config: &Config) -> anyhow::Result<Registry> {
         registry.insert(Arc::new(client));
     }
     for (i, m) in config.wupay.merchants.iter().enumerate() {
-        let client = WupayClient::new(m, &format!("wupay.merchants[{i}]"), http.clone(), &config.http)?;
+        let client = WupayClient::new(
+            m,
+            &format!("wupay.merchants[{i}]"),
+            http.clone(),
+            &config.http,
+        )?;
         registry.insert(Arc::new(client));
     }
     Ok(registry)
 }
 
 /// Runs the worker until `shutdown` is cancelled, then drains and returns.
-pub async fn run(config: Config, registry: Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let tz = config.tz()?;
     if registry.is_empty() {
         anyhow::bail!(
@@ -86,11 +95,16 @@ pub async fn run(config: Config, registry: Registry, shutdown: CancellationToken
              config (see README, Configuration)"
         );
     }
-    let pool = shared::store::connect(&config)
-        .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", config.database_url_redacted()))?;
+    let pool = shared::store::connect(&config).await.with_context(|| {
+        format!(
+            "connecting to PostgreSQL at {}",
+            config.database_url_redacted()
+        )
+    })?;
     if config.database.migrate_on_start {
-        shared::store::migrate(&pool).await.context("applying migrations")?;
+        shared::store::migrate(&pool)
+            .await
+            .context("applying migrations")?;
     }
     let actor = format!(
         "worker:{}:{}",
@@ -138,7 +152,10 @@ pub async fn run(config: Config, registry: Registry, shutdown: CancellationToken
     // Let the relay publish what the last jobs wrote before it stops.
     stop_relay.cancel();
     tasks.close();
-    if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown: background tasks did not stop within 5 s");
     }
     health.abort();

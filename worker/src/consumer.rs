@@ -105,7 +105,11 @@ async fn take_batch(ctx: &Arc<Ctx>, batch: Vec<Delivery>) -> anyhow::Result<()> 
                 metrics::counter!(crate::metrics::CONFLICTS).increment(1);
                 tracing::error!(refund_no = %refund_no, "conflict: refund_no reused with different content; stored and dead-lettered, never sent");
             }
-            if let IntakeResult::Rejected { rejection, refund_no } = result {
+            if let IntakeResult::Rejected {
+                rejection,
+                refund_no,
+            } = result
+            {
                 tracing::warn!(refund_no = refund_no.as_deref().unwrap_or(""), field = %rejection.field, reason = %rejection.reason, "message rejected; stored and dead-lettered");
             }
             delivery

@@ -159,19 +159,24 @@ async fn attempt(
     match (&recorded, &decision) {
         (Recorded::Fenced, _) => {
             metrics::counter!(crate::metrics::FENCED).increment(1);
-            tracing::warn!(outcome = class, "outcome arrived after the job moved on; kept as a fenced attempt");
+            tracing::warn!(
+                outcome = class,
+                "outcome arrived after the job moved on; kept as a fenced attempt"
+            );
             Ok(None)
         }
         (Recorded::Applied(to), Decision::Retry { after }) => {
             crate::metrics::transition(State::InFlight.as_str(), to.as_str());
-            metrics::counter!(crate::metrics::RETRIES, "provider" => req.provider.as_str()).increment(1);
+            metrics::counter!(crate::metrics::RETRIES, "provider" => req.provider.as_str())
+                .increment(1);
             let in_process = Duration::from_millis(ctx.config.worker.retry.in_process_max_ms);
             Ok((*after <= in_process).then_some(*after))
         }
         (Recorded::Applied(to), decision) => {
             crate::metrics::transition(State::InFlight.as_str(), to.as_str());
             if let Decision::Dead { cause } = decision {
-                metrics::counter!(crate::metrics::DEAD_LETTERS, "cause" => cause.as_str()).increment(1);
+                metrics::counter!(crate::metrics::DEAD_LETTERS, "cause" => cause.as_str())
+                    .increment(1);
             }
             Ok(None)
         }

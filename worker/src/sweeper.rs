@@ -50,7 +50,8 @@ pub async fn sweep_once(ctx: &Arc<Ctx>) -> Result<(), shared::store::StoreError>
             crate::metrics::transition("in_flight", to.as_str());
             tracing::warn!(refund_no = %e.refund_no, attempt = e.attempt, to = %to, "lease expired");
             if to == shared::state::State::Dead {
-                metrics::counter!(crate::metrics::DEAD_LETTERS, "cause" => "outcome_unknown").increment(1);
+                metrics::counter!(crate::metrics::DEAD_LETTERS, "cause" => "outcome_unknown")
+                    .increment(1);
             }
         }
     }
@@ -67,7 +68,10 @@ pub async fn sweep_once(ctx: &Arc<Ctx>) -> Result<(), shared::store::StoreError>
     let age = shared::store::sweep::oldest_open_age_secs(store).await?;
     metrics::gauge!(crate::metrics::OLDEST_OPEN_AGE).set(age);
     if age * 1000.0 > ctx.config.worker.stuck_after_ms as f64 {
-        tracing::warn!(oldest_open_age_s = age, "a job has been open longer than worker.stuck_after_ms");
+        tracing::warn!(
+            oldest_open_age_s = age,
+            "a job has been open longer than worker.stuck_after_ms"
+        );
     }
     Ok(())
 }

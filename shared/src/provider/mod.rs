@@ -45,12 +45,24 @@ pub enum Outcome {
         raw: String,
     },
     /// A definitive business FAIL: final, never retried.
-    Declined { code: String, message: String, raw: String },
+    Declined {
+        code: String,
+        message: String,
+        raw: String,
+    },
     /// The provider asked us to try again later.
-    RetryLater { code: String, message: String, raw: String },
+    RetryLater {
+        code: String,
+        message: String,
+        raw: String,
+    },
     /// The provider refused the request itself (signature, merchant, parameters): an operator
     /// must fix configuration, retrying cannot help.
-    RequestRejected { code: String, message: String, raw: String },
+    RequestRejected {
+        code: String,
+        message: String,
+        raw: String,
+    },
     /// The request never left this process (connect refused, DNS, TLS handshake, or a value we
     /// refused to send): safe to send again.
     NotSent { error: String },

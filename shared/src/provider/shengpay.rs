@@ -437,8 +437,8 @@ pub fn parse_fen(text: &str) -> Result<i64, String> {
         .map_err(|_| "amount is too large".to_owned())
 }
 
-/// Parses a body and checks its signature: for notify callbacks, and the first step of
-/// [`classify_response`].
+/// Parses a body and checks its signature, as [`classify_response`] does: for notify callbacks
+/// and for tools (the simulator) that receive our signed requests.
 pub fn verify_body(
     body: &[u8],
     key: &PKeyRef<Public>,
@@ -1667,91 +1667,50 @@ mod tests {
 
     #[test]
     fn an_accepted_response_for_another_refund_or_amount_is_not_booked() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Map<String, Value>)>)> = vec![
-            (
-                "outRefundNo",
-                Box::new(|m| {
-                    m.insert("outRefundNo".into(), "OTHER".into());
-                }),
-            ),
-            (
-                "no outRefundNo",
-                Box::new(|m| {
-                    m.remove("outRefundNo");
-                }),
-            ),
-            (
-                "refundFee",
-                Box::new(|m| {
-                    m.insert("refundFee".into(), 11.into());
-                }),
-            ),
-            (
-                "no refundFee",
-                Box::new(|m| {
-                    m.remove("refundFee");
-                }),
-            ),
-            (
-                "outTradeNo",
-                Box::new(|m| {
-                    m.insert("outTradeNo".into(), "OTHER".into());
-                }),
-            ),
-            (
-                "mchId",
-                Box::new(|m| {
-                    m.insert("mchId".into(), "1".into());
-                }),
-            ),
-            (
-                "totalFee",
-                Box::new(|m| {
-                    m.insert("totalFee".into(), 999.into());
-                }),
-            ),
-            (
-                "no refundId",
-                Box::new(|m| {
-                    m.remove("refundId");
-                }),
-            ),
-            (
-                "no settlementRefundFee",
-                Box::new(|m| {
-                    m.remove("settlementRefundFee");
-                }),
-            ),
-            (
-                "settlement above refund",
-                Box::new(|m| {
-                    m.insert("settlementRefundFee".into(), 11.into());
-                }),
-            ),
-            (
-                "coupon above refund",
-                Box::new(|m| {
-                    m.insert("couponRefundFee".into(), 11.into());
-                }),
-            ),
-            (
-                "float amount",
-                Box::new(|m| {
-                    m.insert("refundFee".into(), json!(10.0));
-                }),
-            ),
-            (
-                "resultCode unknown",
-                Box::new(|m| {
-                    m.insert("resultCode".into(), "PROCESSING".into());
-                }),
-            ),
-            (
-                "returnCode missing",
-                Box::new(|m| {
-                    m.remove("returnCode");
-                }),
-            ),
+        type Edit = fn(&mut Map<String, Value>);
+        let cases: Vec<(&str, Edit)> = vec![
+            ("outRefundNo", |m| {
+                m.insert("outRefundNo".into(), "OTHER".into());
+            }),
+            ("no outRefundNo", |m| {
+                m.remove("outRefundNo");
+            }),
+            ("refundFee", |m| {
+                m.insert("refundFee".into(), 11.into());
+            }),
+            ("no refundFee", |m| {
+                m.remove("refundFee");
+            }),
+            ("outTradeNo", |m| {
+                m.insert("outTradeNo".into(), "OTHER".into());
+            }),
+            ("mchId", |m| {
+                m.insert("mchId".into(), "1".into());
+            }),
+            ("totalFee", |m| {
+                m.insert("totalFee".into(), 999.into());
+            }),
+            ("no refundId", |m| {
+                m.remove("refundId");
+            }),
+            ("no settlementRefundFee", |m| {
+                m.remove("settlementRefundFee");
+            }),
+            ("settlement above refund", |m| {
+                m.insert("settlementRefundFee".into(), 11.into());
+            }),
+            ("coupon above refund", |m| {
+                m.insert("couponRefundFee".into(), 11.into());
+            }),
+            ("float amount", |m| {
+                m.insert("refundFee".into(), json!(10.0));
+            }),
+            ("resultCode unknown", |m| {
+                m.insert("resultCode".into(), "PROCESSING".into());
+            }),
+            ("returnCode missing", |m| {
+                m.remove("returnCode");
+            }),
         ];
         for (what, change) in cases {
             let mut m = success_fields();

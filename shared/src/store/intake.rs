@@ -11,7 +11,7 @@ use sqlx::{PgConnection, Row};
 
 use super::StoreError;
 use crate::events::{EventKind, OutcomeEvent, format_time};
-use crate::job::{ProviderKind, Rejection, RefundRequest, parse_request, sniff_refund_no};
+use crate::job::{ProviderKind, RefundRequest, Rejection, parse_request, sniff_refund_no};
 use crate::state::State;
 
 /// A message as it came off the broker.
@@ -34,13 +34,19 @@ pub enum IntakeResult {
     /// Same `refund_no`, different content: stored as a conflict, never sent.
     Conflict { refund_no: String },
     /// Refused: stored with its reason.
-    Rejected { rejection: Rejection, refund_no: Option<String> },
+    Rejected {
+        rejection: Rejection,
+        refund_no: Option<String>,
+    },
 }
 
 impl IntakeResult {
     /// Whether the message belongs in the dead-letter queue.
     pub fn is_poison(&self) -> bool {
-        matches!(self, IntakeResult::Conflict { .. } | IntakeResult::Rejected { .. })
+        matches!(
+            self,
+            IntakeResult::Conflict { .. } | IntakeResult::Rejected { .. }
+        )
     }
 
     pub fn label(&self) -> &'static str {
@@ -246,7 +252,10 @@ async fn insert_intake_history(conn: &mut PgConnection, refund_no: &str) -> Resu
 }
 
 /// The stored content hash and state of an existing job.
-async fn existing(conn: &mut PgConnection, refund_no: &str) -> Result<(Vec<u8>, State), StoreError> {
+async fn existing(
+    conn: &mut PgConnection,
+    refund_no: &str,
+) -> Result<(Vec<u8>, State), StoreError> {
     let row = sqlx::query("SELECT content_hash, state FROM jobs WHERE refund_no = $1")
         .bind(refund_no)
         .fetch_one(&mut *conn)

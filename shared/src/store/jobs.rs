@@ -412,7 +412,12 @@ pub async fn release(pool: &PgPool, claimed: &Claimed, actor: &str) -> Result<bo
         attempt: Some(claimed.attempt),
         retry_in: Some(Duration::ZERO),
         detail: Some(serde_json::json!({ "reason": "lease too short to send" })),
-        ..Change::new(&claimed.refund_no, Trigger::Released, State::RetryWait, actor)
+        ..Change::new(
+            &claimed.refund_no,
+            Trigger::Released,
+            State::RetryWait,
+            actor,
+        )
     };
     Ok(transition(&mut conn, &change).await?.is_some())
 }

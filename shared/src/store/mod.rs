@@ -17,8 +17,8 @@ pub mod sweep;
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::config::Config;
 
@@ -46,19 +46,23 @@ impl StoreError {
     /// Whether the failure is the connection's rather than the query's: worth retrying.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Db(e) => matches!(
-                e,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::WorkerCrashed
-                    | sqlx::Error::Protocol(_)
-            ) || e
-                .as_database_error()
-                .and_then(|d| d.code())
-                // 40001 serialization failure, 40P01 deadlock, 57P01 admin shutdown,
-                // 08xxx connection exceptions.
-                .is_some_and(|c| c == "40001" || c == "40P01" || c == "57P01" || c.starts_with("08")),
+            StoreError::Db(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                        | sqlx::Error::Protocol(_)
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    // 40001 serialization failure, 40P01 deadlock, 57P01 admin shutdown,
+                    // 08xxx connection exceptions.
+                    .is_some_and(|c| {
+                        c == "40001" || c == "40P01" || c == "57P01" || c.starts_with("08")
+                    })
+            }
             _ => false,
         }
     }

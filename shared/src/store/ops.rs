@@ -83,9 +83,10 @@ pub async fn ledger(pool: &PgPool) -> Result<Vec<LedgerRow>, StoreError> {
 
 /// Number of provider calls recorded per refund_no (fenced ones included).
 pub async fn attempts_per_job(pool: &PgPool) -> Result<BTreeMap<String, i64>, StoreError> {
-    let rows = sqlx::query("SELECT refund_no, count(*) AS n FROM provider_attempts GROUP BY refund_no")
-        .fetch_all(pool)
-        .await?;
+    let rows =
+        sqlx::query("SELECT refund_no, count(*) AS n FROM provider_attempts GROUP BY refund_no")
+            .fetch_all(pool)
+            .await?;
     rows.into_iter()
         .map(|r| Ok((r.try_get("refund_no")?, r.try_get("n")?)))
         .collect()

@@ -1,0 +1,404 @@
+//! Test kit: per-test databases and broker names on the real local services, and a fake
+//! provider for tests that are about the worker rather than a protocol.
+//!
+//! Tests read `DATABASE_URL` (an admin URL, e.g. `postgres://postgres@127.0.0.1:5432/postgres`)
+//! and `AMQP_URL`. Each test gets its own database, cloned from a template that has the
+//! migrations applied (cloning is far faster than migrating), and its own exchange and queue
+//! names, so tests run in parallel against one server. Without the variables — and without the
+//! `testcontainers` feature and a Docker engine — a test fails with a message that says what to
+//! start. Tests never skip.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_trait::async_trait;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use shared::config::{AmqpConfig, Config};
+use shared::job::{ProviderKind, RefundRequest};
+use shared::provider::{AttemptRecord, Outcome, Provider, RefundCall};
+use sqlx::postgres::PgPoolOptions;
+// Database names below are generated here (uuid, hash), never taken from input.
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+
+/// The admin database URL tests use.
+pub fn database_url() -> anyhow::Result<String> {
+    std::env::var("DATABASE_URL").map_err(|_| {
+        anyhow::anyhow!(
+            "DATABASE_URL is not set: tests need PostgreSQL. Start it (`just up`, or \
+             `pg_ctlcluster <version> main start`) and set DATABASE_URL, e.g. \
+             postgres://postgres@127.0.0.1:5432/postgres (`just test` does this for you)"
+        )
+    })
+}
+
+/// The broker URL tests use.
+pub fn amqp_url() -> anyhow::Result<String> {
+    std::env::var("AMQP_URL").map_err(|_| {
+        anyhow::anyhow!(
+            "AMQP_URL is not set: tests need RabbitMQ. Start it (`just up`, or \
+             `rabbitmq-server -detached`) and set AMQP_URL, e.g. \
+             amqp://guest:guest@127.0.0.1:5672/%2f (`just test` does this for you)"
+        )
+    })
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    match url.rfind('/') {
+        Some(i) if url[..i].contains("://") && i > url.find("://").unwrap_or(0) + 2 => {
+            let (base, rest) = url.split_at(i);
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{base}/{db}{query}")
+        }
+        _ => format!("{url}/{db}"),
+    }
+}
+
+/// A database of one's own, cloned from the migrated template.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+fn template_name() -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for m in shared::store::MIGRATOR.iter() {
+        h.update(m.version.to_le_bytes());
+        h.update(&*m.checksum);
+    }
+    format!("refunds_tmpl_{}", &hex_string(&h.finalize())[..12])
+}
+
+fn hex_string(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn admin_conn() -> anyhow::Result<PgConnection> {
+    let url = database_url()?;
+    PgConnection::connect(&url).await.with_context(|| {
+        format!(
+            "PostgreSQL is not reachable at {}: start it (`just up`)",
+            shared::config::redact_url(&url)
+        )
+    })
+}
+
+/// Creates a fresh, migrated database for one test.
+pub async fn test_db() -> anyhow::Result<TestDb> {
+    let admin_url = database_url()?;
+    let mut admin = admin_conn().await?;
+    let tmpl = template_name();
+    // One process at a time builds the template; the others wait for it.
+    sqlx::query("SELECT pg_advisory_lock(727274)")
+        .execute(&mut admin)
+        .await?;
+    let exists = sqlx::query("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&tmpl)
+        .fetch_optional(&mut admin)
+        .await?
+        .is_some();
+    if !exists {
+        let building = format!("{tmpl}_building");
+        sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {building}")))
+            .execute(&mut admin)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {building}")))
+            .execute(&mut admin)
+            .await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&with_db(&admin_url, &building))
+            .await?;
+        shared::store::migrate(&pool).await?;
+        pool.close().await;
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER DATABASE {building} RENAME TO {tmpl}"
+        )))
+        .execute(&mut admin)
+        .await?;
+    }
+    sqlx::query("SELECT pg_advisory_unlock(727274)")
+        .execute(&mut admin)
+        .await?;
+    let name = format!("refunds_test_{}", uuid::Uuid::new_v4().simple());
+    let mut tries = 0;
+    loop {
+        match sqlx::query(AssertSqlSafe(format!(
+            "CREATE DATABASE {name} TEMPLATE {tmpl}"
+        )))
+        .execute(&mut admin)
+        .await
+        {
+            Ok(_) => break,
+            // Another test is cloning the same template at this instant.
+            Err(e) if tries < 50 && e.to_string().contains("being accessed by other users") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let url = with_db(&admin_url, &name);
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await?;
+    Ok(TestDb { name, url, pool })
+}
+
+/// Exchange and queue names of one's own.
+pub fn test_amqp() -> AmqpConfig {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let id = &id[..12];
+    AmqpConfig {
+        exchange: format!("t.{id}.refunds"),
+        queue: format!("t.{id}.refunds.requested"),
+        routing_key: "refund.requested".into(),
+        dead_letter_exchange: format!("t.{id}.refunds.dlx"),
+        dead_letter_queue: format!("t.{id}.refunds.dead"),
+        events_exchange: format!("t.{id}.refunds.events"),
+        queue_type: "classic".into(),
+    }
+}
+
+/// A config for one test: its own database and broker names, fast timings.
+pub async fn test_config() -> anyhow::Result<(Config, TestDb)> {
+    let db = test_db().await?;
+    let amqp_url = amqp_url()?;
+    check_broker(&amqp_url).await?;
+    let mut c = Config {
+        database_url: db.url.clone(),
+        amqp_url,
+        amqp: test_amqp(),
+        ..Config::default()
+    };
+    c.database.migrate_on_start = false;
+    c.database.max_connections = 8;
+    c.worker.metrics_addr = "127.0.0.1:0".into();
+    c.worker.sweep_interval_ms = 200;
+    c.worker.orphan_after_ms = 2_000;
+    c.worker.lease_ms = 5_000;
+    c.worker.lease_margin_ms = 500;
+    c.http.timeout_ms = 2_000;
+    c.http.connect_timeout_ms = 500;
+    c.worker.retry.initial_delay_ms = 20;
+    c.worker.retry.max_delay_ms = 200;
+    c.worker.shutdown_grace_ms = 5_000;
+    Ok((c, db))
+}
+
+/// Fails with a message naming RabbitMQ when it does not answer.
+pub async fn check_broker(url: &str) -> anyhow::Result<()> {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        shared::broker::connect(url, "test-check"),
+    )
+    .await
+    {
+        Ok(Ok(c)) => {
+            let _ = c.close(200, "ok".into()).await;
+            Ok(())
+        }
+        Ok(Err(e)) => bail!(
+            "RabbitMQ is not reachable at {}: {e}. Start it (`just up` or `rabbitmq-server -detached`)",
+            shared::config::redact_url(url)
+        ),
+        Err(_) => bail!(
+            "RabbitMQ did not answer at {} within 5 s. Start it (`just up` or `rabbitmq-server -detached`)",
+            shared::config::redact_url(url)
+        ),
+    }
+}
+
+/// Publishes bodies to the request exchange with confirms (declaring the topology first).
+pub async fn publish_requests(config: &Config, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
+    let conn = shared::broker::connect(&config.amqp_url, "test-publisher").await?;
+    let ch = shared::broker::confirm_channel(&conn).await?;
+    shared::broker::declare_topology(&ch, &config.amqp).await?;
+    let mut pending = Vec::with_capacity(bodies.len());
+    for b in bodies {
+        pending.push(
+            ch.basic_publish(
+                config.amqp.exchange.as_str().into(),
+                config.amqp.routing_key.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                b,
+                shared::broker::json_properties(None),
+            )
+            .await?,
+        );
+    }
+    for p in pending {
+        if p.await?.is_nack() {
+            bail!("broker nacked a test publish");
+        }
+    }
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// Messages waiting in a queue.
+pub async fn queue_depth(config: &Config, queue: &str) -> anyhow::Result<u32> {
+    let conn = shared::broker::connect(&config.amqp_url, "test-depth").await?;
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let n = q.message_count();
+    conn.close(200, "done".into()).await?;
+    Ok(n)
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A valid v1 request body for tests.
+pub fn request_json(
+    refund_no: &str,
+    order_no: &str,
+    provider: ProviderKind,
+    merchant: &str,
+    total: i64,
+    refund: i64,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "version": 1,
+        "refund_no": refund_no,
+        "order_no": order_no,
+        "provider": provider.as_str(),
+        "merchant": merchant,
+        "total_fee": total,
+        "refund_fee": refund,
+        "reason": "test refund",
+    });
+    if provider == ProviderKind::Wupay {
+        v["wupay"] = serde_json::json!({
+            "pay_nd": "P0001", "auth_type": "1", "rec_organ": "S01", "rec_device": "T01", "rec_man": "op7"
+        });
+    }
+    v
+}
+
+/// A provider fake for worker tests (protocol tests use the simulator): it pays each
+/// `refund_no` once, answers a repeat with the first result like a real provider, and can be
+/// told to decline or to fail in transport for given refunds.
+pub struct FakeProvider {
+    kind: ProviderKind,
+    merchant: String,
+    idempotent: bool,
+    state: Mutex<FakeState>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    paid: HashMap<String, i64>,
+    calls: HashMap<String, u32>,
+    script: HashMap<String, Vec<Outcome>>,
+}
+
+impl FakeProvider {
+    pub fn new(kind: ProviderKind, merchant: &str, idempotent: bool) -> Arc<Self> {
+        Arc::new(Self {
+            kind,
+            merchant: merchant.to_owned(),
+            idempotent,
+            state: Mutex::new(FakeState::default()),
+        })
+    }
+
+    /// The next calls for `refund_no` answer these outcomes, in order (then it pays).
+    pub fn script(&self, refund_no: &str, outcomes: Vec<Outcome>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.script.insert(refund_no.to_owned(), outcomes);
+        }
+    }
+
+    /// What it paid: refund_no → refund_fee.
+    pub fn paid(&self) -> HashMap<String, i64> {
+        self.state
+            .lock()
+            .map(|s| s.paid.clone())
+            .unwrap_or_default()
+    }
+
+    /// Calls received per refund_no.
+    pub fn calls(&self) -> HashMap<String, u32> {
+        self.state
+            .lock()
+            .map(|s| s.calls.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl Provider for FakeProvider {
+    fn kind(&self) -> ProviderKind {
+        self.kind
+    }
+    fn merchant(&self) -> &str {
+        &self.merchant
+    }
+    fn idempotent(&self) -> bool {
+        self.idempotent
+    }
+    async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord {
+        let r: &RefundRequest = call.request;
+        let outcome = match self.state.lock() {
+            Ok(mut s) => {
+                *s.calls.entry(r.refund_no.clone()).or_default() += 1;
+                let scripted = s
+                    .script
+                    .get_mut(&r.refund_no)
+                    .and_then(|v| (!v.is_empty()).then(|| v.remove(0)));
+                match scripted {
+                    Some(o) => o,
+                    None => {
+                        s.paid.entry(r.refund_no.clone()).or_insert(r.refund_fee);
+                        Outcome::Accepted {
+                            provider_refund_id: format!("FAKE-{}", r.refund_no),
+                            refund_fee: r.refund_fee,
+                            settlement_refund_fee: r.refund_fee,
+                            coupon_refund_fee: 0,
+                            raw: "{}".into(),
+                        }
+                    }
+                }
+            }
+            Err(_) => Outcome::NotSent {
+                error: "fake provider poisoned".into(),
+            },
+        };
+        AttemptRecord {
+            outcome,
+            request_redacted: r.canonical_json(),
+            http_status: Some(200),
+            latency: Duration::from_millis(1),
+        }
+    }
+}
