@@ -485,3 +485,277 @@ pub async fn expire_lease(
     tx.commit().await?;
     Ok(Some(t.to))
 }
+
+/// What an operator action did to one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Done: the job moved from this state.
+    Done { prior: State },
+    /// Refused, with the reason (nothing changed but the audit row).
+    Refused {
+        prior: Option<State>,
+        reason: String,
+    },
+}
+
+/// An operator's name and reason, both required for every audited action.
+#[derive(Debug, Clone, Copy)]
+pub struct Operator<'a> {
+    pub name: &'a str,
+    pub note: &'a str,
+}
+
+/// Locks a job's row and reads its state and cause (inside the caller's transaction).
+async fn lock_state(
+    conn: &mut PgConnection,
+    refund_no: &str,
+) -> Result<Option<(State, Option<String>)>, StoreError> {
+    let row = sqlx::query("SELECT state, cause FROM jobs WHERE refund_no = $1 FOR UPDATE")
+        .bind(refund_no)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| {
+        let s: String = r.try_get("state")?;
+        Ok((s.parse().map_err(StoreError::Corrupt)?, r.try_get("cause")?))
+    })
+    .transpose()
+}
+
+/// Appends one operator audit row.
+#[allow(clippy::too_many_arguments)]
+pub async fn insert_audit(
+    conn: &mut PgConnection,
+    refund_no: Option<&str>,
+    action: &str,
+    result: &str,
+    op: Operator<'_>,
+    prior: Option<State>,
+    new_state: Option<State>,
+    reason: Option<&str>,
+    detail: Option<serde_json::Value>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO operator_audit (refund_no, action, result, operator, note, prior_state,
+             new_state, reason, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(refund_no)
+    .bind(action)
+    .bind(result)
+    .bind(op.name)
+    .bind(op.note)
+    .bind(prior.map(State::as_str))
+    .bind(new_state.map(State::as_str))
+    .bind(reason)
+    .bind(detail)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Why a dead job may not be replayed, if it may not: final jobs never are, nor jobs whose
+/// outcome is unknown at a merchant that does not deduplicate on `refund_no`.
+pub fn replay_refusal(state: State, cause: Option<&str>, idempotent: bool) -> Option<String> {
+    if state != State::Dead {
+        return Some(format!(
+            "job is {state}, not dead: only dead jobs are replayed"
+        ));
+    }
+    if cause == Some(Cause::OutcomeUnknown.as_str()) && !idempotent {
+        return Some(
+            "outcome unknown at a merchant that is not idempotent: the provider may have paid; \
+             check with the provider and use `refundctl job resolve`"
+                .to_owned(),
+        );
+    }
+    None
+}
+
+/// Replays a dead job (back to `received`, same `refund_no`), re-checking its state under the
+/// row lock in the transaction that writes the audit row; refusals are audited too.
+pub async fn replay(
+    conn: &mut PgConnection,
+    refund_no: &str,
+    idempotent: impl Fn(&str, &str) -> bool,
+    op: Operator<'_>,
+) -> Result<Verdict, StoreError> {
+    let Some((prior, cause)) = lock_state(conn, refund_no).await? else {
+        let reason = "no such job";
+        insert_audit(
+            conn,
+            Some(refund_no),
+            "replay",
+            "refused",
+            op,
+            None,
+            None,
+            Some(reason),
+            None,
+        )
+        .await?;
+        return Ok(Verdict::Refused {
+            prior: None,
+            reason: reason.into(),
+        });
+    };
+    let (provider, merchant): (String, String) =
+        sqlx::query_as("SELECT provider, merchant FROM jobs WHERE refund_no = $1")
+            .bind(refund_no)
+            .fetch_one(&mut *conn)
+            .await?;
+    if let Some(reason) = replay_refusal(prior, cause.as_deref(), idempotent(&provider, &merchant))
+    {
+        insert_audit(
+            conn,
+            Some(refund_no),
+            "replay",
+            "refused",
+            op,
+            Some(prior),
+            None,
+            Some(&reason),
+            None,
+        )
+        .await?;
+        return Ok(Verdict::Refused {
+            prior: Some(prior),
+            reason,
+        });
+    }
+    let actor = format!("operator:{}", op.name);
+    let change = Change {
+        detail: Some(serde_json::json!({ "note": op.note, "cause": cause })),
+        ..Change::new(refund_no, Trigger::Replay, State::Received, &actor)
+    };
+    if transition(conn, &change).await?.is_none() {
+        return Err(StoreError::Corrupt(format!(
+            "job {refund_no} changed under its row lock"
+        )));
+    }
+    insert_audit(
+        conn,
+        Some(refund_no),
+        "replay",
+        "replayed",
+        op,
+        Some(prior),
+        Some(State::Received),
+        None,
+        None,
+    )
+    .await?;
+    Ok(Verdict::Done { prior })
+}
+
+/// How an operator settles a dead job after checking with the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The provider paid: book it with this settlement fee.
+    Succeeded { settlement_refund_fee: i64 },
+    /// The provider did not pay.
+    Failed,
+}
+
+/// Resolves a dead job by hand: ledger entry (source `manual`) or order release, the
+/// `refund.resolved` event and the audit row, in the caller's transaction.
+pub async fn resolve(
+    conn: &mut PgConnection,
+    refund_no: &str,
+    resolution: Resolution,
+    op: Operator<'_>,
+    tz: chrono_tz::Tz,
+) -> Result<Verdict, StoreError> {
+    let (to, settle) = match resolution {
+        Resolution::Succeeded {
+            settlement_refund_fee,
+        } => (State::Succeeded, Some(settlement_refund_fee)),
+        Resolution::Failed => (State::Failed, None),
+    };
+    let refuse = |prior: Option<State>, reason: String| Verdict::Refused { prior, reason };
+    let Some((prior, _)) = lock_state(conn, refund_no).await? else {
+        let reason = "no such job".to_owned();
+        insert_audit(
+            conn,
+            Some(refund_no),
+            "resolve",
+            "refused",
+            op,
+            None,
+            Some(to),
+            Some(&reason),
+            None,
+        )
+        .await?;
+        return Ok(refuse(None, reason));
+    };
+    if prior != State::Dead {
+        let reason = format!("job is {prior}, not dead: only dead jobs are resolved by hand");
+        insert_audit(
+            conn,
+            Some(refund_no),
+            "resolve",
+            "refused",
+            op,
+            Some(prior),
+            Some(to),
+            Some(&reason),
+            None,
+        )
+        .await?;
+        return Ok(refuse(Some(prior), reason));
+    }
+    let refund_fee: i64 = sqlx::query_scalar("SELECT refund_fee FROM jobs WHERE refund_no = $1")
+        .bind(refund_no)
+        .fetch_one(&mut *conn)
+        .await?;
+    if let Some(s) = settle
+        && !(0..=refund_fee).contains(&s)
+    {
+        let reason =
+            format!("settlement fee {s} must be between 0 and the refund fee {refund_fee}");
+        insert_audit(
+            conn,
+            Some(refund_no),
+            "resolve",
+            "refused",
+            op,
+            Some(prior),
+            Some(to),
+            Some(&reason),
+            None,
+        )
+        .await?;
+        return Ok(refuse(Some(prior), reason));
+    }
+    let actor = format!("operator:{}", op.name);
+    let change = Change {
+        settlement_refund_fee: settle,
+        code: Some("MANUAL"),
+        message: Some(op.note),
+        detail: Some(serde_json::json!({ "note": op.note })),
+        ..Change::new(refund_no, Trigger::Resolve, to, &actor)
+    };
+    let Some(t) = transition(conn, &change).await? else {
+        return Err(StoreError::Corrupt(format!(
+            "job {refund_no} changed under its row lock"
+        )));
+    };
+    match settle {
+        Some(s) => insert_ledger_entry(conn, &t, refund_fee, s, "manual", tz).await?,
+        None => release_order_amount(conn, &t.order_no, t.refund_fee).await?,
+    }
+    insert_event(conn, EventKind::Resolved, &t, tz).await?;
+    insert_audit(
+        conn,
+        Some(refund_no),
+        "resolve",
+        "resolved",
+        op,
+        Some(prior),
+        Some(to),
+        None,
+        settle.map(|s| serde_json::json!({ "settlement_refund_fee": s })),
+    )
+    .await?;
+    Ok(Verdict::Done { prior })
+}
