@@ -1,0 +1,46 @@
+# Day-to-day commands. `just` lists them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export DATABASE_URL := env_var_or_default("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+export AMQP_URL := env_var_or_default("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+
+default:
+    @just --list
+
+# Check PostgreSQL and RabbitMQ answer; start them where installed but stopped.
+up:
+    scripts/up.sh
+
+# The main job end to end: simulator, worker, a mixed batch, reconciliation, a summary.
+demo: up
+    cargo build --release --bins
+    scripts/demo.sh
+
+# Every test: unit, integration (real PostgreSQL and RabbitMQ) and the fault suite.
+test: up
+    scripts/drop-test-dbs.sh
+    cargo test --workspace --all-targets --no-fail-fast
+
+# Formatting and clippy with warnings as errors, and the Kubernetes manifests.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    k8s/validate.sh
+
+# The benchmark: throughput, latency and cost per refund against this machine's ceilings.
+bench: up
+    cargo build --release --bins
+    scripts/bench.sh
+
+# Apply migrations to the configured database.
+migrate:
+    cargo run --quiet --bin refundctl -- --config config/refunds.toml migrate
+
+# Run the provider simulator in the foreground (config/sim.toml).
+sim:
+    cargo run --bin refund-sim -- --config config/sim.toml
+
+# Run a worker in the foreground (config/refunds.toml).
+worker:
+    cargo run --bin refund-worker -- --config config/refunds.toml
