@@ -115,7 +115,8 @@ fn default_max_body_bytes() -> usize {
     64 * 1024
 }
 fn default_call_log_capacity() -> usize {
-    1_000_000
+    // A record is a few hundred bytes: this keeps the log well under 100 MB.
+    200_000
 }
 
 /// Paths the provider APIs may not take because the simulator's own endpoints live there.
@@ -212,7 +213,9 @@ impl SimConfig {
                 ));
             }
             if RESERVED_PREFIXES.iter().any(|p| path.starts_with(p)) {
-                return invalid(format!("wupay path {path:?} collides with a simulator endpoint"));
+                return invalid(format!(
+                    "wupay path {path:?} collides with a simulator endpoint"
+                ));
             }
             if !paths.insert(path) {
                 return invalid(format!("duplicate wupay path {path:?}"));

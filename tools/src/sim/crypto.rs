@@ -135,7 +135,12 @@ pub(crate) fn load_private_key(path: &Path) -> Result<RsaPrivateKey, SimError> {
     let der = bare_der(path, text)?;
     RsaPrivateKey::from_pkcs8_der(&der)
         .or_else(|_| RsaPrivateKey::from_pkcs1_der(&der))
-        .map_err(|_| key_error(path, "base64 DER is neither PKCS#8 nor PKCS#1 RSA private key"))
+        .map_err(|_| {
+            key_error(
+                path,
+                "base64 DER is neither PKCS#8 nor PKCS#1 RSA private key",
+            )
+        })
 }
 
 /// Loads a public key: PEM SPKI, PEM PKCS#1, or bare base64 DER of either.
@@ -143,8 +148,7 @@ pub(crate) fn load_public_key(path: &Path) -> Result<RsaPublicKey, SimError> {
     let text = read_text(path)?;
     let text = text.trim();
     if text.starts_with("-----BEGIN PUBLIC KEY-----") {
-        return RsaPublicKey::from_public_key_pem(text)
-            .map_err(|e| key_error(path, e.to_string()));
+        return RsaPublicKey::from_public_key_pem(text).map_err(|e| key_error(path, e.to_string()));
     }
     if text.starts_with("-----BEGIN RSA PUBLIC KEY-----") {
         return RsaPublicKey::from_pkcs1_pem(text).map_err(|e| key_error(path, e.to_string()));

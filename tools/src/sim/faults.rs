@@ -342,7 +342,10 @@ pub(crate) fn fault_code(fired: &Fired) -> (String, String) {
         Some(FaultAction::RetryLater) => "SYSTEMERROR",
         _ => "ORDER_NOT_REFUNDABLE",
     };
-    let code = fired.code.clone().unwrap_or_else(|| default_code.to_owned());
+    let code = fired
+        .code
+        .clone()
+        .unwrap_or_else(|| default_code.to_owned());
     let message = fired
         .message
         .clone()
@@ -408,9 +411,24 @@ mod tests {
     fn invalid_rules_are_refused_with_a_reason() {
         let bad_regex = FaultRule::new(FaultAction::Reset).order_no("(");
         assert!(bad_regex.validate().unwrap_err().contains("order_no"));
-        assert!(FaultRule::new(FaultAction::Reset).rate(1.5).validate().is_err());
-        assert!(FaultRule::new(FaultAction::Reset).code("X").validate().is_err());
-        assert!(FaultRule::new(FaultAction::Decline).code("A:B").validate().is_err());
+        assert!(
+            FaultRule::new(FaultAction::Reset)
+                .rate(1.5)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            FaultRule::new(FaultAction::Reset)
+                .code("X")
+                .validate()
+                .is_err()
+        );
+        assert!(
+            FaultRule::new(FaultAction::Decline)
+                .code("A:B")
+                .validate()
+                .is_err()
+        );
         assert!(FaultRule::default().validate().is_err());
     }
 }

@@ -163,7 +163,8 @@ impl Ledger {
             };
         };
 
-        let coupon_refund_fee = coupon_fee(&attempt.refund_no, attempt.refund_fee, attempt.coupon_rate);
+        let coupon_refund_fee =
+            coupon_fee(&attempt.refund_no, attempt.refund_fee, attempt.coupon_rate);
         // coupon_fee keeps the coupon below the refund, so this cannot underflow; checked anyway
         // because a wrong settlement amount is exactly what the reconciler must never see.
         let Some(settlement_refund_fee) = attempt
@@ -181,8 +182,8 @@ impl Ledger {
             Provider::WuPay => "WU",
         };
         let provider_refund_id = format!("{id_prefix}{:019}", bump(&mut self.next_refund_seq));
-        let coupon_refund_id = (coupon_refund_fee > 0)
-            .then(|| format!("CP{:019}", bump(&mut self.next_coupon_seq)));
+        let coupon_refund_id =
+            (coupon_refund_fee > 0).then(|| format!("CP{:019}", bump(&mut self.next_coupon_seq)));
         let next_transaction = &mut self.next_transaction_seq;
         let order = self.orders.entry(order_key).or_insert_with(|| OrderState {
             total_fee: attempt.total_fee,
@@ -254,8 +255,7 @@ pub(crate) fn statement_csv(rows: &[PaidRefund], tz: Tz) -> Result<String, csv::
             &row.provider_refund_id,
             &row.refund_fee.to_string(),
             &row.settlement_refund_fee.to_string(),
-            &row
-                .refunded_at
+            &row.refunded_at
                 .with_timezone(&tz)
                 .to_rfc3339_opts(SecondsFormat::Millis, true),
         ])?;
@@ -324,16 +324,28 @@ mod tests {
     fn cumulative_refunds_of_an_order_never_exceed_its_total() {
         let mut ledger = Ledger::new();
         let now = Utc::now();
-        assert!(matches!(ledger.apply(&attempt("R1", "O1", 100, 60), now), Decision::Paid(_)));
+        assert!(matches!(
+            ledger.apply(&attempt("R1", "O1", 100, 60), now),
+            Decision::Paid(_)
+        ));
         assert!(matches!(
             ledger.apply(&attempt("R2", "O1", 100, 41), now),
-            Decision::Declined { code: "REFUND_AMOUNT_ERROR", .. }
+            Decision::Declined {
+                code: "REFUND_AMOUNT_ERROR",
+                ..
+            }
         ));
         assert!(matches!(
             ledger.apply(&attempt("R3", "O1", 200, 10), now),
-            Decision::Declined { code: "REFUND_AMOUNT_ERROR", .. }
+            Decision::Declined {
+                code: "REFUND_AMOUNT_ERROR",
+                ..
+            }
         ));
-        assert!(matches!(ledger.apply(&attempt("R4", "O1", 100, 40), now), Decision::Paid(_)));
+        assert!(matches!(
+            ledger.apply(&attempt("R4", "O1", 100, 40), now),
+            Decision::Paid(_)
+        ));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -88,7 +88,8 @@ pub(crate) struct Settings {
 impl Settings {
     fn load(config: &SimConfig) -> Result<Self, SimError> {
         config.validate()?;
-        let platform = PlatformKey::new(crypto::load_private_key(&config.platform_private_key_file)?);
+        let platform =
+            PlatformKey::new(crypto::load_private_key(&config.platform_private_key_file)?);
         let shengpay = config
             .shengpay
             .merchants
@@ -143,6 +144,7 @@ pub(crate) struct SimState {
     pub calls: Mutex<CallLog>,
     pub faults: Mutex<FaultEngine>,
     pub clock: Clock,
+    pub open_connections: AtomicUsize,
 }
 
 /// Locks a mutex even if a panicking thread poisoned it: every critical section leaves its
@@ -182,14 +184,14 @@ impl Simulator {
     /// is dropped).
     pub async fn start(config: SimConfig) -> Result<SimHandle, SimError> {
         let settings = Settings::load(&config)?;
-        let faults =
-            FaultEngine::new(&config.rules, config.seed).map_err(SimError::Invalid)?;
+        let faults = FaultEngine::new(&config.rules, config.seed).map_err(SimError::Invalid)?;
         let state = Arc::new(SimState {
             settings,
             ledger: Mutex::new(Ledger::new()),
             calls: Mutex::new(CallLog::new(config.call_log_capacity)),
             faults: Mutex::new(faults),
             clock: Clock::default(),
+            open_connections: AtomicUsize::new(0),
         });
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
@@ -311,6 +313,12 @@ impl SimHandle {
         ledger::statement_csv(&rows, tz).map_err(|e| SimError::Io(e.into()))
     }
 
+    /// Connections open right now: lets tests check that abandoned requests (a client that
+    /// gave up on a `hang`) do not pile up.
+    pub fn open_connections(&self) -> usize {
+        self.state.open_connections.load(Ordering::Relaxed)
+    }
+
     /// Stops accepting, gives open connections [`SHUTDOWN_GRACE`] to finish, then closes them.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
@@ -371,7 +379,9 @@ async fn accept_loop(
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, state, shutdown).await;
+            state.open_connections.fetch_add(1, Ordering::Relaxed);
+            serve_connection(stream, peer, Arc::clone(&state), shutdown).await;
+            state.open_connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -461,10 +471,7 @@ impl AsyncWrite for ConnIo {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
@@ -603,7 +610,11 @@ fn check_soap_action(headers: &HeaderMap, binding: Binding) -> Result<(), String
     match action {
         Some(action) if action != wupay::SOAP_ACTION => Err(format!(
             "Server did not recognize the value of HTTP Header SOAPAction: {}.",
-            action.chars().filter(|c| !c.is_control()).take(100).collect::<String>()
+            action
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(100)
+                .collect::<String>()
         )),
         _ => Ok(()),
     }
@@ -643,7 +654,10 @@ impl Parsed {
     }
 
     /// (merchant, refund number, order number) as far as the request tells them.
-    fn identity<'a>(&'a self, state: &'a SimState) -> (Option<&'a str>, Option<&'a str>, Option<&'a str>) {
+    fn identity<'a>(
+        &'a self,
+        state: &'a SimState,
+    ) -> (Option<&'a str>, Option<&'a str>, Option<&'a str>) {
         match self {
             Parsed::ShengPay { request, merchant } => {
                 let merchant = merchant
@@ -654,7 +668,9 @@ impl Parsed {
                     Err(_) => (merchant, None, None),
                 }
             }
-            Parsed::WuPay { merchant, params, .. } => {
+            Parsed::WuPay {
+                merchant, params, ..
+            } => {
                 let merchant = state.settings.wupay.get(*merchant).map(|m| m.name.as_str());
                 match params {
                     Ok(p) => (merchant, p.get("refund_id"), p.get("order_id")),
@@ -702,7 +718,11 @@ async fn provider_call(
                     } else {
                         Err(format!(
                             "System.InvalidOperationException: Request format is invalid: {}.",
-                            media.chars().filter(|c| !c.is_control()).take(100).collect::<String>()
+                            media
+                                .chars()
+                                .filter(|c| !c.is_control())
+                                .take(100)
+                                .collect::<String>()
                         ))
                     }
                 }
@@ -880,7 +900,11 @@ fn statement(state: &SimState, query: &HashMap<String, String>) -> HttpResponse 
     else {
         return error_json(StatusCode::BAD_REQUEST, "date=YYYY-MM-DD is required");
     };
-    let provider = match query.get("provider").map(|p| p.parse::<Provider>()).transpose() {
+    let provider = match query
+        .get("provider")
+        .map(|p| p.parse::<Provider>())
+        .transpose()
+    {
         Ok(p) => p,
         Err(e) => return error_json(StatusCode::BAD_REQUEST, &e.to_string()),
     };

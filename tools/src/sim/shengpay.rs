@@ -242,7 +242,9 @@ pub(crate) fn process(
     let (nonce, string_amounts, coins) = {
         let mut faults = lock(&state.faults);
         let rng = faults.rng();
-        let nonce: String = (0..32).map(|_| char::from(rng.sample(Alphanumeric))).collect();
+        let nonce: String = (0..32)
+            .map(|_| char::from(rng.sample(Alphanumeric)))
+            .collect();
         let string_amounts = rng.random_bool(state.settings.string_amounts_rate);
         (nonce, string_amounts, rng.random::<u32>())
     };
@@ -382,7 +384,13 @@ pub(crate) fn process(
         }
     };
     respond(
-        success(&paid, &merchant.app_id, &merchant.mch_id, string_amounts, coins),
+        success(
+            &paid,
+            &merchant.app_id,
+            &merchant.mch_id,
+            string_amounts,
+            coins,
+        ),
         sign_type,
         outcome,
         "",
@@ -418,7 +426,9 @@ fn validate(req: &SpRequest) -> Result<Params<'_>, String> {
     if let Some(account) = req.text("refundAccount")
         && !matches!(account, "UNSETTLED" | "RECHARGE")
     {
-        return Err(format!("refundAccount {account:?} is not UNSETTLED or RECHARGE"));
+        return Err(format!(
+            "refundAccount {account:?} is not UNSETTLED or RECHARGE"
+        ));
     }
     let fee = |key: &str| -> Result<i64, String> {
         let raw = text(key);
@@ -500,6 +510,10 @@ mod tests {
 
     #[test]
     fn duplicate_keys_are_refused() {
-        assert!(parse(br#"{"a":1,"a":2}"#).unwrap_err().contains("duplicate"));
+        assert!(
+            parse(br#"{"a":1,"a":2}"#)
+                .unwrap_err()
+                .contains("duplicate")
+        );
     }
 }

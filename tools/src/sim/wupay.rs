@@ -110,7 +110,10 @@ pub(crate) fn parse_form(encoded: &[u8]) -> Result<WuParams, String> {
     let mut params = WuParams::default();
     for (key, value) in url::form_urlencoded::parse(encoded) {
         if let Some(name) = PARAMS.iter().find(|p| **p == key) {
-            params.values.entry(name).or_insert_with(|| value.into_owned());
+            params
+                .values
+                .entry(name)
+                .or_insert_with(|| value.into_owned());
         }
     }
     for name in PARAMS {
@@ -246,11 +249,7 @@ fn push(params: &mut WuParams, name: &'static str, text: &str) {
 
 /// Keeps echoed input readable and valid in any response: no control characters, bounded.
 fn printable(value: &str) -> String {
-    value
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(64)
-        .collect()
+    value.chars().filter(|c| !c.is_control()).take(64).collect()
 }
 
 /// Handles one refund call after fault selection. `fired` is the rule that fired, if any; only
@@ -263,14 +262,22 @@ pub(crate) fn process(
     fired: Option<&Fired>,
 ) -> Reply {
     let Some(merchant) = state.settings.wupay.get(merchant_index) else {
-        return client_error(binding, "System.ArgumentException: unknown service", "NOT_FOUND");
+        return client_error(
+            binding,
+            "System.ArgumentException: unknown service",
+            "NOT_FOUND",
+        );
     };
     let params = match parsed {
         Ok(p) => p,
         Err(message) => return client_error(binding, message, "INVALID_REQUEST"),
     };
     if params.get("rfkey").map(str::trim) != Some(merchant.rfkey.as_str()) {
-        return client_error(binding, "System.ArgumentException: invalid rfkey", "INVALID_RFKEY");
+        return client_error(
+            binding,
+            "System.ArgumentException: invalid rfkey",
+            "INVALID_RFKEY",
+        );
     }
     if params.get("cpnId") != Some(merchant.cpn_id.as_str())
         || params.get("area") != Some(merchant.area.as_str())
@@ -284,7 +291,12 @@ pub(crate) fn process(
     let text = |name: &str| params.get(name).unwrap_or("").trim();
     for name in ["refund_id", "order_id"] {
         if text(name).is_empty() {
-            return fail(binding, "LACK_PARAMS", &format!("{name} is required"), Outcome::Rejected);
+            return fail(
+                binding,
+                "LACK_PARAMS",
+                &format!("{name} is required"),
+                Outcome::Rejected,
+            );
         }
         if text(name).chars().count() > 32 || text(name).chars().any(char::is_control) {
             return fail(
@@ -390,7 +402,13 @@ fn server_error(binding: Binding, message: &str, code: &str) -> Reply {
     error_reply(binding, false, &message, Outcome::RetryLater, code)
 }
 
-fn error_reply(binding: Binding, client: bool, message: &str, outcome: Outcome, code: &str) -> Reply {
+fn error_reply(
+    binding: Binding,
+    client: bool,
+    message: &str,
+    outcome: Outcome,
+    code: &str,
+) -> Reply {
     let (content_type, body) = if binding.is_soap() {
         (binding.content_type(), soap_fault(binding, client, message))
     } else {
@@ -541,12 +559,22 @@ mod tests {
     #[test]
     fn doctype_is_refused() {
         let body = r#"<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "b">]><x/>"#;
-        assert!(parse_soap(body.as_bytes(), Binding::Soap11).unwrap_err().contains("DTD"));
+        assert!(
+            parse_soap(body.as_bytes(), Binding::Soap11)
+                .unwrap_err()
+                .contains("DTD")
+        );
     }
 
     #[test]
     fn results_are_escaped_and_truncation_breaks_the_xml() {
-        let reply = result(Binding::HttpGet, "FAIL:X:a<b&c", Outcome::Declined, None, false);
+        let reply = result(
+            Binding::HttpGet,
+            "FAIL:X:a<b&c",
+            Outcome::Declined,
+            None,
+            false,
+        );
         assert_eq!(
             reply.body,
             "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<string xmlns=\"http://tempuri.org/\">FAIL:X:a&lt;b&amp;c</string>"
@@ -560,7 +588,15 @@ mod tests {
         let mut query: String = PARAMS.iter().map(|p| format!("{p}=1&")).collect();
         assert!(parse_form(query.as_bytes()).is_ok());
         query = query.replace("money=1&", "money=x&");
-        assert!(parse_form(query.as_bytes()).unwrap_err().contains("Cannot convert"));
-        assert!(parse_form(b"refund_id=1").unwrap_err().contains("Missing parameter"));
+        assert!(
+            parse_form(query.as_bytes())
+                .unwrap_err()
+                .contains("Cannot convert")
+        );
+        assert!(
+            parse_form(b"refund_id=1")
+                .unwrap_err()
+                .contains("Missing parameter")
+        );
     }
 }
