@@ -402,3 +402,60 @@ impl Provider for FakeProvider {
         }
     }
 }
+
+/// The workspace root (tests run in their crate's folder).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| ".".into())
+}
+
+fn absolutise(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        workspace_root().join(path)
+    }
+}
+
+/// Starts the simulator with `config/sim.toml`'s merchants and keys on a free port, with the
+/// given fault rules instead of the file's demo rules.
+pub async fn start_sim(
+    rules: Vec<crate::sim::FaultRule>,
+    coupon_rate: f64,
+) -> anyhow::Result<crate::sim::SimHandle> {
+    let mut c = crate::sim::SimConfig::load(&workspace_root().join("config/sim.toml"))?;
+    c.listen = "127.0.0.1:0".parse()?;
+    c.platform_private_key_file = absolutise(&c.platform_private_key_file);
+    for m in &mut c.shengpay.merchants {
+        m.public_key_file = absolutise(&m.public_key_file);
+    }
+    for m in &mut c.wupay.merchants {
+        m.rfkey_file = absolutise(&m.rfkey_file);
+    }
+    c.rules = rules;
+    c.coupon_rate = coupon_rate;
+    Ok(crate::sim::Simulator::start(c).await?)
+}
+
+/// `base` with the merchants of `config/refunds.toml`, pointed at a running simulator.
+pub fn with_sim_merchants(base: &Config, sim: &crate::sim::SimHandle) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(workspace_root().join("config/refunds.toml"))?;
+    let dev = Config::from_toml(&text)?;
+    let mut c = base.clone();
+    c.shengpay = dev.shengpay;
+    c.wupay = dev.wupay;
+    for m in &mut c.shengpay.merchants {
+        m.base_url = sim.base_url();
+        m.private_key_file = absolutise(&m.private_key_file);
+        m.platform_public_key_file = absolutise(&m.platform_public_key_file);
+    }
+    for m in &mut c.wupay.merchants {
+        m.base_url = sim
+            .wupay_url(&m.merchant)
+            .with_context(|| format!("the simulator has no WuPay merchant {}", m.merchant))?;
+        m.rfkey_file = absolutise(&m.rfkey_file);
+    }
+    Ok(c)
+}
