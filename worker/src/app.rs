@@ -132,7 +132,7 @@ pub async fn run(
     );
     let tasks = TaskTracker::new();
     let stop_intake = CancellationToken::new();
-    tasks.spawn(crate::consumer::run(ctx.clone(), stop_intake.clone()));
+    let consumer = tokio::spawn(crate::consumer::run(ctx.clone(), stop_intake.clone()));
     tasks.spawn(crate::sweeper::run(ctx.clone()));
     let stop_relay = CancellationToken::new();
     tasks.spawn(crate::relay::run(ctx.clone(), stop_relay.clone()));
@@ -140,9 +140,18 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!("shutdown: stopping intake, finishing in-flight jobs");
     stop_intake.cancel();
-    ctx.jobs.close();
     let grace = Duration::from_millis(ctx.config.worker.shutdown_grace_ms);
-    if tokio::time::timeout(grace, ctx.jobs.wait()).await.is_err() {
+    let deadline = tokio::time::Instant::now() + grace;
+    // The consumer finishes the batch it holds (commit, ack, dispatch) before it stops; only
+    // then is the set of in-flight jobs complete, so wait for it first.
+    if tokio::time::timeout_at(deadline, consumer).await.is_err() {
+        tracing::warn!("shutdown: intake did not stop within the grace period");
+    }
+    ctx.jobs.close();
+    if tokio::time::timeout_at(deadline, ctx.jobs.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             "shutdown: in-flight jobs did not finish within {} ms; their leases will expire and \
              the sweeper will take them",

@@ -31,6 +31,10 @@ pub async fn dispatch(ctx: &Arc<Ctx>, refund_no: String) {
 
 /// Runs a job in the background with an already-held slot.
 pub fn spawn(ctx: &Arc<Ctx>, refund_no: String, permit: OwnedSemaphorePermit) {
+    if ctx.jobs.is_closed() {
+        // Draining for shutdown: the job stays `received` and the next sweeper takes it.
+        return;
+    }
     let ctx2 = ctx.clone();
     ctx.jobs.spawn(async move {
         let _permit = permit;

@@ -110,7 +110,9 @@ async fn every_published_message_becomes_exactly_one_job_rejection_conflict_or_d
                 let counts = ops::counts_by_state(&pool).await?;
                 let succeeded = counts.get(&State::Succeeded).copied().unwrap_or(0);
                 let depth = testkit::queue_depth(&config, &config.amqp.queue).await?;
-                Ok(succeeded == 1000 && depth == 0)
+                let rejected = ops::count_rejected(&pool, "rejected").await?;
+                let conflicts = ops::count_rejected(&pool, "conflict").await?;
+                Ok(succeeded == 1000 && rejected >= 50 && conflicts >= 100 && depth == 0)
             }
         },
     )

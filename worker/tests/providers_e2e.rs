@@ -33,10 +33,16 @@ async fn settle(pool: &sqlx::PgPool, jobs: i64, secs: u64) -> anyhow::Result<BTr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mixed_jobs_end_in_the_state_the_simulator_dictates_and_the_ledger_equals_what_it_paid() -> anyhow::Result<()> {
+async fn mixed_jobs_end_in_the_state_the_simulator_dictates_and_the_ledger_equals_what_it_paid()
+-> anyhow::Result<()> {
     let rules = vec![
-        FaultRule::new(FaultAction::Decline).order_no("^D").code("ORDER_NOT_REFUNDABLE"),
-        FaultRule::new(FaultAction::RetryLater).order_no("^B").provider(Provider::ShengPay).times(1),
+        FaultRule::new(FaultAction::Decline)
+            .order_no("^D")
+            .code("ORDER_NOT_REFUNDABLE"),
+        FaultRule::new(FaultAction::RetryLater)
+            .order_no("^B")
+            .provider(Provider::ShengPay)
+            .times(1),
     ];
     let sim = testkit::start_sim(rules, 0.3).await?;
     let (base, db) = testkit::test_config().await?;
@@ -62,15 +68,34 @@ async fn mixed_jobs_end_in_the_state_the_simulator_dictates_and_the_ledger_equal
         let refund_no = format!("E{i:05}");
         let order_no = format!("{prefix}{i:05}");
         let fee = 100 + (i as i64 % 37) * 13;
-        bodies.push(serde_json::to_vec(&request_json(&refund_no, &order_no, kind, merchant, fee * 3, fee))?);
-        expected.insert(refund_no, if prefix == "D" { State::Failed } else { State::Succeeded });
+        bodies.push(serde_json::to_vec(&request_json(
+            &refund_no,
+            &order_no,
+            kind,
+            merchant,
+            fee * 3,
+            fee,
+        ))?);
+        expected.insert(
+            refund_no,
+            if prefix == "D" {
+                State::Failed
+            } else {
+                State::Succeeded
+            },
+        );
     }
     testkit::publish_requests(&config, &bodies).await?;
     let counts = settle(&db.pool, 1000, 120).await?;
 
     for (refund_no, want) in &expected {
-        let (got, cause) = ops::job_state(&db.pool, refund_no).await?.expect("job exists");
-        assert_eq!(got, *want, "{refund_no} ended {got} ({cause:?}), expected {want}");
+        let (got, cause) = ops::job_state(&db.pool, refund_no)
+            .await?
+            .expect("job exists");
+        assert_eq!(
+            got, *want,
+            "{refund_no} ended {got} ({cause:?}), expected {want}"
+        );
     }
     assert_eq!(counts.get(&State::Failed).copied().unwrap_or(0), 100);
 
@@ -84,9 +109,16 @@ async fn mixed_jobs_end_in_the_state_the_simulator_dictates_and_the_ledger_equal
         assert_eq!(l.provider, p.provider.as_str());
         assert_eq!(l.merchant, p.merchant);
         assert_eq!(l.refund_fee, p.refund_fee, "{}", l.refund_no);
-        assert_eq!(l.settlement_refund_fee, p.settlement_refund_fee, "{}", l.refund_no);
+        assert_eq!(
+            l.settlement_refund_fee, p.settlement_refund_fee,
+            "{}",
+            l.refund_no
+        );
         if p.provider == Provider::ShengPay {
-            assert_eq!(l.provider_refund_id.as_deref(), Some(p.provider_refund_id.as_str()));
+            assert_eq!(
+                l.provider_refund_id.as_deref(),
+                Some(p.provider_refund_id.as_str())
+            );
         }
     }
     assert!(
@@ -95,7 +127,10 @@ async fn mixed_jobs_end_in_the_state_the_simulator_dictates_and_the_ledger_equal
     );
     // Every binding was exercised, and each refund was paid at most once.
     for m in WUPAY {
-        assert!(ledger.iter().any(|l| l.merchant == m), "no refund through {m}");
+        assert!(
+            ledger.iter().any(|l| l.merchant == m),
+            "no refund through {m}"
+        );
     }
     let mut seen = std::collections::HashSet::new();
     assert!(paid.iter().all(|p| seen.insert(p.refund_no.clone())));
@@ -103,7 +138,11 @@ async fn mixed_jobs_end_in_the_state_the_simulator_dictates_and_the_ledger_equal
     let calls = ops::attempts_per_job(&db.pool).await?;
     for (no, state) in &expected {
         if *state == State::Failed {
-            assert_eq!(calls.get(no), Some(&1), "declined {no} called more than once");
+            assert_eq!(
+                calls.get(no),
+                Some(&1),
+                "declined {no} called more than once"
+            );
         }
     }
     shutdown.cancel();
@@ -113,7 +152,8 @@ async fn mixed_jobs_end_in_the_state_the_simulator_dictates_and_the_ledger_equal
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_response_whose_signature_does_not_verify_never_produces_succeeded_or_failed() -> anyhow::Result<()> {
+async fn a_response_whose_signature_does_not_verify_never_produces_succeeded_or_failed()
+-> anyhow::Result<()> {
     // Every ShengPay answer for these orders carries a corrupted signature (the refund is paid
     // at the provider all the same): the worker must keep treating the outcome as unknown.
     let rules = vec![FaultRule::new(FaultAction::BadSignature).order_no("^S")];
@@ -125,7 +165,17 @@ async fn a_response_whose_signature_does_not_verify_never_produces_succeeded_or_
     let shutdown = tokio_util::sync::CancellationToken::new();
     let app = tokio::spawn(worker::app::run(config.clone(), registry, shutdown.clone()));
     let bodies: Vec<Vec<u8>> = (0..10)
-        .map(|i| serde_json::to_vec(&request_json(&format!("SIG{i}"), &format!("S{i}"), ProviderKind::Shengpay, SHENGPAY[i % 2], 500, 100)).unwrap())
+        .map(|i| {
+            serde_json::to_vec(&request_json(
+                &format!("SIG{i}"),
+                &format!("S{i}"),
+                ProviderKind::Shengpay,
+                SHENGPAY[i % 2],
+                500,
+                100,
+            ))
+            .unwrap()
+        })
         .collect();
     testkit::publish_requests(&config, &bodies).await?;
     let counts = settle(&db.pool, 10, 60).await?;
@@ -134,7 +184,9 @@ async fn a_response_whose_signature_does_not_verify_never_produces_succeeded_or_
     assert_eq!(counts.get(&State::Failed), None);
     assert!(ops::ledger(&db.pool).await?.is_empty());
     for i in 0..10 {
-        let (_, cause) = ops::job_state(&db.pool, &format!("SIG{i}")).await?.expect("job");
+        let (_, cause) = ops::job_state(&db.pool, &format!("SIG{i}"))
+            .await?
+            .expect("job");
         assert_eq!(cause.as_deref(), Some("retries_exhausted"));
     }
     // The simulator paid each once, however often it was asked.
