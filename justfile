@@ -20,7 +20,9 @@ demo: up
 # Every test: unit, integration (real PostgreSQL and RabbitMQ) and the fault suite.
 test: up
     scripts/drop-test-dbs.sh
-    cargo test --workspace --all-targets --no-fail-fast
+    cargo test --workspace --all-targets --no-fail-fast -- --skip fault_suite
+    # The fault-injection suite, with its per-scenario table.
+    cargo test -p worker --test faults -- --nocapture
 
 # Formatting and clippy with warnings as errors, and the Kubernetes manifests.
 lint:

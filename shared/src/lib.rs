@@ -10,6 +10,7 @@
 pub mod broker;
 pub mod config;
 pub mod events;
+pub mod failpoint;
 pub mod job;
 pub mod provider;
 pub mod state;

@@ -98,6 +98,7 @@ async fn consume(ctx: &Arc<Ctx>, stop: &CancellationToken) -> anyhow::Result<()>
 /// Records a batch, then acks (or dead-letters) each delivery and dispatches new jobs.
 async fn take_batch(ctx: &Arc<Ctx>, batch: Vec<Delivery>) -> anyhow::Result<()> {
     let results = record_batch(ctx, &batch).await?;
+    shared::failpoint::hit("intake_committed");
     for (delivery, result) in batch.iter().zip(&results) {
         metrics::counter!(crate::metrics::INTAKE, "result" => result.label()).increment(1);
         if result.is_poison() {

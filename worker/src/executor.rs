@@ -57,6 +57,7 @@ pub async fn run(ctx: &Arc<Ctx>, refund_no: &str) -> Result<(), StoreError> {
             // Final, dead, not yet due, or another worker has it.
             return Ok(());
         };
+        shared::failpoint::hit("claimed");
         crate::metrics::transition("claimable", State::InFlight.as_str());
         let span = tracing::info_span!(
             "job",
@@ -116,6 +117,7 @@ async fn attempt(
             attempt: claimed.attempt,
         })
         .await;
+    shared::failpoint::hit("sent");
     let class = rec.outcome.class();
     metrics::counter!(crate::metrics::PROVIDER_CALLS, "provider" => req.provider.as_str(), "outcome" => class).increment(1);
     metrics::histogram!(crate::metrics::PROVIDER_LATENCY, "provider" => req.provider.as_str(), "outcome" => class)
@@ -160,6 +162,7 @@ async fn attempt(
             return Err(e);
         }
     };
+    shared::failpoint::hit("recorded");
     match (&recorded, &decision) {
         (Recorded::Fenced, _) => {
             metrics::counter!(crate::metrics::FENCED).increment(1);

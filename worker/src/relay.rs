@@ -87,6 +87,7 @@ async fn publish_batch(ctx: &Arc<Ctx>, channel: &lapin::Channel) -> anyhow::Resu
             anyhow::bail!("broker nacked an event; the batch stays in the outbox");
         }
     }
+    shared::failpoint::hit("events_confirmed");
     let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
     outbox::delete(&mut tx, &ids).await?;
     tx.commit().await?;

@@ -1,0 +1,446 @@
+//! The fault-injection suite: each scenario runs the real `refund-worker` binary against the
+//! simulator, injures something (a crash at an exact step, transport faults, a stalled worker,
+//! a server restart, a hostile network between the worker and its peers) and then checks the
+//! promise: the simulator paid each refund at most once, the ledger matches what it paid, every
+//! job is final or dead with a cause, no declined job was called again, no maybe-delivered
+//! request was resent to a non-idempotent merchant, and every published request is accounted
+//! for. A per-scenario table is printed at the end (run with `--nocapture` to see it).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shared::config::Config;
+use shared::job::ProviderKind;
+use shared::state::State;
+use shared::store::ops;
+use sqlx::Row;
+use tools::sim::{FaultAction, FaultRule, Outcome as SimOutcome, Provider, SimHandle};
+use tools::testkit::{self, request_json};
+
+const SHENGPAY: [&str; 2] = ["93751497", "10000002"];
+const WUPAY: [&str; 4] = ["wu-soap11", "wu-soap12", "wu-post", "wu-get"];
+
+/// A running worker process.
+struct Worker(Child);
+
+impl Worker {
+    fn start(config: &std::path::Path, failpoint: Option<&str>) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_refund-worker"));
+        cmd.arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match failpoint {
+            Some(fp) => cmd.env(shared::failpoint::ENV, fp),
+            None => cmd.env_remove(shared::failpoint::ENV),
+        };
+        Ok(Worker(cmd.spawn()?))
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.0.id() as i32)
+    }
+
+    /// Waits for the process to exit by itself (a crash point fired).
+    async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.0.try_wait()?.is_some() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("the worker did not crash at its failpoint within {within:?}")
+    }
+
+    fn terminate(mut self) -> anyhow::Result<()> {
+        if self.0.try_wait()?.is_none() {
+            kill(self.pid(), Signal::SIGTERM)?;
+            self.0.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = kill(self.pid(), Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// What a scenario does to the system.
+enum Injury {
+    /// The worker aborts at this crash point (see `shared::failpoint`), then is restarted.
+    Crash(&'static str),
+    /// Only the simulator's fault rules.
+    None,
+    /// One worker is stopped (SIGSTOP) mid-call past its lease while a second one runs, then
+    /// continued (SIGCONT).
+    StallPastLease,
+}
+
+struct Scenario {
+    name: &'static str,
+    rules: Vec<FaultRule>,
+    injury: Injury,
+    jobs: usize,
+    max_attempts: i32,
+    /// Every ShengPay (idempotent) job must end succeeded, except declines.
+    idempotent_all_succeed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    jobs: usize,
+    calls: usize,
+    duplicates_paid: usize,
+    lost: usize,
+    unknown: usize,
+    problems: Vec<String>,
+    seconds: f64,
+}
+
+fn write_config(config: &Config) -> anyhow::Result<tempfile::NamedTempFile> {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile()?;
+    std::io::Write::write_all(&mut f, toml::to_string(config)?.as_bytes())?;
+    Ok(f)
+}
+
+fn workload(n: usize) -> (Vec<Vec<u8>>, BTreeMap<String, (ProviderKind, bool)>) {
+    let mut bodies = Vec::new();
+    let mut meta = BTreeMap::new();
+    for i in 0..n {
+        let (kind, merchant) = if i % 2 == 0 {
+            (ProviderKind::Shengpay, SHENGPAY[(i / 2) % 2])
+        } else {
+            (ProviderKind::Wupay, WUPAY[(i / 2) % 4])
+        };
+        let declined = i % 10 == 3;
+        let refund_no = format!("F{i:05}");
+        let order_no = format!("{}{i:05}", if declined { "D" } else { "N" });
+        bodies.push(
+            serde_json::to_vec(&request_json(
+                &refund_no,
+                &order_no,
+                kind,
+                merchant,
+                900,
+                100 + i as i64,
+            ))
+            .unwrap(),
+        );
+        meta.insert(refund_no, (kind, declined));
+    }
+    (bodies, meta)
+}
+
+async fn open_jobs(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
+    let c = ops::counts_by_state(pool).await?;
+    Ok([State::Received, State::InFlight, State::RetryWait]
+        .iter()
+        .map(|s| c.get(s).copied().unwrap_or(0))
+        .sum())
+}
+
+/// Checks the promise after a scenario; every violation is named in `problems`.
+async fn audit(
+    pool: &sqlx::PgPool,
+    sim: &SimHandle,
+    meta: &BTreeMap<String, (ProviderKind, bool)>,
+    s: &Scenario,
+) -> anyhow::Result<Tally> {
+    let mut t = Tally {
+        jobs: meta.len(),
+        ..Tally::default()
+    };
+    let calls = sim.calls();
+    t.calls = calls.len();
+    let mut by_refund: HashMap<String, Vec<&tools::sim::CallRecord>> = HashMap::new();
+    for c in &calls {
+        if let Some(no) = &c.refund_no {
+            by_refund.entry(no.clone()).or_default().push(c);
+        }
+    }
+    let rows = sqlx::query("SELECT refund_no, state, cause FROM jobs")
+        .fetch_all(pool)
+        .await?;
+    let mut jobs: HashMap<String, (String, Option<String>)> = HashMap::new();
+    for r in rows {
+        jobs.insert(r.get("refund_no"), (r.get("state"), r.get("cause")));
+    }
+    let ledger: HashMap<String, (i64, i64)> = ops::ledger(pool)
+        .await?
+        .into_iter()
+        .map(|l| (l.refund_no, (l.refund_fee, l.settlement_refund_fee)))
+        .collect();
+    let paid: HashMap<String, (i64, i64)> = sim
+        .paid()
+        .into_iter()
+        .map(|p| (p.refund_no, (p.refund_fee, p.settlement_refund_fee)))
+        .collect();
+    for (no, (kind, declined)) in meta {
+        let mine = by_refund.get(no).map(Vec::as_slice).unwrap_or(&[]);
+        let paid_calls = mine
+            .iter()
+            .filter(|c| c.outcome == SimOutcome::Paid)
+            .count();
+        if paid_calls > 1 {
+            t.duplicates_paid += 1;
+            t.problems.push(format!("{no}: paid {paid_calls} times"));
+        }
+        if let Some(i) = mine.iter().position(|c| c.outcome == SimOutcome::Declined)
+            && i + 1 < mine.len()
+        {
+            t.problems
+                .push(format!("{no}: called again after a decline"));
+        }
+        if *kind == ProviderKind::Wupay && mine.len() > 1 {
+            t.problems.push(format!(
+                "{no}: resent to a non-idempotent merchant ({} calls)",
+                mine.len()
+            ));
+        }
+        let Some((state, cause)) = jobs.get(no) else {
+            t.lost += 1;
+            t.problems.push(format!("{no}: published but no job"));
+            continue;
+        };
+        match (state.as_str(), paid.get(no), ledger.get(no)) {
+            ("succeeded", Some(p), Some(l)) if p == l => {}
+            ("succeeded", p, l) => {
+                t.lost += 1;
+                t.problems
+                    .push(format!("{no}: succeeded but paid {p:?} vs booked {l:?}"));
+            }
+            ("failed", None, None) => {
+                if !declined {
+                    t.problems
+                        .push(format!("{no}: failed without a planted decline"));
+                }
+            }
+            ("dead", p, None) => {
+                if cause.as_deref() == Some("outcome_unknown") {
+                    t.unknown += 1;
+                } else if p.is_some() {
+                    t.lost += 1;
+                    t.problems.push(format!(
+                        "{no}: paid, dead with cause {cause:?} (not outcome_unknown)"
+                    ));
+                }
+                if *kind == ProviderKind::Shengpay && s.idempotent_all_succeed {
+                    t.problems
+                        .push(format!("{no}: idempotent job ended dead ({cause:?})"));
+                }
+            }
+            (st, p, l) => {
+                t.lost += 1;
+                t.problems.push(format!(
+                    "{no}: state {st} ({cause:?}), paid {p:?}, booked {l:?}"
+                ));
+            }
+        }
+        if *declined && state != "failed" && !(state == "dead" && *kind == ProviderKind::Wupay) {
+            t.problems
+                .push(format!("{no}: planted decline ended {state}"));
+        }
+    }
+    for no in ledger.keys() {
+        if !paid.contains_key(no) {
+            t.problems.push(format!("{no}: booked but never paid"));
+        }
+    }
+    Ok(t)
+}
+
+async fn run(s: &Scenario) -> anyhow::Result<Tally> {
+    let started = Instant::now();
+    let sim = testkit::start_sim(s.rules.clone(), 0.2).await?;
+    let (mut base, db) = testkit::test_config().await?;
+    base.worker.lease_ms = 3_000;
+    base.worker.lease_margin_ms = 300;
+    base.http.timeout_ms = 2_000;
+    base.worker.retry.max_attempts = s.max_attempts;
+    base.worker.concurrency = 16;
+    let config = testkit::with_sim_merchants(&base, &sim)?;
+    let file = write_config(&config)?;
+    let (bodies, meta) = workload(s.jobs);
+    let mut worker = match &s.injury {
+        Injury::Crash(fp) => Some(Worker::start(file.path(), Some(fp))?),
+        _ => Some(Worker::start(file.path(), None)?),
+    };
+    testkit::publish_requests(&config, &bodies).await?;
+    match &s.injury {
+        Injury::Crash(_) => {
+            if let Some(w) = worker.as_mut() {
+                w.wait_exit(Duration::from_secs(30)).await?;
+            }
+            worker = Some(Worker::start(file.path(), None)?);
+        }
+        Injury::StallPastLease => {
+            // Wait until the first worker is mid-call, freeze it past its lease, let a second
+            // worker take over, then let the first one wake up and try to record.
+            let pool = db.pool.clone();
+            testkit::wait_until(Duration::from_secs(20), "a job in flight", || {
+                let pool = pool.clone();
+                async move {
+                    Ok(ops::counts_by_state(&pool)
+                        .await?
+                        .get(&State::InFlight)
+                        .copied()
+                        .unwrap_or(0)
+                        > 0)
+                }
+            })
+            .await?;
+            let first = worker.take();
+            if let Some(w) = &first {
+                kill(w.pid(), Signal::SIGSTOP)?;
+            }
+            let second = Worker::start(file.path(), None)?;
+            tokio::time::sleep(Duration::from_millis(config.worker.lease_ms + 2_000)).await;
+            if let Some(w) = &first {
+                kill(w.pid(), Signal::SIGCONT)?;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if let Some(w) = first {
+                w.terminate()?;
+            }
+            worker = Some(second);
+        }
+        Injury::None => {}
+    }
+    let pool = db.pool.clone();
+    let settled = testkit::wait_until(Duration::from_secs(90), "every job final or dead", || {
+        let pool = pool.clone();
+        let n = meta.len() as i64;
+        async move {
+            Ok(
+                ops::counts_by_state(&pool).await?.values().sum::<i64>() == n
+                    && open_jobs(&pool).await? == 0,
+            )
+        }
+    })
+    .await;
+    if let Some(w) = worker {
+        w.terminate()?;
+    }
+    let mut t = audit(&db.pool, &sim, &meta, s).await?;
+    if let Err(e) = settled {
+        t.problems.push(format!("did not settle: {e}"));
+        t.lost += open_jobs(&db.pool).await? as usize;
+    }
+    t.seconds = started.elapsed().as_secs_f64();
+    sim.shutdown().await;
+    Ok(t)
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let plain = |name, injury| Scenario {
+        name,
+        rules: vec![
+            FaultRule::new(FaultAction::Decline).order_no("^D"),
+            FaultRule::latency(15),
+        ],
+        injury,
+        jobs: 120,
+        max_attempts: 8,
+        idempotent_all_succeed: false,
+    };
+    let transport = |provider| {
+        vec![
+            FaultRule::new(FaultAction::Decline).order_no("^D"),
+            FaultRule::new(FaultAction::DropResponse)
+                .provider(provider)
+                .rate(0.1),
+            FaultRule::new(FaultAction::Reset)
+                .provider(provider)
+                .rate(0.11),
+            FaultRule::new(FaultAction::Http500)
+                .provider(provider)
+                .rate(0.125),
+        ]
+    };
+    vec![
+        plain("kill -9 after claim", Injury::Crash("claimed:5")),
+        plain("kill -9 after sending", Injury::Crash("sent:5")),
+        plain("kill -9 after recording", Injury::Crash("recorded:5")),
+        plain(
+            "kill -9 after intake commit, before ack",
+            Injury::Crash("intake_committed:2"),
+        ),
+        plain(
+            "kill -9 after events confirmed, before outbox delete",
+            Injury::Crash("events_confirmed:1"),
+        ),
+        plain("SIGSTOP past the lease, SIGCONT", Injury::StallPastLease),
+        Scenario {
+            name: "30% transport faults, idempotent (ShengPay)",
+            rules: transport(Provider::ShengPay),
+            injury: Injury::None,
+            jobs: 200,
+            max_attempts: 20,
+            idempotent_all_succeed: true,
+        },
+        Scenario {
+            name: "30% transport faults, not idempotent (WuPay)",
+            rules: transport(Provider::WuPay),
+            injury: Injury::None,
+            jobs: 200,
+            max_attempts: 20,
+            idempotent_all_succeed: true,
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_suite_pays_every_refund_at_most_once_and_loses_none() -> anyhow::Result<()> {
+    let mut table = String::new();
+    writeln!(
+        table,
+        "{:<54} {:>5} {:>6} {:>10} {:>5} {:>8} {:>6}",
+        "scenario", "jobs", "calls", "dup paid", "lost", "unknown", "secs"
+    )?;
+    let mut failures = Vec::new();
+    for s in scenarios() {
+        let t = run(&s).await?;
+        writeln!(
+            table,
+            "{:<54} {:>5} {:>6} {:>10} {:>5} {:>8} {:>6.1}",
+            s.name, t.jobs, t.calls, t.duplicates_paid, t.lost, t.unknown, t.seconds
+        )?;
+        if t.duplicates_paid > 0 || t.lost > 0 || !t.problems.is_empty() {
+            failures.push(format!(
+                "{}: {}",
+                s.name,
+                t.problems
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+    }
+    println!("\n{table}");
+    let _ = std::fs::write(
+        testkit::workspace_root().join("target/fault-suite.txt"),
+        &table,
+    );
+    assert!(
+        failures.is_empty(),
+        "fault suite failures:\n{}\n{table}",
+        failures.join("\n")
+    );
+    let _: HashSet<()> = HashSet::new();
+    Ok(())
+}
