@@ -97,3 +97,18 @@ pub async fn send(
         body,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_shared_client_speaks_https() {
+        // Port 9 (discard) is closed here: a client with TLS support fails to *connect*; one
+        // without fails before that, on the URL scheme.
+        let client = build_client(&HttpConfig::default()).unwrap();
+        let err = client.get("https://127.0.0.1:9/").send().await.unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+        assert!(matches!(classify(&err), TransportError::NotSent(_)));
+    }
+}
