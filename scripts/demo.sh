@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# `just demo`: runs refund-demo (tools/src/bin/refund-demo.rs) from the workspace root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec target/release/refund-demo "$@"
