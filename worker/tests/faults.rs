@@ -20,6 +20,8 @@ use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
 use sqlx::Row;
+use tools::faultproxy::{FaultProxy, Mode};
+use tools::private::{PrivatePostgres, PrivateRabbit};
 use tools::sim::{FaultAction, FaultRule, Outcome as SimOutcome, Provider, SimHandle};
 use tools::testkit::{self, request_json};
 
@@ -32,11 +34,16 @@ struct Worker(Child);
 impl Worker {
     fn start(config: &std::path::Path, failpoint: Option<&str>) -> anyhow::Result<Self> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_refund-worker"));
+        // Each worker's log goes to target/fault-logs/ for a post-mortem of a failed scenario.
+        let dir = testkit::workspace_root().join("target/fault-logs");
+        std::fs::create_dir_all(&dir)?;
+        let name = format!("worker-{}.log", uuid::Uuid::new_v4().simple());
+        let log = std::fs::File::create(dir.join(name))?;
         cmd.arg("--config")
             .arg(config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
         match failpoint {
             Some(fp) => cmd.env(shared::failpoint::ENV, fp),
             None => cmd.env_remove(shared::failpoint::ENV),
@@ -87,6 +94,20 @@ enum Injury {
     /// One worker is stopped (SIGSTOP) mid-call past its lease while a second one runs, then
     /// continued (SIGCONT).
     StallPastLease,
+    /// A private RabbitMQ node is stopped mid-run (readiness must turn false) and started
+    /// again (readiness true); queues are durable and messages persistent.
+    RestartRabbit,
+    /// A private PostgreSQL is restarted mid-run.
+    RestartPostgres,
+    /// A fault proxy between the worker and one peer switches to `mode` for `for_ms`, then back.
+    Network { peer: Peer, mode: Mode, for_ms: u64 },
+}
+
+#[derive(Clone, Copy)]
+enum Peer {
+    Provider,
+    Broker,
+    Database,
 }
 
 struct Scenario {
@@ -266,12 +287,67 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     let started = Instant::now();
     let sim = testkit::start_sim(s.rules.clone(), 0.2).await?;
     let (mut base, db) = testkit::test_config().await?;
+    base.worker.metrics_addr = free_addr()?;
+    // Servers of the scenario's own, and proxies, where the injury needs them.
+    let rabbit = match s.injury {
+        Injury::RestartRabbit => Some(PrivateRabbit::start().await?),
+        _ => None,
+    };
+    if let Some(r) = &rabbit {
+        base.amqp_url = r.url();
+    }
+    let postgres = match s.injury {
+        Injury::RestartPostgres => Some(PrivatePostgres::start().await?),
+        _ => None,
+    };
+    let pool = match &postgres {
+        Some(pg) => {
+            base.database_url = pg.create_migrated_database("refunds").await?;
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(&base.database_url)
+                .await?
+        }
+        None => db.pool.clone(),
+    };
     base.worker.lease_ms = 3_000;
     base.worker.lease_margin_ms = 300;
     base.http.timeout_ms = 2_000;
     base.worker.retry.max_attempts = s.max_attempts;
     base.worker.concurrency = 16;
-    let config = testkit::with_sim_merchants(&base, &sim)?;
+    let mut config = testkit::with_sim_merchants(&base, &sim)?;
+    let proxy = match &s.injury {
+        Injury::Network {
+            peer: Peer::Provider,
+            ..
+        } => {
+            let (p, url) = FaultProxy::for_url(&sim.base_url()).await?;
+            let base_url = sim.base_url();
+            for m in &mut config.shengpay.merchants {
+                m.base_url = url.clone();
+            }
+            for m in &mut config.wupay.merchants {
+                m.base_url = m.base_url.replace(&base_url, &url);
+            }
+            Some(p)
+        }
+        Injury::Network {
+            peer: Peer::Broker, ..
+        } => {
+            let (p, url) = FaultProxy::for_url(&config.amqp_url).await?;
+            config.amqp_url = url;
+            Some(p)
+        }
+        Injury::Network {
+            peer: Peer::Database,
+            ..
+        } => {
+            let (p, url) = FaultProxy::for_url(&config.database_url).await?;
+            config.database_url = url;
+            Some(p)
+        }
+        _ => None,
+    };
     let file = write_config(&config)?;
     let (bodies, meta) = workload(s.jobs);
     let mut worker = match &s.injury {
@@ -289,7 +365,7 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
         Injury::StallPastLease => {
             // Wait until the first worker is mid-call, freeze it past its lease, let a second
             // worker take over, then let the first one wake up and try to record.
-            let pool = db.pool.clone();
+            let pool = pool.clone();
             testkit::wait_until(Duration::from_secs(20), "a job in flight", || {
                 let pool = pool.clone();
                 async move {
@@ -317,9 +393,40 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
             }
             worker = Some(second);
         }
+        Injury::RestartRabbit => {
+            let addr = config.worker.metrics_addr.clone();
+            wait_some_done(&pool, 20).await?;
+            let r = rabbit.as_ref().expect("private RabbitMQ");
+            r.stop().await?;
+            wait_ready(&addr, false, Duration::from_secs(30))
+                .await
+                .map_err(|e| anyhow::anyhow!("readiness with RabbitMQ stopped: {e}"))?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r.start_again().await?;
+            wait_ready(&addr, true, Duration::from_secs(60))
+                .await
+                .map_err(|e| anyhow::anyhow!("readiness with RabbitMQ back: {e}"))?;
+        }
+        Injury::RestartPostgres => {
+            wait_some_done(&pool, 20).await?;
+            postgres
+                .as_ref()
+                .expect("private PostgreSQL")
+                .restart()
+                .await?;
+        }
+        Injury::Network { mode, for_ms, .. } => {
+            wait_some_done(&pool, 10).await?;
+            let p = proxy.as_ref().expect("fault proxy");
+            p.set_mode(*mode);
+            if matches!(mode, Mode::Reset) {
+                p.reset_all().await;
+            }
+            tokio::time::sleep(Duration::from_millis(*for_ms)).await;
+            p.set_mode(Mode::Pass);
+        }
         Injury::None => {}
     }
-    let pool = db.pool.clone();
     let settled = testkit::wait_until(Duration::from_secs(90), "every job final or dead", || {
         let pool = pool.clone();
         let n = meta.len() as i64;
@@ -334,14 +441,62 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     if let Some(w) = worker {
         w.terminate()?;
     }
-    let mut t = audit(&db.pool, &sim, &meta, s).await?;
+    let mut t = audit(&pool, &sim, &meta, s).await?;
     if let Err(e) = settled {
         t.problems.push(format!("did not settle: {e}"));
-        t.lost += open_jobs(&db.pool).await? as usize;
+        t.lost += open_jobs(&pool).await? as usize;
     }
+    drop(proxy);
+    drop(rabbit);
+    drop(postgres);
     t.seconds = started.elapsed().as_secs_f64();
     sim.shutdown().await;
     Ok(t)
+}
+
+/// A free local address for the worker's health endpoint.
+fn free_addr() -> anyhow::Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+/// Waits until at least `n` jobs are final or dead: the injury lands mid-run.
+async fn wait_some_done(pool: &sqlx::PgPool, n: i64) -> anyhow::Result<()> {
+    let pool = pool.clone();
+    testkit::wait_until(Duration::from_secs(30), "some jobs done", || {
+        let pool = pool.clone();
+        async move {
+            let c = ops::counts_by_state(&pool).await?;
+            Ok([State::Succeeded, State::Failed, State::Dead]
+                .iter()
+                .map(|s| c.get(s).copied().unwrap_or(0))
+                .sum::<i64>()
+                >= n)
+        }
+    })
+    .await
+}
+
+/// Polls `/readyz` until it says `ready` (200) or not (503).
+async fn wait_ready(addr: &str, ready: bool, within: Duration) -> anyhow::Result<()> {
+    let url = format!("http://{addr}/readyz");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + within;
+    loop {
+        let status = client
+            .get(&url)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if (ready && status == 200) || (!ready && status == 503) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("/readyz stayed {status} for {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -383,6 +538,59 @@ fn scenarios() -> Vec<Scenario> {
             Injury::Crash("events_confirmed:1"),
         ),
         plain("SIGSTOP past the lease, SIGCONT", Injury::StallPastLease),
+        plain(
+            "RabbitMQ restart (readiness false, then true)",
+            Injury::RestartRabbit,
+        ),
+        plain("PostgreSQL restart", Injury::RestartPostgres),
+        plain(
+            "provider network: 3 s blackhole",
+            Injury::Network {
+                peer: Peer::Provider,
+                mode: Mode::Blackhole,
+                for_ms: 3_000,
+            },
+        ),
+        plain(
+            "provider network: +300 ms latency",
+            Injury::Network {
+                peer: Peer::Provider,
+                mode: Mode::Latency(Duration::from_millis(300)),
+                for_ms: 2_000,
+            },
+        ),
+        plain(
+            "provider network: responses dropped",
+            Injury::Network {
+                peer: Peer::Provider,
+                mode: Mode::DropResponse,
+                for_ms: 1_000,
+            },
+        ),
+        plain(
+            "broker network: connections reset",
+            Injury::Network {
+                peer: Peer::Broker,
+                mode: Mode::Reset,
+                for_ms: 1_000,
+            },
+        ),
+        plain(
+            "database network: connections reset",
+            Injury::Network {
+                peer: Peer::Database,
+                mode: Mode::Reset,
+                for_ms: 1_000,
+            },
+        ),
+        plain(
+            "database network: 2 s blackhole",
+            Injury::Network {
+                peer: Peer::Database,
+                mode: Mode::Blackhole,
+                for_ms: 2_000,
+            },
+        ),
         Scenario {
             name: "30% transport faults, idempotent (ShengPay)",
             rules: transport(Provider::ShengPay),
@@ -411,7 +619,12 @@ async fn fault_suite_pays_every_refund_at_most_once_and_loses_none() -> anyhow::
         "scenario", "jobs", "calls", "dup paid", "lost", "unknown", "secs"
     )?;
     let mut failures = Vec::new();
-    for s in scenarios() {
+    // FAULT_SCENARIOS=substring runs only the matching scenarios (for investigating one).
+    let only = std::env::var("FAULT_SCENARIOS").ok();
+    let chosen = scenarios()
+        .into_iter()
+        .filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o)));
+    for s in chosen {
         let t = run(&s).await?;
         writeln!(
             table,
