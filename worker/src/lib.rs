@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod consumer;
+pub mod ctl;
 pub mod executor;
 pub mod health;
 pub mod metrics;

@@ -11,6 +11,7 @@
 
 pub mod intake;
 pub mod jobs;
+pub mod operator;
 pub mod ops;
 pub mod outbox;
 pub mod sweep;

@@ -1,0 +1,382 @@
+//! `job show` (a job's whole story) and `job resolve` (settling a dead job by hand).
+//!
+//! `show` reads everything from one snapshot: the job row, each provider call with what was
+//! sent and received (secrets were redacted when the call was recorded), the full transition
+//! history, the operator audit rows, poison messages that carried the same `refund_no`, and
+//! reconciliation discrepancies when the reconciler's tables exist.
+//!
+//! `resolve` is for a dead job whose outcome an operator has checked with the provider. It
+//! goes through [`jobs::resolve`], which re-checks the state under the row lock and writes the
+//! ledger entry (source `manual`) or the order release, the `refund.resolved` event and the
+//! audit row in one transaction; a refusal is audited too.
+
+use clap::{Args, Subcommand, ValueEnum};
+use shared::state::State;
+use shared::store::jobs::{self, Resolution, Verdict};
+use shared::store::operator::{self, Discrepancies, JobDetail};
+
+use super::render;
+use super::{Ctl, OperatorArgs, Out, Status};
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// State, cause, attempts, every provider call, the full transition history, audit rows,
+    /// poison messages and reconciliation discrepancies of one refund.
+    Show(ShowArgs),
+    /// Settle a dead job by hand after checking its outcome with the provider (audited).
+    ///
+    /// `--as succeeded` books a ledger entry (source manual) with the settlement fee the
+    /// provider reports; `--as failed` gives the amount back to the order. Both publish
+    /// `refund.resolved`. Only dead jobs can be resolved.
+    Resolve(ResolveArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShowArgs {
+    /// The refund's refund_no.
+    #[arg(value_name = "REFUND_NO")]
+    pub refund_no: String,
+    /// One JSON object instead of the timeline.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Shows one job; exit 1 when nothing is known about the `refund_no`.
+pub async fn show(ctl: &Ctl, args: &ShowArgs, out: &mut Out) -> anyhow::Result<Status> {
+    let detail = operator::job_detail(&ctl.pool, &args.refund_no).await?;
+    if !detail.found() {
+        if args.json {
+            serde_json::to_writer(&mut *out, &detail)?;
+            writeln!(out)?;
+        }
+        eprintln!(
+            "refundctl: no job or poison message has refund_no {:?}",
+            args.refund_no
+        );
+        return Ok(Status::Incomplete);
+    }
+    if args.json {
+        serde_json::to_writer(&mut *out, &detail)?;
+        writeln!(out)?;
+    } else {
+        write_detail(ctl, &detail, out)?;
+    }
+    Ok(Status::Done)
+}
+
+/// Request and response texts are shown up to this many characters.
+const TEXT_MAX: usize = 4096;
+
+fn write_detail(ctl: &Ctl, d: &JobDetail, out: &mut Out) -> anyhow::Result<()> {
+    let tz = ctl.tz;
+    match &d.job {
+        Some(j) => {
+            writeln!(
+                out,
+                "Refund {}  order {}  {}/{}",
+                j.refund_no, j.order_no, j.provider, j.merchant
+            )?;
+            let state = match &j.cause {
+                Some(c) => format!("{} (cause {c})", j.state),
+                None => j.state.clone(),
+            };
+            let idempotent = ctl.idempotency.is_idempotent(&j.provider, &j.merchant);
+            let rows = [
+                ("state", state),
+                ("attempts", j.attempt.to_string()),
+                (
+                    "amounts",
+                    format!(
+                        "total {} fen, refund {} fen, settlement {}",
+                        j.total_fee,
+                        j.refund_fee,
+                        render::opt(j.settlement_refund_fee.map(|s| format!("{s} fen")))
+                    ),
+                ),
+                (
+                    "last code",
+                    match (&j.last_code, &j.last_message) {
+                        (None, None) => "-".into(),
+                        (c, m) => format!(
+                            "{}: {}",
+                            render::opt(c.as_deref()),
+                            render::cut(m.as_deref().unwrap_or(""), 200)
+                        ),
+                    },
+                ),
+                ("provider id", render::opt(j.provider_refund_id.as_deref())),
+                (
+                    "merchant",
+                    format!(
+                        "{} on refund_no",
+                        if idempotent {
+                            "deduplicates"
+                        } else {
+                            "does not deduplicate (or is not configured here)"
+                        }
+                    ),
+                ),
+                ("created", render::time_ago(j.created_at, tz)),
+                ("updated", render::time_ago(j.updated_at, tz)),
+                (
+                    "lease until",
+                    render::opt(j.lease_until.map(|t| render::time(t, tz))),
+                ),
+                (
+                    "next attempt",
+                    render::opt(j.next_attempt_at.map(|t| render::time(t, tz))),
+                ),
+            ];
+            for (k, v) in rows {
+                writeln!(out, "  {k:<13}{v}")?;
+            }
+            writeln!(out, "  {:<13}{}", "request", j.request)?;
+        }
+        None => writeln!(
+            out,
+            "Refund {}: no job (every message with this refund_no was refused at intake)",
+            d.refund_no
+        )?,
+    }
+
+    writeln!(out)?;
+    writeln!(out, "Provider calls ({})", d.attempts.len())?;
+    for a in &d.attempts {
+        writeln!(
+            out,
+            "  attempt {}  {}  {}{}  http {}  {}{}",
+            a.attempt,
+            render::time_ms(a.recorded_at, tz),
+            a.outcome,
+            a.code
+                .as_deref()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default(),
+            render::opt(a.http_status),
+            render::latency(a.latency_us),
+            if a.fenced {
+                "  FENCED (came back after its attempt was superseded; kept, not applied)"
+            } else {
+                ""
+            }
+        )?;
+        if let Some(m) = &a.message {
+            writeln!(out, "    message:  {}", render::cut(m, TEXT_MAX))?;
+        }
+        if let Some(id) = &a.provider_refund_id {
+            writeln!(
+                out,
+                "    paid:     provider id {id}, refund {} fen, settlement {} fen, coupon {} fen",
+                render::opt(a.refund_fee),
+                render::opt(a.settlement_refund_fee),
+                render::opt(a.coupon_refund_fee)
+            )?;
+        }
+        writeln!(out, "    request:  {}", render::cut(&a.request, TEXT_MAX))?;
+        writeln!(
+            out,
+            "    response: {}",
+            render::cut(a.response.as_deref().unwrap_or("-"), TEXT_MAX)
+        )?;
+    }
+
+    writeln!(out)?;
+    writeln!(out, "History ({} transitions)", d.transitions.len())?;
+    let rows: Vec<Vec<String>> = d
+        .transitions
+        .iter()
+        .map(|t| {
+            vec![
+                render::time_ms(t.at, tz),
+                format!(
+                    "{} -> {}",
+                    t.from_state.as_deref().unwrap_or("(intake)"),
+                    t.to_state
+                ),
+                t.attempt.to_string(),
+                t.actor.clone(),
+                render::opt(t.cause.as_deref()),
+                render::cut(
+                    &t.detail.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+                    100,
+                ),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        render::table(
+            out,
+            "  ",
+            &["AT", "TRANSITION", "ATTEMPT", "BY", "CAUSE", "DETAIL"],
+            &rows,
+            &[2],
+        )?;
+    }
+
+    writeln!(out)?;
+    writeln!(out, "Operator audit ({})", d.audit.len())?;
+    for a in &d.audit {
+        writeln!(
+            out,
+            "  {}  {} {}  by {}  {} -> {}{}",
+            render::time_ms(a.at, tz),
+            a.action,
+            a.result,
+            a.operator,
+            render::opt(a.prior_state.as_deref()),
+            render::opt(a.new_state.as_deref()),
+            a.detail
+                .as_ref()
+                .map(|v| format!("  {v}"))
+                .unwrap_or_default()
+        )?;
+        writeln!(out, "    note: {}", a.note)?;
+        if let Some(r) = &a.reason {
+            writeln!(out, "    reason: {r}")?;
+        }
+    }
+
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Poison messages with this refund_no ({})",
+        d.rejections.len()
+    )?;
+    for r in &d.rejections {
+        writeln!(
+            out,
+            "  {} {}  {}: {}  (arrived {}x, first {}, last {})",
+            r.kind,
+            r.id,
+            r.field,
+            r.reason,
+            r.occurrences,
+            render::time(r.first_seen_at, tz),
+            render::time(r.last_seen_at, tz)
+        )?;
+        writeln!(
+            out,
+            "    body ({} bytes): {}",
+            r.body_bytes,
+            render::cut(&r.body, 300)
+        )?;
+    }
+
+    writeln!(out)?;
+    match &d.discrepancies {
+        Discrepancies::NotInstalled => {
+            writeln!(out, "Reconciliation: not installed in this database")?
+        }
+        Discrepancies::Unavailable { error } => writeln!(
+            out,
+            "Reconciliation: discrepancies could not be read: {error}"
+        )?,
+        Discrepancies::Found { rows } if rows.is_empty() => {
+            writeln!(out, "Reconciliation discrepancies: none")?
+        }
+        Discrepancies::Found { rows } => {
+            writeln!(out, "Reconciliation discrepancies ({})", rows.len())?;
+            for r in rows {
+                writeln!(out, "  {r}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How a dead job was settled at the provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ResolveAs {
+    /// The provider paid the refund.
+    Succeeded,
+    /// The provider did not pay it.
+    Failed,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResolveArgs {
+    /// The dead job's refund_no.
+    #[arg(value_name = "REFUND_NO")]
+    pub refund_no: String,
+    /// What the provider says happened.
+    #[arg(long = "as", value_name = "OUTCOME", value_enum)]
+    pub to: ResolveAs,
+    /// The settlement refund fee the provider reports, in fen (required with --as succeeded).
+    #[arg(
+        long,
+        value_name = "N",
+        required_if_eq("to", "succeeded"),
+        value_parser = clap::value_parser!(i64).range(0..)
+    )]
+    pub settlement_fee: Option<i64>,
+    #[command(flatten)]
+    pub who: OperatorArgs,
+}
+
+/// What a resolution did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolveReport {
+    pub refund_no: String,
+    pub verdict: Verdict,
+}
+
+impl ResolveReport {
+    pub fn status(&self) -> Status {
+        Status::from_ok(matches!(self.verdict, Verdict::Done { .. }))
+    }
+}
+
+/// Resolves a dead job (see [`JobCommand::Resolve`]).
+pub async fn resolve(
+    ctl: &Ctl,
+    args: &ResolveArgs,
+    out: &mut Out,
+) -> anyhow::Result<ResolveReport> {
+    let resolution = match (args.to, args.settlement_fee) {
+        (ResolveAs::Succeeded, Some(fee)) => Resolution::Succeeded {
+            settlement_refund_fee: fee,
+        },
+        (ResolveAs::Succeeded, None) => {
+            anyhow::bail!("--settlement-fee is required with --as succeeded")
+        }
+        (ResolveAs::Failed, None) => Resolution::Failed,
+        (ResolveAs::Failed, Some(_)) => {
+            anyhow::bail!("--settlement-fee applies only to --as succeeded")
+        }
+    };
+    let mut tx = ctl.pool.begin().await?;
+    let verdict = jobs::resolve(
+        &mut tx,
+        &args.refund_no,
+        resolution,
+        args.who.as_operator(),
+        ctl.tz,
+    )
+    .await?;
+    tx.commit().await?;
+    let no = &args.refund_no;
+    match (&verdict, resolution) {
+        (
+            Verdict::Done { prior },
+            Resolution::Succeeded {
+                settlement_refund_fee,
+            },
+        ) => writeln!(
+            out,
+            "{no}  resolved: {prior} -> {} (ledger entry booked, source manual, settlement fee \
+             {settlement_refund_fee} fen; event refund.resolved queued)",
+            State::Succeeded
+        )?,
+        (Verdict::Done { prior }, Resolution::Failed) => writeln!(
+            out,
+            "{no}  resolved: {prior} -> {} (amount released to the order; event \
+             refund.resolved queued)",
+            State::Failed
+        )?,
+        (Verdict::Refused { reason, .. }, _) => writeln!(out, "{no}  refused: {reason}")?,
+    }
+    Ok(ResolveReport {
+        refund_no: args.refund_no.clone(),
+        verdict,
+    })
+}

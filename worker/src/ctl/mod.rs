@@ -1,0 +1,319 @@
+//! `refundctl`, the operator CLI (DESIGN §8): what is dead and why, safe audited replay, manual
+//! resolution, a job's whole timeline, enqueueing requests from a file, and counts.
+//!
+//! The binary is a thin shell: it parses [`Cli`] and calls [`main`]. Every command is an async
+//! function over a [`Ctl`] (configuration, pool, which merchants are idempotent) that writes its
+//! per-item results to a `Write` and returns a report, so tests drive the same code in-process
+//! and look at both. Progress bars go to stderr, and only when stderr is a terminal.
+//!
+//! Nothing here re-implements a state check: replay and resolution go through
+//! [`shared::store::jobs::replay`] and [`shared::store::jobs::resolve`], which lock the job's row,
+//! re-check its state and write the audit row in the caller's transaction.
+//!
+//! Exit status: 0 done, 1 some items refused or not found, 2 could not run (usage, config,
+//! database or broker unreachable).
+
+pub mod dlq;
+pub mod enqueue;
+pub mod job;
+pub mod publish;
+pub mod render;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use shared::config::Config;
+use shared::provider::Registry;
+use sqlx::PgPool;
+
+/// How a command ended, when it could run at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Everything asked for was done: exit 0.
+    Done,
+    /// Some items were refused, invalid or not found: exit 1.
+    Incomplete,
+}
+
+impl Status {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Status::Done => 0,
+            Status::Incomplete => 1,
+        }
+    }
+
+    /// `Incomplete` when `ok` is false.
+    pub fn from_ok(ok: bool) -> Self {
+        if ok { Status::Done } else { Status::Incomplete }
+    }
+}
+
+/// Where a command writes its results (stdout in the binary, a buffer in tests).
+pub type Out = dyn Write + Send;
+
+/// Exit code when a command could not run.
+pub const EXIT_COULD_NOT_RUN: u8 = 2;
+
+/// Operator CLI of the refund processor: dead letters, safe replay, manual resolution, job
+/// timelines.
+///
+/// Reads configuration from --config (default ./refunds.toml if present), then REFUNDS__*
+/// environment variables, like refund-worker.
+#[derive(Debug, Parser)]
+#[command(
+    name = "refundctl",
+    version,
+    after_help = "Exit status: 0 done, 1 some items refused, invalid or not found, 2 could not \
+                  run (usage, configuration, database or broker)."
+)]
+pub struct Cli {
+    /// Configuration file (TOML); the same file the worker reads.
+    #[arg(long, global = true, env = "REFUNDS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish v1 refund requests from a JSON-lines file, with publisher confirms.
+    ///
+    /// Each line is validated as the worker's intake would (DESIGN §3); invalid lines are
+    /// reported with their line number and the field at fault and are not published. Running
+    /// it twice is safe: the worker recognises a repeated refund_no with the same content as a
+    /// duplicate.
+    Enqueue(enqueue::EnqueueArgs),
+    /// Look at one job, or settle a dead one by hand.
+    #[command(subcommand)]
+    Job(job::JobCommand),
+    /// The dead-letter set: dead jobs and poison messages.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Jobs by state, the oldest non-final job, and the dead-letter depth.
+    Stats(stats::StatsArgs),
+    /// Apply the database migrations embedded in this binary.
+    Migrate,
+}
+
+/// Who does an audited action, and why. Both are required and stored in `operator_audit`.
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    /// Who you are (stored in the audit row).
+    #[arg(long, value_name = "WHO", value_parser = non_empty)]
+    pub operator: String,
+    /// Why you do it: ticket, provider confirmation, ... (stored in the audit row).
+    #[arg(long, value_name = "WHY", value_parser = non_empty)]
+    pub note: String,
+}
+
+impl OperatorArgs {
+    pub fn as_operator(&self) -> shared::store::jobs::Operator<'_> {
+        shared::store::jobs::Operator {
+            name: &self.operator,
+            note: &self.note,
+        }
+    }
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(t.to_owned())
+}
+
+/// Whether each (provider, merchant) deduplicates on `refund_no`: what decides if a job whose
+/// outcome is unknown may be sent again. A merchant that is not configured counts as not
+/// idempotent.
+#[derive(Debug, Clone, Default)]
+pub struct Idempotency {
+    merchants: HashMap<(String, String), bool>,
+}
+
+impl Idempotency {
+    /// From the provider clients, as the worker sees them.
+    pub fn from_registry(registry: &Registry) -> Self {
+        let merchants = registry
+            .merchants()
+            .filter_map(|(kind, merchant)| {
+                let client = registry.get(kind, merchant)?;
+                Some((
+                    (kind.as_str().to_owned(), merchant.to_owned()),
+                    client.idempotent(),
+                ))
+            })
+            .collect();
+        Self { merchants }
+    }
+
+    /// From the `idempotent` keys of the merchant entries in config (what the clients read).
+    pub fn from_config(config: &Config) -> Self {
+        let sp = config
+            .shengpay
+            .merchants
+            .iter()
+            .map(|m| (("shengpay".to_owned(), m.merchant.clone()), m.idempotent));
+        let wu = config
+            .wupay
+            .merchants
+            .iter()
+            .map(|m| (("wupay".to_owned(), m.merchant.clone()), m.idempotent));
+        Self {
+            merchants: sp.chain(wu).collect(),
+        }
+    }
+
+    /// Sets one merchant (tests).
+    pub fn with(mut self, provider: &str, merchant: &str, idempotent: bool) -> Self {
+        self.merchants
+            .insert((provider.to_owned(), merchant.to_owned()), idempotent);
+        self
+    }
+
+    /// Whether this merchant deduplicates on `refund_no`; false when it is not configured.
+    pub fn is_idempotent(&self, provider: &str, merchant: &str) -> bool {
+        self.merchants
+            .get(&(provider.to_owned(), merchant.to_owned()))
+            .copied()
+            .unwrap_or(false)
+    }
+}
+
+/// What every command works with.
+pub struct Ctl {
+    pub config: Config,
+    pub pool: PgPool,
+    pub tz: chrono_tz::Tz,
+    pub idempotency: Idempotency,
+    /// Draw progress bars (on stderr).
+    pub progress: bool,
+}
+
+impl Ctl {
+    /// For tests and tools: an existing pool, explicit idempotency, no progress bars.
+    pub fn new(config: Config, pool: PgPool, idempotency: Idempotency) -> anyhow::Result<Self> {
+        let tz = config.tz()?;
+        Ok(Self {
+            config,
+            pool,
+            tz,
+            idempotency,
+            progress: false,
+        })
+    }
+
+    /// Connects to Postgres and learns which merchants are idempotent. With `clients` (what
+    /// `dlq replay` asks for, since the answer decides what may be sent again) the answer comes
+    /// from the provider clients, built as the worker builds them (`build_registry`); if a
+    /// client cannot be built here (an operator host without the merchants' key files), or
+    /// without `clients` (commands that only display it, and should not pay for building an
+    /// HTTP client), it comes from the same `idempotent` keys of the merchant entries, which
+    /// is what the clients read.
+    pub async fn connect(config: Config, clients: bool) -> anyhow::Result<Self> {
+        let idempotency = if clients {
+            match crate::app::build_registry(&config) {
+                Ok(registry) => Idempotency::from_registry(&registry),
+                Err(e) => {
+                    eprintln!(
+                        "refundctl: note: provider clients could not be built ({e:#}); reading \
+                         merchant idempotency from the config entries"
+                    );
+                    Idempotency::from_config(&config)
+                }
+            }
+        } else {
+            Idempotency::from_config(&config)
+        };
+        let pool = shared::store::connect(&config).await.with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}",
+                config.database_url_redacted()
+            )
+        })?;
+        let mut ctl = Self::new(config, pool, idempotency)?;
+        ctl.progress = std::io::stderr().is_terminal();
+        Ok(ctl)
+    }
+}
+
+/// Runs a parsed command line and returns the process exit code; errors are printed to stderr.
+pub async fn main(cli: Cli) -> ExitCode {
+    let mut out = std::io::stdout();
+    let code = match run(cli, &mut out).await {
+        Ok(status) => status.code(),
+        Err(e) => {
+            let _ = out.flush();
+            eprintln!("refundctl: {e:#}");
+            EXIT_COULD_NOT_RUN
+        }
+    };
+    let _ = out.flush();
+    ExitCode::from(code)
+}
+
+/// Loads the configuration, connects, and runs the command.
+pub async fn run(cli: Cli, out: &mut Out) -> anyhow::Result<Status> {
+    let config = Config::load(cli.config.as_deref())?;
+    let clients = matches!(cli.command, Command::Dlq(dlq::DlqCommand::Replay(_)));
+    let ctl = Ctl::connect(config, clients).await?;
+    let status = execute(&ctl, cli.command, out).await;
+    ctl.pool.close().await;
+    status
+}
+
+/// Runs one command over a connected [`Ctl`].
+pub async fn execute(ctl: &Ctl, command: Command, out: &mut Out) -> anyhow::Result<Status> {
+    match command {
+        Command::Enqueue(a) => Ok(enqueue::enqueue(ctl, &a, out).await?.status()),
+        Command::Job(job::JobCommand::Show(a)) => job::show(ctl, &a, out).await,
+        Command::Job(job::JobCommand::Resolve(a)) => Ok(job::resolve(ctl, &a, out).await?.status()),
+        Command::Dlq(dlq::DlqCommand::List(a)) => {
+            dlq::list(ctl, &a, out).await?;
+            Ok(Status::Done)
+        }
+        Command::Dlq(dlq::DlqCommand::Replay(a)) => Ok(dlq::replay(ctl, &a, out).await?.status()),
+        Command::Stats(a) => {
+            stats::stats(ctl, &a, out).await?;
+            Ok(Status::Done)
+        }
+        Command::Migrate => migrate(ctl, out).await,
+    }
+}
+
+/// Applies pending migrations and says which were applied.
+pub async fn migrate(ctl: &Ctl, out: &mut Out) -> anyhow::Result<Status> {
+    use shared::store::operator::applied_migrations;
+    let before = applied_migrations(&ctl.pool).await?;
+    shared::store::migrate(&ctl.pool)
+        .await
+        .context("applying migrations")?;
+    let after = applied_migrations(&ctl.pool).await?;
+    let new: Vec<_> = after.iter().filter(|m| !before.contains(m)).collect();
+    if new.is_empty() {
+        writeln!(
+            out,
+            "migrations: up to date ({} applied, database {})",
+            after.len(),
+            ctl.config.database_url_redacted()
+        )?;
+    } else {
+        for (version, description) in &new {
+            writeln!(out, "applied {version} {description}")?;
+        }
+        writeln!(
+            out,
+            "migrations: {} applied now, {} in total",
+            new.len(),
+            after.len()
+        )?;
+    }
+    Ok(Status::Done)
+}

@@ -1,0 +1,244 @@
+//! Helpers for the `refundctl` tests: jobs driven into given states directly through the store,
+//! and the CLI's context over a per-test database and broker names.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use shared::config::Config;
+use shared::job::ProviderKind;
+use shared::provider::{AttemptRecord, Outcome};
+use shared::state::Cause;
+use shared::store::intake::{self, Incoming, IntakeResult};
+use shared::store::jobs;
+use shared::workflow::Decision;
+use sqlx::PgPool;
+use tools::testkit::request_json;
+use worker::ctl::dlq::ReplayArgs;
+use worker::ctl::job::{ResolveArgs, ResolveAs};
+use worker::ctl::{Ctl, Idempotency, OperatorArgs};
+
+/// ShengPay merchant `m1` deduplicates on refund_no; WuPay merchant `w1` does not.
+pub fn idempotency() -> Idempotency {
+    Idempotency::default()
+        .with("shengpay", "m1", true)
+        .with("wupay", "w1", false)
+}
+
+pub fn ctl(config: &Config, pool: &PgPool) -> Ctl {
+    Ctl::new(config.clone(), pool.clone(), idempotency()).expect("test config is valid")
+}
+
+pub fn tz() -> chrono_tz::Tz {
+    chrono_tz::Asia::Shanghai
+}
+
+pub fn who(name: &str, note: &str) -> OperatorArgs {
+    OperatorArgs {
+        operator: name.into(),
+        note: note.into(),
+    }
+}
+
+pub fn provider_of(merchant: &str) -> ProviderKind {
+    if merchant.starts_with('w') {
+        ProviderKind::Wupay
+    } else {
+        ProviderKind::Shengpay
+    }
+}
+
+pub fn body(refund_no: &str, merchant: &str) -> Vec<u8> {
+    serde_json::to_vec(&request_json(
+        refund_no,
+        &format!("O{refund_no}"),
+        provider_of(merchant),
+        merchant,
+        1000,
+        100,
+    ))
+    .unwrap()
+}
+
+/// Takes a raw message in through intake, as the consumer would.
+pub async fn take(pool: &PgPool, body: &[u8]) -> IntakeResult {
+    let mut tx = pool.begin().await.unwrap();
+    let known = |_: ProviderKind, m: &str| m == "m1" || m == "w1";
+    let r = intake::take(
+        &mut tx,
+        &Incoming {
+            body,
+            message_id: None,
+            redelivered: false,
+        },
+        &known,
+        tz(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    r
+}
+
+/// A new job in `received`.
+pub async fn new_job(pool: &PgPool, refund_no: &str, merchant: &str) {
+    let r = take(pool, &body(refund_no, merchant)).await;
+    assert!(
+        matches!(r, IntakeResult::Created { .. }),
+        "{refund_no}: {r:?}"
+    );
+}
+
+/// Claims the job and records one provider call with `outcome` and `decision`.
+pub async fn call(pool: &PgPool, refund_no: &str, outcome: Outcome, decision: Decision) {
+    // A retry_wait job is claimable once due; make it due.
+    sqlx::query(
+        "UPDATE jobs SET next_attempt_at = now() WHERE refund_no = $1 AND state = 'retry_wait'",
+    )
+    .bind(refund_no)
+    .execute(pool)
+    .await
+    .unwrap();
+    let claimed = jobs::claim(
+        pool,
+        &[refund_no.to_owned()],
+        Duration::from_secs(30),
+        "test",
+    )
+    .await
+    .unwrap();
+    let claimed = claimed.into_iter().next().expect("job is claimable");
+    let rec = AttemptRecord {
+        outcome,
+        request_redacted: format!("{{\"outRefundNo\":\"{refund_no}\",\"sign\":\"***\"}}"),
+        http_status: Some(200),
+        latency: Duration::from_micros(12_345),
+    };
+    jobs::record_outcome(pool, &claimed, &rec, &decision, "test", tz())
+        .await
+        .unwrap();
+}
+
+pub fn retry_later(code: &str) -> Outcome {
+    Outcome::RetryLater {
+        code: code.into(),
+        message: format!("{code} from the provider"),
+        raw: format!("{{\"resultCode\":\"FAIL\",\"errCode\":\"{code}\"}}"),
+    }
+}
+
+pub fn maybe_delivered() -> Outcome {
+    Outcome::MaybeDelivered {
+        error: "timed out after sending".into(),
+        raw: None,
+    }
+}
+
+pub fn request_rejected(code: &str) -> Outcome {
+    Outcome::RequestRejected {
+        code: code.into(),
+        message: format!("{code} from the provider"),
+        raw: "{}".into(),
+    }
+}
+
+pub fn accepted(refund_no: &str) -> Outcome {
+    Outcome::Accepted {
+        provider_refund_id: format!("P-{refund_no}"),
+        refund_fee: 100,
+        settlement_refund_fee: 100,
+        coupon_refund_fee: 0,
+        raw: "{}".into(),
+    }
+}
+
+/// A job that died after one call with `outcome`, with `cause`.
+pub async fn dead_job(
+    pool: &PgPool,
+    refund_no: &str,
+    merchant: &str,
+    outcome: Outcome,
+    cause: Cause,
+) {
+    new_job(pool, refund_no, merchant).await;
+    call(pool, refund_no, outcome, Decision::Dead { cause }).await;
+}
+
+/// A job that retried once, then died with retries exhausted.
+pub async fn exhausted_job(pool: &PgPool, refund_no: &str, merchant: &str, code: &str) {
+    new_job(pool, refund_no, merchant).await;
+    call(
+        pool,
+        refund_no,
+        retry_later(code),
+        Decision::Retry {
+            after: Duration::ZERO,
+        },
+    )
+    .await;
+    call(
+        pool,
+        refund_no,
+        retry_later(code),
+        Decision::Dead {
+            cause: Cause::RetriesExhausted,
+        },
+    )
+    .await;
+}
+
+pub fn replay_all(by: &str) -> ReplayArgs {
+    ReplayArgs {
+        refund_nos: Vec::new(),
+        cause: None,
+        all: true,
+        dry_run: false,
+        rate: 0.0,
+        json: false,
+        who: who(by, "INC-42 provider outage over"),
+    }
+}
+
+pub fn replay_these(by: &str, refund_nos: &[&str]) -> ReplayArgs {
+    ReplayArgs {
+        refund_nos: refund_nos.iter().map(|s| s.to_string()).collect(),
+        all: false,
+        ..replay_all(by)
+    }
+}
+
+pub fn resolve_args(refund_no: &str, to: ResolveAs, fee: Option<i64>, by: &str) -> ResolveArgs {
+    ResolveArgs {
+        refund_no: refund_no.into(),
+        to,
+        settlement_fee: fee,
+        who: who(by, "checked with the provider: ticket SP-7"),
+    }
+}
+
+pub async fn state_of(pool: &PgPool, refund_no: &str) -> String {
+    sqlx::query_scalar("SELECT state FROM jobs WHERE refund_no = $1")
+        .bind(refund_no)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// (operator, action, result, prior_state, reason) of each audit row of a job.
+pub async fn audit_rows(
+    pool: &PgPool,
+    refund_no: &str,
+) -> Vec<(String, String, String, Option<String>, Option<String>)> {
+    sqlx::query_as(
+        "SELECT operator, action, result, prior_state, reason FROM operator_audit
+         WHERE refund_no = $1 ORDER BY id",
+    )
+    .bind(refund_no)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+pub fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
