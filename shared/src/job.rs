@@ -166,7 +166,8 @@ pub fn parse_request(body: &[u8]) -> Result<RefundRequest, Rejection> {
 /// path, with the field's name only in the message, so take it from there.
 fn field_of(path: &str, text: &str) -> String {
     let parent = match path {
-        "." | "" => None,
+        // serde_path_to_error writes `?` when the document ended before any field.
+        "." | "" | "?" => None,
         p => Some(p),
     };
     let named = ["missing field `", "unknown field `", "duplicate field `"]

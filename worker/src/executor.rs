@@ -122,12 +122,13 @@ async fn attempt(
     metrics::counter!(crate::metrics::PROVIDER_CALLS, "provider" => req.provider.as_str(), "outcome" => class).increment(1);
     metrics::histogram!(crate::metrics::PROVIDER_LATENCY, "provider" => req.provider.as_str(), "outcome" => class)
         .record(rec.latency.as_secs_f64());
-    let age = (chrono::Utc::now() - claimed.created_at)
+    // The retry budget restarts at a replay: count attempts and age from there.
+    let age = (chrono::Utc::now() - claimed.budget_start())
         .to_std()
         .unwrap_or_default();
     let decision = decide(
         &rec.outcome,
-        claimed.attempt,
+        claimed.budget_attempt(),
         age,
         client.idempotent(),
         &ctx.policy,

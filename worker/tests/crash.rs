@@ -11,7 +11,7 @@ use shared::config::Config;
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
-use tools::sim::{FaultAction, FaultRule};
+use tools::sim::FaultRule;
 use tools::testkit::{self, request_json};
 
 /// Writes the config for the binary and returns its file (kept alive by the caller).

@@ -137,7 +137,10 @@ fn write_config(config: &Config) -> anyhow::Result<tempfile::NamedTempFile> {
     Ok(f)
 }
 
-fn workload(n: usize) -> (Vec<Vec<u8>>, BTreeMap<String, (ProviderKind, bool)>) {
+/// Each published refund: its provider and whether a decline was planted for it.
+type Planted = BTreeMap<String, (ProviderKind, bool)>;
+
+fn workload(n: usize) -> (Vec<Vec<u8>>, Planted) {
     let mut bodies = Vec::new();
     let mut meta = BTreeMap::new();
     for i in 0..n {
@@ -177,7 +180,7 @@ async fn open_jobs(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
 async fn audit(
     pool: &sqlx::PgPool,
     sim: &SimHandle,
-    meta: &BTreeMap<String, (ProviderKind, bool)>,
+    meta: &Planted,
     s: &Scenario,
 ) -> anyhow::Result<Tally> {
     let mut t = Tally {

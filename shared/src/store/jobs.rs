@@ -26,6 +26,23 @@ pub struct Claimed {
     pub request: RefundRequest,
     pub created_at: DateTime<Utc>,
     pub lease_until: DateTime<Utc>,
+    /// The attempt number at the job's last replay (0 if never replayed): the retry budget
+    /// counts attempts after it.
+    pub retry_base: i32,
+    /// When the job was last replayed: the retry budget's age counts from then.
+    pub retry_since: Option<DateTime<Utc>>,
+}
+
+impl Claimed {
+    /// Attempts made since the job was created or last replayed, this one included.
+    pub fn budget_attempt(&self) -> i32 {
+        self.attempt.saturating_sub(self.retry_base)
+    }
+
+    /// When the current retry budget started: creation, or the last replay.
+    pub fn budget_start(&self) -> DateTime<Utc> {
+        self.retry_since.unwrap_or(self.created_at)
+    }
 }
 
 /// A state change to make, checked against [`state::TRANSITIONS`].
@@ -105,12 +122,13 @@ pub async fn claim(
                     next_attempt_at = NULL, updated_at = now()
              FROM prev WHERE j.refund_no = prev.refund_no
              RETURNING j.refund_no, prev.state AS from_state, j.attempt, j.request,
-                       j.created_at, j.lease_until
+                       j.created_at, j.lease_until, j.retry_base, j.retry_since
          ), hist AS (
              INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
              SELECT refund_no, from_state, 'in_flight', attempt, $3 FROM upd
          )
-         SELECT refund_no, attempt, request, created_at, lease_until FROM upd",
+         SELECT refund_no, attempt, request, created_at, lease_until, retry_base, retry_since
+         FROM upd",
     )
     .bind(refund_nos)
     .bind(millis(lease))
@@ -127,6 +145,8 @@ pub async fn claim(
                     .map_err(|e| StoreError::Corrupt(format!("jobs.request: {e}")))?,
                 created_at: r.try_get("created_at")?,
                 lease_until: r.try_get("lease_until")?,
+                retry_base: r.try_get("retry_base")?,
+                retry_since: r.try_get("retry_since")?,
             })
         })
         .collect()
@@ -632,6 +652,10 @@ pub async fn replay(
             "job {refund_no} changed under its row lock"
         )));
     }
+    sqlx::query("UPDATE jobs SET retry_base = attempt, retry_since = now() WHERE refund_no = $1")
+        .bind(refund_no)
+        .execute(&mut *conn)
+        .await?;
     insert_audit(
         conn,
         Some(refund_no),
