@@ -1,0 +1,963 @@
+//! One reconciliation run: the comparison, done inside PostgreSQL, and the stored result.
+//!
+//! # The two sides
+//!
+//! For business date D in the configured time zone (see [`crate::day`]), per provider and
+//! merchant:
+//!
+//! - **Ledger side**: the ledger entries with `business_date = D`, netted per `refund_no`
+//!   (entries `refund` and `reversal`; a refund whose entries of D net to zero in both
+//!   `refund_fee` and `settlement_refund_fee` is not on the ledger side). Its time is the
+//!   `booked_at` of its `refund` entry.
+//! - **Provider side** from statements (`--statement`): every statement row whose business date
+//!   (`refunded_at` in the time zone) is D is one payment. Its time is `refunded_at`.
+//! - **Provider side** without statements: what the providers told us they paid, i.e. the
+//!   `provider_attempts` rows with outcome `accepted` recorded during D, fenced ones included (a
+//!   stale worker's accepted call is still evidence of a payment). Within the day one payment
+//!   is one distinct (`refund_no`, `provider_refund_id`): an idempotent provider answering a
+//!   retry with its first result again is the same payment. An accepted call without a
+//!   provider refund id (WuPay returns none) is a payment of its own. Its time is
+//!   `recorded_at`. A payment re-reported on a later day counts on each day it was reported:
+//!   attempts are what we heard each day; a statement is the provider's own account.
+//!
+//! # Totals
+//!
+//! `ledger_total` is the sum of the day's entries (reversals included), `ledger_count` the
+//! number of `refund` entries booked that day; `provider_total` and `provider_count` are the
+//! sum and number of the day's payments (a refund paid twice counts twice); `diff` is
+//! `provider_total - ledger_total`. Sums are checked: an overflow stops the run.
+//!
+//! # Discrepancies
+//!
+//! Per refund (key: provider, merchant, `refund_no`), at most one, the first that applies:
+//!
+//! | kind | when | `ledger_amount` | `provider_amount` |
+//! |---|---|---|---|
+//! | `duplicate_at_provider` | the provider has the refund more than once on D (two statement rows, or two different provider refund ids) | net, or null if not booked | sum of the payments |
+//! | `amount_mismatch` | both sides have it once and the settlement amounts differ | net | amount |
+//! | `pending` | one side only, near a cut-off (below) | one side | the other: null |
+//! | `missing_at_provider` | booked on D, not paid on D | net | null |
+//! | `missing_in_ledger` | paid on D, not booked on D | null | amount |
+//!
+//! Amounts are as counted on D, so for each provider and merchant the discrepancies account
+//! for the whole `diff`: the sum of `provider_amount - ledger_amount` (null as 0) over them
+//! equals `diff`.
+//!
+//! **Pending.** With `G = reconciler.grace_minutes`, a refund that only one side has on D is
+//! `pending` when its time on that side is within G of one of D's cut-offs (the last G minutes
+//! before the end of D, or the first G minutes of D) and either
+//!
+//! 1. the other side has it within G on the other side of that same cut-off (the refund
+//!    straddles midnight: booked 23:59:50 on D, paid 00:00:10 on D+1, or paid 23:59:59 on D and
+//!    booked 00:00:01 on D+1; or the mirror images at the start of D), or
+//! 2. the other side's data for that window is not in yet: for statements, no statement row of
+//!    that provider is dated after D (for the end cut-off) or before D (for the start cut-off),
+//!    i.e. the neighbouring day's statement was not given; for the ledger and for attempts,
+//!    which are recorded live, the window has not closed yet when the run starts.
+//!
+//! Rerunning the day later with the neighbouring statement settles case 2. A refund paid twice
+//! is `duplicate_at_provider` even near a cut-off.
+//!
+//! **Status**: `balanced` when there are no discrepancies other than `pending` (pending refunds
+//! are reported, and explain their part of `diff`, but do not fail the day); otherwise
+//! `discrepancies`. The process exits 0 for `balanced`, 1 for `discrepancies`.
+//!
+//! # How it runs
+//!
+//! Statements are loaded first (outside the lock, into a session-temporary table with `COPY`).
+//! Then, in one transaction holding a transaction-level advisory lock on the date (so two runs
+//! of one day never interleave; the second waits and then supersedes the first):
+//!
+//! 1. **Totals and fingerprints** per (provider, merchant): one parallel aggregate pass over
+//!    each side, computing count, total, and a fingerprint: the sum of
+//!    `hashtextextended(refund_no, settlement_refund_fee)` (64-bit) over the rows. When count,
+//!    total and fingerprint agree and the ledger has no reversals that day, the two sides are
+//!    the same set of (`refund_no`, amount) pairs (up to a 64-bit hash collision that would
+//!    have to cancel exactly in a sum) and there is nothing to drill into.
+//! 2. **Buckets**: for the pairs that differ, the same aggregate per bucket of
+//!    `hashtext(refund_no) & 1023`, keeping the buckets that differ.
+//! 3. **Drill-down**: per refund, a full outer join of the two sides restricted to those
+//!    buckets, classified as above, inserted with `INSERT ... SELECT`.
+//!
+//! `--exhaustive` skips the shortcut of steps 1 and 2 and drills into every refund; it gives the
+//! same answer, more slowly. Nothing per refund ever reaches this process: it holds one row per
+//! (provider, merchant).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use shared::config::Config;
+use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
+
+use crate::day::Day;
+use crate::progress::Progress;
+use crate::statement::{LoadError, LoadSummary, StatementError};
+
+/// Buckets per (provider, merchant) for the drill-down (a power of two).
+pub const BUCKETS: i32 = 1024;
+
+/// The first key of the advisory lock that serializes runs of one date ("REC1").
+pub const LOCK_CLASS: i32 = 0x5245_4331;
+
+/// The advisory lock key of a date's runs: `pg_advisory_xact_lock(LOCK_CLASS, days since
+/// 1970-01-01)`.
+pub fn lock_key(date: NaiveDate) -> (i32, i32) {
+    let days = (date - NaiveDate::default()).num_days();
+    (LOCK_CLASS, i32::try_from(days).unwrap_or(i32::MAX))
+}
+
+/// What to reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRequest {
+    pub date: NaiveDate,
+    /// Only this provider (`shengpay` or `wupay`).
+    pub provider: Option<String>,
+    /// Statement files; none: the provider side is the recorded provider attempts.
+    pub statements: Vec<PathBuf>,
+    /// Drill down into every refund instead of only where fingerprints differ.
+    pub exhaustive: bool,
+    /// The instant the run reasons as of (whether grace windows have closed); default: the
+    /// database's `now()`.
+    pub as_of: Option<DateTime<Utc>>,
+}
+
+impl RunRequest {
+    pub fn new(date: NaiveDate) -> Self {
+        RunRequest {
+            date,
+            provider: None,
+            statements: Vec::new(),
+            exhaustive: false,
+            as_of: None,
+        }
+    }
+}
+
+/// The day's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Balanced,
+    Discrepancies,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Balanced => "balanced",
+            Status::Discrepancies => "discrepancies",
+        }
+    }
+}
+
+/// Totals of one (provider, merchant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Total {
+    pub provider: String,
+    pub merchant: String,
+    pub ledger_total: i64,
+    pub provider_total: i64,
+    pub diff: i64,
+    pub ledger_count: i64,
+    pub provider_count: i64,
+}
+
+/// Where a run's time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Parsing and copying statements into the database.
+    pub load_ms: u64,
+    /// Waiting for another run of the date.
+    pub lock_ms: u64,
+    /// Step 1: totals and fingerprints per (provider, merchant).
+    pub totals_ms: u64,
+    /// Step 2: fingerprints per bucket of the pairs that differ.
+    pub buckets_ms: u64,
+    /// Step 3: the refund-by-refund comparison and the discrepancies.
+    pub drill_ms: u64,
+    /// Storing totals and the run, superseding, committing.
+    pub store_ms: u64,
+}
+
+fn ms_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A stored run's summary.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub run_id: i64,
+    pub date: NaiveDate,
+    pub status: Status,
+    /// Discrepancies other than `pending`.
+    pub discrepancies: i64,
+    pub pending: i64,
+    pub totals: Vec<Total>,
+    /// (provider, merchant) pairs and buckets the run drilled into.
+    pub drilled_pairs: usize,
+    pub drilled_buckets: i64,
+    pub statements: Option<LoadSummary>,
+    pub superseded: Vec<i64>,
+    pub timings: Timings,
+}
+
+/// Why a run could not be done (exit status 2).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Statement(#[from] StatementError),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("amounts out of range: {0}")]
+    Overflow(String),
+}
+
+impl From<LoadError> for RunError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Statement(s) => RunError::Statement(s),
+            LoadError::Db(d) => RunError::Db(d),
+        }
+    }
+}
+
+/// Runs and stores the reconciliation of `req.date`. On failure the attempt is recorded as a
+/// `failed` run when the database can still be reached.
+pub async fn run(
+    pool: &PgPool,
+    config: &Config,
+    req: &RunRequest,
+    progress: &Progress,
+) -> Result<RunOutcome, RunError> {
+    let started_at = Utc::now();
+    let result = run_inner(pool, config, req, progress, started_at).await;
+    if let Err(e) = &result
+        && let Err(record) = record_failure(pool, config, req, started_at, e).await
+    {
+        tracing::warn!(error = %record, "could not record the failed run");
+    }
+    result
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Statement,
+    Attempts,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Statement => "statement",
+            Source::Attempts => "attempts",
+        }
+    }
+
+    /// The day's provider rows, one per payment before deduplication: provider, merchant,
+    /// refund_no, settlement_refund_fee.
+    fn rows(self) -> &'static str {
+        match self {
+            Source::Statement => {
+                "SELECT provider, merchant, refund_no, settlement_refund_fee
+                 FROM pg_temp.recon_statement WHERE NOT edge"
+            }
+            Source::Attempts => {
+                "SELECT provider, merchant, refund_no,
+                        coalesce(settlement_refund_fee, 0) AS settlement_refund_fee
+                 FROM provider_attempts
+                 WHERE outcome = 'accepted' AND recorded_at >= $2 AND recorded_at < $3
+                   AND ($4::text IS NULL OR provider = $4)"
+            }
+        }
+    }
+
+    /// The day's payments in the drilled buckets, deduplicated: provider, merchant, refund_no,
+    /// amount, at, source (a human pointer to the evidence).
+    fn payments(self) -> &'static str {
+        match self {
+            Source::Statement => {
+                "SELECT s.provider, s.merchant, s.refund_no, s.settlement_refund_fee AS amount,
+                        s.refunded_at AS at,
+                        coalesce(($6::text[])[s.file + 1], 'statement') || ':' || s.line
+                          || coalesce(' ' || s.provider_refund_id, '') AS source
+                 FROM pg_temp.recon_statement s
+                 JOIN pg_temp.recon_buckets b ON b.provider = s.provider
+                   AND b.merchant = s.merchant AND b.bucket = (hashtext(s.refund_no) & 1023)
+                 WHERE NOT s.edge"
+            }
+            Source::Attempts => {
+                "SELECT DISTINCT ON (a.provider, a.merchant, a.refund_no,
+                                     coalesce(a.provider_refund_id, '#' || a.id))
+                        a.provider, a.merchant, a.refund_no,
+                        coalesce(a.settlement_refund_fee, 0) AS amount, a.recorded_at AS at,
+                        'attempt ' || a.attempt
+                          || CASE WHEN a.fenced THEN ' (fenced)' ELSE '' END
+                          || coalesce(' ' || a.provider_refund_id, '') AS source
+                 FROM provider_attempts a
+                 JOIN pg_temp.recon_buckets b ON b.provider = a.provider
+                   AND b.merchant = a.merchant AND b.bucket = (hashtext(a.refund_no) & 1023)
+                 WHERE a.outcome = 'accepted' AND a.recorded_at >= $2 AND a.recorded_at < $3
+                   AND ($4::text IS NULL OR a.provider = $4)
+                 ORDER BY a.provider, a.merchant, a.refund_no,
+                          coalesce(a.provider_refund_id, '#' || a.id), a.recorded_at, a.id"
+            }
+        }
+    }
+
+    /// Payments of the neighbouring days near the cut-offs, looked up by refund_no: provider,
+    /// merchant, refund_no, at.
+    fn neighbours(self) -> &'static str {
+        match self {
+            Source::Statement => {
+                "SELECT provider, merchant, refund_no, refunded_at AS at
+                 FROM pg_temp.recon_statement WHERE edge"
+            }
+            Source::Attempts => {
+                "SELECT provider, merchant, refund_no, recorded_at AS at
+                 FROM provider_attempts WHERE outcome = 'accepted'"
+            }
+        }
+    }
+}
+
+/// The parameters every query of a run is given (each uses some of them).
+struct Params<'a> {
+    date: NaiveDate,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    provider: Option<&'a str>,
+    exhaustive: bool,
+    files: Vec<String>,
+}
+
+fn bind<'q>(
+    sql: String,
+    p: &Params<'_>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(p.date)
+        .bind(p.start)
+        .bind(p.end)
+        .bind(p.provider.map(str::to_owned))
+        .bind(p.exhaustive)
+        .bind(p.files.clone())
+}
+
+/// Step 1: totals and fingerprints per (provider, merchant).
+fn pairs_sql(source: Source) -> String {
+    format!(
+        "WITH l AS (
+             SELECT provider, merchant,
+                    count(*) FILTER (WHERE entry_kind = 'refund') AS n,
+                    count(*) FILTER (WHERE entry_kind <> 'refund') AS rev,
+                    sum(settlement_refund_fee) AS total,
+                    sum(hashtextextended(refund_no, settlement_refund_fee)) AS fp
+             FROM ledger
+             WHERE business_date = $1 AND ($4::text IS NULL OR provider = $4)
+             GROUP BY provider, merchant
+         ), p AS (
+             SELECT provider, merchant, count(*) AS n, sum(settlement_refund_fee) AS total,
+                    sum(hashtextextended(refund_no, settlement_refund_fee)) AS fp
+             FROM ({rows}) r
+             GROUP BY provider, merchant
+         )
+         SELECT coalesce(l.provider, p.provider) AS provider,
+                coalesce(l.merchant, p.merchant) AS merchant,
+                coalesce(l.n, 0)::bigint AS ledger_count,
+                coalesce(l.total, 0)::bigint AS ledger_total,
+                coalesce(p.n, 0)::bigint AS provider_count,
+                coalesce(p.total, 0)::bigint AS provider_total,
+                coalesce(NOT $5 AND l.rev = 0 AND l.n = p.n AND l.total = p.total
+                         AND l.fp = p.fp, false) AS settled
+         FROM l FULL JOIN p ON p.provider = l.provider AND p.merchant = l.merchant
+         ORDER BY 1, 2",
+        rows = source.rows()
+    )
+}
+
+/// Step 2: the buckets that differ, within the pairs that differ ($7, $8).
+fn buckets_sql(source: Source) -> String {
+    format!(
+        "INSERT INTO pg_temp.recon_buckets (provider, merchant, bucket, raw_n, raw_total)
+         WITH g AS (
+             SELECT * FROM unnest($7::text[], $8::text[]) AS g (provider, merchant)
+         ), l AS (
+             SELECT e.provider, e.merchant, hashtext(e.refund_no) & 1023 AS bucket,
+                    count(*) FILTER (WHERE e.entry_kind = 'refund') AS n,
+                    count(*) FILTER (WHERE e.entry_kind <> 'refund') AS rev,
+                    sum(e.settlement_refund_fee) AS total,
+                    sum(hashtextextended(e.refund_no, e.settlement_refund_fee)) AS fp
+             FROM ledger e
+             JOIN g ON g.provider = e.provider AND g.merchant = e.merchant
+             WHERE e.business_date = $1
+             GROUP BY 1, 2, 3
+         ), p AS (
+             SELECT r.provider, r.merchant, hashtext(r.refund_no) & 1023 AS bucket,
+                    count(*) AS n, sum(r.settlement_refund_fee) AS total,
+                    sum(hashtextextended(r.refund_no, r.settlement_refund_fee)) AS fp
+             FROM ({rows}) r
+             JOIN g ON g.provider = r.provider AND g.merchant = r.merchant
+             GROUP BY 1, 2, 3
+         )
+         SELECT coalesce(l.provider, p.provider), coalesce(l.merchant, p.merchant),
+                coalesce(l.bucket, p.bucket), coalesce(p.n, 0), coalesce(p.total, 0)
+         FROM l FULL JOIN p
+           ON p.provider = l.provider AND p.merchant = l.merchant AND p.bucket = l.bucket
+         WHERE NOT coalesce(NOT $5 AND l.rev = 0 AND l.n = p.n AND l.total = p.total
+                            AND l.fp = p.fp, false)",
+        rows = source.rows()
+    )
+}
+
+/// Step 3a: both sides per refund in the drilled buckets.
+fn refunds_sql(source: Source) -> String {
+    format!(
+        "INSERT INTO pg_temp.recon_refunds (provider, merchant, refund_no, ledger_amount,
+             booked_at, manual, provider_amount, provider_n, provider_at, sources)
+         WITH l AS (
+             SELECT e.provider, e.merchant, e.refund_no,
+                    sum(e.settlement_refund_fee) AS amount,
+                    min(e.booked_at) FILTER (WHERE e.entry_kind = 'refund') AS booked_at,
+                    bool_or(e.source = 'manual') AS manual
+             FROM ledger e
+             JOIN pg_temp.recon_buckets b ON b.provider = e.provider
+               AND b.merchant = e.merchant AND b.bucket = (hashtext(e.refund_no) & 1023)
+             WHERE e.business_date = $1
+             GROUP BY e.provider, e.merchant, e.refund_no
+             HAVING sum(e.refund_fee) <> 0 OR sum(e.settlement_refund_fee) <> 0
+         ), p AS (
+             SELECT provider, merchant, refund_no, sum(amount) AS amount, count(*) AS n,
+                    min(at) AS at, string_agg(source, ', ' ORDER BY at, source) AS sources
+             FROM ({payments}) x
+             GROUP BY provider, merchant, refund_no
+         )
+         SELECT coalesce(l.provider, p.provider), coalesce(l.merchant, p.merchant),
+                coalesce(l.refund_no, p.refund_no), l.amount::bigint, l.booked_at, l.manual,
+                p.amount::bigint, coalesce(p.n, 0), p.at, p.sources
+         FROM l FULL JOIN p
+           ON p.provider = l.provider AND p.merchant = l.merchant AND p.refund_no = l.refund_no",
+        payments = source.payments()
+    )
+}
+
+/// Step 3b: classify and store. Extra parameters: $7 run id, $8 grace minutes, $9 time zone,
+/// $10 providers whose next day is known, $11 providers whose previous day is known, $12
+/// whether the ledger's next window is closed, $13 whether its previous window is closed.
+fn discrepancies_sql(source: Source) -> String {
+    format!(
+        "INSERT INTO reconciliation_discrepancies (run_id, kind, provider, merchant, refund_no,
+             ledger_amount, provider_amount, detail)
+         SELECT $7, k.kind, r.provider, r.merchant, r.refund_no, r.ledger_amount,
+                r.provider_amount,
+                concat_ws('; ', k.why,
+                          'job ' || coalesce(j.state || coalesce(' (' || j.cause || ')', ''),
+                                             'not found'))
+         FROM pg_temp.recon_refunds r
+         CROSS JOIN LATERAL (SELECT make_interval(mins => $8) AS g) gi
+         -- For a one-sided refund: its time on that side, the cut-off it is near (if any), and
+         -- whether the other side would be after that cut-off.
+         CROSS JOIN LATERAL (
+             SELECT t,
+                    CASE WHEN t >= $3 - gi.g AND t < $3 THEN $3
+                         WHEN t >= $2 AND t < $2 + gi.g THEN $2 END AS cut
+             FROM (SELECT CASE WHEN r.ledger_amount IS NULL THEN r.provider_at
+                               WHEN r.provider_amount IS NULL THEN r.booked_at END AS t) t0
+         ) c
+         LEFT JOIN LATERAL (
+             SELECT min(x.at) AS at FROM ({neighbours}) x
+             WHERE r.provider_amount IS NULL AND c.cut IS NOT NULL
+               AND x.refund_no = r.refund_no AND x.provider = r.provider
+               AND x.merchant = r.merchant
+               AND x.at >= CASE WHEN c.cut = $3 THEN $3 ELSE $2 - gi.g END
+               AND x.at < CASE WHEN c.cut = $3 THEN $3 + gi.g ELSE $2 END
+         ) pp ON true
+         LEFT JOIN LATERAL (
+             SELECT min(x.booked_at) AS at FROM ledger x
+             WHERE r.ledger_amount IS NULL AND c.cut IS NOT NULL
+               AND x.refund_no = r.refund_no AND x.entry_kind = 'refund'
+               AND x.provider = r.provider AND x.merchant = r.merchant
+               AND x.booked_at >= CASE WHEN c.cut = $3 THEN $3 ELSE $2 - gi.g END
+               AND x.booked_at < CASE WHEN c.cut = $3 THEN $3 + gi.g ELSE $2 END
+         ) lp ON true
+         CROSS JOIN LATERAL (
+             SELECT CASE WHEN c.cut = $3 THEN r.provider = ANY($10::text[])
+                         ELSE r.provider = ANY($11::text[]) END AS provider_known,
+                    CASE WHEN c.cut = $3 THEN $12 ELSE $13 END AS ledger_known,
+                    CASE WHEN c.cut = $3 THEN 'the next day ' || ($1 + 1)
+                         ELSE 'the previous day ' || ($1 - 1) END AS neighbour,
+                    CASE WHEN c.cut = $3 THEN 'before' ELSE 'after' END AS side
+         ) n
+         CROSS JOIN LATERAL (
+             SELECT to_char(r.booked_at AT TIME ZONE $9, 'YYYY-MM-DD HH24:MI:SS') AS booked,
+                    to_char(r.provider_at AT TIME ZONE $9, 'YYYY-MM-DD HH24:MI:SS') AS paid,
+                    to_char(pp.at AT TIME ZONE $9, 'YYYY-MM-DD HH24:MI:SS') AS partner_paid,
+                    to_char(lp.at AT TIME ZONE $9, 'YYYY-MM-DD HH24:MI:SS') AS partner_booked
+         ) f
+         CROSS JOIN LATERAL (
+             SELECT CASE
+                 WHEN r.ledger_amount IS NOT NULL AND r.provider_amount IS NOT NULL THEN
+                     CASE WHEN r.provider_n > 1 THEN 'duplicate_at_provider'
+                          WHEN r.ledger_amount <> r.provider_amount THEN 'amount_mismatch'
+                     END
+                 WHEN r.provider_amount IS NULL THEN
+                     CASE WHEN c.cut IS NOT NULL AND (pp.at IS NOT NULL OR NOT n.provider_known)
+                          THEN 'pending' ELSE 'missing_at_provider' END
+                 ELSE
+                     CASE WHEN r.provider_n > 1 THEN 'duplicate_at_provider'
+                          WHEN c.cut IS NOT NULL AND (lp.at IS NOT NULL OR NOT n.ledger_known)
+                          THEN 'pending' ELSE 'missing_in_ledger' END
+             END AS kind
+         ) k0
+         CROSS JOIN LATERAL (
+             SELECT k0.kind, CASE k0.kind
+                 WHEN 'duplicate_at_provider' THEN
+                     'provider has it ' || r.provider_n || ' times: ' || r.sources
+                     || CASE WHEN r.ledger_amount IS NULL THEN '; not in the ledger' ELSE '' END
+                 WHEN 'amount_mismatch' THEN 'provider: ' || r.sources
+                 WHEN 'missing_in_ledger' THEN
+                     'provider: ' || r.sources || ' at ' || f.paid
+                 WHEN 'missing_at_provider' THEN
+                     coalesce('booked ' || f.booked, 'reversal of a refund booked on another day')
+                     || CASE WHEN r.manual THEN ' (manual resolution)' ELSE '' END
+                 WHEN 'pending' THEN
+                     CASE WHEN r.provider_amount IS NULL THEN
+                         'booked ' || f.booked || ', within ' || $8 || ' min ' || n.side
+                         || ' the cut-off; '
+                         || coalesce('provider paid it at ' || f.partner_paid,
+                                     'the provider''s ' || n.neighbour || ' is not in yet')
+                     ELSE
+                         'provider: ' || r.sources || ' at ' || f.paid || ', within ' || $8
+                         || ' min ' || n.side || ' the cut-off; '
+                         || coalesce('booked at ' || f.partner_booked,
+                                     'the ledger of ' || n.neighbour || ' is not complete yet')
+                     END
+             END AS why
+         ) k
+         LEFT JOIN jobs j ON j.refund_no = r.refund_no
+         WHERE k.kind IS NOT NULL",
+        neighbours = source.neighbours()
+    )
+}
+
+async fn run_inner(
+    pool: &PgPool,
+    config: &Config,
+    req: &RunRequest,
+    progress: &Progress,
+    started_at: DateTime<Utc>,
+) -> Result<RunOutcome, RunError> {
+    let clock = Instant::now();
+    let tz = config.tz().map_err(|e| RunError::Invalid(e.to_string()))?;
+    let day = Day::new(req.date, tz, config.reconciler.grace_minutes).map_err(RunError::Invalid)?;
+    if let Some(p) = &req.provider
+        && !crate::PROVIDERS.contains(&p.as_str())
+    {
+        return Err(RunError::Invalid(format!(
+            "--provider {p:?}: expected shengpay or wupay"
+        )));
+    }
+    let source = if req.statements.is_empty() {
+        Source::Attempts
+    } else {
+        Source::Statement
+    };
+    // A connection of its own: the run's temporary tables must not outlive it in a pool.
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::query("SET temp_buffers = '128MB'")
+        .execute(&mut conn)
+        .await?;
+
+    let mut timings = Timings::default();
+    let step = Instant::now();
+    let statements = match source {
+        Source::Statement => {
+            let total = req
+                .statements
+                .iter()
+                .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                .sum();
+            let bar = progress.bytes(total, "loading statements");
+            let summary = crate::statement::load(
+                &mut conn,
+                &req.statements,
+                &day,
+                req.provider.as_deref(),
+                &bar,
+            )
+            .await?;
+            bar.finish_and_clear();
+            for f in &summary.files {
+                tracing::info!(
+                    file = %f.path, rows = f.rows, on_date = f.on_date,
+                    near_cutoff = f.near_cutoff, ignored = f.ignored, "statement loaded"
+                );
+            }
+            Some(summary)
+        }
+        Source::Attempts => None,
+    };
+    timings.load_ms = ms_since(step);
+    let step = Instant::now();
+
+    let spinner = progress.spinner(format!("waiting for other runs of {}", req.date));
+    let mut tx = conn.begin().await?;
+    let (class, key) = lock_key(req.date);
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+        .bind(class)
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !free {
+        tracing::warn!(date = %req.date, "another run of this date is in progress; waiting for it");
+        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(class)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for setting in [
+        "SET LOCAL jit = off",
+        "SET LOCAL work_mem = '64MB'",
+        "SET LOCAL application_name = 'refund-reconciler'",
+    ] {
+        sqlx::query(setting).execute(&mut *tx).await?;
+    }
+    timings.lock_ms = ms_since(step);
+    let as_of: DateTime<Utc> = sqlx::query_scalar("SELECT coalesce($1::timestamptz, now())")
+        .bind(req.as_of)
+        .fetch_one(&mut *tx)
+        .await?;
+    let files: Vec<String> = req
+        .statements
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let run_id: i64 = sqlx::query_scalar(
+        "INSERT INTO reconciliation_runs (business_date, provider, source, statement_files,
+             timezone, grace_minutes, status, started_at, locked_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'running', $7, clock_timestamp())
+         RETURNING id",
+    )
+    .bind(req.date)
+    .bind(req.provider.as_deref())
+    .bind(source.as_str())
+    .bind(&files)
+    .bind(tz.name())
+    .bind(i32::try_from(day.grace_minutes).unwrap_or(i32::MAX))
+    .bind(started_at)
+    .fetch_one(&mut *tx)
+    .await?;
+
+    let params = Params {
+        date: req.date,
+        start: day.start,
+        end: day.end,
+        provider: req.provider.as_deref(),
+        exhaustive: req.exhaustive,
+        files,
+    };
+
+    spinner.set_message(format!("matching totals of {}", req.date));
+    let step = Instant::now();
+    let pairs = bind(pairs_sql(source), &params).fetch_all(&mut *tx).await?;
+    let mut totals = Vec::with_capacity(pairs.len());
+    let mut drill_providers = Vec::new();
+    let mut drill_merchants = Vec::new();
+    for row in &pairs {
+        let t = Total {
+            provider: row.try_get("provider")?,
+            merchant: row.try_get("merchant")?,
+            ledger_total: row.try_get("ledger_total")?,
+            provider_total: row.try_get("provider_total")?,
+            diff: 0,
+            ledger_count: row.try_get("ledger_count")?,
+            provider_count: row.try_get("provider_count")?,
+        };
+        if !row.try_get::<bool, _>("settled")? {
+            drill_providers.push(t.provider.clone());
+            drill_merchants.push(t.merchant.clone());
+        }
+        totals.push(t);
+    }
+
+    timings.totals_ms = ms_since(step);
+    if let Some(summary) = &statements {
+        let mut uncovered: Vec<&str> = totals
+            .iter()
+            .filter(|t| t.ledger_count > 0 && !summary.coverage.dates.contains_key(&t.provider))
+            .map(|t| t.provider.as_str())
+            .collect();
+        uncovered.dedup();
+        for provider in uncovered {
+            tracing::warn!(
+                provider,
+                "the statements have no row of this provider, so each of its refunds is \
+                 missing_at_provider; give its statement, or --provider for the other"
+            );
+        }
+    }
+
+    sqlx::query(
+        "CREATE TEMP TABLE recon_buckets (provider text NOT NULL, merchant text NOT NULL,
+             bucket integer NOT NULL, raw_n bigint NOT NULL, raw_total numeric NOT NULL)
+         ON COMMIT DROP",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "CREATE TEMP TABLE recon_refunds (provider text NOT NULL, merchant text NOT NULL,
+             refund_no text NOT NULL, ledger_amount bigint, booked_at timestamptz,
+             manual boolean, provider_amount bigint, provider_n bigint NOT NULL,
+             provider_at timestamptz, sources text)
+         ON COMMIT DROP",
+    )
+    .execute(&mut *tx)
+    .await?;
+
+    let drilled_pairs = drill_providers.len();
+    let mut drilled_buckets = 0i64;
+    if drilled_pairs > 0 {
+        spinner.set_message(format!(
+            "looking into {drilled_pairs} provider/merchant pairs that differ"
+        ));
+        // The planner reads `hashtext(refund_no) & 1023` as having as many values as
+        // refund_no and would sort a million rows to group them into a few thousand buckets.
+        let step = Instant::now();
+        sqlx::query("SET LOCAL enable_sort = off")
+            .execute(&mut *tx)
+            .await?;
+        drilled_buckets = bind(buckets_sql(source), &params)
+            .bind(&drill_providers)
+            .bind(&drill_merchants)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            .try_into()
+            .unwrap_or(i64::MAX);
+        sqlx::query("SET LOCAL enable_sort = on")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("ANALYZE pg_temp.recon_buckets")
+            .execute(&mut *tx)
+            .await?;
+        timings.buckets_ms = ms_since(step);
+        let step = Instant::now();
+        spinner.set_message(format!("drilling into {drilled_buckets} buckets"));
+        bind(refunds_sql(source), &params).execute(&mut *tx).await?;
+        sqlx::query("ANALYZE pg_temp.recon_refunds")
+            .execute(&mut *tx)
+            .await?;
+        let (next_known, previous_known) = match &statements {
+            Some(s) => (s.coverage.after(req.date), s.coverage.before(req.date)),
+            None => {
+                let all = || crate::PROVIDERS.map(str::to_owned).to_vec();
+                (
+                    if day.next_window_closed(as_of) {
+                        all()
+                    } else {
+                        Vec::new()
+                    },
+                    if day.previous_window_closed(as_of) {
+                        all()
+                    } else {
+                        Vec::new()
+                    },
+                )
+            }
+        };
+        bind(discrepancies_sql(source), &params)
+            .bind(run_id)
+            .bind(i32::try_from(day.grace_minutes).unwrap_or(i32::MAX))
+            .bind(tz.name())
+            .bind(&next_known)
+            .bind(&previous_known)
+            .bind(day.next_window_closed(as_of))
+            .bind(day.previous_window_closed(as_of))
+            .execute(&mut *tx)
+            .await?;
+
+        // Within-day repeats of one payment (attempts) were counted in step 1; the drill-down
+        // counted each payment once. Correct the provider totals of the drilled buckets.
+        let corrections = sqlx::query(
+            "SELECT provider, merchant, sum(dn)::bigint AS dn, sum(dt)::bigint AS dt FROM (
+                 SELECT provider, merchant, -raw_n AS dn, -raw_total AS dt
+                 FROM pg_temp.recon_buckets
+                 UNION ALL
+                 SELECT provider, merchant, provider_n, coalesce(provider_amount, 0)
+                 FROM pg_temp.recon_refunds
+             ) x GROUP BY provider, merchant HAVING sum(dn) <> 0 OR sum(dt) <> 0",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for c in corrections {
+            let (provider, merchant): (String, String) =
+                (c.try_get("provider")?, c.try_get("merchant")?);
+            let (dn, dt): (i64, i64) = (c.try_get("dn")?, c.try_get("dt")?);
+            if let Some(t) = totals
+                .iter_mut()
+                .find(|t| t.provider == provider && t.merchant == merchant)
+            {
+                t.provider_count = t.provider_count.checked_add(dn).ok_or_else(|| {
+                    RunError::Overflow(format!("provider count of {provider}/{merchant}"))
+                })?;
+                t.provider_total = t.provider_total.checked_add(dt).ok_or_else(|| {
+                    RunError::Overflow(format!("provider total of {provider}/{merchant}"))
+                })?;
+            }
+        }
+        timings.drill_ms = ms_since(step);
+    }
+
+    spinner.set_message("storing the run");
+    let step = Instant::now();
+    for t in &mut totals {
+        t.diff = t
+            .provider_total
+            .checked_sub(t.ledger_total)
+            .ok_or_else(|| RunError::Overflow(format!("diff of {}/{}", t.provider, t.merchant)))?;
+    }
+    let column = |f: fn(&Total) -> i64| totals.iter().map(f).collect::<Vec<i64>>();
+    sqlx::query(
+        "INSERT INTO reconciliation_totals (run_id, provider, merchant, ledger_total,
+             ledger_count, provider_total, provider_count, diff)
+         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[],
+                                  $7::int8[], $8::int8[])",
+    )
+    .bind(run_id)
+    .bind(
+        totals
+            .iter()
+            .map(|t| t.provider.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        totals
+            .iter()
+            .map(|t| t.merchant.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(|t| t.ledger_total))
+    .bind(column(|t| t.ledger_count))
+    .bind(column(|t| t.provider_total))
+    .bind(column(|t| t.provider_count))
+    .bind(column(|t| t.diff))
+    .execute(&mut *tx)
+    .await?;
+
+    let counts = sqlx::query(
+        "SELECT count(*) FILTER (WHERE kind <> 'pending') AS d,
+                count(*) FILTER (WHERE kind = 'pending') AS p
+         FROM reconciliation_discrepancies WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (discrepancies, pending): (i64, i64) = (counts.try_get("d")?, counts.try_get("p")?);
+    let status = if discrepancies == 0 {
+        Status::Balanced
+    } else {
+        Status::Discrepancies
+    };
+    sqlx::query(
+        "UPDATE reconciliation_runs SET status = $2, discrepancy_count = $3, pending_count = $4,
+             finished_at = clock_timestamp()
+         WHERE id = $1",
+    )
+    .bind(run_id)
+    .bind(status.as_str())
+    .bind(discrepancies)
+    .bind(pending)
+    .execute(&mut *tx)
+    .await?;
+    // A run for every provider supersedes every earlier run of the date; a run for one
+    // provider supersedes the earlier runs for that provider (an earlier run for every
+    // provider stays current for the others: see the reconciliation_current_* views).
+    let superseded: Vec<i64> = sqlx::query_scalar(
+        "UPDATE reconciliation_runs SET superseded_by = $1
+         WHERE business_date = $2 AND id <> $1 AND superseded_by IS NULL
+           AND status IN ('balanced', 'discrepancies')
+           AND ($3::text IS NULL OR provider = $3)
+         RETURNING id",
+    )
+    .bind(run_id)
+    .bind(req.date)
+    .bind(req.provider.as_deref())
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    timings.store_ms = ms_since(step);
+    spinner.finish_and_clear();
+    let _ = conn.close().await;
+
+    tracing::info!(
+        run_id, date = %req.date, status = status.as_str(), discrepancies, pending,
+        drilled_pairs, drilled_buckets, source = source.as_str(),
+        elapsed_ms = ms_since(clock), load_ms = timings.load_ms, lock_ms = timings.lock_ms,
+        totals_ms = timings.totals_ms, buckets_ms = timings.buckets_ms,
+        drill_ms = timings.drill_ms, store_ms = timings.store_ms,
+        "reconciliation stored"
+    );
+    Ok(RunOutcome {
+        run_id,
+        date: req.date,
+        status,
+        discrepancies,
+        pending,
+        totals,
+        drilled_pairs,
+        drilled_buckets,
+        statements,
+        superseded,
+        timings,
+    })
+}
+
+/// Records a run that could not be done, so that a missing night shows in the runs table.
+async fn record_failure(
+    pool: &PgPool,
+    config: &Config,
+    req: &RunRequest,
+    started_at: DateTime<Utc>,
+    error: &RunError,
+) -> Result<(), sqlx::Error> {
+    let mut conn: sqlx::pool::PoolConnection<sqlx::Postgres> = pool.acquire().await?;
+    let files: Vec<String> = req
+        .statements
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    sqlx::query(
+        "INSERT INTO reconciliation_runs (business_date, provider, source, statement_files,
+             timezone, grace_minutes, status, error, started_at, finished_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'failed', $7, $8, clock_timestamp())",
+    )
+    .bind(req.date)
+    .bind(req.provider.as_deref())
+    .bind(if req.statements.is_empty() {
+        "attempts"
+    } else {
+        "statement"
+    })
+    .bind(&files)
+    .bind(&config.timezone)
+    .bind(i32::try_from(config.reconciler.grace_minutes).unwrap_or(i32::MAX))
+    .bind(error.to_string())
+    .bind(started_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Connects to the database for a run: a small pool (a run uses one connection, plus one to
+/// record a failure), migrated first when `database.migrate_on_start` is set.
+pub async fn connect(config: &Config) -> Result<PgPool, shared::store::StoreError> {
+    let mut small = config.clone();
+    small.database.max_connections = small.database.max_connections.clamp(1, 2);
+    let pool = shared::store::connect(&small).await?;
+    if config.database.migrate_on_start {
+        shared::store::migrate(&pool).await?;
+    }
+    Ok(pool)
+}
