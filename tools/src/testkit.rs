@@ -23,26 +23,84 @@ use sqlx::postgres::PgPoolOptions;
 // Database names below are generated here (uuid, hash), never taken from input.
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
-/// The admin database URL tests use.
-pub fn database_url() -> anyhow::Result<String> {
-    std::env::var("DATABASE_URL").map_err(|_| {
-        anyhow::anyhow!(
-            "DATABASE_URL is not set: tests need PostgreSQL. Start it (`just up`, or \
-             `pg_ctlcluster <version> main start`) and set DATABASE_URL, e.g. \
-             postgres://postgres@127.0.0.1:5432/postgres (`just test` does this for you)"
-        )
-    })
+/// The admin database URL tests use: `DATABASE_URL`, else (with the `testcontainers` feature
+/// and a Docker engine) a PostgreSQL container.
+pub async fn database_url() -> anyhow::Result<String> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return Ok(url);
+    }
+    #[cfg(feature = "testcontainers")]
+    if let Ok(url) = containers::postgres_url().await {
+        return Ok(url);
+    }
+    anyhow::bail!(
+        "DATABASE_URL is not set: tests need PostgreSQL. Start it (`just up`, or \
+         `pg_ctlcluster <version> main start`) and set DATABASE_URL, e.g. \
+         postgres://postgres@127.0.0.1:5432/postgres (`just test` does this for you); or build \
+         the tests with `--features tools/testcontainers` on a machine with Docker"
+    )
 }
 
-/// The broker URL tests use.
-pub fn amqp_url() -> anyhow::Result<String> {
-    std::env::var("AMQP_URL").map_err(|_| {
-        anyhow::anyhow!(
-            "AMQP_URL is not set: tests need RabbitMQ. Start it (`just up`, or \
-             `rabbitmq-server -detached`) and set AMQP_URL, e.g. \
-             amqp://guest:guest@127.0.0.1:5672/%2f (`just test` does this for you)"
-        )
-    })
+/// The broker URL tests use: `AMQP_URL`, else (with the `testcontainers` feature and a Docker
+/// engine) a RabbitMQ container.
+pub async fn amqp_url() -> anyhow::Result<String> {
+    if let Ok(url) = std::env::var("AMQP_URL") {
+        return Ok(url);
+    }
+    #[cfg(feature = "testcontainers")]
+    if let Ok(url) = containers::rabbitmq_url().await {
+        return Ok(url);
+    }
+    anyhow::bail!(
+        "AMQP_URL is not set: tests need RabbitMQ. Start it (`just up`, or \
+         `rabbitmq-server -detached`) and set AMQP_URL, e.g. \
+         amqp://guest:guest@127.0.0.1:5672/%2f (`just test` does this for you); or build the \
+         tests with `--features tools/testcontainers` on a machine with Docker"
+    )
+}
+
+/// Containers for machines with Docker and without local services. One of each per test
+/// process, started on first use; Testcontainers' reaper removes them when the process ends.
+#[cfg(feature = "testcontainers")]
+mod containers {
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::AsyncRunner;
+    use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+    use tokio::sync::OnceCell;
+
+    static POSTGRES: OnceCell<(ContainerAsync<GenericImage>, String)> = OnceCell::const_new();
+    static RABBITMQ: OnceCell<(ContainerAsync<GenericImage>, String)> = OnceCell::const_new();
+
+    pub async fn postgres_url() -> anyhow::Result<String> {
+        let (_, url) = POSTGRES
+            .get_or_try_init(|| async {
+                let c = GenericImage::new("postgres", "16-alpine")
+                    .with_exposed_port(5432.tcp())
+                    .with_wait_for(WaitFor::message_on_stdout("PostgreSQL init process complete"))
+                    .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
+                    .start()
+                    .await?;
+                let port = c.get_host_port_ipv4(5432).await?;
+                anyhow::Ok((c, format!("postgres://postgres@127.0.0.1:{port}/postgres")))
+            })
+            .await?;
+        Ok(url.clone())
+    }
+
+    pub async fn rabbitmq_url() -> anyhow::Result<String> {
+        let (_, url) = RABBITMQ
+            .get_or_try_init(|| async {
+                let c = GenericImage::new("rabbitmq", "3-alpine")
+                    .with_exposed_port(5672.tcp())
+                    .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+                    .start()
+                    .await?;
+                let port = c.get_host_port_ipv4(5672).await?;
+                anyhow::Ok((c, format!("amqp://guest:guest@127.0.0.1:{port}/%2f")))
+            })
+            .await?;
+        Ok(url.clone())
+    }
 }
 
 fn with_db(url: &str, db: &str) -> String {
@@ -78,7 +136,7 @@ fn hex_string(b: &[u8]) -> String {
 }
 
 async fn admin_conn() -> anyhow::Result<PgConnection> {
-    let url = database_url()?;
+    let url = database_url().await?;
     PgConnection::connect(&url).await.with_context(|| {
         format!(
             "PostgreSQL is not reachable at {}: start it (`just up`)",
@@ -89,7 +147,7 @@ async fn admin_conn() -> anyhow::Result<PgConnection> {
 
 /// Creates a fresh, migrated database for one test.
 pub async fn test_db() -> anyhow::Result<TestDb> {
-    let admin_url = database_url()?;
+    let admin_url = database_url().await?;
     let mut admin = admin_conn().await?;
     let tmpl = template_name();
     // One process at a time builds the template; the others wait for it.
@@ -168,7 +226,7 @@ pub fn test_amqp() -> AmqpConfig {
 /// A config for one test: its own database and broker names, fast timings.
 pub async fn test_config() -> anyhow::Result<(Config, TestDb)> {
     let db = test_db().await?;
-    let amqp_url = amqp_url()?;
+    let amqp_url = amqp_url().await?;
     check_broker(&amqp_url).await?;
     let mut c = Config {
         database_url: db.url.clone(),
