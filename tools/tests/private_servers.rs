@@ -269,11 +269,18 @@ async fn private_rabbit_nodes_are_independent_of_each_other_and_the_shared_one()
     assert_eq!(depth(&r.url(), "only-here").await.unwrap(), 1);
     let pid = r.pid().unwrap();
     drop(r);
-    let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z");
-    assert!(gone, "the VM {pid} outlived its PrivateRabbit");
+    // The kill is asynchronous: give the kernel a moment to deliver it and reap the VM.
+    let gone = || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !gone() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(gone(), "the VM {pid} outlived its PrivateRabbit");
 }
 
 /// Chaos tasks restart servers from `tokio::spawn`: the operations must be `Send`.
