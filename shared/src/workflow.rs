@@ -104,10 +104,18 @@ pub fn decide(
     policy: &RetryPolicy,
     rng: &mut impl Rng,
 ) -> Decision {
+    // When the budget runs out after a call that may have been delivered, the provider may
+    // have paid: say so (`outcome_unknown`), so nobody mistakes the job for one that never
+    // reached the provider.
+    let maybe_paid = matches!(outcome, Outcome::MaybeDelivered { .. });
     let retry = |rng: &mut _| {
         if policy.may_retry(attempt, age) {
             Decision::Retry {
                 after: policy.delay(attempt, rng),
+            }
+        } else if maybe_paid {
+            Decision::Dead {
+                cause: Cause::OutcomeUnknown,
             }
         } else {
             Decision::Dead {
@@ -209,20 +217,23 @@ mod tests {
         let dead = Decision::Dead {
             cause: Cause::RetriesExhausted,
         };
+        let not_sent = Outcome::NotSent {
+            error: "refused".into(),
+        };
+        let young = Duration::ZERO;
+        let old = Duration::from_secs(61);
+        assert_eq!(decide(&not_sent, 4, young, true, &policy(), &mut rng), dead);
+        assert_eq!(decide(&not_sent, 1, old, true, &policy(), &mut rng), dead);
+    }
+
+    #[test]
+    fn running_out_of_retries_after_a_maybe_delivered_call_is_outcome_unknown() {
+        let mut rng = StdRng::seed_from_u64(1);
         assert_eq!(
             decide(&maybe(), 4, Duration::ZERO, true, &policy(), &mut rng),
-            dead
-        );
-        assert_eq!(
-            decide(
-                &maybe(),
-                1,
-                Duration::from_secs(61),
-                true,
-                &policy(),
-                &mut rng
-            ),
-            dead
+            Decision::Dead {
+                cause: Cause::OutcomeUnknown
+            }
         );
     }
 
