@@ -16,7 +16,9 @@ use tools::testkit::{self, request_json};
 async fn a_full_run_logs_no_private_key_rfkey_or_signature() -> anyhow::Result<()> {
     let rules = vec![
         FaultRule::new(FaultAction::Decline).order_no("^D"),
-        FaultRule::new(FaultAction::BadSignature).order_no("^S").times(1),
+        FaultRule::new(FaultAction::BadSignature)
+            .order_no("^S")
+            .times(1),
         FaultRule::new(FaultAction::Http500).order_no("^E").times(1),
     ];
     let sim = testkit::start_sim(rules, 0.3).await?;
@@ -44,7 +46,14 @@ async fn a_full_run_logs_no_private_key_rfkey_or_signature() -> anyhow::Result<(
     for (i, prefix) in ["N", "D", "S", "E"].iter().enumerate() {
         for (j, (kind, m)) in merchants.iter().enumerate() {
             let n = i * 10 + j;
-            bodies.push(serde_json::to_vec(&request_json(&format!("L{n:03}"), &format!("{prefix}{n:03}"), *kind, m, 900, 300))?);
+            bodies.push(serde_json::to_vec(&request_json(
+                &format!("L{n:03}"),
+                &format!("{prefix}{n:03}"),
+                *kind,
+                m,
+                900,
+                300,
+            ))?);
         }
     }
     testkit::publish_requests(&config, &bodies).await?;
@@ -53,7 +62,10 @@ async fn a_full_run_logs_no_private_key_rfkey_or_signature() -> anyhow::Result<(
         let pool = pool.clone();
         async move {
             let c = ops::counts_by_state(&pool).await?;
-            let open: i64 = [State::Received, State::InFlight, State::RetryWait].iter().map(|s| c.get(s).copied().unwrap_or(0)).sum();
+            let open: i64 = [State::Received, State::InFlight, State::RetryWait]
+                .iter()
+                .map(|s| c.get(s).copied().unwrap_or(0))
+                .sum();
             Ok(c.values().sum::<i64>() == 24 && open == 0)
         }
     })
@@ -62,11 +74,17 @@ async fn a_full_run_logs_no_private_key_rfkey_or_signature() -> anyhow::Result<(
     worker.wait()?;
 
     let text = std::fs::read_to_string(log.path())?;
-    assert!(text.lines().count() > 20, "the log is suspiciously short:\n{text}");
+    assert!(
+        text.lines().count() > 20,
+        "the log is suspiciously short:\n{text}"
+    );
     let root = testkit::workspace_root();
     let rfkey = std::fs::read_to_string(root.join("keys/dev/wupay_rfkey.txt"))?;
     assert!(!text.contains(rfkey.trim()), "the rfkey was logged");
-    for key in ["shengpay_merchant_private.pem", "shengpay_platform_private.pem"] {
+    for key in [
+        "shengpay_merchant_private.pem",
+        "shengpay_platform_private.pem",
+    ] {
         let pem = std::fs::read_to_string(root.join("keys/dev").join(key))?;
         for line in pem.lines().filter(|l| !l.starts_with("-----")) {
             assert!(!text.contains(line), "a line of {key} was logged");
@@ -74,11 +92,16 @@ async fn a_full_run_logs_no_private_key_rfkey_or_signature() -> anyhow::Result<(
     }
     // Signatures are 2048-bit RSA in base64: 344 characters. Nothing that long may appear.
     let long_b64 = regex::Regex::new(r"[A-Za-z0-9+/]{120,}={0,2}")?;
-    assert!(!long_b64.is_match(&text), "something like a signature or key was logged: {:?}", long_b64.find(&text).map(|m| m.as_str()));
+    assert!(
+        !long_b64.is_match(&text),
+        "something like a signature or key was logged: {:?}",
+        long_b64.find(&text).map(|m| m.as_str())
+    );
     // JSON lines, with the job span's fields on the provider-call lines.
     let mut call_lines = 0;
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON: {line}: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON: {line}: {e}"))?;
         if v["fields"]["message"] == "provider call finished" {
             call_lines += 1;
             let span = &v["span"];
