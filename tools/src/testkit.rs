@@ -76,7 +76,9 @@ mod containers {
             .get_or_try_init(|| async {
                 let c = GenericImage::new("postgres", "16-alpine")
                     .with_exposed_port(5432.tcp())
-                    .with_wait_for(WaitFor::message_on_stdout("PostgreSQL init process complete"))
+                    .with_wait_for(WaitFor::message_on_stdout(
+                        "PostgreSQL init process complete",
+                    ))
                     .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
                     .start()
                     .await?;
