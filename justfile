@@ -31,9 +31,9 @@ lint:
     k8s/validate.sh
 
 # The benchmark: throughput, latency and cost per refund against this machine's ceilings.
-bench: up
+bench *ARGS: up
     cargo build --release --bins
-    scripts/bench.sh
+    scripts/bench.sh {{ARGS}}
 
 # Apply migrations to the configured database.
 migrate:

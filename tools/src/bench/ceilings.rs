@@ -1,0 +1,608 @@
+//! S0: this machine's own ceilings, measured in the same run as the scenarios.
+//!
+//! - **AMQP**: publish with confirms + consume + ack, no database, through a queue declared
+//!   exactly as the worker's (durable, classic, dead-letter exchange), persistent messages of
+//!   the scenarios' size, the worker's prefetch and intake batch. Once with one ack per delivery
+//!   (what the worker does now), once with one `multiple` ack per batch.
+//! - **PostgreSQL**: the job's own transactions driven directly on the real schema with the
+//!   store's own functions — `intake::take` in a transaction, `jobs::claim`, `jobs::record_outcome`
+//!   with an accepted outcome (attempt row, transition with history, ledger entry, outbox event):
+//!   three transactions per refund, from 16 concurrent tasks. Then the same writes batched
+//!   50 refunds per transaction in plain SQL of the same shape (multi-row `unnest` statements;
+//!   the claim is `jobs::claim` itself, which takes a batch), to show the headroom.
+//! - **Signing**: ShengPay's RSA sign and verify with the development keys, single-threaded,
+//!   the CPU floor of a ShengPay refund in the worker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use serde::Serialize;
+use shared::config::{SignType, WorkerConfig};
+use shared::job::ProviderKind;
+use shared::provider::{AttemptRecord, Outcome};
+use shared::store::intake::{self, Incoming, IntakeResult};
+use shared::store::jobs;
+use shared::workflow::Decision;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+
+use super::procs::{self, CpuUse, Watch};
+use super::publish::{self, Msg};
+use super::stats::{self, PgCounters};
+use super::{Env, drop_db};
+
+/// One ceiling measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    pub name: String,
+    pub what: String,
+    /// Refunds (or messages) completed.
+    pub count: usize,
+    pub seconds: f64,
+    /// Refunds (or messages) per second.
+    pub rate: f64,
+    pub xacts_per_refund: Option<f64>,
+    pub cpu: CpuUse,
+    /// CPU µs per refund of the PostgreSQL backends of the database (PG ceilings) or of
+    /// RabbitMQ (AMQP ceilings).
+    pub server_cpu_us_per_refund: f64,
+    /// CPU µs per refund of this process (the client side: sqlx or lapin).
+    pub client_cpu_us_per_refund: f64,
+    pub wal_bytes_per_refund: Option<f64>,
+    pub wal_syncs_per_refund: Option<f64>,
+}
+
+impl Ceiling {
+    pub fn bound_line(&self) -> String {
+        format!(
+            "machine {:.0}% busy ({:.2} of {} cores): {}",
+            self.cpu.machine_busy_share() * 100.0,
+            self.cpu.machine_busy_s / self.cpu.wall_s.max(1e-9),
+            self.cpu.ncpu,
+            self.cpu.breakdown()
+        )
+    }
+}
+
+/// The scenarios' message: a WuPay SOAP refund request (what S1 sends).
+fn sample_messages(prefix: &str, n: usize) -> Vec<Msg> {
+    publish::requests(prefix, n, ProviderKind::Wupay, &["wu-soap11"])
+}
+
+/// The AMQP ceiling: `n` messages published (confirms pipelined) while one consumer with the
+/// worker's prefetch takes them in batches of up to `intake_batch` and acks them — one ack per
+/// delivery, or one `multiple` ack per batch.
+pub async fn amqp(
+    env: &Env,
+    n: usize,
+    worker: &WorkerConfig,
+    multiple: bool,
+) -> anyhow::Result<Ceiling> {
+    let amqp = crate::testkit::test_amqp();
+    let pub_conn = shared::broker::connect(&env.amqp_url, "refund-bench-s0-pub").await?;
+    let pub_ch = shared::broker::confirm_channel(&pub_conn).await?;
+    shared::broker::declare_topology(&pub_ch, &amqp).await?;
+    let con_conn = shared::broker::connect(&env.amqp_url, "refund-bench-s0-con").await?;
+    let con_ch = con_conn.create_channel().await?;
+    con_ch
+        .basic_qos(worker.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = con_ch
+        .basic_consume(
+            amqp.queue.as_str().into(),
+            "refund-bench-s0".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let msgs = sample_messages("A", n);
+    let batch_max = worker.intake_batch.max(1);
+    let watch = Watch::default();
+    let cpu0 = procs::sample(&watch);
+    let t0 = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut acked = 0usize;
+        while acked < n {
+            let Some(first) = consumer.next().await else {
+                bail!("the consumer was cancelled");
+            };
+            let mut batch = vec![first?];
+            while batch.len() < batch_max {
+                match consumer.next().now_or_never() {
+                    Some(Some(d)) => batch.push(d?),
+                    _ => break,
+                }
+            }
+            if multiple {
+                if let Some(last) = batch.last() {
+                    last.acker.ack(BasicAckOptions { multiple: true }).await?;
+                }
+            } else {
+                for d in &batch {
+                    d.acker.ack(BasicAckOptions::default()).await?;
+                }
+            }
+            acked += batch.len();
+        }
+        Ok::<_, anyhow::Error>(Instant::now())
+    });
+    publish::publish(&pub_ch, &amqp, &msgs, None).await?;
+    let done = tokio::time::timeout(Duration::from_secs(600), consume)
+        .await
+        .context("the AMQP ceiling did not finish within 600 s")???;
+    let cpu1 = procs::sample(&watch);
+    let _ = con_conn.close(200, "done".into()).await;
+    for q in [&amqp.queue, &amqp.dead_letter_queue] {
+        let _ = pub_ch
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
+    for x in [
+        &amqp.exchange,
+        &amqp.dead_letter_exchange,
+        &amqp.events_exchange,
+    ] {
+        let _ = pub_ch
+            .exchange_delete(x.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = pub_conn.close(200, "done".into()).await;
+    let seconds = done.duration_since(t0).as_secs_f64();
+    let cpu = procs::delta(&cpu0, &cpu1);
+    Ok(Ceiling {
+        name: if multiple {
+            "S0 amqp multiple-ack".into()
+        } else {
+            "S0 amqp".into()
+        },
+        what: format!(
+            "{n} persistent messages, publish with confirms + consume (prefetch {}, batches of \
+             up to {batch_max}) + {} through a durable classic queue with a dead-letter exchange",
+            worker.prefetch,
+            if multiple {
+                "one multiple-ack per batch"
+            } else {
+                "one ack per delivery (as the worker)"
+            }
+        ),
+        count: n,
+        seconds,
+        rate: n as f64 / seconds,
+        xacts_per_refund: None,
+        server_cpu_us_per_refund: cpu.rabbitmq_s * 1e6 / n as f64,
+        client_cpu_us_per_refund: cpu.bench_s * 1e6 / n as f64,
+        wal_bytes_per_refund: None,
+        wal_syncs_per_refund: None,
+        cpu,
+    })
+}
+
+/// A representative accepted WuPay answer (what the worker stores as `raw`).
+const RAW_RESPONSE: &str = r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:xsd="http://www.w3.org/2001/XMLSchema"><soap:Body><RefundResponse xmlns="http://tempuri.org/"><RefundResult>SUCCESS</RefundResult></RefundResponse></soap:Body></soap:Envelope>"#;
+
+fn accepted(refund_no: &str, fee: i64, request: String) -> AttemptRecord {
+    AttemptRecord {
+        outcome: Outcome::Accepted {
+            provider_refund_id: format!("WU{refund_no}"),
+            refund_fee: fee,
+            settlement_refund_fee: fee,
+            coupon_refund_fee: 0,
+            raw: RAW_RESPONSE.into(),
+        },
+        request_redacted: request,
+        http_status: Some(200),
+        latency: Duration::from_micros(900),
+    }
+}
+
+async fn pool(url: &str, size: u32, generic_plans: bool) -> anyhow::Result<PgPool> {
+    let mut options: PgConnectOptions = url.parse()?;
+    if generic_plans {
+        options = options.options([("plan_cache_mode", "force_generic_plan")]);
+    }
+    Ok(PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(size)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.application_name("refund-bench"))
+        .await?)
+}
+
+/// The three transactions of one refund, as the worker runs them now.
+async fn one_refund(pool: &PgPool, m: &Msg, tz: chrono_tz::Tz) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let known = |_: ProviderKind, _: &str| true;
+    let msg = Incoming {
+        body: &m.body,
+        message_id: None,
+        redelivered: false,
+    };
+    let r = intake::take(&mut tx, &msg, &known, tz).await?;
+    tx.commit().await?;
+    if !matches!(r, IntakeResult::Created { .. }) {
+        bail!("intake did not create {}: {r:?}", m.refund_no);
+    }
+    let lease = Duration::from_secs(30);
+    let claimed = jobs::claim(pool, std::slice::from_ref(&m.refund_no), lease, "bench").await?;
+    let Some(c) = claimed.into_iter().next() else {
+        bail!("could not claim {}", m.refund_no);
+    };
+    let rec = accepted(
+        &c.refund_no,
+        c.request.refund_fee,
+        c.request.canonical_json(),
+    );
+    jobs::record_outcome(pool, &c, &rec, &Decision::Succeed, "bench", tz).await?;
+    Ok(())
+}
+
+/// The same writes for a batch of refunds, three transactions per batch.
+async fn batch_of_refunds(pool: &PgPool, batch: &[&Msg], tz: chrono_tz::Tz) -> anyhow::Result<()> {
+    let reqs: Vec<shared::job::RefundRequest> = batch
+        .iter()
+        .map(|m| shared::job::parse_request(&m.body).map_err(|e| anyhow::anyhow!("{e}")))
+        .collect::<anyhow::Result<_>>()?;
+    let nos: Vec<String> = reqs.iter().map(|r| r.refund_no.clone()).collect();
+    let orders: Vec<String> = reqs.iter().map(|r| r.order_no.clone()).collect();
+    let providers: Vec<String> = reqs
+        .iter()
+        .map(|r| r.provider.as_str().to_owned())
+        .collect();
+    let merchants: Vec<String> = reqs.iter().map(|r| r.merchant.clone()).collect();
+    let totals: Vec<i64> = reqs.iter().map(|r| r.total_fee).collect();
+    let fees: Vec<i64> = reqs.iter().map(|r| r.refund_fee).collect();
+    let bodies: Vec<String> = reqs
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap_or_default())
+        .collect();
+    let hashes: Vec<Vec<u8>> = reqs.iter().map(|r| r.content_hash().to_vec()).collect();
+    // 1. Intake: jobs, order totals, history.
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO jobs (refund_no, order_no, provider, merchant, total_fee, refund_fee,
+             request, content_hash, state)
+         SELECT r, o, p, m, t, f, q::jsonb, h, 'received'
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[],
+                     $7::text[], $8::bytea[]) AS x(r, o, p, m, t, f, q, h)
+         ON CONFLICT (refund_no) DO NOTHING",
+    )
+    .bind(&nos)
+    .bind(&orders)
+    .bind(&providers)
+    .bind(&merchants)
+    .bind(&totals)
+    .bind(&fees)
+    .bind(&bodies)
+    .bind(&hashes)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO orders (order_no, total_fee, committed_fee)
+         SELECT o, t, f FROM unnest($1::text[], $2::int8[], $3::int8[]) AS x(o, t, f)
+         ON CONFLICT (order_no) DO UPDATE
+             SET committed_fee = orders.committed_fee + EXCLUDED.committed_fee
+             WHERE orders.total_fee = EXCLUDED.total_fee
+               AND orders.committed_fee + EXCLUDED.committed_fee <= orders.total_fee",
+    )
+    .bind(&orders)
+    .bind(&totals)
+    .bind(&fees)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
+         SELECT r, NULL, 'received', 0, 'intake' FROM unnest($1::text[]) AS x(r)",
+    )
+    .bind(&nos)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    // 2. Claim: the store's own claim takes a batch.
+    let claimed = jobs::claim(pool, &nos, Duration::from_secs(30), "bench").await?;
+    if claimed.len() != nos.len() {
+        bail!("claimed {} of {}", claimed.len(), nos.len());
+    }
+    // 3. Outcome: attempt rows, transition with history, ledger entries, outbox events.
+    let c_nos: Vec<String> = claimed.iter().map(|c| c.refund_no.clone()).collect();
+    let c_att: Vec<i32> = claimed.iter().map(|c| c.attempt).collect();
+    let c_prid: Vec<String> = c_nos.iter().map(|n| format!("WU{n}")).collect();
+    let c_fee: Vec<i64> = claimed.iter().map(|c| c.request.refund_fee).collect();
+    let c_merchant: Vec<String> = claimed.iter().map(|c| c.request.merchant.clone()).collect();
+    let c_provider: Vec<String> = claimed
+        .iter()
+        .map(|c| c.request.provider.as_str().to_owned())
+        .collect();
+    let c_req: Vec<String> = claimed.iter().map(|c| c.request.canonical_json()).collect();
+    let now = shared::events::format_time(chrono::Utc::now(), tz);
+    let payloads: Vec<String> = claimed
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "version": 1, "event": "refund.succeeded", "refund_no": c.refund_no,
+                "order_no": c.request.order_no, "provider": c.request.provider.as_str(),
+                "merchant": c.request.merchant, "state": "succeeded",
+                "refund_fee": c.request.refund_fee,
+                "settlement_refund_fee": c.request.refund_fee,
+                "provider_refund_id": format!("WU{}", c.refund_no), "error_code": null,
+                "error_message": null, "attempts": c.attempt, "occurred_at": now,
+            })
+            .to_string()
+        })
+        .collect();
+    let mut tx = pool.begin().await?;
+    let moved: i64 = sqlx::query_scalar(
+        "WITH u AS (
+             SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::int8[])
+                 AS u(refund_no, attempt, prid, settle)
+         ), prev AS (
+             SELECT j.refund_no, j.state FROM jobs j JOIN u ON u.refund_no = j.refund_no
+             WHERE j.state = 'in_flight' AND j.attempt = u.attempt
+             FOR UPDATE OF j
+         ), upd AS (
+             UPDATE jobs j SET state = 'succeeded', cause = NULL, lease_until = NULL,
+                    next_attempt_at = NULL, last_code = NULL, last_message = NULL,
+                    provider_refund_id = u.prid, settlement_refund_fee = u.settle,
+                    updated_at = now()
+             FROM prev JOIN u ON u.refund_no = prev.refund_no
+             WHERE j.refund_no = prev.refund_no
+             RETURNING j.refund_no, prev.state AS from_state, j.attempt
+         ), hist AS (
+             INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor, detail)
+             SELECT refund_no, from_state, 'succeeded', attempt, 'bench',
+                    '{\"outcome\":\"accepted\"}'::jsonb
+             FROM upd
+         )
+         SELECT count(*) FROM upd",
+    )
+    .bind(&c_nos)
+    .bind(&c_att)
+    .bind(&c_prid)
+    .bind(&c_fee)
+    .fetch_one(&mut *tx)
+    .await?;
+    if moved != c_nos.len() as i64 {
+        bail!("recorded {moved} of {} outcomes", c_nos.len());
+    }
+    sqlx::query(
+        "INSERT INTO provider_attempts (refund_no, attempt, provider, merchant, outcome, code,
+             message, http_status, request, response, latency_us, provider_refund_id, refund_fee,
+             settlement_refund_fee, coupon_refund_fee, fenced)
+         SELECT r, a, p, m, 'accepted', NULL, NULL, 200, q, $8, 900, i, f, f, 0, false
+         FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::int8[]) AS x(r, a, p, m, q, i, f)",
+    )
+    .bind(&c_nos)
+    .bind(&c_att)
+    .bind(&c_provider)
+    .bind(&c_merchant)
+    .bind(&c_req)
+    .bind(&c_prid)
+    .bind(&c_fee)
+    .bind(RAW_RESPONSE)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO ledger (refund_no, entry_kind, provider, merchant, provider_refund_id,
+             refund_fee, settlement_refund_fee, business_date, source)
+         SELECT r, 'refund', p, m, i, f, f, (now() AT TIME ZONE $6)::date, 'provider'
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])
+             AS x(r, p, m, i, f)",
+    )
+    .bind(&c_nos)
+    .bind(&c_provider)
+    .bind(&c_merchant)
+    .bind(&c_prid)
+    .bind(&c_fee)
+    .bind(tz.name())
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO outbox (routing_key, refund_no, payload)
+         SELECT 'refund.succeeded', r, p::jsonb FROM unnest($1::text[], $2::text[]) AS x(r, p)",
+    )
+    .bind(&c_nos)
+    .bind(&payloads)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// How a PostgreSQL ceiling connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgVariant {
+    /// TCP, as the worker connects.
+    Tcp,
+    /// The Unix socket: no TCP, so no Nagle (sqlx 0.9.0 does not set TCP_NODELAY).
+    UnixSocket,
+    /// TCP with `plan_cache_mode=force_generic_plan`: the store's CTE statements are planned
+    /// once per connection instead of on every execution.
+    GenericPlans,
+}
+
+/// The PostgreSQL ceiling: `n` refunds' writes from `clients` tasks, unbatched (`batch` 1,
+/// the store's functions) or `batch` refunds per transaction.
+pub async fn postgres(
+    env: &Env,
+    n: usize,
+    clients: usize,
+    batch: usize,
+    variant: PgVariant,
+) -> anyhow::Result<Ceiling> {
+    let unix_socket = variant == PgVariant::UnixSocket;
+    let db = crate::testkit::test_db().await?;
+    db.pool.close().await;
+    let url = if unix_socket {
+        super::unix_socket_url(&db.url, &env.pg_socket_dir)
+    } else {
+        db.url.clone()
+    };
+    let mut admin = PgConnection::connect(&env.admin_url).await?;
+    let tz: chrono_tz::Tz = "Asia/Shanghai"
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let result = async {
+        let pool = pool(&url, clients as u32, variant == PgVariant::GenericPlans).await?;
+        let prefix = format!("P{batch}{variant:?}");
+        let msgs = Arc::new(sample_messages(&prefix, n));
+        let next = Arc::new(AtomicUsize::new(0));
+        let c0 = stats::pg_counters(&mut admin, &db.name).await?;
+        let watch = Watch {
+            db_name: Some(db.name.clone()),
+            ..Watch::default()
+        };
+        let cpu0 = procs::sample(&watch);
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let pool = pool.clone();
+            let msgs = msgs.clone();
+            let next = next.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let start = next.fetch_add(batch, Ordering::Relaxed);
+                    if start >= msgs.len() {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let end = (start + batch).min(msgs.len());
+                    if batch == 1 {
+                        one_refund(&pool, &msgs[start], tz).await?;
+                    } else {
+                        let chunk: Vec<&Msg> = msgs[start..end].iter().collect();
+                        batch_of_refunds(&pool, &chunk, tz).await?;
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let cpu1 = procs::sample(&watch);
+        pool.close().await;
+        // Backends flush their statistics when they exit.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let c1 = stats::pg_counters(&mut admin, &db.name).await?;
+        let d: PgCounters = c1.since(&c0);
+        let cpu = procs::delta(&cpu0, &cpu1);
+        let nf = n as f64;
+        Ok::<_, anyhow::Error>(Ceiling {
+            name: format!(
+                "S0 pg {}{}",
+                if batch == 1 {
+                    "unbatched".to_owned()
+                } else {
+                    format!("batched x{batch}")
+                },
+                match variant {
+                    PgVariant::Tcp => "",
+                    PgVariant::UnixSocket => " (unix socket)",
+                    PgVariant::GenericPlans => " (generic plans)",
+                }
+            ),
+            what: if batch == 1 {
+                format!(
+                    "{n} refunds, {clients} tasks, each refund: intake::take in a transaction, \
+                     jobs::claim, jobs::record_outcome (accepted: attempt, transition + \
+                     history, ledger, outbox) — three transactions, as the worker does it{}",
+                    if unix_socket {
+                        ", over the Unix socket"
+                    } else {
+                        ", over TCP"
+                    }
+                )
+            } else {
+                format!(
+                    "{n} refunds, {clients} tasks, {batch} refunds per transaction: the same \
+                     rows in multi-row statements (unnest), jobs::claim of the batch"
+                )
+            },
+            count: n,
+            seconds,
+            rate: nf / seconds,
+            xacts_per_refund: Some(d.xact_commit as f64 / nf),
+            server_cpu_us_per_refund: cpu.pg_db_s * 1e6 / nf,
+            client_cpu_us_per_refund: cpu.bench_s * 1e6 / nf,
+            wal_bytes_per_refund: Some(d.wal_bytes / nf),
+            wal_syncs_per_refund: Some(d.wal_sync as f64 / nf),
+            cpu,
+        })
+    }
+    .await;
+    if !env.keep {
+        drop_db(&mut admin, &db.name).await;
+    }
+    let _ = admin.close().await;
+    result
+}
+
+/// CPU time of one RSA operation, microseconds (one thread).
+#[derive(Debug, Clone, Serialize)]
+pub struct Signing {
+    pub sign_rsa_sha1_us: f64,
+    pub sign_rsa2_sha256_us: f64,
+    pub verify_rsa_sha1_us: f64,
+    pub key_bits: u32,
+}
+
+/// Times the worker's own ShengPay signing and verification (OpenSSL through `shared`) with
+/// the development keys, one thread.
+pub fn signing(iterations: usize) -> anyhow::Result<Signing> {
+    use shared::provider::keys::{private_key_from_file, public_key_from_file};
+    use shared::provider::shengpay::{sign, verify};
+    let root = crate::testkit::workspace_root();
+    let merchant = private_key_from_file(
+        "bench",
+        &root.join("keys/dev/shengpay_merchant_private.pem"),
+    )?;
+    let platform = private_key_from_file(
+        "bench",
+        &root.join("keys/dev/shengpay_platform_private.pem"),
+    )?;
+    let platform_pub =
+        public_key_from_file("bench", &root.join("keys/dev/shengpay_platform_public.pem"))?;
+    let text = "appId=djgeiq978y933&mchId=93751497&nonceStr=ZmTruYz2Tld2hIRRg4NfZmTruYz2Tld2\
+                &notifyUrl=https://merchant.example/refund/notify&outRefundNo=S1s000000012345\
+                &outTradeNo=OS1s000000012345&refundDesc=test refund&refundFee=345&signType=RSA\
+                &totalFee=10000";
+    // CPU time of this thread, not wall time: the machine may be busy with other work.
+    let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?;
+        let wall = Instant::now();
+        let cpu = procs::thread_cpu_seconds();
+        for _ in 0..iterations {
+            f()?;
+        }
+        let secs = match (cpu, procs::thread_cpu_seconds()) {
+            (Some(a), Some(b)) if b > a => b - a,
+            _ => wall.elapsed().as_secs_f64(),
+        };
+        Ok(secs * 1e6 / iterations as f64)
+    };
+    let sign_rsa_sha1_us = time(&mut || {
+        sign(&merchant, SignType::Rsa, text)?;
+        Ok(())
+    })?;
+    let sign_rsa2_sha256_us = time(&mut || {
+        sign(&merchant, SignType::Rsa2, text)?;
+        Ok(())
+    })?;
+    let response_sig = sign(&platform, SignType::Rsa, text)?;
+    let verify_rsa_sha1_us = time(&mut || {
+        if !verify(&platform_pub, SignType::Rsa, text, &response_sig) {
+            bail!("the development keys do not verify");
+        }
+        Ok(())
+    })?;
+    Ok(Signing {
+        sign_rsa_sha1_us,
+        sign_rsa2_sha256_us,
+        verify_rsa_sha1_us,
+        key_bits: merchant.bits(),
+    })
+}
