@@ -573,6 +573,31 @@ pub async fn insert_audit(
     Ok(())
 }
 
+/// Audits a refused operator action and returns the refusal.
+async fn refuse(
+    conn: &mut PgConnection,
+    refund_no: &str,
+    action: &str,
+    op: Operator<'_>,
+    prior: Option<State>,
+    target: Option<State>,
+    reason: String,
+) -> Result<Verdict, StoreError> {
+    insert_audit(
+        conn,
+        Some(refund_no),
+        action,
+        "refused",
+        op,
+        prior,
+        target,
+        Some(&reason),
+        None,
+    )
+    .await?;
+    Ok(Verdict::Refused { prior, reason })
+}
+
 /// Why a dead job may not be replayed, if it may not: final jobs never are, nor jobs whose
 /// outcome is unknown at a merchant that does not deduplicate on `refund_no`.
 pub fn replay_refusal(state: State, cause: Option<&str>, idempotent: bool) -> Option<String> {
@@ -600,23 +625,16 @@ pub async fn replay(
     op: Operator<'_>,
 ) -> Result<Verdict, StoreError> {
     let Some((prior, cause)) = lock_state(conn, refund_no).await? else {
-        let reason = "no such job";
-        insert_audit(
+        return refuse(
             conn,
-            Some(refund_no),
+            refund_no,
             "replay",
-            "refused",
             op,
             None,
             None,
-            Some(reason),
-            None,
+            "no such job".into(),
         )
-        .await?;
-        return Ok(Verdict::Refused {
-            prior: None,
-            reason: reason.into(),
-        });
+        .await;
     };
     let (provider, merchant): (String, String) =
         sqlx::query_as("SELECT provider, merchant FROM jobs WHERE refund_no = $1")
@@ -625,22 +643,7 @@ pub async fn replay(
             .await?;
     if let Some(reason) = replay_refusal(prior, cause.as_deref(), idempotent(&provider, &merchant))
     {
-        insert_audit(
-            conn,
-            Some(refund_no),
-            "replay",
-            "refused",
-            op,
-            Some(prior),
-            None,
-            Some(&reason),
-            None,
-        )
-        .await?;
-        return Ok(Verdict::Refused {
-            prior: Some(prior),
-            reason,
-        });
+        return refuse(conn, refund_no, "replay", op, Some(prior), None, reason).await;
     }
     let actor = format!("operator:{}", op.name);
     let change = Change {
@@ -695,38 +698,22 @@ pub async fn resolve(
         } => (State::Succeeded, Some(settlement_refund_fee)),
         Resolution::Failed => (State::Failed, None),
     };
-    let refuse = |prior: Option<State>, reason: String| Verdict::Refused { prior, reason };
     let Some((prior, _)) = lock_state(conn, refund_no).await? else {
         let reason = "no such job".to_owned();
-        insert_audit(
-            conn,
-            Some(refund_no),
-            "resolve",
-            "refused",
-            op,
-            None,
-            Some(to),
-            Some(&reason),
-            None,
-        )
-        .await?;
-        return Ok(refuse(None, reason));
+        return refuse(conn, refund_no, "resolve", op, None, Some(to), reason).await;
     };
     if prior != State::Dead {
         let reason = format!("job is {prior}, not dead: only dead jobs are resolved by hand");
-        insert_audit(
+        return refuse(
             conn,
-            Some(refund_no),
+            refund_no,
             "resolve",
-            "refused",
             op,
             Some(prior),
             Some(to),
-            Some(&reason),
-            None,
+            reason,
         )
-        .await?;
-        return Ok(refuse(Some(prior), reason));
+        .await;
     }
     let refund_fee: i64 = sqlx::query_scalar("SELECT refund_fee FROM jobs WHERE refund_no = $1")
         .bind(refund_no)
@@ -737,19 +724,16 @@ pub async fn resolve(
     {
         let reason =
             format!("settlement fee {s} must be between 0 and the refund fee {refund_fee}");
-        insert_audit(
+        return refuse(
             conn,
-            Some(refund_no),
+            refund_no,
             "resolve",
-            "refused",
             op,
             Some(prior),
             Some(to),
-            Some(&reason),
-            None,
+            reason,
         )
-        .await?;
-        return Ok(refuse(Some(prior), reason));
+        .await;
     }
     let actor = format!("operator:{}", op.name);
     let change = Change {
