@@ -190,6 +190,10 @@ pub struct WorkerConfig {
     pub shutdown_grace_ms: u64,
     /// How many deliveries the intake gathers into one transaction at most.
     pub intake_batch: usize,
+    /// How many claims, or recorded outcomes, the writer puts into one statement at most.
+    pub write_batch: usize,
+    /// Writer tasks: how many claim/outcome statements one worker process runs at once.
+    pub writers: usize,
     /// How long the outbox relay sleeps when it finds nothing to publish.
     pub outbox_poll_ms: u64,
 }
@@ -208,6 +212,8 @@ impl Default for WorkerConfig {
             stuck_after_ms: 15 * 60_000,
             shutdown_grace_ms: 20_000,
             intake_batch: 64,
+            write_batch: 128,
+            writers: 2,
             outbox_poll_ms: 200,
         }
     }
@@ -483,6 +489,15 @@ impl Config {
                 "worker.intake_batch",
                 "must be at least 1",
             ));
+        }
+        if w.write_batch == 0 {
+            return Err(ConfigError::invalid(
+                "worker.write_batch",
+                "must be at least 1",
+            ));
+        }
+        if w.writers == 0 {
+            return Err(ConfigError::invalid("worker.writers", "must be at least 1"));
         }
         if w.lease_margin_ms >= w.lease_ms {
             return Err(ConfigError::invalid(

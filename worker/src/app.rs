@@ -33,6 +33,8 @@ pub struct Ctx {
     /// pushes back on the consumer.
     pub slots: Arc<Semaphore>,
     pub jobs: TaskTracker,
+    /// Claims and outcomes go through here, batched across jobs.
+    pub writer: crate::writer::Writer,
     pub broker_up: AtomicBool,
     pub shutdown: CancellationToken,
 }
@@ -111,8 +113,17 @@ pub async fn run(
         std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
         std::process::id()
     );
+    let writer = crate::writer::Writer::start(
+        pool.clone(),
+        config.worker.writers,
+        config.worker.write_batch,
+        config.worker.lease(),
+        actor.clone(),
+        tz,
+    );
     let ctx = Arc::new(Ctx {
         pool,
+        writer,
         policy: RetryPolicy::from_config(&config.worker.retry),
         slots: Arc::new(Semaphore::new(config.worker.concurrency)),
         config,

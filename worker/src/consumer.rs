@@ -2,8 +2,9 @@
 //!
 //! Deliveries are taken in small batches (what is already buffered, up to
 //! `worker.intake_batch`) and recorded in one transaction, so the database sees one commit per
-//! batch rather than one per message. Only after that commit is each message acked (or, for a
-//! rejection or conflict, nacked without requeue into the dead-letter exchange). A crash before
+//! batch rather than one per message. Only after that commit are the messages acked, one
+//! `multiple` ack per run (a rejection or conflict is nacked without requeue into the
+//! dead-letter exchange). A crash before
 //! the commit leaves nothing behind and the broker redelivers; a crash after it but before the
 //! ack causes a redelivery that intake recognises as a duplicate. The consumer reconnects with
 //! backoff when the broker goes away and reports readiness while disconnected as false.
@@ -99,6 +100,9 @@ async fn consume(ctx: &Arc<Ctx>, stop: &CancellationToken) -> anyhow::Result<()>
 async fn take_batch(ctx: &Arc<Ctx>, batch: Vec<Delivery>) -> anyhow::Result<()> {
     let results = record_batch(ctx, &batch).await?;
     shared::failpoint::hit("intake_committed");
+    // Acks go out as one `multiple` ack per run of acked deliveries (everything delivered
+    // before this batch is already settled, so `multiple` covers exactly this batch's run).
+    let mut to_ack: Option<&Delivery> = None;
     for (delivery, result) in batch.iter().zip(&results) {
         metrics::counter!(crate::metrics::INTAKE, "result" => result.label()).increment(1);
         if result.is_poison() {
@@ -113,6 +117,9 @@ async fn take_batch(ctx: &Arc<Ctx>, batch: Vec<Delivery>) -> anyhow::Result<()> 
             {
                 tracing::warn!(refund_no = refund_no.as_deref().unwrap_or(""), field = %rejection.field, reason = %rejection.reason, "message rejected; stored and dead-lettered");
             }
+            if let Some(last) = to_ack.take() {
+                ack_through(last).await?;
+            }
             delivery
                 .acker
                 .nack(BasicNackOptions {
@@ -121,8 +128,11 @@ async fn take_batch(ctx: &Arc<Ctx>, batch: Vec<Delivery>) -> anyhow::Result<()> 
                 })
                 .await?;
         } else {
-            delivery.acker.ack(BasicAckOptions::default()).await?;
+            to_ack = Some(delivery);
         }
+    }
+    if let Some(last) = to_ack {
+        ack_through(last).await?;
     }
     for result in results {
         match result {
@@ -134,6 +144,12 @@ async fn take_batch(ctx: &Arc<Ctx>, batch: Vec<Delivery>) -> anyhow::Result<()> 
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// Acks `last` and every unsettled delivery before it on the channel.
+async fn ack_through(last: &Delivery) -> anyhow::Result<()> {
+    last.acker.ack(BasicAckOptions { multiple: true }).await?;
     Ok(())
 }
 

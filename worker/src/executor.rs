@@ -5,16 +5,15 @@
 //! number). The lease is checked against a local monotonic deadline started *before* the claim
 //! was requested, which is never later than the database's `lease_until`, so the check needs no
 //! extra round trip. No transaction is held across the HTTP call. Short retries wait here;
-//! longer ones go back to Postgres for the sweeper.
+//! longer ones go back to Postgres for the sweeper. Claims and outcomes are written through the
+//! [`crate::writer`], which shares each statement and commit among the jobs that are ready.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
 use shared::provider::{Outcome, RefundCall};
 use shared::state::{Cause, State};
-use shared::store::StoreError;
-use shared::store::jobs::{self, Claimed, Recorded};
+use shared::store::jobs::{self, Claimed, OutcomeToRecord, Recorded};
 use shared::workflow::{Decision, decide};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
@@ -47,13 +46,12 @@ pub fn spawn(ctx: &Arc<Ctx>, refund_no: String, permit: OwnedSemaphorePermit) {
 }
 
 /// Claims and calls until the job is final, dead, fenced, or waiting for a later retry.
-pub async fn run(ctx: &Arc<Ctx>, refund_no: &str) -> Result<(), StoreError> {
+pub async fn run(ctx: &Arc<Ctx>, refund_no: &str) -> anyhow::Result<()> {
     let lease = ctx.config.worker.lease();
     let margin = Duration::from_millis(ctx.config.worker.lease_margin_ms);
     loop {
         let started = Instant::now();
-        let claimed = jobs::claim(&ctx.pool, &[refund_no.to_owned()], lease, &ctx.actor).await?;
-        let Some(claimed) = claimed.into_iter().next() else {
+        let Some(claimed) = ctx.writer.claim(refund_no.to_owned()).await? else {
             // Final, dead, not yet due, or another worker has it.
             return Ok(());
         };
@@ -88,7 +86,7 @@ async fn attempt(
     started: Instant,
     lease: Duration,
     margin: Duration,
-) -> Result<Option<Duration>, StoreError> {
+) -> anyhow::Result<Option<Duration>> {
     let req = &claimed.request;
     let Some(client) = ctx.registry.get(req.provider, &req.merchant).cloned() else {
         tracing::error!("no client is configured for this merchant any more");
@@ -141,23 +139,18 @@ async fn attempt(
         decision = ?decision,
         "provider call finished"
     );
-    let deadline = started + lease;
-    let record = || jobs::record_outcome(&ctx.pool, &claimed, &rec, &decision, &ctx.actor, ctx.tz);
-    let recorded = record
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(50))
-                .with_max_delay(Duration::from_secs(2))
-                .with_jitter()
-                .without_max_times(),
-        )
-        .when(|e: &StoreError| e.is_transient() && Instant::now() < deadline)
-        .notify(|e, wait| tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "recording the outcome failed; retrying"))
-        .await;
-    let recorded = match recorded {
+    let deadline = tokio::time::Instant::from_std(started + lease);
+    let provider = req.provider.as_str();
+    let accepted = matches!(rec.outcome, Outcome::Accepted { .. });
+    let item = OutcomeToRecord {
+        claimed,
+        rec,
+        decision: decision.clone(),
+    };
+    let recorded = match ctx.writer.record(item, deadline).await {
         Ok(r) => r,
         Err(e) => {
-            if matches!(rec.outcome, Outcome::Accepted { .. }) {
+            if accepted {
                 tracing::error!(error = %e, "could not record an accepted refund; the lease will expire and the sweeper decides (resend if idempotent, else outcome_unknown)");
             }
             return Err(e);
@@ -175,8 +168,7 @@ async fn attempt(
         }
         (Recorded::Applied(to), Decision::Retry { after }) => {
             crate::metrics::transition(State::InFlight.as_str(), to.as_str());
-            metrics::counter!(crate::metrics::RETRIES, "provider" => req.provider.as_str())
-                .increment(1);
+            metrics::counter!(crate::metrics::RETRIES, "provider" => provider).increment(1);
             let in_process = Duration::from_millis(ctx.config.worker.retry.in_process_max_ms);
             Ok((*after <= in_process).then_some(*after))
         }

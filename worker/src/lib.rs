@@ -2,7 +2,8 @@
 //!
 //! The process is a handful of cooperating tasks around one Postgres pool: the [`consumer`]
 //! (intake: message → job, acked only after commit), the [`executor`] (claim with a lease, call
-//! the provider, record the outcome with ledger and event), the [`sweeper`] (expired leases,
+//! the provider, record the outcome with ledger and event), whose claims and outcomes the
+//! [`writer`] batches across jobs, the [`sweeper`] (expired leases,
 //! due retries, orphans), the [`relay`] (outbox → `refunds.events` with confirms) and the
 //! [`health`] endpoint (metrics, liveness, readiness). [`app`] wires them and owns shutdown.
 
@@ -14,3 +15,4 @@ pub mod health;
 pub mod metrics;
 pub mod relay;
 pub mod sweeper;
+pub mod writer;

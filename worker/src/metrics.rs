@@ -14,6 +14,7 @@ pub const PREFETCH_IN_USE: &str = "refunds_consumer_unacked_deliveries";
 pub const FENCED: &str = "refunds_fenced_outcomes_total";
 pub const CONFLICTS: &str = "refunds_conflicts_total";
 pub const BROKER_CONNECTED: &str = "refunds_broker_connected";
+pub const WRITE_BATCH: &str = "refunds_write_batch_size";
 
 /// Counts one state transition.
 pub fn transition(from: &str, to: &str) {

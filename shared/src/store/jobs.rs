@@ -103,7 +103,10 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Claims jobs that are `received`, or `retry_wait` and due, for one attempt each.
+/// Claims jobs that are `received`, or `retry_wait` and due, for one attempt each, in one
+/// statement; jobs another worker holds locked are skipped. Each job is looked up by its key
+/// (a lateral join, so no plan can turn it into a scan of `jobs`), and the statement is not
+/// kept prepared, so the update's plan is made for the batch at hand.
 pub async fn claim(
     pool: &PgPool,
     refund_nos: &[String],
@@ -112,10 +115,13 @@ pub async fn claim(
 ) -> Result<Vec<Claimed>, StoreError> {
     let rows = sqlx::query(
         "WITH prev AS (
-             SELECT refund_no, state FROM jobs
-             WHERE refund_no = ANY($1) AND state IN ('received', 'retry_wait')
-               AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-             FOR UPDATE SKIP LOCKED
+             SELECT j.refund_no, j.state FROM unnest($1::text[]) AS u(refund_no)
+             CROSS JOIN LATERAL (
+                 SELECT refund_no, state FROM jobs
+                 WHERE refund_no = u.refund_no AND state IN ('received', 'retry_wait')
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+                 FOR UPDATE SKIP LOCKED
+             ) j
          ), upd AS (
              UPDATE jobs j SET state = 'in_flight', attempt = j.attempt + 1,
                     lease_until = now() + $2 * interval '1 millisecond',
@@ -130,6 +136,7 @@ pub async fn claim(
          SELECT refund_no, attempt, request, created_at, lease_until, retry_base, retry_since
          FROM upd",
     )
+    .persistent(false)
     .bind(refund_nos)
     .bind(millis(lease))
     .bind(actor)
@@ -232,55 +239,6 @@ pub async fn transition(
     }))
 }
 
-/// Appends the record of one provider call.
-pub async fn insert_attempt(
-    conn: &mut PgConnection,
-    claimed: &Claimed,
-    rec: &AttemptRecord,
-    fenced: bool,
-) -> Result<(), StoreError> {
-    let (prid, fee, settle, coupon) = match &rec.outcome {
-        Outcome::Accepted {
-            provider_refund_id,
-            refund_fee,
-            settlement_refund_fee,
-            coupon_refund_fee,
-            ..
-        } => (
-            Some(provider_refund_id.as_str()),
-            Some(*refund_fee),
-            Some(*settlement_refund_fee),
-            Some(*coupon_refund_fee),
-        ),
-        _ => (None, None, None, None),
-    };
-    sqlx::query(
-        "INSERT INTO provider_attempts (refund_no, attempt, provider, merchant, outcome, code,
-             message, http_status, request, response, latency_us, provider_refund_id, refund_fee,
-             settlement_refund_fee, coupon_refund_fee, fenced)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-    )
-    .bind(&claimed.refund_no)
-    .bind(claimed.attempt)
-    .bind(claimed.request.provider.as_str())
-    .bind(&claimed.request.merchant)
-    .bind(rec.outcome.class())
-    .bind(rec.outcome.code())
-    .bind(rec.outcome.message())
-    .bind(rec.http_status.map(i32::from))
-    .bind(&rec.request_redacted)
-    .bind(rec.outcome.raw())
-    .bind(i64::try_from(rec.latency.as_micros()).unwrap_or(i64::MAX))
-    .bind(prid)
-    .bind(fee)
-    .bind(settle)
-    .bind(coupon)
-    .bind(fenced)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 /// Appends the ledger entry of a succeeded refund, dated in the business time zone.
 pub async fn insert_ledger_entry(
     conn: &mut PgConnection,
@@ -329,7 +287,12 @@ pub async fn insert_event(
     t: &Transitioned,
     tz: chrono_tz::Tz,
 ) -> Result<(), StoreError> {
-    let event = OutcomeEvent {
+    super::outbox::insert(conn, &outcome_event(kind, t, tz)).await
+}
+
+/// The outcome event of a transition, as published.
+fn outcome_event(kind: EventKind, t: &Transitioned, tz: chrono_tz::Tz) -> OutcomeEvent {
+    OutcomeEvent {
         version: 1,
         event: kind,
         refund_no: t.refund_no.clone(),
@@ -347,8 +310,7 @@ pub async fn insert_event(
         error_message: t.message.clone().filter(|_| t.to != State::Succeeded),
         attempts: t.attempt,
         occurred_at: format_time(Utc::now(), tz),
-    };
-    super::outbox::insert(conn, &event).await
+    }
 }
 
 /// How an outcome was recorded.
@@ -360,8 +322,62 @@ pub enum Recorded {
     Fenced,
 }
 
-/// Records a provider call and the decision taken on it — attempt row, transition, ledger
-/// entry, order release and event — in one transaction, fenced on the claiming attempt.
+/// One provider call to record, with the decision taken on it.
+#[derive(Debug, Clone)]
+pub struct OutcomeToRecord {
+    pub claimed: Claimed,
+    pub rec: AttemptRecord,
+    pub decision: Decision,
+}
+
+impl OutcomeToRecord {
+    /// The transition the decision asks for: trigger, target state, cause and retry delay.
+    fn change(&self) -> (Trigger, State, Option<Cause>, Option<Duration>) {
+        match &self.decision {
+            Decision::Succeed => (Trigger::Accepted, State::Succeeded, None, None),
+            Decision::Fail => (Trigger::Declined, State::Failed, None, None),
+            Decision::Retry { after } => (
+                Trigger::RetryScheduled,
+                State::RetryWait,
+                None,
+                Some(*after),
+            ),
+            Decision::Dead { cause } => (Trigger::Died, State::Dead, Some(*cause), None),
+        }
+    }
+
+    /// The job as it will be if the transition applies (for its outcome event).
+    fn expected(&self, to: State) -> Transitioned {
+        let req = &self.claimed.request;
+        let (prid, settle) = match &self.rec.outcome {
+            Outcome::Accepted {
+                provider_refund_id,
+                settlement_refund_fee,
+                ..
+            } => (
+                Some(provider_refund_id.clone()),
+                Some(*settlement_refund_fee),
+            ),
+            _ => (None, None),
+        };
+        Transitioned {
+            refund_no: self.claimed.refund_no.clone(),
+            from: State::InFlight,
+            to,
+            attempt: self.claimed.attempt,
+            order_no: req.order_no.clone(),
+            provider: req.provider.as_str().to_owned(),
+            merchant: req.merchant.clone(),
+            refund_fee: req.refund_fee,
+            settlement_refund_fee: settle,
+            provider_refund_id: prid,
+            code: self.rec.outcome.code().map(str::to_owned),
+            message: self.rec.outcome.message().map(str::to_owned),
+        }
+    }
+}
+
+/// Records one provider call and the decision taken on it; see [`record_outcomes`].
 pub async fn record_outcome(
     pool: &PgPool,
     claimed: &Claimed,
@@ -370,59 +386,204 @@ pub async fn record_outcome(
     actor: &str,
     tz: chrono_tz::Tz,
 ) -> Result<Recorded, StoreError> {
-    let mut tx = pool.begin().await?;
-    let (trigger, to, cause, retry_in) = match decision {
-        Decision::Succeed => (Trigger::Accepted, State::Succeeded, None, None),
-        Decision::Fail => (Trigger::Declined, State::Failed, None, None),
-        Decision::Retry { after } => (
-            Trigger::RetryScheduled,
-            State::RetryWait,
-            None,
-            Some(*after),
-        ),
-        Decision::Dead { cause } => (Trigger::Died, State::Dead, Some(*cause), None),
+    let item = OutcomeToRecord {
+        claimed: claimed.clone(),
+        rec: rec.clone(),
+        decision: decision.clone(),
     };
-    let (prid, fees) = match &rec.outcome {
-        Outcome::Accepted {
-            provider_refund_id,
-            refund_fee,
-            settlement_refund_fee,
-            ..
-        } => (
-            Some(provider_refund_id.as_str()),
-            Some((*refund_fee, *settlement_refund_fee)),
-        ),
-        _ => (None, None),
-    };
-    let change = Change {
-        attempt: Some(claimed.attempt),
-        cause: cause.map(Cause::as_str),
-        retry_in,
-        code: rec.outcome.code(),
-        message: rec.outcome.message(),
-        provider_refund_id: prid,
-        settlement_refund_fee: fees.map(|f| f.1),
-        detail: Some(serde_json::json!({ "outcome": rec.outcome.class() })),
-        ..Change::new(&claimed.refund_no, trigger, to, actor)
-    };
-    let Some(t) = transition(&mut tx, &change).await? else {
-        insert_attempt(&mut tx, claimed, rec, true).await?;
-        tx.commit().await?;
-        return Ok(Recorded::Fenced);
-    };
-    insert_attempt(&mut tx, claimed, rec, false).await?;
-    match (to, fees) {
-        (State::Succeeded, Some((fee, settle))) => {
-            insert_ledger_entry(&mut tx, &t, fee, settle, "provider", tz).await?;
+    let mut recorded = record_outcomes(pool, &[&item], actor, tz).await?;
+    recorded
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("no result for a recorded outcome".into()))
+}
+
+/// Records provider calls and the decisions taken on them — per job the attempt row, the
+/// transition with its history row, the ledger entry of a success, the order amount given back
+/// by a failure, and the outcome event — for many jobs in one statement, so one commit.
+///
+/// Each job's writes are fenced on its claiming attempt: a job that has moved on (lease
+/// expired, newer attempt) gets only its attempt row, marked `fenced`, and `Recorded::Fenced`.
+/// The statement is not kept prepared: its plan is made for the batch at hand and the table as
+/// it is (a cached generic plan made while `jobs` was small would scan it sequentially).
+pub async fn record_outcomes(
+    pool: &PgPool,
+    items: &[&OutcomeToRecord],
+    actor: &str,
+    tz: chrono_tz::Tz,
+) -> Result<Vec<Recorded>, StoreError> {
+    let n = items.len();
+    let mut refund_no = Vec::with_capacity(n);
+    let mut attempt = Vec::with_capacity(n);
+    let mut to_state = Vec::with_capacity(n);
+    let mut cause = Vec::with_capacity(n);
+    let mut retry_ms = Vec::with_capacity(n);
+    let mut code = Vec::with_capacity(n);
+    let mut message = Vec::with_capacity(n);
+    let mut prid = Vec::with_capacity(n);
+    let mut fee = Vec::with_capacity(n);
+    let mut settle = Vec::with_capacity(n);
+    let mut coupon = Vec::with_capacity(n);
+    let mut outcome = Vec::with_capacity(n);
+    let mut http_status = Vec::with_capacity(n);
+    let mut request = Vec::with_capacity(n);
+    let mut response = Vec::with_capacity(n);
+    let mut latency_us = Vec::with_capacity(n);
+    let mut provider = Vec::with_capacity(n);
+    let mut merchant = Vec::with_capacity(n);
+    let mut event_key = Vec::with_capacity(n);
+    let mut payload = Vec::with_capacity(n);
+    let mut targets = Vec::with_capacity(n);
+    for item in items {
+        let (trigger, to, why, retry_in) = item.change();
+        if !state::allowed(State::InFlight, to, trigger) {
+            return Err(StoreError::IllegalTransition {
+                from: State::InFlight,
+                to,
+                trigger,
+            });
         }
-        (State::Failed, _) => release_order_amount(&mut tx, &t.order_no, t.refund_fee).await?,
-        _ => {}
+        let (p, f, s, c) = match &item.rec.outcome {
+            Outcome::Accepted {
+                provider_refund_id,
+                refund_fee,
+                settlement_refund_fee,
+                coupon_refund_fee,
+                ..
+            } => (
+                Some(provider_refund_id.as_str()),
+                Some(*refund_fee),
+                Some(*settlement_refund_fee),
+                Some(*coupon_refund_fee),
+            ),
+            _ => (None, None, None, None),
+        };
+        let event = match EventKind::for_state(to) {
+            Some(kind) => {
+                let e = outcome_event(kind, &item.expected(to), tz);
+                let json =
+                    serde_json::to_string(&e).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                (Some(kind.routing_key()), Some(json))
+            }
+            None => (None, None),
+        };
+        refund_no.push(item.claimed.refund_no.as_str());
+        attempt.push(item.claimed.attempt);
+        to_state.push(to.as_str());
+        cause.push(why.map(Cause::as_str));
+        retry_ms.push(retry_in.map(millis));
+        code.push(item.rec.outcome.code());
+        message.push(item.rec.outcome.message());
+        prid.push(p);
+        fee.push(f);
+        settle.push(s);
+        coupon.push(c);
+        outcome.push(item.rec.outcome.class());
+        http_status.push(item.rec.http_status.map(i32::from));
+        request.push(item.rec.request_redacted.as_str());
+        response.push(item.rec.outcome.raw());
+        latency_us.push(i64::try_from(item.rec.latency.as_micros()).unwrap_or(i64::MAX));
+        provider.push(item.claimed.request.provider.as_str());
+        merchant.push(item.claimed.request.merchant.as_str());
+        event_key.push(event.0);
+        payload.push(event.1);
+        targets.push(to);
     }
-    if let Some(kind) = EventKind::for_state(to) {
-        insert_event(&mut tx, kind, &t, tz).await?;
+    let rows = sqlx::query(
+        "WITH u AS (
+             SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int8[],
+                 $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[],
+                 $12::text[], $13::int4[], $14::text[], $15::text[], $16::int8[], $17::text[],
+                 $18::text[], $19::text[], $20::text[])
+               AS u(refund_no, attempt, to_state, cause, retry_ms, code, message, prid, fee,
+                    settle, coupon, outcome, http_status, request, response, latency_us,
+                    provider, merchant, event_key, payload)
+         ), upd AS (
+             UPDATE jobs j SET state = u.to_state, cause = u.cause, lease_until = NULL,
+                    next_attempt_at = now() + u.retry_ms * interval '1 millisecond',
+                    last_code = u.code, last_message = u.message,
+                    provider_refund_id = COALESCE(u.prid, j.provider_refund_id),
+                    settlement_refund_fee = COALESCE(u.settle, j.settlement_refund_fee),
+                    updated_at = now()
+             FROM u
+             WHERE j.refund_no = u.refund_no AND j.state = 'in_flight' AND j.attempt = u.attempt
+             RETURNING j.refund_no, j.attempt, j.order_no, j.refund_fee
+         ), done AS (
+             SELECT u.*, upd.order_no, upd.refund_fee AS job_fee
+             FROM upd JOIN u USING (refund_no, attempt)
+         ), hist AS (
+             INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor, cause,
+                 detail)
+             SELECT refund_no, 'in_flight', to_state, attempt, $21, cause,
+                    jsonb_build_object('outcome', outcome)
+             FROM done
+         ), att AS (
+             INSERT INTO provider_attempts (refund_no, attempt, provider, merchant, outcome, code,
+                 message, http_status, request, response, latency_us, provider_refund_id,
+                 refund_fee, settlement_refund_fee, coupon_refund_fee, fenced)
+             SELECT u.refund_no, u.attempt, u.provider, u.merchant, u.outcome, u.code, u.message,
+                    u.http_status, u.request, u.response, u.latency_us, u.prid, u.fee, u.settle,
+                    u.coupon, upd.refund_no IS NULL
+             FROM u LEFT JOIN upd USING (refund_no, attempt)
+         ), led AS (
+             INSERT INTO ledger (refund_no, entry_kind, provider, merchant, provider_refund_id,
+                 refund_fee, settlement_refund_fee, business_date, source)
+             SELECT refund_no, 'refund', provider, merchant, prid, fee, settle,
+                    (now() AT TIME ZONE $22)::date, 'provider'
+             FROM done WHERE to_state = 'succeeded' AND settle IS NOT NULL
+         ), rel AS (
+             UPDATE orders o SET committed_fee = o.committed_fee - f.amount
+             FROM (SELECT order_no, sum(job_fee)::bigint AS amount FROM done
+                   WHERE to_state = 'failed' GROUP BY order_no) f
+             WHERE o.order_no = f.order_no
+         ), ev AS (
+             INSERT INTO outbox (routing_key, refund_no, payload)
+             SELECT event_key, refund_no, payload::jsonb FROM done WHERE event_key IS NOT NULL
+         )
+         SELECT refund_no, attempt FROM upd",
+    )
+    .persistent(false)
+    .bind(&refund_no)
+    .bind(&attempt)
+    .bind(&to_state)
+    .bind(&cause)
+    .bind(&retry_ms)
+    .bind(&code)
+    .bind(&message)
+    .bind(&prid)
+    .bind(&fee)
+    .bind(&settle)
+    .bind(&coupon)
+    .bind(&outcome)
+    .bind(&http_status)
+    .bind(&request)
+    .bind(&response)
+    .bind(&latency_us)
+    .bind(&provider)
+    .bind(&merchant)
+    .bind(&event_key)
+    .bind(&payload)
+    .bind(actor)
+    .bind(tz.name())
+    .fetch_all(pool)
+    .await?;
+    let mut applied = std::collections::HashSet::with_capacity(rows.len());
+    for r in rows {
+        let no: String = r.try_get("refund_no")?;
+        let at: i32 = r.try_get("attempt")?;
+        applied.insert((no, at));
     }
-    tx.commit().await?;
-    Ok(Recorded::Applied(to))
+    Ok(items
+        .iter()
+        .zip(targets)
+        .map(|(item, to)| {
+            let key = (item.claimed.refund_no.clone(), item.claimed.attempt);
+            if applied.contains(&key) {
+                Recorded::Applied(to)
+            } else {
+                Recorded::Fenced
+            }
+        })
+        .collect())
 }
 
 /// Gives a claim back without a call (too little lease left to send safely).
