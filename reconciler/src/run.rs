@@ -65,30 +65,41 @@
 //! # How it runs
 //!
 //! Statements are loaded first (outside the lock, into a session-temporary table with `COPY`).
-//! Then, in one transaction holding a transaction-level advisory lock on the date (so two runs
-//! of one day never interleave; the second waits and then supersedes the first):
+//! Then the run takes a session-level advisory lock on the date (so two runs of one day never
+//! interleave; the second waits and then supersedes the first) and, holding it, does everything
+//! in one repeatable-read transaction whose snapshot it shares with a second connection:
 //!
-//! 1. **Totals and fingerprints** per (provider, merchant): one parallel aggregate pass over
-//!    each side, computing count, total, and a fingerprint: the sum of
-//!    `hashtextextended(refund_no, settlement_refund_fee)` (64-bit) over the rows. When count,
-//!    total and fingerprint agree and the ledger has no reversals that day, the two sides are
-//!    the same set of (`refund_no`, amount) pairs (up to a 64-bit hash collision that would
-//!    have to cancel exactly in a sum) and there is nothing to drill into.
-//! 2. **Buckets**: for the pairs that differ, the same aggregate per bucket of
-//!    `hashtext(refund_no) & 1023`, keeping the buckets that differ.
-//! 3. **Drill-down**: per refund, a full outer join of the two sides restricted to those
-//!    buckets, classified as above, inserted with `INSERT ... SELECT`.
+//! 1. **Fingerprints per bucket**, the two sides concurrently, one per connection. A refund's
+//!    bucket is `hashtext(refund_no) & 1023`; a row's fingerprint is a 64-bit hash of
+//!    (provider, merchant, `refund_no`, `settlement_refund_fee`). The ledger side gives, per
+//!    bucket and (provider, merchant), the number of entries and of reversals, the total and
+//!    the `bit_xor` of the fingerprints; the provider side, per bucket, the number of rows (one
+//!    per payment before deduplication) and the `bit_xor` of theirs. Both are index-only scans
+//!    in bucket order of indexes that hold bucket and fingerprint (migration 0006), so nothing
+//!    is hashed per row; statements are scanned from their temporary table. A bucket is the
+//!    same on both sides when the ledger has no reversal in it and the counts and the xors
+//!    agree: the ledger's refund entries are distinct rows (one per `refund_no`), so equal
+//!    xors leave the provider side those rows plus pairs of repeats, which equal counts rule
+//!    out (up to a 64-bit hash collision).
+//! 2. **Drill-down**: per refund, a full outer join of the two sides restricted to the buckets
+//!    that differ (read through the same indexes), classified as above, inserted with
+//!    `INSERT ... SELECT`.
+//! 3. **Totals**: outside the drilled buckets the provider side is the ledger's refund entries
+//!    row for row, so the provider totals are the ledger's, less its drilled buckets, plus what
+//!    the drill-down counted there.
 //!
-//! `--exhaustive` skips the shortcut of steps 1 and 2 and drills into every refund; it gives the
-//! same answer, more slowly. Nothing per refund ever reaches this process: it holds one row per
-//! (provider, merchant).
+//! `--exhaustive` drills into every bucket; it gives the same answer, more slowly. Nothing per
+//! refund ever reaches this process: it holds 1,024 buckets and one row per (provider,
+//! merchant).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use futures::TryStreamExt;
 use shared::config::Config;
-use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
+use sqlx::postgres::PgRow;
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool, Row};
 
 use crate::day::Day;
 use crate::progress::Progress;
@@ -169,9 +180,9 @@ pub struct Timings {
     pub load_ms: u64,
     /// Waiting for another run of the date.
     pub lock_ms: u64,
-    /// Step 1: totals and fingerprints per (provider, merchant).
+    /// Step 1: fingerprints per bucket, both sides, and the ledger's totals.
     pub totals_ms: u64,
-    /// Step 2: fingerprints per bucket of the pairs that differ.
+    /// Comparing the buckets.
     pub buckets_ms: u64,
     /// Step 3: the refund-by-refund comparison and the discrepancies.
     pub drill_ms: u64,
@@ -193,7 +204,8 @@ pub struct RunOutcome {
     pub discrepancies: i64,
     pub pending: i64,
     pub totals: Vec<Total>,
-    /// (provider, merchant) pairs and buckets the run drilled into.
+    /// (provider, merchant) pairs with rows in the buckets the run drilled into, and those
+    /// buckets.
     pub drilled_pairs: usize,
     pub drilled_buckets: i64,
     pub statements: Option<LoadSummary>,
@@ -255,21 +267,30 @@ impl Source {
         }
     }
 
-    /// The day's provider rows, one per payment before deduplication: provider, merchant,
-    /// refund_no, settlement_refund_fee.
-    fn rows(self) -> &'static str {
+    /// Step 1, provider side: per bucket, the number of the day's provider rows (one per
+    /// payment before deduplication) and the bit_xor of their fingerprints. For attempts an
+    /// index-only scan of `provider_attempts_reconcile`, one range of recorded_at per bucket
+    /// ($7: every bucket), in bucket order, the fingerprint read from the index.
+    fn pass_sql(self) -> String {
         match self {
-            Source::Statement => {
-                "SELECT provider, merchant, refund_no, settlement_refund_fee
-                 FROM pg_temp.recon_statement WHERE NOT edge"
-            }
-            Source::Attempts => {
-                "SELECT provider, merchant, refund_no,
-                        coalesce(settlement_refund_fee, 0) AS settlement_refund_fee
-                 FROM provider_attempts
-                 WHERE outcome = 'accepted' AND recorded_at >= $2 AND recorded_at < $3
-                   AND ($4::text IS NULL OR provider = $4)"
-            }
+            Source::Statement => format!(
+                "SELECT {BUCKET} AS bucket, count(*) AS n, bit_xor({FP_STATEMENT}) AS fp
+                 FROM pg_temp.recon_statement WHERE NOT edge
+                 GROUP BY 1"
+            ),
+            // The subquery keeps the fingerprint an output of the scan, where the planner
+            // takes it from the index instead of computing it per row.
+            Source::Attempts => format!(
+                "SELECT bucket, count(*) AS n, bit_xor(fp) AS fp FROM (
+                     SELECT {BUCKET} AS bucket, {FP_ATTEMPTS} AS fp
+                     FROM provider_attempts
+                     WHERE outcome = 'accepted' AND {BUCKET} = ANY ($7::int[])
+                       AND recorded_at >= $2 AND recorded_at < $3
+                       AND ($4::text IS NULL OR provider = $4)
+                     ORDER BY 1 OFFSET 0
+                 ) a
+                 GROUP BY 1"
+            ),
         }
     }
 
@@ -283,9 +304,7 @@ impl Source {
                         coalesce(($6::text[])[s.file + 1], 'statement') || ':' || s.line
                           || coalesce(' ' || s.provider_refund_id, '') AS source
                  FROM pg_temp.recon_statement s
-                 JOIN pg_temp.recon_buckets b ON b.provider = s.provider
-                   AND b.merchant = s.merchant AND b.bucket = (hashtext(s.refund_no) & 1023)
-                 WHERE NOT s.edge"
+                 WHERE NOT s.edge AND (hashtext(s.refund_no) & 1023) = ANY ($7::int[])"
             }
             Source::Attempts => {
                 "SELECT DISTINCT ON (a.provider, a.merchant, a.refund_no,
@@ -296,9 +315,8 @@ impl Source {
                           || CASE WHEN a.fenced THEN ' (fenced)' ELSE '' END
                           || coalesce(' ' || a.provider_refund_id, '') AS source
                  FROM provider_attempts a
-                 JOIN pg_temp.recon_buckets b ON b.provider = a.provider
-                   AND b.merchant = a.merchant AND b.bucket = (hashtext(a.refund_no) & 1023)
-                 WHERE a.outcome = 'accepted' AND a.recorded_at >= $2 AND a.recorded_at < $3
+                 WHERE a.outcome = 'accepted' AND (hashtext(a.refund_no) & 1023) = ANY ($7::int[])
+                   AND a.recorded_at >= $2 AND a.recorded_at < $3
                    AND ($4::text IS NULL OR a.provider = $4)
                  ORDER BY a.provider, a.merchant, a.refund_no,
                           coalesce(a.provider_refund_id, '#' || a.id), a.recorded_at, a.id"
@@ -319,6 +337,81 @@ impl Source {
                  FROM provider_attempts WHERE outcome = 'accepted'"
             }
         }
+    }
+}
+
+/// One bucket of the ledger side.
+#[derive(Debug, Clone, Copy, Default)]
+struct LedgerBucket {
+    /// Entries (refunds and reversals).
+    n: i64,
+    /// Reversals.
+    rev: i64,
+    fp: i64,
+}
+
+/// One (provider, merchant) of the ledger side.
+#[derive(Debug, Clone)]
+struct LedgerPair {
+    provider: String,
+    merchant: String,
+    /// `refund` entries.
+    count: i64,
+    total: i64,
+}
+
+/// The ledger side of step 1, folded from its rows as they stream in: a fixed array of
+/// buckets and one entry per (provider, merchant).
+#[derive(Debug)]
+struct LedgerPass {
+    buckets: Vec<LedgerBucket>,
+    pairs: Vec<LedgerPair>,
+}
+
+impl Default for LedgerPass {
+    fn default() -> Self {
+        LedgerPass {
+            buckets: vec![LedgerBucket::default(); BUCKETS as usize],
+            pairs: Vec::new(),
+        }
+    }
+}
+
+impl LedgerPass {
+    fn add(&mut self, row: &PgRow) -> Result<(), RunError> {
+        let bucket: i32 = row.try_get("bucket")?;
+        let provider: &str = row.try_get("provider")?;
+        let merchant: &str = row.try_get("merchant")?;
+        let (entries, rev): (i64, i64) = (row.try_get("entries")?, row.try_get("rev")?);
+        let (total, fp): (i64, i64) = (row.try_get("total")?, row.try_get("fp")?);
+        let overflow = || RunError::Overflow(format!("ledger of {provider}/{merchant}"));
+        let b = usize::try_from(bucket)
+            .ok()
+            .and_then(|b| self.buckets.get_mut(b))
+            .ok_or_else(|| RunError::Invalid(format!("bucket {bucket} out of range")))?;
+        b.n = b.n.checked_add(entries).ok_or_else(overflow)?;
+        b.rev = b.rev.checked_add(rev).ok_or_else(overflow)?;
+        b.fp ^= fp;
+        let at = match self
+            .pairs
+            .iter()
+            .position(|p| p.provider == provider && p.merchant == merchant)
+        {
+            Some(i) => i,
+            None => {
+                self.pairs.push(LedgerPair {
+                    provider: provider.to_owned(),
+                    merchant: merchant.to_owned(),
+                    count: 0,
+                    total: 0,
+                });
+                self.pairs.len() - 1
+            }
+        };
+        let p = &mut self.pairs[at];
+        p.count = p.count.checked_add(entries - rev).ok_or_else(overflow)?;
+        p.total = p.total.checked_add(total).ok_or_else(overflow)?;
+        Ok(())
     }
 }
 
@@ -345,69 +438,34 @@ fn bind<'q>(
         .bind(p.files.clone())
 }
 
-/// Step 1: totals and fingerprints per (provider, merchant).
-fn pairs_sql(source: Source) -> String {
-    format!(
-        "WITH l AS (
-             SELECT provider, merchant,
-                    count(*) FILTER (WHERE entry_kind = 'refund') AS n,
-                    count(*) FILTER (WHERE entry_kind <> 'refund') AS rev,
-                    sum(settlement_refund_fee) AS total,
-                    sum(hashtextextended(refund_no, settlement_refund_fee)) AS fp
-             FROM ledger
-             WHERE business_date = $1 AND ($4::text IS NULL OR provider = $4)
-             GROUP BY provider, merchant
-         ), p AS (
-             SELECT provider, merchant, count(*) AS n, sum(settlement_refund_fee) AS total,
-                    sum(hashtextextended(refund_no, settlement_refund_fee)) AS fp
-             FROM ({rows}) r
-             GROUP BY provider, merchant
-         )
-         SELECT coalesce(l.provider, p.provider) AS provider,
-                coalesce(l.merchant, p.merchant) AS merchant,
-                coalesce(l.n, 0)::bigint AS ledger_count,
-                coalesce(l.total, 0)::bigint AS ledger_total,
-                coalesce(p.n, 0)::bigint AS provider_count,
-                coalesce(p.total, 0)::bigint AS provider_total,
-                coalesce(NOT $5 AND l.rev = 0 AND l.n = p.n AND l.total = p.total
-                         AND l.fp = p.fp, false) AS settled
-         FROM l FULL JOIN p ON p.provider = l.provider AND p.merchant = l.merchant
-         ORDER BY 1, 2",
-        rows = source.rows()
-    )
-}
+/// A refund's bucket. Must stay textually identical to the indexes of migration 0006.
+const BUCKET: &str = "(hashtext(refund_no) & 1023)";
+/// A row's fingerprint: a 64-bit hash of (provider, merchant, refund_no,
+/// settlement_refund_fee), as indexed by migration 0006 (textually identical).
+const FP_LEDGER: &str = "hashtextextended(refund_no, settlement_refund_fee \
+                         # hashtextextended(provider || '/' || merchant, 0))";
+const FP_ATTEMPTS: &str = "hashtextextended(refund_no, coalesce(settlement_refund_fee, 0) \
+                           # hashtextextended(provider || '/' || merchant, 0))";
+const FP_STATEMENT: &str = "hashtextextended(refund_no, settlement_refund_fee \
+                            # hashtextextended(provider || '/' || merchant, 0))";
 
-/// Step 2: the buckets that differ, within the pairs that differ ($7, $8).
-fn buckets_sql(source: Source) -> String {
+/// Step 1, ledger side: per bucket and (provider, merchant), the entries `refund`
+/// (refund_fee > 0 by the ledger's CHECK) and the others, the total and the bit_xor of the
+/// fingerprints. An index-only scan of `ledger_reconcile` in group order: nothing is hashed
+/// or computed per row.
+fn ledger_pass_sql() -> String {
     format!(
-        "INSERT INTO pg_temp.recon_buckets (provider, merchant, bucket, raw_n, raw_total)
-         WITH g AS (
-             SELECT * FROM unnest($7::text[], $8::text[]) AS g (provider, merchant)
-         ), l AS (
-             SELECT e.provider, e.merchant, hashtext(e.refund_no) & 1023 AS bucket,
-                    count(*) FILTER (WHERE e.entry_kind = 'refund') AS n,
-                    count(*) FILTER (WHERE e.entry_kind <> 'refund') AS rev,
-                    sum(e.settlement_refund_fee) AS total,
-                    sum(hashtextextended(e.refund_no, e.settlement_refund_fee)) AS fp
-             FROM ledger e
-             JOIN g ON g.provider = e.provider AND g.merchant = e.merchant
-             WHERE e.business_date = $1
-             GROUP BY 1, 2, 3
-         ), p AS (
-             SELECT r.provider, r.merchant, hashtext(r.refund_no) & 1023 AS bucket,
-                    count(*) AS n, sum(r.settlement_refund_fee) AS total,
-                    sum(hashtextextended(r.refund_no, r.settlement_refund_fee)) AS fp
-             FROM ({rows}) r
-             JOIN g ON g.provider = r.provider AND g.merchant = r.merchant
-             GROUP BY 1, 2, 3
-         )
-         SELECT coalesce(l.provider, p.provider), coalesce(l.merchant, p.merchant),
-                coalesce(l.bucket, p.bucket), coalesce(p.n, 0), coalesce(p.total, 0)
-         FROM l FULL JOIN p
-           ON p.provider = l.provider AND p.merchant = l.merchant AND p.bucket = l.bucket
-         WHERE NOT coalesce(NOT $5 AND l.rev = 0 AND l.n = p.n AND l.total = p.total
-                            AND l.fp = p.fp, false)",
-        rows = source.rows()
+        "SELECT bucket, provider, merchant, count(*) AS entries,
+                count(*) FILTER (WHERE refund_fee < 0) AS rev,
+                sum(settlement_refund_fee)::bigint AS total, bit_xor(fp) AS fp
+         FROM (
+             SELECT {BUCKET} AS bucket, provider, merchant, refund_fee, settlement_refund_fee,
+                    {FP_LEDGER} AS fp
+             FROM ledger
+             WHERE business_date = $1 AND ($2::text IS NULL OR provider = $2)
+             ORDER BY 1, 2, 3 OFFSET 0
+         ) e
+         GROUP BY 1, 2, 3"
     )
 }
 
@@ -422,9 +480,8 @@ fn refunds_sql(source: Source) -> String {
                     min(e.booked_at) FILTER (WHERE e.entry_kind = 'refund') AS booked_at,
                     bool_or(e.source = 'manual') AS manual
              FROM ledger e
-             JOIN pg_temp.recon_buckets b ON b.provider = e.provider
-               AND b.merchant = e.merchant AND b.bucket = (hashtext(e.refund_no) & 1023)
-             WHERE e.business_date = $1
+             WHERE e.business_date = $1 AND (hashtext(e.refund_no) & 1023) = ANY ($7::int[])
+               AND ($4::text IS NULL OR e.provider = $4)
              GROUP BY e.provider, e.merchant, e.refund_no
              HAVING sum(e.refund_fee) <> 0 OR sum(e.settlement_refund_fee) <> 0
          ), p AS (
@@ -602,21 +659,31 @@ async fn run_inner(
     let step = Instant::now();
 
     let spinner = progress.spinner(format!("waiting for other runs of {}", req.date));
-    let mut tx = conn.begin().await?;
+    // The ledger side is read on a second connection, concurrently with the provider side.
+    let helper = {
+        let options = pool.connect_options();
+        tokio::spawn(async move { options.connect().await })
+    };
+    // A session lock, taken before the transaction begins, so that the transaction's snapshot
+    // (repeatable read, shared with the helper) is taken after the previous run of the date
+    // committed and this run supersedes it. Dropping the connection on an error releases it.
     let (class, key) = lock_key(req.date);
-    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
         .bind(class)
         .bind(key)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut conn)
         .await?;
     if !free {
         tracing::warn!(date = %req.date, "another run of this date is in progress; waiting for it");
-        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        sqlx::query("SELECT pg_advisory_lock($1, $2)")
             .bind(class)
             .bind(key)
-            .execute(&mut *tx)
+            .execute(&mut conn)
             .await?;
     }
+    let mut tx = conn
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await?;
     for setting in [
         "SET LOCAL jit = off",
         "SET LOCAL work_mem = '64MB'",
@@ -624,6 +691,9 @@ async fn run_inner(
     ] {
         sqlx::query(setting).execute(&mut *tx).await?;
     }
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *tx)
+        .await?;
     timings.lock_ms = ms_since(step);
     let as_of: DateTime<Utc> = sqlx::query_scalar("SELECT coalesce($1::timestamptz, now())")
         .bind(req.as_of)
@@ -661,28 +731,110 @@ async fn run_inner(
 
     spinner.set_message(format!("matching totals of {}", req.date));
     let step = Instant::now();
-    let pairs = bind(pairs_sql(source), &params).fetch_all(&mut *tx).await?;
-    let mut totals = Vec::with_capacity(pairs.len());
-    let mut drill_providers = Vec::new();
-    let mut drill_merchants = Vec::new();
-    for row in &pairs {
-        let t = Total {
-            provider: row.try_get("provider")?,
-            merchant: row.try_get("merchant")?,
-            ledger_total: row.try_get("ledger_total")?,
-            provider_total: row.try_get("provider_total")?,
-            diff: 0,
-            ledger_count: row.try_get("ledger_count")?,
-            provider_count: row.try_get("provider_count")?,
-        };
-        if !row.try_get::<bool, _>("settled")? {
-            drill_providers.push(t.provider.clone());
-            drill_merchants.push(t.merchant.clone());
+    // Index-only scans in index order, so that grouping streams instead of hashing a million
+    // rows; the plans are fixed rather than left to estimates for expressions.
+    let plan_settings = [
+        "SET LOCAL enable_seqscan = off",
+        "SET LOCAL enable_bitmapscan = off",
+        "SET LOCAL enable_sort = off",
+        "SET LOCAL enable_hashagg = off",
+        "SET LOCAL max_parallel_workers_per_gather = 0",
+    ];
+    let ledger_side = async {
+        let mut helper = helper
+            .await
+            .map_err(|e| RunError::Db(sqlx::Error::Io(std::io::Error::other(e.to_string()))))??;
+        let mut htx = helper
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        // The id is made by the server of hex digits and dashes; checked all the same.
+        if !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(RunError::Invalid(format!(
+                "unexpected snapshot id {snapshot:?}"
+            )));
         }
-        totals.push(t);
-    }
-
+        sqlx::query(AssertSqlSafe(format!(
+            "SET TRANSACTION SNAPSHOT '{snapshot}'"
+        )))
+        .execute(&mut *htx)
+        .await?;
+        for setting in plan_settings.iter().chain(["SET LOCAL jit = off"].iter()) {
+            sqlx::query(*setting).execute(&mut *htx).await?;
+        }
+        let rows = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
+            .bind(req.date)
+            .bind(req.provider.as_deref())
+            .fetch(&mut *htx)
+            .map_err(RunError::from)
+            .try_fold(LedgerPass::default(), |mut acc, row| async move {
+                acc.add(&row)?;
+                Ok(acc)
+            })
+            .await?;
+        htx.commit().await?;
+        let _ = helper.close().await;
+        Ok::<_, RunError>(rows)
+    };
+    let provider_side = async {
+        if source == Source::Attempts {
+            for setting in plan_settings {
+                sqlx::query(setting).execute(&mut *tx).await?;
+            }
+        }
+        let every: Vec<i32> = (0..BUCKETS).collect();
+        let rows = bind(source.pass_sql(), &params)
+            .bind(every)
+            .fetch_all(&mut *tx)
+            .await?;
+        for setting in [
+            "SET LOCAL enable_seqscan = on",
+            "SET LOCAL enable_bitmapscan = on",
+            "SET LOCAL enable_sort = on",
+            "SET LOCAL enable_hashagg = on",
+            "RESET max_parallel_workers_per_gather",
+        ] {
+            sqlx::query(setting).execute(&mut *tx).await?;
+        }
+        let mut side = vec![(0i64, 0i64); BUCKETS as usize];
+        for row in rows {
+            let b: i32 = row.try_get("bucket")?;
+            if let Some(slot) = usize::try_from(b).ok().and_then(|b| side.get_mut(b)) {
+                *slot = (row.try_get("n")?, row.try_get("fp")?);
+            }
+        }
+        Ok::<_, RunError>(side)
+    };
+    let (ledger, provider_side) = futures::try_join!(ledger_side, provider_side)?;
     timings.totals_ms = ms_since(step);
+    let step = Instant::now();
+
+    // A bucket is the same on both sides when neither has a reversal in it and both have the
+    // same number of rows and the same bit_xor of fingerprints: the ledger's rows of a bucket
+    // without reversals are distinct (one refund entry per refund_no), so equal xors leave the
+    // provider side only the same rows plus pairs of repeats, which equal counts rule out (up
+    // to a 64-bit hash collision).
+    let drilled: Vec<i32> = (0..BUCKETS)
+        .filter(|&b| {
+            let i = b as usize;
+            let l = &ledger.buckets[i];
+            req.exhaustive || l.rev > 0 || (l.n, l.fp) != provider_side[i]
+        })
+        .collect();
+    let mut totals: Vec<Total> = ledger
+        .pairs
+        .iter()
+        .map(|p| Total {
+            provider: p.provider.clone(),
+            merchant: p.merchant.clone(),
+            ledger_total: p.total,
+            provider_total: p.total,
+            diff: 0,
+            ledger_count: p.count,
+            provider_count: p.count,
+        })
+        .collect();
+    timings.buckets_ms = ms_since(step);
+
     if let Some(summary) = &statements {
         let mut uncovered: Vec<&str> = totals
             .iter()
@@ -700,13 +852,6 @@ async fn run_inner(
     }
 
     sqlx::query(
-        "CREATE TEMP TABLE recon_buckets (provider text NOT NULL, merchant text NOT NULL,
-             bucket integer NOT NULL, raw_n bigint NOT NULL, raw_total numeric NOT NULL)
-         ON COMMIT DROP",
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
         "CREATE TEMP TABLE recon_refunds (provider text NOT NULL, merchant text NOT NULL,
              refund_no text NOT NULL, ledger_amount bigint, booked_at timestamptz,
              manual boolean, provider_amount bigint, provider_n bigint NOT NULL,
@@ -716,36 +861,14 @@ async fn run_inner(
     .execute(&mut *tx)
     .await?;
 
-    let drilled_pairs = drill_providers.len();
-    let mut drilled_buckets = 0i64;
-    if drilled_pairs > 0 {
-        spinner.set_message(format!(
-            "looking into {drilled_pairs} provider/merchant pairs that differ"
-        ));
-        // The planner reads `hashtext(refund_no) & 1023` as having as many values as
-        // refund_no and would sort a million rows to group them into a few thousand buckets.
-        let step = Instant::now();
-        sqlx::query("SET LOCAL enable_sort = off")
-            .execute(&mut *tx)
-            .await?;
-        drilled_buckets = bind(buckets_sql(source), &params)
-            .bind(&drill_providers)
-            .bind(&drill_merchants)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            .try_into()
-            .unwrap_or(i64::MAX);
-        sqlx::query("SET LOCAL enable_sort = on")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("ANALYZE pg_temp.recon_buckets")
-            .execute(&mut *tx)
-            .await?;
-        timings.buckets_ms = ms_since(step);
-        let step = Instant::now();
+    let drilled_buckets = i64::try_from(drilled.len()).unwrap_or(i64::MAX);
+    let mut drilled_pairs = 0;
+    if !drilled.is_empty() {
         spinner.set_message(format!("drilling into {drilled_buckets} buckets"));
-        bind(refunds_sql(source), &params).execute(&mut *tx).await?;
+        bind(refunds_sql(source), &params)
+            .bind(&drilled)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("ANALYZE pg_temp.recon_refunds")
             .execute(&mut *tx)
             .await?;
@@ -778,37 +901,61 @@ async fn run_inner(
             .execute(&mut *tx)
             .await?;
 
-        // Within-day repeats of one payment (attempts) were counted in step 1; the drill-down
-        // counted each payment once. Correct the provider totals of the drilled buckets.
+        // Outside the drilled buckets the provider side is the ledger's refund entries, row
+        // for row; inside them it is what the drill-down counted (each payment once). So the
+        // provider totals are the ledger's, less its drilled buckets, plus the drill-down's.
         let corrections = sqlx::query(
             "SELECT provider, merchant, sum(dn)::bigint AS dn, sum(dt)::bigint AS dt FROM (
-                 SELECT provider, merchant, -raw_n AS dn, -raw_total AS dt
-                 FROM pg_temp.recon_buckets
+                 SELECT provider, merchant, -count(*) FILTER (WHERE refund_fee > 0) AS dn,
+                        -sum(settlement_refund_fee) AS dt
+                 FROM ledger
+                 WHERE business_date = $1 AND (hashtext(refund_no) & 1023) = ANY ($3::int[])
+                   AND ($2::text IS NULL OR provider = $2)
+                 GROUP BY provider, merchant
                  UNION ALL
                  SELECT provider, merchant, provider_n, coalesce(provider_amount, 0)
                  FROM pg_temp.recon_refunds
-             ) x GROUP BY provider, merchant HAVING sum(dn) <> 0 OR sum(dt) <> 0",
+             ) x GROUP BY provider, merchant",
         )
+        .bind(req.date)
+        .bind(req.provider.as_deref())
+        .bind(&drilled)
         .fetch_all(&mut *tx)
         .await?;
+        drilled_pairs = corrections.len();
         for c in corrections {
             let (provider, merchant): (String, String) =
                 (c.try_get("provider")?, c.try_get("merchant")?);
             let (dn, dt): (i64, i64) = (c.try_get("dn")?, c.try_get("dt")?);
-            if let Some(t) = totals
-                .iter_mut()
-                .find(|t| t.provider == provider && t.merchant == merchant)
+            let at = match totals
+                .iter()
+                .position(|t| t.provider == provider && t.merchant == merchant)
             {
-                t.provider_count = t.provider_count.checked_add(dn).ok_or_else(|| {
-                    RunError::Overflow(format!("provider count of {provider}/{merchant}"))
-                })?;
-                t.provider_total = t.provider_total.checked_add(dt).ok_or_else(|| {
-                    RunError::Overflow(format!("provider total of {provider}/{merchant}"))
-                })?;
-            }
+                Some(i) => i,
+                None => {
+                    totals.push(Total {
+                        provider: provider.clone(),
+                        merchant: merchant.clone(),
+                        ledger_total: 0,
+                        provider_total: 0,
+                        diff: 0,
+                        ledger_count: 0,
+                        provider_count: 0,
+                    });
+                    totals.len() - 1
+                }
+            };
+            let t = &mut totals[at];
+            t.provider_count = t.provider_count.checked_add(dn).ok_or_else(|| {
+                RunError::Overflow(format!("provider count of {provider}/{merchant}"))
+            })?;
+            t.provider_total = t.provider_total.checked_add(dt).ok_or_else(|| {
+                RunError::Overflow(format!("provider total of {provider}/{merchant}"))
+            })?;
         }
-        timings.drill_ms = ms_since(step);
+        totals.sort_by(|a, b| (&a.provider, &a.merchant).cmp(&(&b.provider, &b.merchant)));
     }
+    timings.drill_ms = ms_since(step);
 
     spinner.set_message("storing the run");
     let step = Instant::now();
@@ -887,6 +1034,11 @@ async fn run_inner(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+        .bind(class)
+        .bind(key)
+        .execute(&mut conn)
+        .await?;
     timings.store_ms = ms_since(step);
     spinner.finish_and_clear();
     let _ = conn.close().await;
