@@ -177,16 +177,16 @@ async fn try_record_batch(
     batch: &[Delivery],
 ) -> Result<Vec<IntakeResult>, shared::store::StoreError> {
     let known = |k, m: &str| ctx.merchant_known(k, m);
-    let mut tx = ctx.pool.begin().await?;
-    let mut out = Vec::with_capacity(batch.len());
-    for d in batch {
-        let msg = Incoming {
+    let msgs: Vec<Incoming> = batch
+        .iter()
+        .map(|d| Incoming {
             body: &d.data,
             message_id: d.properties.message_id().as_ref().map(|s| s.as_str()),
             redelivered: d.redelivered,
-        };
-        out.push(intake::take(&mut tx, &msg, &known, ctx.tz).await?);
-    }
+        })
+        .collect();
+    let mut tx = ctx.pool.begin().await?;
+    let out = intake::take_batch(&mut tx, &msgs, &known, ctx.tz).await?;
     tx.commit().await?;
     Ok(out)
 }

@@ -303,3 +303,104 @@ async fn claims_asked_for_together_each_get_their_own_job_and_a_duplicate_gets_n
     assert!(again.unwrap().is_none(), "one claim per job and attempt");
     assert!(missing.unwrap().is_none());
 }
+
+/// What a table holds, as comparable text (ids and times left out).
+async fn snapshot(pool: &PgPool) -> Vec<String> {
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT refund_no || ' ' || order_no || ' ' || state || ' ' || refund_fee || ' '
+                || encode(content_hash, 'hex') || ' ' || request::text FROM jobs ORDER BY 1",
+        "SELECT order_no || ' ' || total_fee || ' ' || committed_fee FROM orders ORDER BY 1",
+        "SELECT refund_no || ' ' || coalesce(from_state, '-') || ' ' || to_state
+         FROM job_transitions ORDER BY 1",
+        "SELECT kind || ' ' || coalesce(refund_no, '-') || ' ' || field || ' ' || reason
+         FROM rejected_messages ORDER BY 1",
+        "SELECT routing_key || ' ' || refund_no FROM outbox ORDER BY 1",
+    ] {
+        let rows: Vec<String> = sqlx::query_scalar(sql).fetch_all(pool).await.unwrap();
+        out.extend(rows);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_batch_taken_in_together_has_the_effect_of_taking_each_message_in_turn() {
+    use shared::job::ProviderKind::{Shengpay, Wupay};
+    use shared::store::intake::{self, Incoming};
+    let req = |no: &str, order: &str, kind, merchant: &str, total: i64, fee: i64| {
+        serde_json::to_vec(&testkit::request_json(
+            no, order, kind, merchant, total, fee,
+        ))
+        .unwrap()
+    };
+    // Already there before the batch: a job whose copies and conflicts arrive in the batch.
+    let before = [req("IB-OLD", "IB-OOLD", Shengpay, "m1", 1000, 100)];
+    let batch = [
+        req("IB-1", "IB-O1", Shengpay, "m1", 1000, 100),
+        req("IB-OLD", "IB-OOLD", Shengpay, "m1", 1000, 100), // duplicate of a stored job
+        req("IB-OLD", "IB-OOLD", Shengpay, "m1", 1000, 999), // conflict with a stored job
+        req("IB-2", "IB-O2", Wupay, "w1", 500, 300),
+        req("IB-3", "IB-O2", Wupay, "w1", 500, 200), // same order, still within its total
+        req("IB-4", "IB-O2", Wupay, "w1", 500, 1),   // same order, over its total
+        req("IB-1", "IB-O1", Shengpay, "m1", 1000, 100), // duplicate within the batch
+        req("IB-1", "IB-O1", Shengpay, "m1", 1000, 50), // conflict within the batch
+        req("IB-5", "IB-O5", Shengpay, "nobody", 1000, 100), // unknown merchant
+        b"{not json".to_vec(),
+        req("IB-6", "IB-O6", Shengpay, "m1", 700, 800), // refund over the total
+        req("IB-7", "IB-O7", Shengpay, "m1", 700, 700),
+        req("IB-8", "IB-OOLD", Shengpay, "m1", 999, 10), // order total differs from the stored one
+    ];
+    let known = |_: shared::job::ProviderKind, m: &str| m == "m1" || m == "w1";
+    let msgs: Vec<Incoming> = batch
+        .iter()
+        .map(|b| Incoming {
+            body: b,
+            message_id: None,
+            redelivered: false,
+        })
+        .collect();
+
+    let one_by_one = testkit::test_db().await.unwrap();
+    let together = testkit::test_db().await.unwrap();
+    for db in [&one_by_one, &together] {
+        for b in &before {
+            refundctl_common::take(&db.pool, b).await;
+        }
+    }
+    let mut expected = Vec::new();
+    let mut tx = one_by_one.pool.begin().await.unwrap();
+    for m in &msgs {
+        expected.push(intake::take(&mut tx, m, &known, tz()).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    let mut tx = together.pool.begin().await.unwrap();
+    let got = intake::take_batch(&mut tx, &msgs, &known, tz())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(got, expected);
+    let labels: Vec<&str> = got.iter().map(|r| r.label()).collect();
+    assert_eq!(
+        labels,
+        [
+            "created",
+            "duplicate",
+            "conflict",
+            "created",
+            "created",
+            "rejected",
+            "duplicate",
+            "conflict",
+            "rejected",
+            "rejected",
+            "rejected",
+            "created",
+            "rejected"
+        ]
+    );
+    assert_eq!(
+        snapshot(&together.pool).await,
+        snapshot(&one_by_one.pool).await
+    );
+}

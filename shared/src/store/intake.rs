@@ -115,6 +115,166 @@ pub async fn take(
     })
 }
 
+/// Takes in a batch of messages, with the same effect as [`take`] on each in turn.
+///
+/// The common case — a valid request for a new `refund_no` of an order not otherwise in the
+/// batch — is done for all such messages at once: one statement reserves their orders' amounts,
+/// inserts the jobs that got their reservation, and writes their history. Everything else (an
+/// invalid message, a `refund_no` that exists, an order over its total, a second message for the
+/// same `refund_no` or order in this batch) goes through [`take`] afterwards, in message order,
+/// so it sees the new jobs as it would have one by one. The statement runs in a savepoint: if
+/// a concurrent worker inserted one of the jobs first (its order amount must not stay
+/// reserved) or the statement fails for any reason but the connection's, it is undone and
+/// every message goes through [`take`].
+pub async fn take_batch(
+    conn: &mut PgConnection,
+    msgs: &[Incoming<'_>],
+    merchant_known: &(dyn Fn(ProviderKind, &str) -> bool + Sync),
+    tz: chrono_tz::Tz,
+) -> Result<Vec<IntakeResult>, StoreError> {
+    let mut results: Vec<Option<IntakeResult>> = vec![None; msgs.len()];
+    let mut fast: Vec<(usize, RefundRequest)> = Vec::new();
+    let mut seen_refunds = std::collections::HashSet::new();
+    let mut seen_orders = std::collections::HashSet::new();
+    for (i, msg) in msgs.iter().enumerate() {
+        let Ok(r) = parse_request(msg.body) else {
+            continue;
+        };
+        if !merchant_known(r.provider, &r.merchant) {
+            continue;
+        }
+        // `insert` on both sets, so a later copy of either key stays on the slow path.
+        let new_refund = seen_refunds.insert(r.refund_no.clone());
+        let new_order = seen_orders.insert(r.order_no.clone());
+        if new_refund && new_order {
+            fast.push((i, r));
+        }
+    }
+    if !fast.is_empty() {
+        let mut sp = sqlx::Acquire::begin(&mut *conn).await?;
+        match insert_new_jobs(&mut sp, &fast).await {
+            Ok(Some(created)) => {
+                sp.commit().await?;
+                for ((i, r), created) in fast.iter().zip(created) {
+                    if created {
+                        results[*i] = Some(IntakeResult::Created {
+                            refund_no: r.refund_no.clone(),
+                        });
+                    }
+                }
+            }
+            Ok(None) => sp.rollback().await?,
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "batched intake failed; taking the messages one by one");
+                sp.rollback().await?;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(msgs.len());
+    for (msg, done) in msgs.iter().zip(results) {
+        out.push(match done {
+            Some(r) => r,
+            None => take(conn, msg, merchant_known, tz).await?,
+        });
+    }
+    Ok(out)
+}
+
+/// The batched part of [`take_batch`]: per request whether its job was created (its order had
+/// room and its `refund_no` was new), or `None` if a concurrent insert won a race and the
+/// savepoint must be rolled back.
+async fn insert_new_jobs(
+    conn: &mut PgConnection,
+    fast: &[(usize, RefundRequest)],
+) -> Result<Option<Vec<bool>>, StoreError> {
+    let n = fast.len();
+    let mut refund_no = Vec::with_capacity(n);
+    let mut order_no = Vec::with_capacity(n);
+    let mut provider = Vec::with_capacity(n);
+    let mut merchant = Vec::with_capacity(n);
+    let mut total_fee = Vec::with_capacity(n);
+    let mut refund_fee = Vec::with_capacity(n);
+    let mut request = Vec::with_capacity(n);
+    let mut hash = Vec::with_capacity(n);
+    for (_, r) in fast {
+        let json = r.canonical_json();
+        hash.push(Sha256::digest(json.as_bytes()).to_vec());
+        request.push(json);
+        refund_no.push(r.refund_no.as_str());
+        order_no.push(r.order_no.as_str());
+        provider.push(r.provider.as_str());
+        merchant.push(r.merchant.as_str());
+        total_fee.push(r.total_fee);
+        refund_fee.push(r.refund_fee);
+    }
+    let rows = sqlx::query(
+        "WITH r AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[],
+                 $6::int8[], $7::text[], $8::bytea[])
+               WITH ORDINALITY AS r(refund_no, order_no, provider, merchant, total_fee,
+                    refund_fee, request, content_hash, n)
+         ), fresh AS (
+             SELECT r.* FROM r
+             WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.refund_no = r.refund_no)
+         ), ord AS (
+             INSERT INTO orders (order_no, total_fee, committed_fee)
+             SELECT order_no, total_fee, refund_fee FROM fresh
+             ON CONFLICT (order_no) DO UPDATE
+                 SET committed_fee = orders.committed_fee + EXCLUDED.committed_fee
+                 WHERE orders.total_fee = EXCLUDED.total_fee
+                   AND orders.committed_fee + EXCLUDED.committed_fee <= orders.total_fee
+             RETURNING order_no
+         ), ins AS (
+             INSERT INTO jobs (refund_no, order_no, provider, merchant, total_fee, refund_fee,
+                 request, content_hash, state)
+             SELECT f.refund_no, f.order_no, f.provider, f.merchant, f.total_fee, f.refund_fee,
+                    f.request::jsonb, f.content_hash, 'received'
+             FROM fresh f JOIN ord USING (order_no)
+             ON CONFLICT (refund_no) DO NOTHING
+             RETURNING refund_no
+         ), hist AS (
+             INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
+             SELECT refund_no, NULL, 'received', 0, 'intake' FROM ins
+         )
+         SELECT (o.order_no IS NOT NULL AND f.refund_no IS NOT NULL) AS reserved,
+                (i.refund_no IS NOT NULL) AS created
+         FROM r
+         LEFT JOIN fresh f ON f.n = r.n
+         LEFT JOIN ord o ON o.order_no = f.order_no
+         LEFT JOIN ins i ON i.refund_no = f.refund_no
+         ORDER BY r.n",
+    )
+    .persistent(false)
+    .bind(&refund_no)
+    .bind(&order_no)
+    .bind(&provider)
+    .bind(&merchant)
+    .bind(&total_fee)
+    .bind(&refund_fee)
+    .bind(&request)
+    .bind(&hash)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut created = Vec::with_capacity(n);
+    for row in rows {
+        let reserved: bool = row.try_get("reserved")?;
+        let done: bool = row.try_get("created")?;
+        if reserved && !done {
+            // Someone inserted this refund_no after our check: its reservation must go.
+            return Ok(None);
+        }
+        created.push(done);
+    }
+    if created.len() != n {
+        return Err(StoreError::Corrupt(format!(
+            "batched intake answered {} rows for {n} requests",
+            created.len()
+        )));
+    }
+    Ok(Some(created))
+}
+
 async fn reject(
     conn: &mut PgConnection,
     msg: &Incoming<'_>,
