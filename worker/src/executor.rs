@@ -56,7 +56,7 @@ pub async fn run(ctx: &Arc<Ctx>, refund_no: &str) -> anyhow::Result<()> {
             return Ok(());
         };
         shared::failpoint::hit("claimed");
-        crate::metrics::transition("claimable", State::InFlight.as_str());
+        crate::metrics::transition(claimed.from.as_str(), State::InFlight.as_str());
         let span = tracing::info_span!(
             "job",
             refund_no = %claimed.refund_no,

@@ -15,6 +15,7 @@ pub const FENCED: &str = "refunds_fenced_outcomes_total";
 pub const CONFLICTS: &str = "refunds_conflicts_total";
 pub const BROKER_CONNECTED: &str = "refunds_broker_connected";
 pub const WRITE_BATCH: &str = "refunds_write_batch_size";
+pub const WRITE_SECONDS: &str = "refunds_write_seconds";
 
 /// Counts one state transition.
 pub fn transition(from: &str, to: &str) {

@@ -153,7 +153,11 @@ async fn claim_batch(
     nos.sort_unstable();
     nos.dedup();
     metrics::histogram!(crate::metrics::WRITE_BATCH, "kind" => "claim").record(nos.len() as f64);
-    match jobs::claim(&shared.pool, &nos, shared.lease, &shared.actor).await {
+    let started = Instant::now();
+    let claimed = jobs::claim(&shared.pool, &nos, shared.lease, &shared.actor).await;
+    metrics::histogram!(crate::metrics::WRITE_SECONDS, "kind" => "claim")
+        .record(started.elapsed().as_secs_f64());
+    match claimed {
         Ok(claimed) => {
             let mut by_no: HashMap<String, Claimed> = claimed
                 .into_iter()
@@ -185,7 +189,11 @@ async fn record_batch(shared: &Shared, mut batch: Vec<Pending>) {
         let items: Vec<&OutcomeToRecord> = batch.iter().map(|p| &p.item).collect();
         metrics::histogram!(crate::metrics::WRITE_BATCH, "kind" => "outcome")
             .record(items.len() as f64);
-        match jobs::record_outcomes(&shared.pool, &items, &shared.actor, shared.tz).await {
+        let started = Instant::now();
+        let recorded = jobs::record_outcomes(&shared.pool, &items, &shared.actor, shared.tz).await;
+        metrics::histogram!(crate::metrics::WRITE_SECONDS, "kind" => "outcome")
+            .record(started.elapsed().as_secs_f64());
+        match recorded {
             Ok(results) => {
                 drop(items);
                 for (p, r) in batch.into_iter().zip(results) {

@@ -22,6 +22,8 @@ use crate::workflow::Decision;
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub refund_no: String,
+    /// The state the claim took the job from (`received` or `retry_wait`).
+    pub from: State,
     pub attempt: i32,
     pub request: RefundRequest,
     pub created_at: DateTime<Utc>,
@@ -133,7 +135,8 @@ pub async fn claim(
              INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
              SELECT refund_no, from_state, 'in_flight', attempt, $3 FROM upd
          )
-         SELECT refund_no, attempt, request, created_at, lease_until, retry_base, retry_since
+         SELECT refund_no, from_state, attempt, request, created_at, lease_until, retry_base,
+                retry_since
          FROM upd",
     )
     .persistent(false)
@@ -145,8 +148,10 @@ pub async fn claim(
     rows.into_iter()
         .map(|r| {
             let request: serde_json::Value = r.try_get("request")?;
+            let from: String = r.try_get("from_state")?;
             Ok(Claimed {
                 refund_no: r.try_get("refund_no")?,
+                from: from.parse().map_err(StoreError::Corrupt)?,
                 attempt: r.try_get("attempt")?,
                 request: serde_json::from_value(request)
                     .map_err(|e| StoreError::Corrupt(format!("jobs.request: {e}")))?,
