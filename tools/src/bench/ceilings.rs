@@ -2,14 +2,14 @@
 //!
 //! - **AMQP**: publish with confirms + consume + ack, no database, through a queue declared
 //!   exactly as the worker's (durable, classic, dead-letter exchange), persistent messages of
-//!   the scenarios' size, the worker's prefetch and intake batch. Once with one ack per delivery
-//!   (what the worker does now), once with one `multiple` ack per batch.
+//!   the scenarios' size, the worker's prefetch and intake batch. Once with one ack per delivery,
+//!   once with one `multiple` ack per batch (what the worker does).
 //! - **PostgreSQL**: the job's own transactions driven directly on the real schema with the
 //!   store's own functions — `intake::take` in a transaction, `jobs::claim`, `jobs::record_outcome`
 //!   with an accepted outcome (attempt row, transition with history, ledger entry, outbox event):
 //!   three transactions per refund, from 16 concurrent tasks. Then the same writes batched
-//!   50 refunds per transaction in plain SQL of the same shape (multi-row `unnest` statements;
-//!   the claim is `jobs::claim` itself, which takes a batch), to show the headroom.
+//!   50 refunds per transaction with the store's batch functions (`intake::take_batch`,
+//!   `jobs::claim` of the batch, `jobs::record_outcomes`), as the worker runs them under load.
 //! - **Signing**: ShengPay's RSA sign and verify with the development keys, single-threaded,
 //!   the CPU floor of a ShengPay refund in the worker.
 
@@ -165,9 +165,9 @@ pub async fn amqp(
              up to {batch_max}) + {} through a durable classic queue with a dead-letter exchange",
             worker.prefetch,
             if multiple {
-                "one multiple-ack per batch"
+                "one multiple-ack per batch (as the worker)"
             } else {
-                "one ack per delivery (as the worker)"
+                "one ack per delivery"
             }
         ),
         count: n,
@@ -241,175 +241,57 @@ async fn one_refund(pool: &PgPool, m: &Msg, tz: chrono_tz::Tz) -> anyhow::Result
     Ok(())
 }
 
-/// The same writes for a batch of refunds, three transactions per batch.
+/// The same writes for a batch of refunds, three transactions per batch, with the store's own
+/// batch functions — what the worker's consumer and writer run under load.
 async fn batch_of_refunds(pool: &PgPool, batch: &[&Msg], tz: chrono_tz::Tz) -> anyhow::Result<()> {
-    let reqs: Vec<shared::job::RefundRequest> = batch
+    let msgs: Vec<Incoming> = batch
         .iter()
-        .map(|m| shared::job::parse_request(&m.body).map_err(|e| anyhow::anyhow!("{e}")))
-        .collect::<anyhow::Result<_>>()?;
-    let nos: Vec<String> = reqs.iter().map(|r| r.refund_no.clone()).collect();
-    let orders: Vec<String> = reqs.iter().map(|r| r.order_no.clone()).collect();
-    let providers: Vec<String> = reqs
-        .iter()
-        .map(|r| r.provider.as_str().to_owned())
+        .map(|m| Incoming {
+            body: &m.body,
+            message_id: None,
+            redelivered: false,
+        })
         .collect();
-    let merchants: Vec<String> = reqs.iter().map(|r| r.merchant.clone()).collect();
-    let totals: Vec<i64> = reqs.iter().map(|r| r.total_fee).collect();
-    let fees: Vec<i64> = reqs.iter().map(|r| r.refund_fee).collect();
-    let bodies: Vec<String> = reqs
-        .iter()
-        .map(|r| serde_json::to_string(r).unwrap_or_default())
-        .collect();
-    let hashes: Vec<Vec<u8>> = reqs.iter().map(|r| r.content_hash().to_vec()).collect();
-    // 1. Intake: jobs, order totals, history.
+    let known = |_: ProviderKind, _: &str| true;
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO jobs (refund_no, order_no, provider, merchant, total_fee, refund_fee,
-             request, content_hash, state)
-         SELECT r, o, p, m, t, f, q::jsonb, h, 'received'
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[],
-                     $7::text[], $8::bytea[]) AS x(r, o, p, m, t, f, q, h)
-         ON CONFLICT (refund_no) DO NOTHING",
-    )
-    .bind(&nos)
-    .bind(&orders)
-    .bind(&providers)
-    .bind(&merchants)
-    .bind(&totals)
-    .bind(&fees)
-    .bind(&bodies)
-    .bind(&hashes)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO orders (order_no, total_fee, committed_fee)
-         SELECT o, t, f FROM unnest($1::text[], $2::int8[], $3::int8[]) AS x(o, t, f)
-         ON CONFLICT (order_no) DO UPDATE
-             SET committed_fee = orders.committed_fee + EXCLUDED.committed_fee
-             WHERE orders.total_fee = EXCLUDED.total_fee
-               AND orders.committed_fee + EXCLUDED.committed_fee <= orders.total_fee",
-    )
-    .bind(&orders)
-    .bind(&totals)
-    .bind(&fees)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
-         SELECT r, NULL, 'received', 0, 'intake' FROM unnest($1::text[]) AS x(r)",
-    )
-    .bind(&nos)
-    .execute(&mut *tx)
-    .await?;
+    let results = intake::take_batch(&mut tx, &msgs, &known, tz).await?;
     tx.commit().await?;
-    // 2. Claim: the store's own claim takes a batch.
+    let created = results
+        .iter()
+        .filter(|r| matches!(r, IntakeResult::Created { .. }))
+        .count();
+    if created != batch.len() {
+        bail!("intake created {created} of {} jobs", batch.len());
+    }
+    let nos: Vec<String> = batch.iter().map(|m| m.refund_no.clone()).collect();
     let claimed = jobs::claim(pool, &nos, Duration::from_secs(30), "bench").await?;
     if claimed.len() != nos.len() {
         bail!("claimed {} of {}", claimed.len(), nos.len());
     }
-    // 3. Outcome: attempt rows, transition with history, ledger entries, outbox events.
-    let c_nos: Vec<String> = claimed.iter().map(|c| c.refund_no.clone()).collect();
-    let c_att: Vec<i32> = claimed.iter().map(|c| c.attempt).collect();
-    let c_prid: Vec<String> = c_nos.iter().map(|n| format!("WU{n}")).collect();
-    let c_fee: Vec<i64> = claimed.iter().map(|c| c.request.refund_fee).collect();
-    let c_merchant: Vec<String> = claimed.iter().map(|c| c.request.merchant.clone()).collect();
-    let c_provider: Vec<String> = claimed
-        .iter()
-        .map(|c| c.request.provider.as_str().to_owned())
-        .collect();
-    let c_req: Vec<String> = claimed.iter().map(|c| c.request.canonical_json()).collect();
-    let now = shared::events::format_time(chrono::Utc::now(), tz);
-    let payloads: Vec<String> = claimed
-        .iter()
+    let items: Vec<jobs::OutcomeToRecord> = claimed
+        .into_iter()
         .map(|c| {
-            serde_json::json!({
-                "version": 1, "event": "refund.succeeded", "refund_no": c.refund_no,
-                "order_no": c.request.order_no, "provider": c.request.provider.as_str(),
-                "merchant": c.request.merchant, "state": "succeeded",
-                "refund_fee": c.request.refund_fee,
-                "settlement_refund_fee": c.request.refund_fee,
-                "provider_refund_id": format!("WU{}", c.refund_no), "error_code": null,
-                "error_message": null, "attempts": c.attempt, "occurred_at": now,
-            })
-            .to_string()
+            let rec = accepted(
+                &c.refund_no,
+                c.request.refund_fee,
+                c.request.canonical_json(),
+            );
+            jobs::OutcomeToRecord {
+                claimed: c,
+                rec,
+                decision: Decision::Succeed,
+            }
         })
         .collect();
-    let mut tx = pool.begin().await?;
-    let moved: i64 = sqlx::query_scalar(
-        "WITH u AS (
-             SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::int8[])
-                 AS u(refund_no, attempt, prid, settle)
-         ), prev AS (
-             SELECT j.refund_no, j.state FROM jobs j JOIN u ON u.refund_no = j.refund_no
-             WHERE j.state = 'in_flight' AND j.attempt = u.attempt
-             FOR UPDATE OF j
-         ), upd AS (
-             UPDATE jobs j SET state = 'succeeded', cause = NULL, lease_until = NULL,
-                    next_attempt_at = NULL, last_code = NULL, last_message = NULL,
-                    provider_refund_id = u.prid, settlement_refund_fee = u.settle,
-                    updated_at = now()
-             FROM prev JOIN u ON u.refund_no = prev.refund_no
-             WHERE j.refund_no = prev.refund_no
-             RETURNING j.refund_no, prev.state AS from_state, j.attempt
-         ), hist AS (
-             INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor, detail)
-             SELECT refund_no, from_state, 'succeeded', attempt, 'bench',
-                    '{\"outcome\":\"accepted\"}'::jsonb
-             FROM upd
-         )
-         SELECT count(*) FROM upd",
-    )
-    .bind(&c_nos)
-    .bind(&c_att)
-    .bind(&c_prid)
-    .bind(&c_fee)
-    .fetch_one(&mut *tx)
-    .await?;
-    if moved != c_nos.len() as i64 {
-        bail!("recorded {moved} of {} outcomes", c_nos.len());
+    let refs: Vec<&jobs::OutcomeToRecord> = items.iter().collect();
+    let recorded = jobs::record_outcomes(pool, &refs, "bench", tz).await?;
+    let applied = recorded
+        .iter()
+        .filter(|r| matches!(r, jobs::Recorded::Applied(_)))
+        .count();
+    if applied != items.len() {
+        bail!("recorded {applied} of {} outcomes", items.len());
     }
-    sqlx::query(
-        "INSERT INTO provider_attempts (refund_no, attempt, provider, merchant, outcome, code,
-             message, http_status, request, response, latency_us, provider_refund_id, refund_fee,
-             settlement_refund_fee, coupon_refund_fee, fenced)
-         SELECT r, a, p, m, 'accepted', NULL, NULL, 200, q, $8, 900, i, f, f, 0, false
-         FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::int8[]) AS x(r, a, p, m, q, i, f)",
-    )
-    .bind(&c_nos)
-    .bind(&c_att)
-    .bind(&c_provider)
-    .bind(&c_merchant)
-    .bind(&c_req)
-    .bind(&c_prid)
-    .bind(&c_fee)
-    .bind(RAW_RESPONSE)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO ledger (refund_no, entry_kind, provider, merchant, provider_refund_id,
-             refund_fee, settlement_refund_fee, business_date, source)
-         SELECT r, 'refund', p, m, i, f, f, (now() AT TIME ZONE $6)::date, 'provider'
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])
-             AS x(r, p, m, i, f)",
-    )
-    .bind(&c_nos)
-    .bind(&c_provider)
-    .bind(&c_merchant)
-    .bind(&c_prid)
-    .bind(&c_fee)
-    .bind(tz.name())
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO outbox (routing_key, refund_no, payload)
-         SELECT 'refund.succeeded', r, p::jsonb FROM unnest($1::text[], $2::text[]) AS x(r, p)",
-    )
-    .bind(&c_nos)
-    .bind(&payloads)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
     Ok(())
 }
 
@@ -509,7 +391,7 @@ pub async fn postgres(
                 format!(
                     "{n} refunds, {clients} tasks, each refund: intake::take in a transaction, \
                      jobs::claim, jobs::record_outcome (accepted: attempt, transition + \
-                     history, ledger, outbox) — three transactions, as the worker does it{}",
+                     history, ledger, outbox) — three transactions, as the worker writes a job alone{}",
                     if unix_socket {
                         ", over the Unix socket"
                     } else {
@@ -518,8 +400,8 @@ pub async fn postgres(
                 )
             } else {
                 format!(
-                    "{n} refunds, {clients} tasks, {batch} refunds per transaction: the same \
-                     rows in multi-row statements (unnest), jobs::claim of the batch"
+                    "{n} refunds, {clients} tasks, {batch} refunds per transaction: \
+                     intake::take_batch, jobs::claim of the batch, jobs::record_outcomes"
                 )
             },
             count: n,
