@@ -202,7 +202,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             prefetch: 256,
-            concurrency: 64,
+            concurrency: 128,
             lease_ms: 30_000,
             lease_margin_ms: 2_000,
             retry: RetryConfig::default(),
