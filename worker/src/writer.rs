@@ -38,7 +38,8 @@ enum Op {
         refund_no: String,
         reply: oneshot::Sender<anyhow::Result<Option<Claimed>>>,
     },
-    Record(Pending),
+    // Boxed: an outcome carries the whole request and response; a claim only a refund_no.
+    Record(Box<Pending>),
 }
 
 struct Pending {
@@ -103,11 +104,11 @@ impl Writer {
     ) -> anyhow::Result<Recorded> {
         let (reply, answer) = oneshot::channel();
         self.ops
-            .send(Op::Record(Pending {
+            .send(Op::Record(Box::new(Pending {
                 item,
                 deadline,
                 reply,
-            }))
+            })))
             .map_err(|_| anyhow!("the writer has stopped"))?;
         answer
             .await
@@ -127,7 +128,7 @@ async fn write_loop(shared: Arc<Shared>) {
             };
             let mut take = |op| match op {
                 Op::Claim { refund_no, reply } => claims.push((refund_no, reply)),
-                Op::Record(p) => records.push(p),
+                Op::Record(p) => records.push(*p),
             };
             take(first);
             for _ in 1..shared.batch {

@@ -1163,6 +1163,14 @@ pub fn write_markdown(path: &Path, section: &str) -> anyhow::Result<()> {
     std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The AMQP ceiling the scenarios are compared with: acking as the worker does (one `multiple`
+/// ack per batch), or the one-ack-per-delivery run if only that one ran.
+fn amqp_ceiling(rows: &[report::Row]) -> Option<&report::Row> {
+    rows.iter()
+        .find(|r| r.scenario == "S0 amqp multiple-ack")
+        .or_else(|| rows.iter().find(|r| r.scenario == "S0 amqp"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1206,12 +1214,4 @@ mod tests {
         assert_eq!(num(f64::NAN, 1), "—");
         assert_eq!(num(999.0, 0), "999");
     }
-}
-
-/// The AMQP ceiling the scenarios are compared with: acking as the worker does (one `multiple`
-/// ack per batch), or the one-ack-per-delivery run if only that one ran.
-fn amqp_ceiling(rows: &[report::Row]) -> Option<&report::Row> {
-    rows.iter()
-        .find(|r| r.scenario == "S0 amqp multiple-ack")
-        .or_else(|| rows.iter().find(|r| r.scenario == "S0 amqp"))
 }
