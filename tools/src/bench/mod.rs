@@ -212,9 +212,19 @@ fn socket_available(dir: &Path) -> bool {
 }
 
 /// Concurrency for a provider latency by Little's law: in flight = rate × time in flight,
-/// with the time in flight = latency + 10 ms of our own work, and 25% headroom.
-pub fn littles_law(rate: f64, latency_ms: u64) -> usize {
-    (rate * (latency_ms as f64 + 10.0) / 1000.0 * 1.25).ceil() as usize
+/// with the time in flight = latency + our own time per job (`own_ms`), and 25% headroom.
+pub fn littles_law(rate: f64, latency_ms: u64, own_ms: f64) -> usize {
+    (rate * (latency_ms as f64 + own_ms) / 1000.0 * 1.25).ceil() as usize
+}
+
+/// Our own time in flight per job, by Little's law from S1's maximum: with every slot busy,
+/// a job holds its slot for concurrency / rate (claim, call and record, batching waits
+/// included); 10 ms when S1 did not run.
+pub fn own_time_ms(s1_rate: Option<f64>, concurrency: usize) -> f64 {
+    match s1_rate {
+        Some(r) if r > 0.0 => concurrency as f64 * 1000.0 / r,
+        _ => 10.0,
+    }
 }
 
 /// One S5 benchmark run.
@@ -330,14 +340,16 @@ fn spec(opts: &Options, base: &Config, id: &str, s1_rate: Option<f64>) -> Option
             let (concurrency, sizing) = match opts.concurrency {
                 Some(c) => (c, "--concurrency".to_owned()),
                 None => {
-                    let c = littles_law(target, opts.latency_ms).max(conc);
+                    let own = own_time_ms(s1_rate, conc);
+                    let c = littles_law(target, opts.latency_ms, own).max(conc);
                     (
                         c,
                         format!(
-                            "Little's law: {} refunds/s × ({} ms provider + 10 ms own) × 1.25 \
-                             headroom = {c} in flight",
+                            "Little's law: {} refunds/s × ({} ms provider + {} ms own, from S1's \
+                             maximum: concurrency / rate) × 1.25 headroom = {c} in flight",
                             num(target, 0),
-                            opts.latency_ms
+                            opts.latency_ms,
+                            num(own, 0)
                         ),
                     )
                 }
@@ -1190,7 +1202,12 @@ mod tests {
 
     #[test]
     fn littles_law_sizes_in_flight_work() {
-        assert_eq!(littles_law(2_500.0, 50), 188);
+        assert_eq!(littles_law(2_500.0, 50, 10.0), 188);
+        // S1 at 2,500/s with 128 slots: each job holds its slot 51.2 ms.
+        let own = own_time_ms(Some(2_500.0), 128);
+        assert!((own - 51.2).abs() < 1e-9);
+        assert_eq!(littles_law(2_500.0, 50, own), 317);
+        assert_eq!(own_time_ms(None, 128), 10.0);
     }
 
     #[test]
