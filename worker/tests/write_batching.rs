@@ -52,6 +52,18 @@ async fn claim_all(pool: &PgPool, nos: &[&str]) -> Vec<Claimed> {
     claimed
 }
 
+/// One writer task taking up to 16 writes per statement, 30 s leases.
+fn one_writer(pool: &PgPool) -> Writer {
+    Writer::start(
+        pool.clone(),
+        1,
+        16,
+        Duration::from_secs(30),
+        "test".into(),
+        tz(),
+    )
+}
+
 async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned()))
         .fetch_one(pool)
@@ -242,14 +254,7 @@ async fn one_outcome_that_cannot_be_written_does_not_hold_back_the_others_in_its
     .execute(pool)
     .await
     .unwrap();
-    let writer = Writer::start(
-        pool.clone(),
-        1,
-        16,
-        Duration::from_secs(30),
-        "test".into(),
-        tz(),
-    );
+    let writer = one_writer(pool);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let record = |c: &Claimed| {
         writer.record(
@@ -282,14 +287,7 @@ async fn claims_asked_for_together_each_get_their_own_job_and_a_duplicate_gets_n
     let pool = &db.pool;
     new_job(pool, "WB-C1", "m1").await;
     new_job(pool, "WB-C2", "m1").await;
-    let writer = Writer::start(
-        pool.clone(),
-        1,
-        16,
-        Duration::from_secs(30),
-        "test".into(),
-        tz(),
-    );
+    let writer = one_writer(pool);
     let (a, b, again, missing) = tokio::join!(
         writer.claim("WB-C1".into()),
         writer.claim("WB-C2".into()),
