@@ -70,26 +70,34 @@
 //! in one repeatable-read transaction whose snapshot it shares with a second connection:
 //!
 //! 1. **Fingerprints per bucket**, the two sides concurrently, one per connection. A refund's
-//!    bucket is `hashtext(refund_no) & 1023`; a row's fingerprint is a 64-bit hash of
-//!    (provider, merchant, `refund_no`, `settlement_refund_fee`). The ledger side gives, per
-//!    bucket and (provider, merchant), the number of entries and of reversals, the total and
-//!    the `bit_xor` of the fingerprints; the provider side, per bucket, the number of rows (one
-//!    per payment before deduplication) and the `bit_xor` of theirs. Both are index-only scans
-//!    in bucket order of indexes that hold bucket and fingerprint (migration 0006), so nothing
-//!    is hashed per row; statements are scanned from their temporary table. A bucket is the
-//!    same on both sides when the ledger has no reversal in it and the counts and the xors
-//!    agree: the ledger's refund entries are distinct rows (one per `refund_no`), so equal
-//!    xors leave the provider side those rows plus pairs of repeats, which equal counts rule
-//!    out (up to a 64-bit hash collision).
+//!    bucket is `hashtext(refund_no) & 4095`; a row's fingerprint is a 64-bit hash of
+//!    (provider, merchant, `refund_no`, `settlement_refund_fee`). Each side is one index-only
+//!    scan in group order (migration 0006's indexes hold bucket and fingerprint) feeding a
+//!    sorted aggregate, so nothing is hashed, sorted or computed per row:
+//!    - the ledger reads its refund entries in (provider, merchant, bucket) order and returns,
+//!      per bucket, the number of entries and the `bit_xor` of their fingerprints, and per
+//!      (provider, merchant) their number and total (the per-group rows are summed up in the
+//!      database); the day's reversals, few, are read apart (`ledger_reconcile_reversals`):
+//!      they add to the totals and mark their buckets;
+//!    - the provider side returns per bucket the number of rows (one per payment before
+//!      deduplication) and the `bit_xor` of theirs: attempts in bucket order of the day's
+//!      business date in Asia/Shanghai (in another time zone, a range of `recorded_at` and a
+//!      hash aggregate), statements from their temporary table.
+//!
+//!    A bucket is the same on both sides when the ledger has no reversal in it and the counts
+//!    and the xors agree: the ledger's refund entries are distinct rows (one per `refund_no`),
+//!    so equal xors leave the provider side those rows plus pairs of repeats, which equal
+//!    counts rule out (up to a 64-bit hash collision).
 //! 2. **Drill-down**: per refund, a full outer join of the two sides restricted to the buckets
-//!    that differ (read through the same indexes), classified as above, inserted with
-//!    `INSERT ... SELECT`.
+//!    that differ, classified as above, inserted with `INSERT ... SELECT`. The ledger's refund
+//!    entries there are looked up by index per (provider, merchant) and bucket, the attempts
+//!    per bucket, so a drill reads a few hundred rows per bucket and side.
 //! 3. **Totals**: outside the drilled buckets the provider side is the ledger's refund entries
-//!    row for row, so the provider totals are the ledger's, less its drilled buckets, plus what
-//!    the drill-down counted there.
+//!    row for row, so the provider totals are the ledger's, less its drilled buckets (read from
+//!    the index alone), plus what the drill-down counted there.
 //!
 //! `--exhaustive` drills into every bucket; it gives the same answer, more slowly. Nothing per
-//! refund ever reaches this process: it holds 1,024 buckets and one row per (provider,
+//! refund ever reaches this process: it holds 4,096 buckets and one row per (provider,
 //! merchant).
 
 use std::path::PathBuf;
@@ -106,7 +114,7 @@ use crate::progress::Progress;
 use crate::statement::{LoadError, LoadSummary, StatementError};
 
 /// Buckets per (provider, merchant) for the drill-down (a power of two).
-pub const BUCKETS: i32 = 1024;
+pub const BUCKETS: i32 = 4096;
 
 /// The first key of the advisory lock that serializes runs of one date ("REC1").
 pub const LOCK_CLASS: i32 = 0x5245_4331;
@@ -268,27 +276,34 @@ impl Source {
     }
 
     /// Step 1, provider side: per bucket, the number of the day's provider rows (one per
-    /// payment before deduplication) and the bit_xor of their fingerprints. For attempts an
-    /// index-only scan of `provider_attempts_reconcile`, one range of recorded_at per bucket
-    /// ($7: every bucket), in bucket order, the fingerprint read from the index.
-    fn pass_sql(self) -> String {
-        match self {
-            Source::Statement => format!(
+    /// payment before deduplication) and the bit_xor of their fingerprints. For attempts in the
+    /// indexed time zone, an index-only scan of `provider_attempts_reconcile` in bucket order
+    /// (the fingerprint read from the index) feeding a sorted aggregate; in another zone a
+    /// range of `provider_attempts_accepted_day` and a hash aggregate.
+    fn pass_sql(self, day: DaySql) -> String {
+        match (self, day) {
+            (Source::Statement, _) => format!(
                 "SELECT {BUCKET} AS bucket, count(*) AS n, bit_xor({FP_STATEMENT}) AS fp
                  FROM pg_temp.recon_statement WHERE NOT edge
                  GROUP BY 1"
             ),
             // The subquery keeps the fingerprint an output of the scan, where the planner
             // takes it from the index instead of computing it per row.
-            Source::Attempts => format!(
+            (Source::Attempts, DaySql::Indexed) => format!(
                 "SELECT bucket, count(*) AS n, bit_xor(fp) AS fp FROM (
                      SELECT {BUCKET} AS bucket, {FP_ATTEMPTS} AS fp
                      FROM provider_attempts
-                     WHERE outcome = 'accepted' AND {BUCKET} = ANY ($7::int[])
-                       AND recorded_at >= $2 AND recorded_at < $3
+                     WHERE outcome = 'accepted' AND {ATTEMPTS_DAY}
                        AND ($4::text IS NULL OR provider = $4)
                      ORDER BY 1 OFFSET 0
                  ) a
+                 GROUP BY 1"
+            ),
+            (Source::Attempts, DaySql::Range) => format!(
+                "SELECT {BUCKET} AS bucket, count(*) AS n, bit_xor({FP_ATTEMPTS}) AS fp
+                 FROM provider_attempts
+                 WHERE outcome = 'accepted' AND recorded_at >= $2 AND recorded_at < $3
+                   AND ($4::text IS NULL OR provider = $4)
                  GROUP BY 1"
             ),
         }
@@ -296,17 +311,16 @@ impl Source {
 
     /// The day's payments in the drilled buckets, deduplicated: provider, merchant, refund_no,
     /// amount, at, source (a human pointer to the evidence).
-    fn payments(self) -> &'static str {
+    fn payments(self, day: DaySql) -> String {
         match self {
-            Source::Statement => {
-                "SELECT s.provider, s.merchant, s.refund_no, s.settlement_refund_fee AS amount,
-                        s.refunded_at AS at,
+            Source::Statement => "SELECT s.provider, s.merchant, s.refund_no,
+                        s.settlement_refund_fee AS amount, s.refunded_at AS at,
                         coalesce(($6::text[])[s.file + 1], 'statement') || ':' || s.line
                           || coalesce(' ' || s.provider_refund_id, '') AS source
                  FROM pg_temp.recon_statement s
-                 WHERE NOT s.edge AND (hashtext(s.refund_no) & 1023) = ANY ($7::int[])"
-            }
-            Source::Attempts => {
+                 WHERE NOT s.edge AND (hashtext(s.refund_no) & 4095) = ANY ($7::int[])"
+                .to_owned(),
+            Source::Attempts => format!(
                 "SELECT DISTINCT ON (a.provider, a.merchant, a.refund_no,
                                      coalesce(a.provider_refund_id, '#' || a.id))
                         a.provider, a.merchant, a.refund_no,
@@ -315,12 +329,16 @@ impl Source {
                           || CASE WHEN a.fenced THEN ' (fenced)' ELSE '' END
                           || coalesce(' ' || a.provider_refund_id, '') AS source
                  FROM provider_attempts a
-                 WHERE a.outcome = 'accepted' AND (hashtext(a.refund_no) & 1023) = ANY ($7::int[])
-                   AND a.recorded_at >= $2 AND a.recorded_at < $3
+                 WHERE a.outcome = 'accepted' AND (hashtext(a.refund_no) & 4095) = ANY ($7::int[])
+                   AND {day}
                    AND ($4::text IS NULL OR a.provider = $4)
                  ORDER BY a.provider, a.merchant, a.refund_no,
-                          coalesce(a.provider_refund_id, '#' || a.id), a.recorded_at, a.id"
-            }
+                          coalesce(a.provider_refund_id, '#' || a.id), a.recorded_at, a.id",
+                day = match day {
+                    DaySql::Indexed => ATTEMPTS_DAY_A,
+                    DaySql::Range => "a.recorded_at >= $2 AND a.recorded_at < $3",
+                }
+            ),
         }
     }
 
@@ -343,10 +361,10 @@ impl Source {
 /// One bucket of the ledger side.
 #[derive(Debug, Clone, Copy, Default)]
 struct LedgerBucket {
-    /// Entries (refunds and reversals).
+    /// `refund` entries.
     n: i64,
-    /// Reversals.
-    rev: i64,
+    /// Whether a reversal of the day is in it.
+    rev: bool,
     fp: i64,
 }
 
@@ -357,7 +375,10 @@ struct LedgerPair {
     merchant: String,
     /// `refund` entries.
     count: i64,
+    /// The day's entries, reversals included.
     total: i64,
+    /// Whether it has a `refund` entry on the day (so the drill-down looks it up by index).
+    refunds: bool,
 }
 
 /// The ledger side of step 1, folded from its rows as they stream in: a fixed array of
@@ -378,24 +399,12 @@ impl Default for LedgerPass {
 }
 
 impl LedgerPass {
-    fn add(&mut self, row: &PgRow) -> Result<(), RunError> {
-        let bucket: i32 = row.try_get("bucket")?;
-        let provider: &str = row.try_get("provider")?;
-        let merchant: &str = row.try_get("merchant")?;
-        let (entries, rev): (i64, i64) = (row.try_get("entries")?, row.try_get("rev")?);
-        let (total, fp): (i64, i64) = (row.try_get("total")?, row.try_get("fp")?);
-        let overflow = || RunError::Overflow(format!("ledger of {provider}/{merchant}"));
-        let b = usize::try_from(bucket)
-            .ok()
-            .and_then(|b| self.buckets.get_mut(b))
-            .ok_or_else(|| RunError::Invalid(format!("bucket {bucket} out of range")))?;
-        b.n = b.n.checked_add(entries).ok_or_else(overflow)?;
-        b.rev = b.rev.checked_add(rev).ok_or_else(overflow)?;
-        b.fp ^= fp;
+    fn pair(&mut self, provider: &str, merchant: &str) -> &mut LedgerPair {
+        // The rows come in (provider, merchant) order: the last pair is nearly always the one.
         let at = match self
             .pairs
             .iter()
-            .position(|p| p.provider == provider && p.merchant == merchant)
+            .rposition(|p| p.provider == provider && p.merchant == merchant)
         {
             Some(i) => i,
             None => {
@@ -404,16 +413,73 @@ impl LedgerPass {
                     merchant: merchant.to_owned(),
                     count: 0,
                     total: 0,
+                    refunds: false,
                 });
                 self.pairs.len() - 1
             }
         };
-        let p = &mut self.pairs[at];
-        p.count = p.count.checked_add(entries - rev).ok_or_else(overflow)?;
-        p.total = p.total.checked_add(total).ok_or_else(overflow)?;
+        &mut self.pairs[at]
+    }
+
+    fn bucket(&mut self, row: &PgRow) -> Result<&mut LedgerBucket, RunError> {
+        let bucket: i32 = row.try_get("bucket")?;
+        usize::try_from(bucket)
+            .ok()
+            .and_then(|b| self.buckets.get_mut(b))
+            .ok_or_else(|| RunError::Invalid(format!("bucket {bucket} out of range")))
+    }
+
+    /// A row of the refund entries' pass: a bucket's (bucket, n, fp), or a (provider,
+    /// merchant)'s (provider, merchant, n, total) with a null bucket.
+    fn add(&mut self, row: &PgRow) -> Result<(), RunError> {
+        let bucket: Option<i32> = row.try_get("bucket")?;
+        let n: i64 = row.try_get("n")?;
+        if bucket.is_some() {
+            let fp: i64 = row.try_get("fp")?;
+            let b = self.bucket(row)?;
+            b.n = n;
+            b.fp = fp;
+            return Ok(());
+        }
+        let provider: &str = row.try_get("provider")?;
+        let merchant: &str = row.try_get("merchant")?;
+        let total: i64 = row.try_get("total")?;
+        let p = self.pair(provider, merchant);
+        p.refunds = true;
+        p.count = n;
+        p.total = p
+            .total
+            .checked_add(total)
+            .ok_or_else(|| RunError::Overflow(format!("ledger of {provider}/{merchant}")))?;
+        Ok(())
+    }
+
+    /// A row of the reversals: (provider, merchant, bucket, total).
+    fn add_reversals(&mut self, row: &PgRow) -> Result<(), RunError> {
+        let provider: &str = row.try_get("provider")?;
+        let merchant: &str = row.try_get("merchant")?;
+        let total: i64 = row.try_get("total")?;
+        self.bucket(row)?.rev = true;
+        let p = self.pair(provider, merchant);
+        p.total = p
+            .total
+            .checked_add(total)
+            .ok_or_else(|| RunError::Overflow(format!("ledger of {provider}/{merchant}")))?;
         Ok(())
     }
 }
+
+/// How a query finds the day's attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DaySql {
+    /// The time zone is [`INDEXED_TZ`]: by `provider_attempts_reconcile`, in bucket order.
+    Indexed,
+    /// Another zone: by a range of `recorded_at`.
+    Range,
+}
+
+/// The time zone `provider_attempts_reconcile` computes business dates in (migration 0006).
+pub const INDEXED_TZ: &str = "Asia/Shanghai";
 
 /// The parameters every query of a run is given (each uses some of them).
 struct Params<'a> {
@@ -439,7 +505,7 @@ fn bind<'q>(
 }
 
 /// A refund's bucket. Must stay textually identical to the indexes of migration 0006.
-const BUCKET: &str = "(hashtext(refund_no) & 1023)";
+const BUCKET: &str = "(hashtext(refund_no) & 4095)";
 /// A row's fingerprint: a 64-bit hash of (provider, merchant, refund_no,
 /// settlement_refund_fee), as indexed by migration 0006 (textually identical).
 const FP_LEDGER: &str = "hashtextextended(refund_no, settlement_refund_fee \
@@ -448,29 +514,84 @@ const FP_ATTEMPTS: &str = "hashtextextended(refund_no, coalesce(settlement_refun
                            # hashtextextended(provider || '/' || merchant, 0))";
 const FP_STATEMENT: &str = "hashtextextended(refund_no, settlement_refund_fee \
                             # hashtextextended(provider || '/' || merchant, 0))";
+/// An attempt recorded on business date $1 in [`INDEXED_TZ`], as indexed by migration 0006:
+/// the same as `recorded_at` in [$2, $3) in that zone.
+const ATTEMPTS_DAY: &str = "(recorded_at AT TIME ZONE 'Asia/Shanghai')::date = $1";
+const ATTEMPTS_DAY_A: &str = "(a.recorded_at AT TIME ZONE 'Asia/Shanghai')::date = $1";
 
-/// Step 1, ledger side: per bucket and (provider, merchant), the entries `refund`
-/// (refund_fee > 0 by the ledger's CHECK) and the others, the total and the bit_xor of the
-/// fingerprints. An index-only scan of `ledger_reconcile` in group order: nothing is hashed
-/// or computed per row.
+/// Step 1, ledger side: per bucket, the refund entries and the bit_xor of their
+/// fingerprints; per (provider, merchant), the refund entries and their total. An index-only
+/// scan of `ledger_reconcile` in (provider, merchant, bucket) order feeding a sorted aggregate
+/// (nothing is hashed or computed per row), whose groups, one per (provider, merchant, bucket),
+/// are summed up per bucket and per (provider, merchant) in the database, so that only those
+/// rows come back.
 fn ledger_pass_sql() -> String {
     format!(
-        "SELECT bucket, provider, merchant, count(*) AS entries,
-                count(*) FILTER (WHERE refund_fee < 0) AS rev,
-                sum(settlement_refund_fee)::bigint AS total, bit_xor(fp) AS fp
+        "SELECT provider, merchant, bucket, sum(n)::bigint AS n, sum(total)::bigint AS total,
+                bit_xor(fp) AS fp
          FROM (
-             SELECT {BUCKET} AS bucket, provider, merchant, refund_fee, settlement_refund_fee,
-                    {FP_LEDGER} AS fp
-             FROM ledger
-             WHERE business_date = $1 AND ($2::text IS NULL OR provider = $2)
-             ORDER BY 1, 2, 3 OFFSET 0
-         ) e
+             SELECT provider, merchant, bucket, count(*) AS n,
+                    sum(settlement_refund_fee) AS total, bit_xor(fp) AS fp
+             FROM (
+                 SELECT provider, merchant, {BUCKET} AS bucket, settlement_refund_fee,
+                        {FP_LEDGER} AS fp
+                 FROM ledger
+                 WHERE business_date = $1 AND refund_fee > 0
+                   AND ($2::text IS NULL OR provider = $2)
+                 ORDER BY 1, 2, 3 OFFSET 0
+             ) e
+             GROUP BY 1, 2, 3
+         ) g
+         GROUP BY GROUPING SETS ((provider, merchant), (bucket))"
+    )
+}
+
+/// Step 1, the day's reversals (few; `ledger_reconcile_reversals`): per (provider, merchant)
+/// and bucket, their total.
+fn reversals_sql() -> String {
+    format!(
+        "SELECT provider, merchant, {BUCKET} AS bucket,
+                sum(settlement_refund_fee)::bigint AS total
+         FROM ledger
+         WHERE business_date = $1 AND refund_fee < 0 AND ($2::text IS NULL OR provider = $2)
          GROUP BY 1, 2, 3"
     )
 }
 
+/// The day's ledger entries in the drilled buckets ($7), all columns: the refund entries
+/// looked up by index per (provider, merchant) of the day ($8, $9), and the reversals among the
+/// day's few.
+const LEDGER_DRILLED: &str = "SELECT e.* FROM unnest($8::text[], $9::text[]) pm(provider, merchant)
+         CROSS JOIN LATERAL (
+             SELECT * FROM ledger e
+             WHERE e.business_date = $1 AND e.refund_fee > 0
+               AND e.provider = pm.provider AND e.merchant = pm.merchant
+               AND (hashtext(e.refund_no) & 4095) = ANY ($7::int[])
+         ) e
+         UNION ALL
+         SELECT e.* FROM ledger e
+         WHERE e.business_date = $1 AND e.refund_fee < 0
+           AND (hashtext(e.refund_no) & 4095) = ANY ($7::int[])";
+
+/// Per (provider, merchant), minus the ledger's refund entries and entries' total in the
+/// drilled buckets ($7), read like [`LEDGER_DRILLED`] but from the index alone.
+const LEDGER_DRILLED_TOTALS: &str = "SELECT pm.provider, pm.merchant, -t.n AS dn, -t.total AS dt
+         FROM unnest($8::text[], $9::text[]) pm(provider, merchant)
+         CROSS JOIN LATERAL (
+             SELECT count(*) AS n, sum(e.settlement_refund_fee) AS total FROM ledger e
+             WHERE e.business_date = $1 AND e.refund_fee > 0
+               AND e.provider = pm.provider AND e.merchant = pm.merchant
+               AND (hashtext(e.refund_no) & 4095) = ANY ($7::int[])
+         ) t
+         WHERE t.n > 0
+         UNION ALL
+         SELECT provider, merchant, 0, -sum(settlement_refund_fee) FROM ledger
+         WHERE business_date = $1 AND refund_fee < 0
+           AND (hashtext(refund_no) & 4095) = ANY ($7::int[])
+         GROUP BY provider, merchant";
+
 /// Step 3a: both sides per refund in the drilled buckets.
-fn refunds_sql(source: Source) -> String {
+fn refunds_sql(source: Source, day: DaySql) -> String {
     format!(
         "INSERT INTO pg_temp.recon_refunds (provider, merchant, refund_no, ledger_amount,
              booked_at, manual, provider_amount, provider_n, provider_at, sources)
@@ -479,9 +600,8 @@ fn refunds_sql(source: Source) -> String {
                     sum(e.settlement_refund_fee) AS amount,
                     min(e.booked_at) FILTER (WHERE e.entry_kind = 'refund') AS booked_at,
                     bool_or(e.source = 'manual') AS manual
-             FROM ledger e
-             WHERE e.business_date = $1 AND (hashtext(e.refund_no) & 1023) = ANY ($7::int[])
-               AND ($4::text IS NULL OR e.provider = $4)
+             FROM ({LEDGER_DRILLED}) e
+             WHERE ($4::text IS NULL OR e.provider = $4)
              GROUP BY e.provider, e.merchant, e.refund_no
              HAVING sum(e.refund_fee) <> 0 OR sum(e.settlement_refund_fee) <> 0
          ), p AS (
@@ -495,7 +615,7 @@ fn refunds_sql(source: Source) -> String {
                 p.amount::bigint, coalesce(p.n, 0), p.at, p.sources
          FROM l FULL JOIN p
            ON p.provider = l.provider AND p.merchant = l.merchant AND p.refund_no = l.refund_no",
-        payments = source.payments()
+        payments = source.payments(day)
     )
 }
 
@@ -731,69 +851,81 @@ async fn run_inner(
 
     spinner.set_message(format!("matching totals of {}", req.date));
     let step = Instant::now();
-    // Index-only scans in index order, so that grouping streams instead of hashing a million
-    // rows; the plans are fixed rather than left to estimates for expressions.
+    let day_sql = if tz.name() == INDEXED_TZ {
+        DaySql::Indexed
+    } else {
+        DaySql::Range
+    };
+    // Index-only scans in index order, so that grouping streams instead of hashing or sorting
+    // a million rows; the plans are fixed rather than left to estimates for expressions. (The
+    // ledger side hashes its few thousand groups, per bucket and per pair, at the end.)
     let plan_settings = [
         "SET LOCAL enable_seqscan = off",
         "SET LOCAL enable_bitmapscan = off",
         "SET LOCAL enable_sort = off",
-        "SET LOCAL enable_hashagg = off",
         "SET LOCAL max_parallel_workers_per_gather = 0",
-    ];
+        "SET LOCAL jit = off",
+    ]
+    .join("; ");
     let ledger_side = async {
         let mut helper = helper
             .await
             .map_err(|e| RunError::Db(sqlx::Error::Io(std::io::Error::other(e.to_string()))))??;
-        let mut htx = helper
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await?;
         // The id is made by the server of hex digits and dashes; checked all the same.
         if !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             return Err(RunError::Invalid(format!(
                 "unexpected snapshot id {snapshot:?}"
             )));
         }
-        sqlx::query(AssertSqlSafe(format!(
-            "SET TRANSACTION SNAPSHOT '{snapshot}'"
+        // One round trip: the transaction, its snapshot and its plan settings.
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET TRANSACTION SNAPSHOT '{snapshot}'; {plan_settings}"
         )))
-        .execute(&mut *htx)
+        .execute(&mut helper)
         .await?;
-        for setting in plan_settings.iter().chain(["SET LOCAL jit = off"].iter()) {
-            sqlx::query(*setting).execute(&mut *htx).await?;
-        }
-        let rows = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
+        let mut pass = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
             .bind(req.date)
             .bind(req.provider.as_deref())
-            .fetch(&mut *htx)
+            .fetch(&mut helper)
             .map_err(RunError::from)
             .try_fold(LedgerPass::default(), |mut acc, row| async move {
                 acc.add(&row)?;
                 Ok(acc)
             })
             .await?;
-        htx.commit().await?;
+        let reversals = sqlx::query(AssertSqlSafe(reversals_sql()))
+            .bind(req.date)
+            .bind(req.provider.as_deref())
+            .fetch_all(&mut helper)
+            .await?;
+        for row in &reversals {
+            pass.add_reversals(row)?;
+        }
+        sqlx::raw_sql("COMMIT").execute(&mut helper).await?;
         let _ = helper.close().await;
-        Ok::<_, RunError>(rows)
+        Ok::<_, RunError>(pass)
     };
     let provider_side = async {
-        if source == Source::Attempts {
-            for setting in plan_settings {
-                sqlx::query(setting).execute(&mut *tx).await?;
-            }
+        let streaming = source == Source::Attempts && day_sql == DaySql::Indexed;
+        if streaming {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "{plan_settings}; SET LOCAL enable_hashagg = off"
+            )))
+            .execute(&mut *tx)
+            .await?;
         }
-        let every: Vec<i32> = (0..BUCKETS).collect();
-        let rows = bind(source.pass_sql(), &params)
-            .bind(every)
+        let rows = bind(source.pass_sql(day_sql), &params)
             .fetch_all(&mut *tx)
             .await?;
-        for setting in [
-            "SET LOCAL enable_seqscan = on",
-            "SET LOCAL enable_bitmapscan = on",
-            "SET LOCAL enable_sort = on",
-            "SET LOCAL enable_hashagg = on",
-            "RESET max_parallel_workers_per_gather",
-        ] {
-            sqlx::query(setting).execute(&mut *tx).await?;
+        if streaming {
+            sqlx::raw_sql(
+                "SET LOCAL enable_seqscan = on; SET LOCAL enable_bitmapscan = on; \
+                 SET LOCAL enable_sort = on; SET LOCAL enable_hashagg = on; \
+                 RESET max_parallel_workers_per_gather",
+            )
+            .execute(&mut *tx)
+            .await?;
         }
         let mut side = vec![(0i64, 0i64); BUCKETS as usize];
         for row in rows {
@@ -817,7 +949,7 @@ async fn run_inner(
         .filter(|&b| {
             let i = b as usize;
             let l = &ledger.buckets[i];
-            req.exhaustive || l.rev > 0 || (l.n, l.fp) != provider_side[i]
+            req.exhaustive || l.rev || (l.n, l.fp) != provider_side[i]
         })
         .collect();
     let mut totals: Vec<Total> = ledger
@@ -833,6 +965,14 @@ async fn run_inner(
             provider_count: p.count,
         })
         .collect();
+    // The (provider, merchant) pairs with refund entries on the day: the drill-down looks
+    // their refund entries up by index, pair by pair.
+    let (pair_providers, pair_merchants): (Vec<String>, Vec<String>) = ledger
+        .pairs
+        .iter()
+        .filter(|p| p.refunds)
+        .map(|p| (p.provider.clone(), p.merchant.clone()))
+        .unzip();
     timings.buckets_ms = ms_since(step);
 
     if let Some(summary) = &statements {
@@ -865,8 +1005,10 @@ async fn run_inner(
     let mut drilled_pairs = 0;
     if !drilled.is_empty() {
         spinner.set_message(format!("drilling into {drilled_buckets} buckets"));
-        bind(refunds_sql(source), &params)
+        bind(refunds_sql(source, day_sql), &params)
             .bind(&drilled)
+            .bind(&pair_providers)
+            .bind(&pair_merchants)
             .execute(&mut *tx)
             .await?;
         sqlx::query("ANALYZE pg_temp.recon_refunds")
@@ -904,22 +1046,21 @@ async fn run_inner(
         // Outside the drilled buckets the provider side is the ledger's refund entries, row
         // for row; inside them it is what the drill-down counted (each payment once). So the
         // provider totals are the ledger's, less its drilled buckets, plus the drill-down's.
-        let corrections = sqlx::query(
-            "SELECT provider, merchant, sum(dn)::bigint AS dn, sum(dt)::bigint AS dt FROM (
-                 SELECT provider, merchant, -count(*) FILTER (WHERE refund_fee > 0) AS dn,
-                        -sum(settlement_refund_fee) AS dt
-                 FROM ledger
-                 WHERE business_date = $1 AND (hashtext(refund_no) & 1023) = ANY ($3::int[])
-                   AND ($2::text IS NULL OR provider = $2)
-                 GROUP BY provider, merchant
+        let corrections = bind(
+            format!(
+                "SELECT provider, merchant, sum(dn)::bigint AS dn, sum(dt)::bigint AS dt FROM (
+                 SELECT * FROM ({LEDGER_DRILLED_TOTALS}) e
+                 WHERE ($4::text IS NULL OR provider = $4)
                  UNION ALL
                  SELECT provider, merchant, provider_n, coalesce(provider_amount, 0)
                  FROM pg_temp.recon_refunds
-             ) x GROUP BY provider, merchant",
+             ) x GROUP BY provider, merchant"
+            ),
+            &params,
         )
-        .bind(req.date)
-        .bind(req.provider.as_deref())
         .bind(&drilled)
+        .bind(&pair_providers)
+        .bind(&pair_merchants)
         .fetch_all(&mut *tx)
         .await?;
         drilled_pairs = corrections.len();

@@ -111,4 +111,22 @@ async fn the_shortcut_and_the_exhaustive_comparison_agree_against_attempts() {
     .unwrap();
     let found = compare(&env, Vec::new()).await;
     assert!(found > 50, "{found}");
+
+    // The attempts of a day in another time zone are found by a range of recorded_at instead
+    // of the index on Shanghai dates; Singapore's days are Shanghai's (UTC+8 all year), so the
+    // answer must be the same.
+    let req = RunRequest::new(date(DAY));
+    let indexed = run(env.pool(), &env.config, &req, &Progress::hidden())
+        .await
+        .unwrap();
+    let mut singapore = env.config.clone();
+    singapore.timezone = "Asia/Singapore".into();
+    let ranged = run(env.pool(), &singapore, &req, &Progress::hidden())
+        .await
+        .unwrap();
+    assert_eq!(
+        discrepancies(env.pool(), indexed.run_id).await,
+        discrepancies(env.pool(), ranged.run_id).await
+    );
+    assert_eq!(indexed.totals, ranged.totals);
 }
