@@ -69,16 +69,18 @@
 //! interleave; the second waits and then supersedes the first) and, holding it, does everything
 //! in one repeatable-read transaction whose snapshot it shares with a second connection:
 //!
-//! 1. **Fingerprints per bucket**, the two sides concurrently, one per connection. A refund's
-//!    bucket is `hashtext(refund_no) & 4095`; a row's fingerprint is a 64-bit hash of
-//!    (provider, merchant, `refund_no`, `settlement_refund_fee`). Each side is one index-only
-//!    scan in group order (migration 0006's indexes hold bucket and fingerprint) feeding a
-//!    sorted aggregate, so nothing is hashed, sorted or computed per row:
-//!    - the ledger reads its refund entries in (provider, merchant, bucket) order and returns,
-//!      per bucket, the number of entries and the `bit_xor` of their fingerprints, and per
-//!      (provider, merchant) their number and total (the per-group rows are summed up in the
-//!      database); the day's reversals, few, are read apart (`ledger_reconcile_reversals`):
-//!      they add to the totals and mark their buckets;
+//! 1. **Fingerprints per bucket**, on both connections at once. A refund's bucket is
+//!    `hashtext(refund_no) & 4095`; a row's fingerprint is a 64-bit hash of (provider,
+//!    merchant, `refund_no`, `settlement_refund_fee`). Every scan is index-only, in group order
+//!    (migration 0006's indexes hold bucket and fingerprint), feeding a sorted aggregate, so
+//!    nothing is hashed, sorted or computed per row:
+//!    - the ledger's refund entries are read one (provider, merchant) at a time (the day's pairs
+//!      come from a skip scan of the index), each giving per bucket the number of entries and
+//!      the `bit_xor` of their fingerprints (as arrays: one row back per pair) and their number
+//!      and total. The second connection starts on the pairs at once, the first joins in when it
+//!      is done with the provider side, so both stay busy to the end. The day's reversals, few,
+//!      are read apart (`ledger_reconcile_reversals`): they add to the totals and mark their
+//!      buckets;
 //!    - the provider side returns per bucket the number of rows (one per payment before
 //!      deduplication) and the `bit_xor` of theirs: attempts in bucket order of the day's
 //!      business date in Asia/Shanghai (in another time zone, a range of `recorded_at` and a
@@ -104,7 +106,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use futures::TryStreamExt;
 use shared::config::Config;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool, Row};
@@ -429,28 +430,58 @@ impl LedgerPass {
             .ok_or_else(|| RunError::Invalid(format!("bucket {bucket} out of range")))
     }
 
-    /// A row of the refund entries' pass: a bucket's (bucket, n, fp), or a (provider,
-    /// merchant)'s (provider, merchant, n, total) with a null bucket.
-    fn add(&mut self, row: &PgRow) -> Result<(), RunError> {
-        let bucket: Option<i32> = row.try_get("bucket")?;
-        let n: i64 = row.try_get("n")?;
-        if bucket.is_some() {
-            let fp: i64 = row.try_get("fp")?;
-            let b = self.bucket(row)?;
-            b.n = n;
-            b.fp = fp;
-            return Ok(());
+    /// The refund entries of one (provider, merchant): per bucket (`buckets`, `n`, `fp`,
+    /// arrays of the same length) and in all (`count`, `total`).
+    fn add_pair(&mut self, provider: &str, merchant: &str, row: &PgRow) -> Result<(), RunError> {
+        let overflow = || RunError::Overflow(format!("ledger of {provider}/{merchant}"));
+        let buckets: Vec<i32> = row.try_get("buckets")?;
+        let ns: Vec<i64> = row.try_get("n")?;
+        let fps: Vec<i64> = row.try_get("fp")?;
+        if ns.len() != buckets.len() || fps.len() != buckets.len() {
+            return Err(RunError::Invalid(
+                "ledger pass: arrays of unequal length".into(),
+            ));
         }
-        let provider: &str = row.try_get("provider")?;
-        let merchant: &str = row.try_get("merchant")?;
-        let total: i64 = row.try_get("total")?;
+        for ((bucket, n), fp) in buckets.into_iter().zip(ns).zip(fps) {
+            let b = usize::try_from(bucket)
+                .ok()
+                .and_then(|b| self.buckets.get_mut(b))
+                .ok_or_else(|| RunError::Invalid(format!("bucket {bucket} out of range")))?;
+            b.n = b.n.checked_add(n).ok_or_else(overflow)?;
+            b.fp ^= fp;
+        }
+        let (count, total): (Option<i64>, Option<i64>) =
+            (row.try_get("count")?, row.try_get("total")?);
         let p = self.pair(provider, merchant);
         p.refunds = true;
-        p.count = n;
+        p.count = p
+            .count
+            .checked_add(count.unwrap_or(0))
+            .ok_or_else(overflow)?;
         p.total = p
             .total
-            .checked_add(total)
-            .ok_or_else(|| RunError::Overflow(format!("ledger of {provider}/{merchant}")))?;
+            .checked_add(total.unwrap_or(0))
+            .ok_or_else(overflow)?;
+        Ok(())
+    }
+
+    /// Adds another part of the pass (other pairs, other reversals).
+    fn merge(&mut self, other: LedgerPass) -> Result<(), RunError> {
+        for (b, o) in self.buckets.iter_mut().zip(other.buckets) {
+            b.n =
+                b.n.checked_add(o.n)
+                    .ok_or_else(|| RunError::Overflow("ledger bucket".into()))?;
+            b.rev |= o.rev;
+            b.fp ^= o.fp;
+        }
+        for o in other.pairs {
+            let p = self.pair(&o.provider, &o.merchant);
+            let overflow =
+                || RunError::Overflow(format!("ledger of {}/{}", o.provider, o.merchant));
+            p.refunds |= o.refunds;
+            p.count = p.count.checked_add(o.count).ok_or_else(overflow)?;
+            p.total = p.total.checked_add(o.total).ok_or_else(overflow)?;
+        }
         Ok(())
     }
 
@@ -519,32 +550,44 @@ const FP_STATEMENT: &str = "hashtextextended(refund_no, settlement_refund_fee \
 const ATTEMPTS_DAY: &str = "(recorded_at AT TIME ZONE 'Asia/Shanghai')::date = $1";
 const ATTEMPTS_DAY_A: &str = "(a.recorded_at AT TIME ZONE 'Asia/Shanghai')::date = $1";
 
-/// Step 1, ledger side: per bucket, the refund entries and the bit_xor of their
-/// fingerprints; per (provider, merchant), the refund entries and their total. An index-only
-/// scan of `ledger_reconcile` in (provider, merchant, bucket) order feeding a sorted aggregate
-/// (nothing is hashed or computed per row), whose groups, one per (provider, merchant, bucket),
-/// are summed up per bucket and per (provider, merchant) in the database, so that only those
-/// rows come back.
+/// Step 1, ledger side, one (provider, merchant) ($2, $3): per bucket, the refund entries
+/// and the bit_xor of their fingerprints, as arrays (one row back), and their number and total.
+/// An index-only scan of `ledger_reconcile` in bucket order feeding a sorted aggregate: nothing
+/// is hashed or computed per row.
 fn ledger_pass_sql() -> String {
     format!(
-        "SELECT provider, merchant, bucket, sum(n)::bigint AS n, sum(total)::bigint AS total,
-                bit_xor(fp) AS fp
+        "SELECT array_agg(bucket) AS buckets, array_agg(n) AS n, array_agg(fp) AS fp,
+                sum(n)::bigint AS count, sum(total)::bigint AS total
          FROM (
-             SELECT provider, merchant, bucket, count(*) AS n,
-                    sum(settlement_refund_fee) AS total, bit_xor(fp) AS fp
+             SELECT bucket, count(*) AS n, sum(settlement_refund_fee) AS total, bit_xor(fp) AS fp
              FROM (
-                 SELECT provider, merchant, {BUCKET} AS bucket, settlement_refund_fee,
-                        {FP_LEDGER} AS fp
+                 SELECT {BUCKET} AS bucket, settlement_refund_fee, {FP_LEDGER} AS fp
                  FROM ledger
-                 WHERE business_date = $1 AND refund_fee > 0
-                   AND ($2::text IS NULL OR provider = $2)
-                 ORDER BY 1, 2, 3 OFFSET 0
+                 WHERE business_date = $1 AND refund_fee > 0 AND provider = $2 AND merchant = $3
+                 ORDER BY 1 OFFSET 0
              ) e
-             GROUP BY 1, 2, 3
-         ) g
-         GROUP BY GROUPING SETS ((provider, merchant), (bucket))"
+             GROUP BY 1
+         ) g"
     )
 }
+
+/// The (provider, merchant) pairs with refund entries on the day, as two arrays: a skip scan
+/// of `ledger_reconcile`, one index descent per pair.
+const LEDGER_PAIRS: &str = "WITH RECURSIVE p AS (
+         (SELECT provider, merchant FROM ledger
+          WHERE business_date = $1 AND refund_fee > 0 AND ($2::text IS NULL OR provider = $2)
+          ORDER BY provider, merchant LIMIT 1)
+         UNION ALL
+         SELECT n.provider, n.merchant FROM p CROSS JOIN LATERAL (
+             SELECT provider, merchant FROM ledger
+             WHERE business_date = $1 AND refund_fee > 0 AND ($2::text IS NULL OR provider = $2)
+               AND (provider, merchant) > (p.provider, p.merchant)
+             ORDER BY provider, merchant LIMIT 1
+         ) n
+     )
+     SELECT coalesce(array_agg(provider), '{}') AS providers,
+            coalesce(array_agg(merchant), '{}') AS merchants
+     FROM p";
 
 /// Step 1, the day's reversals (few; `ledger_reconcile_reversals`): per (provider, merchant)
 /// and bucket, their total.
@@ -857,16 +900,34 @@ async fn run_inner(
         DaySql::Range
     };
     // Index-only scans in index order, so that grouping streams instead of hashing or sorting
-    // a million rows; the plans are fixed rather than left to estimates for expressions. (The
-    // ledger side hashes its few thousand groups, per bucket and per pair, at the end.)
+    // a million rows; the plans are fixed rather than left to estimates for expressions.
     let plan_settings = [
         "SET LOCAL enable_seqscan = off",
         "SET LOCAL enable_bitmapscan = off",
         "SET LOCAL enable_sort = off",
+        "SET LOCAL enable_hashagg = off",
         "SET LOCAL max_parallel_workers_per_gather = 0",
         "SET LOCAL jit = off",
     ]
     .join("; ");
+    // The ledger's (provider, merchant) pairs are shared out as they come between the second
+    // connection and this one (once it is done with the provider side), so that both stay
+    // busy to the end.
+    let pairs = sqlx::query(LEDGER_PAIRS)
+        .bind(req.date)
+        .bind(req.provider.as_deref())
+        .fetch_one(&mut *tx)
+        .await?;
+    let (pair_providers, pair_merchants): (Vec<String>, Vec<String>) =
+        (pairs.try_get("providers")?, pairs.try_get("merchants")?);
+    let next_pair = std::sync::atomic::AtomicUsize::new(0);
+    let take_pair = || {
+        let i = next_pair.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        pair_providers
+            .get(i)
+            .zip(pair_merchants.get(i))
+            .map(|(p, m)| (p.as_str(), m.as_str()))
+    };
     let ledger_side = async {
         let mut helper = helper
             .await
@@ -884,16 +945,7 @@ async fn run_inner(
         )))
         .execute(&mut helper)
         .await?;
-        let mut pass = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
-            .bind(req.date)
-            .bind(req.provider.as_deref())
-            .fetch(&mut helper)
-            .map_err(RunError::from)
-            .try_fold(LedgerPass::default(), |mut acc, row| async move {
-                acc.add(&row)?;
-                Ok(acc)
-            })
-            .await?;
+        let mut pass = LedgerPass::default();
         let reversals = sqlx::query(AssertSqlSafe(reversals_sql()))
             .bind(req.date)
             .bind(req.provider.as_deref())
@@ -902,6 +954,15 @@ async fn run_inner(
         for row in &reversals {
             pass.add_reversals(row)?;
         }
+        while let Some((p, m)) = take_pair() {
+            let row = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
+                .bind(req.date)
+                .bind(p)
+                .bind(m)
+                .fetch_one(&mut helper)
+                .await?;
+            pass.add_pair(p, m, &row)?;
+        }
         sqlx::raw_sql("COMMIT").execute(&mut helper).await?;
         let _ = helper.close().await;
         Ok::<_, RunError>(pass)
@@ -909,24 +970,13 @@ async fn run_inner(
     let provider_side = async {
         let streaming = source == Source::Attempts && day_sql == DaySql::Indexed;
         if streaming {
-            sqlx::raw_sql(AssertSqlSafe(format!(
-                "{plan_settings}; SET LOCAL enable_hashagg = off"
-            )))
-            .execute(&mut *tx)
-            .await?;
+            sqlx::raw_sql(AssertSqlSafe(plan_settings.clone()))
+                .execute(&mut *tx)
+                .await?;
         }
         let rows = bind(source.pass_sql(day_sql), &params)
             .fetch_all(&mut *tx)
             .await?;
-        if streaming {
-            sqlx::raw_sql(
-                "SET LOCAL enable_seqscan = on; SET LOCAL enable_bitmapscan = on; \
-                 SET LOCAL enable_sort = on; SET LOCAL enable_hashagg = on; \
-                 RESET max_parallel_workers_per_gather",
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
         let mut side = vec![(0i64, 0i64); BUCKETS as usize];
         for row in rows {
             let b: i32 = row.try_get("bucket")?;
@@ -934,9 +984,40 @@ async fn run_inner(
                 *slot = (row.try_get("n")?, row.try_get("fp")?);
             }
         }
-        Ok::<_, RunError>(side)
+        // Then the ledger pairs the second connection has not taken yet.
+        let mut pass = LedgerPass::default();
+        if let Some((p, m)) = take_pair() {
+            if !streaming {
+                sqlx::raw_sql(AssertSqlSafe(plan_settings.clone()))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let mut pair = Some((p, m));
+            while let Some((p, m)) = pair {
+                let row = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
+                    .bind(req.date)
+                    .bind(p)
+                    .bind(m)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                pass.add_pair(p, m, &row)?;
+                pair = take_pair();
+            }
+        }
+        sqlx::raw_sql(
+            "SET LOCAL enable_seqscan = on; SET LOCAL enable_bitmapscan = on; \
+             SET LOCAL enable_sort = on; SET LOCAL enable_hashagg = on; \
+             RESET max_parallel_workers_per_gather",
+        )
+        .execute(&mut *tx)
+        .await?;
+        Ok::<_, RunError>((side, pass))
     };
-    let (ledger, provider_side) = futures::try_join!(ledger_side, provider_side)?;
+    let (mut ledger, (provider_side, main_part)) = futures::try_join!(ledger_side, provider_side)?;
+    ledger.merge(main_part)?;
+    ledger
+        .pairs
+        .sort_by(|a, b| (&a.provider, &a.merchant).cmp(&(&b.provider, &b.merchant)));
     timings.totals_ms = ms_since(step);
     let step = Instant::now();
 
