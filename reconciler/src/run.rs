@@ -430,9 +430,11 @@ impl LedgerPass {
             .ok_or_else(|| RunError::Invalid(format!("bucket {bucket} out of range")))
     }
 
-    /// The refund entries of one (provider, merchant): per bucket (`buckets`, `n`, `fp`,
+    /// The refund entries of one (`provider`, `merchant`): per bucket (`buckets`, `n`, `fp`,
     /// arrays of the same length) and in all (`count`, `total`).
-    fn add_pair(&mut self, provider: &str, merchant: &str, row: &PgRow) -> Result<(), RunError> {
+    fn add_pair(&mut self, row: &PgRow) -> Result<(), RunError> {
+        let provider: &str = row.try_get("provider")?;
+        let merchant: &str = row.try_get("merchant")?;
         let overflow = || RunError::Overflow(format!("ledger of {provider}/{merchant}"));
         let buckets: Vec<i32> = row.try_get("buckets")?;
         let ns: Vec<i64> = row.try_get("n")?;
@@ -550,23 +552,31 @@ const FP_STATEMENT: &str = "hashtextextended(refund_no, settlement_refund_fee \
 const ATTEMPTS_DAY: &str = "(recorded_at AT TIME ZONE 'Asia/Shanghai')::date = $1";
 const ATTEMPTS_DAY_A: &str = "(a.recorded_at AT TIME ZONE 'Asia/Shanghai')::date = $1";
 
-/// Step 1, ledger side, one (provider, merchant) ($2, $3): per bucket, the refund entries
-/// and the bit_xor of their fingerprints, as arrays (one row back), and their number and total.
-/// An index-only scan of `ledger_reconcile` in bucket order feeding a sorted aggregate: nothing
-/// is hashed or computed per row.
+/// Step 1, ledger side, for some (provider, merchant) pairs ($2, $3), one row each: per
+/// bucket, the refund entries and the bit_xor of their fingerprints, as arrays, and their number
+/// and total. Per pair an index-only scan of `ledger_reconcile` in bucket order feeding a sorted
+/// aggregate: nothing is hashed or computed per row.
 fn ledger_pass_sql() -> String {
     format!(
-        "SELECT array_agg(bucket) AS buckets, array_agg(n) AS n, array_agg(fp) AS fp,
-                sum(n)::bigint AS count, sum(total)::bigint AS total
-         FROM (
-             SELECT bucket, count(*) AS n, sum(settlement_refund_fee) AS total, bit_xor(fp) AS fp
+        "SELECT pm.provider, pm.merchant, g.*
+         FROM unnest($2::text[], $3::text[]) pm(provider, merchant)
+         CROSS JOIN LATERAL (
+             SELECT coalesce(array_agg(bucket), '{{}}') AS buckets,
+                    coalesce(array_agg(n), '{{}}') AS n, coalesce(array_agg(fp), '{{}}') AS fp,
+                    coalesce(sum(n), 0)::bigint AS count,
+                    coalesce(sum(total), 0)::bigint AS total
              FROM (
-                 SELECT {BUCKET} AS bucket, settlement_refund_fee, {FP_LEDGER} AS fp
-                 FROM ledger
-                 WHERE business_date = $1 AND refund_fee > 0 AND provider = $2 AND merchant = $3
-                 ORDER BY 1 OFFSET 0
-             ) e
-             GROUP BY 1
+                 SELECT bucket, count(*) AS n, sum(settlement_refund_fee) AS total,
+                        bit_xor(fp) AS fp
+                 FROM (
+                     SELECT {BUCKET} AS bucket, settlement_refund_fee, {FP_LEDGER} AS fp
+                     FROM ledger
+                     WHERE business_date = $1 AND refund_fee > 0
+                       AND provider = pm.provider AND merchant = pm.merchant
+                     ORDER BY 1 OFFSET 0
+                 ) e
+                 GROUP BY 1
+             ) b
          ) g"
     )
 }
@@ -920,13 +930,17 @@ async fn run_inner(
         .await?;
     let (pair_providers, pair_merchants): (Vec<String>, Vec<String>) =
         (pairs.try_get("providers")?, pairs.try_get("merchants")?);
+    // Several pairs per query when there are many (small) ones, so that round trips stay few;
+    // one when there are few (large) ones, so that the two connections finish together.
+    let chunk = pair_providers.len().div_ceil(32).max(1);
     let next_pair = std::sync::atomic::AtomicUsize::new(0);
-    let take_pair = || {
-        let i = next_pair.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let take_pairs = || {
+        let i = next_pair.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
+        let end = (i + chunk).min(pair_providers.len());
         pair_providers
-            .get(i)
-            .zip(pair_merchants.get(i))
-            .map(|(p, m)| (p.as_str(), m.as_str()))
+            .get(i..end)
+            .zip(pair_merchants.get(i..end))
+            .filter(|(p, _)| !p.is_empty())
     };
     let ledger_side = async {
         let mut helper = helper
@@ -954,14 +968,16 @@ async fn run_inner(
         for row in &reversals {
             pass.add_reversals(row)?;
         }
-        while let Some((p, m)) = take_pair() {
-            let row = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
+        while let Some((p, m)) = take_pairs() {
+            let rows = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
                 .bind(req.date)
                 .bind(p)
                 .bind(m)
-                .fetch_one(&mut helper)
+                .fetch_all(&mut helper)
                 .await?;
-            pass.add_pair(p, m, &row)?;
+            for row in &rows {
+                pass.add_pair(row)?;
+            }
         }
         sqlx::raw_sql("COMMIT").execute(&mut helper).await?;
         let _ = helper.close().await;
@@ -986,22 +1002,24 @@ async fn run_inner(
         }
         // Then the ledger pairs the second connection has not taken yet.
         let mut pass = LedgerPass::default();
-        if let Some((p, m)) = take_pair() {
+        if let Some(first) = take_pairs() {
             if !streaming {
                 sqlx::raw_sql(AssertSqlSafe(plan_settings.clone()))
                     .execute(&mut *tx)
                     .await?;
             }
-            let mut pair = Some((p, m));
-            while let Some((p, m)) = pair {
-                let row = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
+            let mut pairs = Some(first);
+            while let Some((p, m)) = pairs {
+                let rows = sqlx::query(AssertSqlSafe(ledger_pass_sql()))
                     .bind(req.date)
                     .bind(p)
                     .bind(m)
-                    .fetch_one(&mut *tx)
+                    .fetch_all(&mut *tx)
                     .await?;
-                pass.add_pair(p, m, &row)?;
-                pair = take_pair();
+                for row in &rows {
+                    pass.add_pair(row)?;
+                }
+                pairs = take_pairs();
             }
         }
         sqlx::raw_sql(
