@@ -201,8 +201,8 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            prefetch: 256,
-            concurrency: 128,
+            prefetch: 512,
+            concurrency: 256,
             lease_ms: 30_000,
             lease_margin_ms: 2_000,
             retry: RetryConfig::default(),
