@@ -101,6 +101,25 @@ pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> Result<(),
     Ok(())
 }
 
+/// Deletes the queues and exchanges of `cfg` (tests and benchmarks clean up their own names);
+/// best effort: what does not exist or cannot be deleted is left.
+pub async fn delete_topology(channel: &Channel, cfg: &AmqpConfig) {
+    for q in [&cfg.queue, &cfg.dead_letter_queue] {
+        let _ = channel
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
+    for x in [
+        &cfg.exchange,
+        &cfg.dead_letter_exchange,
+        &cfg.events_exchange,
+    ] {
+        let _ = channel
+            .exchange_delete(x.as_str().into(), Default::default())
+            .await;
+    }
+}
+
 /// Opens a channel in confirm mode.
 pub async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> {
     let ch = conn.create_channel().await?;

@@ -298,7 +298,7 @@ impl RefundRequest {
 
     /// SHA-256 of the canonical form: equal for duplicates, different for conflicts.
     pub fn content_hash(&self) -> [u8; 32] {
-        Sha256::digest(self.canonical_json().as_bytes()).into()
+        content_hash_of(&self.canonical_json())
     }
 
     /// ShengPay's refund account, if the request names one.
@@ -320,6 +320,12 @@ pub fn sniff_refund_no(body: &[u8]) -> Option<String> {
         serde_json::Value::String(s) if check_id("refund_no", &s).is_ok() => Some(s),
         _ => None,
     }
+}
+
+/// The content hash of a request's canonical JSON (what [`RefundRequest::content_hash`]
+/// computes, for a caller that already holds the canonical form).
+pub fn content_hash_of(canonical_json: &str) -> [u8; 32] {
+    Sha256::digest(canonical_json.as_bytes()).into()
 }
 
 #[cfg(test)]

@@ -471,7 +471,8 @@ pub fn workspace_root() -> std::path::PathBuf {
         .unwrap_or_else(|| ".".into())
 }
 
-fn absolutise(path: &std::path::Path) -> std::path::PathBuf {
+/// `path`, relative to the workspace root unless it is absolute.
+pub fn absolutise(path: &std::path::Path) -> std::path::PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -479,14 +480,13 @@ fn absolutise(path: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
-/// Starts the simulator with `config/sim.toml`'s merchants and keys on a free port, with the
-/// given fault rules instead of the file's demo rules.
-pub async fn start_sim(
+/// `config/sim.toml`'s merchants and keys (paths made absolute) with these fault rules in place
+/// of the demo's and this share of coupon refunds.
+pub fn local_sim_config(
     rules: Vec<crate::sim::FaultRule>,
     coupon_rate: f64,
-) -> anyhow::Result<crate::sim::SimHandle> {
+) -> anyhow::Result<crate::sim::SimConfig> {
     let mut c = crate::sim::SimConfig::load(&workspace_root().join("config/sim.toml"))?;
-    c.listen = "127.0.0.1:0".parse()?;
     c.platform_private_key_file = absolutise(&c.platform_private_key_file);
     for m in &mut c.shengpay.merchants {
         m.public_key_file = absolutise(&m.public_key_file);
@@ -496,6 +496,37 @@ pub async fn start_sim(
     }
     c.rules = rules;
     c.coupon_rate = coupon_rate;
+    Ok(c)
+}
+
+/// Points `c`'s merchants at a simulator at `base_url` (keys made absolute); `wupay_url` gives
+/// a WuPay merchant's service URL.
+pub fn point_merchants(
+    c: &mut Config,
+    base_url: &str,
+    wupay_url: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    for m in &mut c.shengpay.merchants {
+        m.base_url = base_url.to_owned();
+        m.private_key_file = absolutise(&m.private_key_file);
+        m.platform_public_key_file = absolutise(&m.platform_public_key_file);
+    }
+    for m in &mut c.wupay.merchants {
+        m.base_url = wupay_url(&m.merchant)
+            .with_context(|| format!("the simulator has no WuPay merchant {}", m.merchant))?;
+        m.rfkey_file = absolutise(&m.rfkey_file);
+    }
+    Ok(())
+}
+
+/// Starts the simulator with `config/sim.toml`'s merchants and keys on a free port, with the
+/// given fault rules instead of the file's demo rules.
+pub async fn start_sim(
+    rules: Vec<crate::sim::FaultRule>,
+    coupon_rate: f64,
+) -> anyhow::Result<crate::sim::SimHandle> {
+    let mut c = local_sim_config(rules, coupon_rate)?;
+    c.listen = "127.0.0.1:0".parse()?;
     Ok(crate::sim::Simulator::start(c).await?)
 }
 
@@ -506,16 +537,6 @@ pub fn with_sim_merchants(base: &Config, sim: &crate::sim::SimHandle) -> anyhow:
     let mut c = base.clone();
     c.shengpay = dev.shengpay;
     c.wupay = dev.wupay;
-    for m in &mut c.shengpay.merchants {
-        m.base_url = sim.base_url();
-        m.private_key_file = absolutise(&m.private_key_file);
-        m.platform_public_key_file = absolutise(&m.platform_public_key_file);
-    }
-    for m in &mut c.wupay.merchants {
-        m.base_url = sim
-            .wupay_url(&m.merchant)
-            .with_context(|| format!("the simulator has no WuPay merchant {}", m.merchant))?;
-        m.rfkey_file = absolutise(&m.rfkey_file);
-    }
+    point_merchants(&mut c, &sim.base_url(), |m| sim.wupay_url(m))?;
     Ok(c)
 }

@@ -153,11 +153,12 @@ async fn claim_batch(
     let mut nos: Vec<String> = claims.iter().map(|(no, _)| no.clone()).collect();
     nos.sort_unstable();
     nos.dedup();
-    metrics::histogram!(crate::metrics::WRITE_BATCH, "kind" => "claim").record(nos.len() as f64);
-    let started = Instant::now();
-    let claimed = jobs::claim(&shared.pool, &nos, shared.lease, &shared.actor).await;
-    metrics::histogram!(crate::metrics::WRITE_SECONDS, "kind" => "claim")
-        .record(started.elapsed().as_secs_f64());
+    let claimed = timed(
+        "claim",
+        nos.len(),
+        jobs::claim(&shared.pool, &nos, shared.lease, &shared.actor),
+    )
+    .await;
     match claimed {
         Ok(claimed) => {
             let mut by_no: HashMap<String, Claimed> = claimed
@@ -187,23 +188,23 @@ async fn record_batch(shared: &Shared, mut batch: Vec<Pending>) {
         .without_max_times()
         .build();
     while !batch.is_empty() {
-        let items: Vec<&OutcomeToRecord> = batch.iter().map(|p| &p.item).collect();
-        metrics::histogram!(crate::metrics::WRITE_BATCH, "kind" => "outcome")
-            .record(items.len() as f64);
-        let started = Instant::now();
-        let recorded = jobs::record_outcomes(&shared.pool, &items, &shared.actor, shared.tz).await;
-        metrics::histogram!(crate::metrics::WRITE_SECONDS, "kind" => "outcome")
-            .record(started.elapsed().as_secs_f64());
+        let recorded = {
+            let items: Vec<&OutcomeToRecord> = batch.iter().map(|p| &p.item).collect();
+            timed(
+                "outcome",
+                items.len(),
+                jobs::record_outcomes(&shared.pool, &items, &shared.actor, shared.tz),
+            )
+            .await
+        };
         match recorded {
             Ok(results) => {
-                drop(items);
                 for (p, r) in batch.into_iter().zip(results) {
                     let _ = p.reply.send(Ok(r));
                 }
                 return;
             }
             Err(e) if e.is_transient() => {
-                drop(items);
                 let now = Instant::now();
                 let (keep, late): (Vec<_>, Vec<_>) =
                     batch.into_iter().partition(|p| now < p.deadline);
@@ -217,8 +218,14 @@ async fn record_batch(shared: &Shared, mut batch: Vec<Pending>) {
                 tracing::warn!(error = %e, jobs = batch.len(), retry_in_ms = wait.as_millis() as u64, "recording outcomes failed; retrying");
                 tokio::time::sleep(wait).await;
             }
-            Err(e) if batch.len() == 1 => {
-                drop(items);
+            Err(e) if batch.len() > 1 => {
+                tracing::warn!(error = %e, jobs = batch.len(), "recording a batch of outcomes failed; recording them one by one");
+                for p in batch {
+                    Box::pin(record_batch(shared, vec![p])).await;
+                }
+                return;
+            }
+            Err(e) => {
                 for p in batch {
                     let _ = p
                         .reply
@@ -226,14 +233,16 @@ async fn record_batch(shared: &Shared, mut batch: Vec<Pending>) {
                 }
                 return;
             }
-            Err(e) => {
-                drop(items);
-                tracing::warn!(error = %e, jobs = batch.len(), "recording a batch of outcomes failed; recording them one by one");
-                for p in batch {
-                    Box::pin(record_batch(shared, vec![p])).await;
-                }
-                return;
-            }
         }
     }
+}
+
+/// Runs one writer statement for `jobs` jobs, recording the batch size and how long it took.
+async fn timed<T>(kind: &'static str, jobs: usize, statement: impl Future<Output = T>) -> T {
+    metrics::histogram!(crate::metrics::WRITE_BATCH, "kind" => kind).record(jobs as f64);
+    let started = Instant::now();
+    let out = statement.await;
+    metrics::histogram!(crate::metrics::WRITE_SECONDS, "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    out
 }

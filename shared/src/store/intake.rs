@@ -11,7 +11,9 @@ use sqlx::{PgConnection, Row};
 
 use super::StoreError;
 use crate::events::{EventKind, OutcomeEvent, format_time};
-use crate::job::{ProviderKind, RefundRequest, Rejection, parse_request, sniff_refund_no};
+use crate::job::{
+    ProviderKind, RefundRequest, Rejection, content_hash_of, parse_request, sniff_refund_no,
+};
 use crate::state::State;
 
 /// A message as it came off the broker.
@@ -199,7 +201,7 @@ async fn insert_new_jobs(
     let mut hash = Vec::with_capacity(n);
     for (_, r) in fast {
         let json = r.canonical_json();
-        hash.push(Sha256::digest(json.as_bytes()).to_vec());
+        hash.push(content_hash_of(&json).to_vec());
         request.push(json);
         refund_no.push(r.refund_no.as_str());
         order_no.push(r.order_no.as_str());

@@ -137,20 +137,7 @@ pub async fn amqp(
         .context("the AMQP ceiling did not finish within 600 s")???;
     let cpu1 = procs::sample(&watch);
     let _ = con_conn.close(200, "done".into()).await;
-    for q in [&amqp.queue, &amqp.dead_letter_queue] {
-        let _ = pub_ch
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
-    for x in [
-        &amqp.exchange,
-        &amqp.dead_letter_exchange,
-        &amqp.events_exchange,
-    ] {
-        let _ = pub_ch
-            .exchange_delete(x.as_str().into(), Default::default())
-            .await;
-    }
+    shared::broker::delete_topology(&pub_ch, &amqp).await;
     let _ = pub_conn.close(200, "done".into()).await;
     let seconds = done.duration_since(t0).as_secs_f64();
     let cpu = procs::delta(&cpu0, &cpu1);

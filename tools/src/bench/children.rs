@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use shared::config::Config;
 
-use crate::sim::{FaultRule, SimConfig};
-use crate::testkit::workspace_root;
+use crate::sim::FaultRule;
+use crate::testkit::{local_sim_config, point_merchants};
 
 /// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
 pub fn free_port() -> anyhow::Result<u16> {
@@ -115,14 +115,6 @@ pub fn bin(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn absolutise(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        workspace_root().join(p)
-    }
-}
-
 /// A running simulator child.
 pub struct Sim {
     pub proc: Proc,
@@ -135,18 +127,9 @@ pub struct Sim {
 /// Starts `refund-sim` with `config/sim.toml`'s merchants and keys, the given rules (the demo
 /// rules are dropped), no coupons and no string amounts, on a free port; waits until it answers.
 pub async fn start_sim(bin_dir: &Path, rules: Vec<FaultRule>) -> anyhow::Result<Sim> {
-    let mut c = SimConfig::load(&workspace_root().join("config/sim.toml"))?;
+    let mut c = local_sim_config(rules, 0.0)?;
     let port = free_port()?;
     c.listen = format!("127.0.0.1:{port}").parse()?;
-    c.platform_private_key_file = absolutise(&c.platform_private_key_file);
-    for m in &mut c.shengpay.merchants {
-        m.public_key_file = absolutise(&m.public_key_file);
-    }
-    for m in &mut c.wupay.merchants {
-        m.rfkey_file = absolutise(&m.rfkey_file);
-    }
-    c.rules = rules;
-    c.coupon_rate = 0.0;
     c.string_amounts_rate = 0.0;
     c.latency_ms = 0;
     // The bench's backlog is larger than the default call log; keep the log small, nothing
@@ -199,19 +182,11 @@ pub async fn start_sim(bin_dir: &Path, rules: Vec<FaultRule>) -> anyhow::Result<
 /// port and no migrations at start (scenario databases are cloned from the migrated template).
 pub fn point_at_sim(base: &Config, sim: &Sim) -> anyhow::Result<Config> {
     let mut c = base.clone();
-    for m in &mut c.shengpay.merchants {
-        m.base_url = sim.base_url.clone();
-        m.private_key_file = absolutise(&m.private_key_file);
-        m.platform_public_key_file = absolutise(&m.platform_public_key_file);
-    }
-    for m in &mut c.wupay.merchants {
-        let path = sim
-            .wupay_paths
-            .get(&m.merchant)
-            .with_context(|| format!("the simulator has no WuPay merchant {}", m.merchant))?;
-        m.base_url = format!("{}{path}", sim.base_url);
-        m.rfkey_file = absolutise(&m.rfkey_file);
-    }
+    point_merchants(&mut c, &sim.base_url, |m| {
+        sim.wupay_paths
+            .get(m)
+            .map(|path| format!("{}{path}", sim.base_url))
+    })?;
     c.worker.metrics_addr = format!("127.0.0.1:{}", free_port()?);
     c.database.migrate_on_start = false;
     Ok(c)

@@ -268,18 +268,7 @@ pub async fn run(env: &Env, spec: &Spec, rep: usize) -> anyhow::Result<Vec<Phase
     sim.proc.stop(Duration::from_secs(10)).await;
     if let Ok(conn) = shared::broker::connect(&env.amqp_url, "refund-bench-cleanup").await {
         if let Ok(ch) = conn.create_channel().await {
-            for q in [&amqp.queue, &amqp.dead_letter_queue] {
-                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-            }
-            for x in [
-                &amqp.exchange,
-                &amqp.dead_letter_exchange,
-                &amqp.events_exchange,
-            ] {
-                let _ = ch
-                    .exchange_delete(x.as_str().into(), Default::default())
-                    .await;
-            }
+            shared::broker::delete_topology(&ch, &amqp).await;
         }
         let _ = conn.close(200, "done".into()).await;
     }
