@@ -287,7 +287,7 @@ async fn batch_of_refunds(pool: &PgPool, batch: &[&Msg], tz: chrono_tz::Tz) -> a
 pub enum PgVariant {
     /// TCP, as the worker connects.
     Tcp,
-    /// The Unix socket: no TCP, so no Nagle (sqlx 0.9.0 does not set TCP_NODELAY).
+    /// The Unix socket: no TCP, so no Nagle (released sqlx 0.9.0 leaves it on; ours is patched).
     UnixSocket,
     /// TCP with `plan_cache_mode=force_generic_plan`: the store's CTE statements are planned
     /// once per connection instead of on every execution.
