@@ -16,6 +16,12 @@ use crate::app::Ctx;
 
 const BATCH: i64 = 200;
 
+/// After a partial batch, how long events may gather before the next one. Without it, at any
+/// load short of the maximum the relay turns every few events into a transaction and a round of
+/// confirms of its own; events are not on the refund's path (its state is final at the
+/// outcome's commit), so a few milliseconds more for them buy that work back.
+const LINGER: Duration = Duration::from_millis(20);
+
 /// Relays until `stop` is cancelled (then one last drain).
 pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
     let mut backoff = crate::consumer::reconnect_backoff();
@@ -41,7 +47,14 @@ async fn relay(ctx: &Arc<Ctx>, stop: &CancellationToken) -> anyhow::Result<()> {
     let poll = Duration::from_millis(ctx.config.worker.outbox_poll_ms);
     loop {
         let published = publish_batch(ctx, &channel).await?;
+        if published as i64 >= BATCH {
+            continue;
+        }
         if published > 0 {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(LINGER) => {}
+            }
             continue;
         }
         if stop.is_cancelled() {
