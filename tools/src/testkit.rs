@@ -338,6 +338,66 @@ where
     }
 }
 
+/// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A minimal HTTP/1.1 GET; the body.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await??;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `http://{addr}/readyz` until it answers 200 (`ready`) or 503 (not `ready`).
+pub async fn wait_ready(addr: &str, ready: bool, within: Duration) -> anyhow::Result<()> {
+    let want = if ready { 200 } else { 503 };
+    let deadline = Instant::now() + within;
+    loop {
+        let status = http_get(addr, "/readyz").await.map(|(s, _)| s).unwrap_or(0);
+        if status == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("http://{addr}/readyz stayed {status} (not {want}) for {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes a config as TOML to a temporary file (named `{prefix}….toml`) for a child process;
+/// dropping the file deletes it.
+pub fn toml_file<T: serde::Serialize>(
+    prefix: &str,
+    config: &T,
+) -> anyhow::Result<tempfile::NamedTempFile> {
+    let mut f = tempfile::Builder::new()
+        .prefix(prefix)
+        .suffix(".toml")
+        .tempfile()?;
+    std::io::Write::write_all(&mut f, toml::to_string(config)?.as_bytes())?;
+    Ok(f)
+}
+
 /// A valid v1 request body for tests.
 pub fn request_json(
     refund_no: &str,

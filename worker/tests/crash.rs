@@ -14,21 +14,49 @@ use shared::store::ops;
 use tools::sim::FaultRule;
 use tools::testkit::{self, request_json};
 
-/// Writes the config for the binary and returns its file (kept alive by the caller).
-fn config_file(config: &Config) -> anyhow::Result<tempfile::NamedTempFile> {
-    let mut f = tempfile::Builder::new().suffix(".toml").tempfile()?;
-    std::io::Write::write_all(&mut f, toml::to_string(config)?.as_bytes())?;
-    Ok(f)
-}
-
-fn start_worker(config: &std::path::Path) -> anyhow::Result<Child> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_refund-worker"))
+/// Starts the real binary on `config` (written to `file`) and waits until `/readyz` says ready:
+/// a signal sent before its handler is installed would kill it, proving nothing.
+async fn start_worker(config: &Config, file: &std::path::Path) -> anyhow::Result<Child> {
+    let worker = Command::new(env!("CARGO_BIN_EXE_refund-worker"))
         .arg("--config")
-        .arg(config)
+        .arg(file)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
-        .spawn()?)
+        .spawn()?;
+    testkit::wait_ready(&config.worker.metrics_addr, true, Duration::from_secs(30)).await?;
+    Ok(worker)
+}
+
+/// The test config with the worker's `/readyz` on a port of its own.
+async fn worker_config(sim: &tools::sim::SimHandle) -> anyhow::Result<(Config, testkit::TestDb)> {
+    let (mut base, db) = testkit::test_config().await?;
+    base.worker.metrics_addr = format!("127.0.0.1:{}", testkit::free_port()?);
+    Ok((testkit::with_sim_merchants(&base, sim)?, db))
+}
+
+/// Sends SIGTERM to the worker and waits for it to exit; its exit status.
+async fn sigterm(worker: Child) -> anyhow::Result<std::process::ExitStatus> {
+    kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM)?;
+    Ok(
+        tokio::task::spawn_blocking(move || worker.wait_with_output())
+            .await??
+            .status,
+    )
+}
+
+/// Whether all `n` jobs have succeeded and the request queue is empty.
+async fn all_succeeded_and_drained(
+    pool: &sqlx::PgPool,
+    config: &Config,
+    n: i64,
+) -> anyhow::Result<bool> {
+    let succeeded = ops::counts_by_state(pool)
+        .await?
+        .get(&State::Succeeded)
+        .copied()
+        == Some(n);
+    Ok(succeeded && testkit::queue_depth(config, &config.amqp.queue).await? == 0)
 }
 
 fn bodies() -> Vec<Vec<u8>> {
@@ -76,12 +104,11 @@ async fn kill_9_during_intake_then_restart_loses_nothing_and_pays_nothing_twice(
 -> anyhow::Result<()> {
     // A little provider latency keeps jobs in flight when the kill lands.
     let sim = testkit::start_sim(vec![FaultRule::latency(20)], 0.2).await?;
-    let (mut base, db) = testkit::test_config().await?;
-    base.worker.concurrency = 16;
-    base.worker.lease_ms = 3_000;
-    let config = testkit::with_sim_merchants(&base, &sim)?;
-    let file = config_file(&config)?;
-    let mut worker = start_worker(file.path())?;
+    let (mut config, db) = worker_config(&sim).await?;
+    config.worker.concurrency = 16;
+    config.worker.lease_ms = 3_000;
+    let file = testkit::toml_file("refund-worker-", &config)?;
+    let mut worker = start_worker(&config, file.path()).await?;
     testkit::publish_requests(&config, &bodies()).await?;
     // Kill while it is taking the batch in: some jobs recorded, most not yet.
     let pool = db.pool.clone();
@@ -102,7 +129,7 @@ async fn kill_9_during_intake_then_restart_loses_nothing_and_pays_nothing_twice(
         "the kill landed after intake finished ({taken} jobs); the test proves nothing"
     );
 
-    let mut worker = start_worker(file.path())?;
+    let worker = start_worker(&config, file.path()).await?;
     let pool = db.pool.clone();
     testkit::wait_until(
         Duration::from_secs(120),
@@ -111,20 +138,14 @@ async fn kill_9_during_intake_then_restart_loses_nothing_and_pays_nothing_twice(
             let pool = pool.clone();
             let config = config.clone();
             async move {
-                let done = ops::counts_by_state(&pool)
-                    .await?
-                    .get(&State::Succeeded)
-                    .copied()
-                    == Some(1000)
-                    && ops::count_rejected(&pool, "rejected").await? == 50
-                    && ops::count_rejected(&pool, "conflict").await? == 100;
-                Ok(done && testkit::queue_depth(&config, &config.amqp.queue).await? == 0)
+                Ok(ops::count_rejected(&pool, "rejected").await? == 50
+                    && ops::count_rejected(&pool, "conflict").await? == 100
+                    && all_succeeded_and_drained(&pool, &config, 1000).await?)
             }
         },
     )
     .await?;
-    kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM)?;
-    let status = worker.wait()?;
+    let status = sigterm(worker).await?;
     assert!(status.success(), "SIGTERM exit: {status}");
 
     assert_eq!(
@@ -161,13 +182,12 @@ async fn kill_9_during_intake_then_restart_loses_nothing_and_pays_nothing_twice(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_consuming_finishes_in_flight_refunds_and_exits_cleanly() -> anyhow::Result<()>
-{
+async fn sigterm_stops_consuming_finishes_in_flight_refunds_exits_cleanly_and_a_restart_pays_the_rest_once()
+-> anyhow::Result<()> {
     let sim = testkit::start_sim(vec![FaultRule::latency(300)], 0.0).await?;
-    let (base, db) = testkit::test_config().await?;
-    let config = testkit::with_sim_merchants(&base, &sim)?;
-    let file = config_file(&config)?;
-    let worker = start_worker(file.path())?;
+    let (config, db) = worker_config(&sim).await?;
+    let file = testkit::toml_file("refund-worker-", &config)?;
+    let worker = start_worker(&config, file.path()).await?;
     let bodies: Vec<Vec<u8>> = (0..300)
         .map(|i| {
             serde_json::to_vec(&request_json(
@@ -195,9 +215,8 @@ async fn sigterm_stops_consuming_finishes_in_flight_refunds_and_exits_cleanly() 
         }
     })
     .await?;
-    kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM)?;
-    let output = tokio::task::spawn_blocking(move || worker.wait_with_output()).await??;
-    assert!(output.status.success(), "exit status {}", output.status);
+    let status = sigterm(worker).await?;
+    assert!(status.success(), "exit status {status}");
     // Nothing was left half-done: no job in flight, and every job that was claimed finished.
     let counts = ops::counts_by_state(&db.pool).await?;
     assert_eq!(counts.get(&State::InFlight), None, "{counts:?}");
@@ -209,10 +228,32 @@ async fn sigterm_stops_consuming_finishes_in_flight_refunds_and_exits_cleanly() 
         300,
         "recorded {recorded} + queued {queued}"
     );
-    assert_eq!(
-        sim.paid().len() as i64,
-        counts.get(&State::Succeeded).copied().unwrap_or(0)
+    // A call the provider answered too late for its timeout is parked for a retry, not lost;
+    // one whose retry wait the shutdown cut short stays `retry_wait`. Nothing else is paid.
+    let at = |s: State| counts.get(&s).copied().unwrap_or(0);
+    assert!(
+        sim.paid().len() as i64 <= at(State::Succeeded) + at(State::RetryWait),
+        "paid {} but succeeded {} + retry_wait {}",
+        sim.paid().len(),
+        at(State::Succeeded),
+        at(State::RetryWait)
     );
+    // The next worker finishes everything: each refund paid once and booked once.
+    let worker = start_worker(&config, file.path()).await?;
+    testkit::wait_until(
+        Duration::from_secs(60),
+        "every refund to succeed after the restart",
+        || {
+            let pool = pool.clone();
+            let config = config.clone();
+            async move { all_succeeded_and_drained(&pool, &config, 300).await }
+        },
+    )
+    .await?;
+    let status = sigterm(worker).await?;
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(sim.paid().len(), 300, "each refund paid exactly once");
+    assert_eq!(ops::ledger(&db.pool).await?.len(), 300);
     sim.shutdown().await;
     Ok(())
 }

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use shared::config::Config;
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
@@ -129,12 +128,6 @@ struct Tally {
     unknown: usize,
     problems: Vec<String>,
     seconds: f64,
-}
-
-fn write_config(config: &Config) -> anyhow::Result<tempfile::NamedTempFile> {
-    let mut f = tempfile::Builder::new().suffix(".toml").tempfile()?;
-    std::io::Write::write_all(&mut f, toml::to_string(config)?.as_bytes())?;
-    Ok(f)
 }
 
 /// Each published refund: its provider and whether a decline was planted for it.
@@ -290,7 +283,7 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     let started = Instant::now();
     let sim = testkit::start_sim(s.rules.clone(), 0.2).await?;
     let (mut base, db) = testkit::test_config().await?;
-    base.worker.metrics_addr = free_addr()?;
+    base.worker.metrics_addr = format!("127.0.0.1:{}", testkit::free_port()?);
     // Servers of the scenario's own, and proxies, where the injury needs them.
     let rabbit = match s.injury {
         Injury::RestartRabbit => Some(PrivateRabbit::start().await?),
@@ -351,7 +344,7 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
         }
         _ => None,
     };
-    let file = write_config(&config)?;
+    let file = testkit::toml_file("refund-worker-", &config)?;
     let (bodies, meta) = workload(s.jobs);
     let mut worker = match &s.injury {
         Injury::Crash(fp) => Some(Worker::start(file.path(), Some(fp))?),
@@ -401,12 +394,12 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
             wait_some_done(&pool, 20).await?;
             let r = rabbit.as_ref().expect("private RabbitMQ");
             r.stop().await?;
-            wait_ready(&addr, false, Duration::from_secs(30))
+            testkit::wait_ready(&addr, false, Duration::from_secs(30))
                 .await
                 .map_err(|e| anyhow::anyhow!("readiness with RabbitMQ stopped: {e}"))?;
             tokio::time::sleep(Duration::from_secs(1)).await;
             r.start_again().await?;
-            wait_ready(&addr, true, Duration::from_secs(60))
+            testkit::wait_ready(&addr, true, Duration::from_secs(60))
                 .await
                 .map_err(|e| anyhow::anyhow!("readiness with RabbitMQ back: {e}"))?;
         }
@@ -458,11 +451,6 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
 }
 
 /// A free local address for the worker's health endpoint.
-fn free_addr() -> anyhow::Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
-}
-
 /// Waits until at least `n` jobs are final or dead: the injury lands mid-run.
 async fn wait_some_done(pool: &sqlx::PgPool, n: i64) -> anyhow::Result<()> {
     let pool = pool.clone();
@@ -478,28 +466,6 @@ async fn wait_some_done(pool: &sqlx::PgPool, n: i64) -> anyhow::Result<()> {
         }
     })
     .await
-}
-
-/// Polls `/readyz` until it says `ready` (200) or not (503).
-async fn wait_ready(addr: &str, ready: bool, within: Duration) -> anyhow::Result<()> {
-    let url = format!("http://{addr}/readyz");
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + within;
-    loop {
-        let status = client
-            .get(&url)
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0);
-        if (ready && status == 200) || (!ready && status == 503) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("/readyz stayed {status} for {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn scenarios() -> Vec<Scenario> {

@@ -24,8 +24,7 @@ async fn a_full_run_logs_no_private_key_rfkey_or_signature() -> anyhow::Result<(
     let sim = testkit::start_sim(rules, 0.3).await?;
     let (base, db) = testkit::test_config().await?;
     let config = testkit::with_sim_merchants(&base, &sim)?;
-    let mut file = tempfile::Builder::new().suffix(".toml").tempfile()?;
-    std::io::Write::write_all(&mut file, toml::to_string(&config)?.as_bytes())?;
+    let file = testkit::toml_file("refund-worker-", &config)?;
     let log = tempfile::NamedTempFile::new()?;
     let mut worker = Command::new(env!("CARGO_BIN_EXE_refund-worker"))
         .arg("--config")

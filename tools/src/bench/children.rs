@@ -11,37 +11,7 @@ use anyhow::{Context, bail};
 use shared::config::Config;
 
 use crate::sim::FaultRule;
-use crate::testkit::{local_sim_config, point_merchants};
-
-/// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
-pub fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
-/// A minimal HTTP/1.1 GET; the body.
-pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await??;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+use crate::testkit::{free_port, http_get, local_sim_config, point_merchants, toml_file};
 
 /// A child process stopped with SIGTERM (then SIGKILL) when dropped.
 pub struct Proc {
@@ -141,11 +111,7 @@ pub async fn start_sim(bin_dir: &Path, rules: Vec<FaultRule>) -> anyhow::Result<
         .iter()
         .map(|m| (m.merchant.clone(), m.path.clone()))
         .collect();
-    let mut file = tempfile::Builder::new()
-        .prefix("refund-bench-sim-")
-        .suffix(".toml")
-        .tempfile()?;
-    std::io::Write::write_all(&mut file, toml::to_string(&c)?.as_bytes())?;
+    let file = toml_file("refund-bench-sim-", &c)?;
     let child = Command::new(bin(bin_dir, "refund-sim")?)
         .arg("--config")
         .arg(file.path())
@@ -207,11 +173,7 @@ pub async fn start_worker(
     log_level: &str,
     log: &Path,
 ) -> anyhow::Result<Worker> {
-    let mut file = tempfile::Builder::new()
-        .prefix("refund-bench-worker-")
-        .suffix(".toml")
-        .tempfile()?;
-    std::io::Write::write_all(&mut file, toml::to_string(config)?.as_bytes())?;
+    let file = toml_file("refund-bench-worker-", config)?;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

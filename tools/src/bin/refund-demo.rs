@@ -19,7 +19,7 @@ use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
 use sqlx::{AssertSqlSafe, Connection};
-use tools::testkit::request_json;
+use tools::testkit::{http_get, request_json, wait_ready};
 
 /// Runs the refund processor end to end against the simulator and prints what happened.
 #[derive(Parser)]
@@ -324,7 +324,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         worker_log.display(),
         config.worker.metrics_addr
     );
-    wait_ready(&config.worker.metrics_addr).await?;
+    wait_ready(&config.worker.metrics_addr, true, Duration::from_secs(30))
+        .await
+        .context("the worker did not become ready (see its log)")?;
 
     // 3. The batch.
     let batch = batch();
@@ -385,8 +387,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     // 5. What an SRE sees.
-    let metrics = http_get(&config.worker.metrics_addr, "/metrics").await?;
-    let ready = http_get(&config.worker.metrics_addr, "/readyz").await?;
+    let (_, metrics) = http_get(&config.worker.metrics_addr, "/metrics").await?;
+    let (_, ready) = http_get(&config.worker.metrics_addr, "/readyz").await?;
 
     // 6. Reconciliation against the simulator's statement for today.
     let tz = config.tz()?;
@@ -539,37 +541,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "\nDone. The demo database `{DEMO_DB}` is kept for a look: psql -h 127.0.0.1 -U postgres {DEMO_DB}"
     );
     Ok(())
-}
-
-async fn wait_ready(addr: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(body) = http_get(addr, "/readyz").await
-            && body.contains("\"broker\":true")
-            && body.contains("\"database\":true")
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the worker did not become ready within 30 s (see its log)");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A minimal HTTP/1.1 GET (the demo has no HTTP client of its own).
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    Ok(text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or(text))
 }
