@@ -181,6 +181,13 @@ pub struct WorkerConfig {
     pub metrics_addr: String,
     /// How often the sweeper looks for expired leases, due retries and orphaned jobs.
     pub sweep_interval_ms: u64,
+    /// Each sweep looks at the jobs created this recently, by index; older ones wait for a
+    /// full sweep. Longer than `lease_ms` and `orphan_after_ms`, so that recovering from a
+    /// crash never waits for one.
+    pub sweep_recent_ms: u64,
+    /// How often a sweep reads every job, sequentially (the table's whole history): for jobs
+    /// older than `sweep_recent_ms` still open (long retries, replays of old jobs).
+    pub full_sweep_interval_ms: u64,
     /// A `received` job older than this with no worker on it is taken by the sweeper (its
     /// worker died between intake and claim).
     pub orphan_after_ms: u64,
@@ -208,6 +215,8 @@ impl Default for WorkerConfig {
             retry: RetryConfig::default(),
             metrics_addr: "127.0.0.1:9464".into(),
             sweep_interval_ms: 1_000,
+            sweep_recent_ms: 3_600_000,
+            full_sweep_interval_ms: 60_000,
             orphan_after_ms: 10_000,
             stuck_after_ms: 15 * 60_000,
             shutdown_grace_ms: 20_000,
@@ -515,6 +524,22 @@ impl Config {
                 ),
             ));
         }
+        if w.sweep_recent_ms <= w.lease_ms.max(w.orphan_after_ms) {
+            return Err(ConfigError::invalid(
+                "worker.sweep_recent_ms",
+                format!(
+                    "must be longer than worker.lease_ms and worker.orphan_after_ms ({} ms), so \
+                     that expired leases and orphaned jobs are found by every sweep",
+                    w.lease_ms.max(w.orphan_after_ms)
+                ),
+            ));
+        }
+        if w.full_sweep_interval_ms < w.sweep_interval_ms {
+            return Err(ConfigError::invalid(
+                "worker.full_sweep_interval_ms",
+                "must be at least worker.sweep_interval_ms",
+            ));
+        }
         if w.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::invalid(
                 "worker.metrics_addr",
@@ -660,6 +685,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("wupay.merchants[0].base_url"), "{e}");
+        let e = Config::from_toml("[worker]\nsweep_recent_ms = 20000\n").unwrap_err();
+        assert!(e.to_string().contains("worker.sweep_recent_ms"), "{e}");
+        let e = Config::from_toml("[worker]\nfull_sweep_interval_ms = 10\n").unwrap_err();
+        assert!(
+            e.to_string().contains("worker.full_sweep_interval_ms"),
+            "{e}"
+        );
     }
 
     #[test]

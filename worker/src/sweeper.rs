@@ -5,32 +5,88 @@
 //! jobs in free executor slots, and publishes the oldest open job's age, warning past
 //! `worker.stuck_after_ms`. Any number of workers may sweep at once: every write is a
 //! conditional transition, so two sweepers never both take the same job.
+//!
+//! A round looks at the jobs created within `worker.sweep_recent_ms`, by index, so that its
+//! cost follows the recent load rather than the table's whole history; at most every
+//! `worker.full_sweep_interval_ms` (and first of all) a round reads every job, for the few
+//! that stay open longer (long retry schedules, replays of old jobs).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use shared::job::ProviderKind;
+use shared::store::sweep::{self, Scope};
 
 use crate::app::Ctx;
 
 /// Sweeps until shutdown.
 pub async fn run(ctx: Arc<Ctx>) {
     let every = Duration::from_millis(ctx.config.worker.sweep_interval_ms);
+    let mut sweeper = Sweeper::default();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Err(e) = sweep_once(&ctx).await {
+        if let Err(e) = sweeper.sweep_once(&ctx).await {
             tracing::warn!(error = %e, "sweep failed; trying again next round");
         }
     }
 }
 
-/// One sweep round.
-pub async fn sweep_once(ctx: &Arc<Ctx>) -> Result<(), shared::store::StoreError> {
+/// What a sweeper remembers between rounds.
+#[derive(Debug, Default)]
+pub struct Sweeper {
+    /// When the last full round finished.
+    last_full: Option<Instant>,
+    /// The oldest open job the last full round found, when it was older than a round's window:
+    /// bounded rounds cannot see it, so the age they publish counts it until the next full
+    /// round.
+    old_open: Option<DateTime<Utc>>,
+}
+
+impl Sweeper {
+    /// One sweep round: a full one when due, else the recent jobs only.
+    pub async fn sweep_once(&mut self, ctx: &Arc<Ctx>) -> Result<(), shared::store::StoreError> {
+        let w = &ctx.config.worker;
+        let full_every = Duration::from_millis(w.full_sweep_interval_ms);
+        let full = self.last_full.is_none_or(|t| t.elapsed() >= full_every);
+        let window_start = Utc::now()
+            - chrono::Duration::milliseconds(i64::try_from(w.sweep_recent_ms).unwrap_or(i64::MAX));
+        let scope = if full {
+            Scope::All
+        } else {
+            Scope::CreatedSince(window_start)
+        };
+        let oldest = sweep_scope(ctx, scope).await?;
+        if full {
+            self.last_full = Some(Instant::now());
+            self.old_open = oldest.filter(|t| *t < window_start);
+        }
+        let oldest = match (oldest, self.old_open) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let age = oldest.map_or(0.0, |t| (Utc::now() - t).as_seconds_f64().max(0.0));
+        metrics::gauge!(crate::metrics::OLDEST_OPEN_AGE).set(age);
+        if age * 1000.0 > w.stuck_after_ms as f64 {
+            tracing::warn!(
+                oldest_open_age_s = age,
+                "a job has been open longer than worker.stuck_after_ms"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Sweeps the jobs in `scope`; when the oldest open one among them was created.
+async fn sweep_scope(
+    ctx: &Arc<Ctx>,
+    scope: Scope,
+) -> Result<Option<DateTime<Utc>>, shared::store::StoreError> {
     let store = &ctx.pool;
-    for e in shared::store::sweep::expired_leases(store, 500).await? {
+    for e in sweep::expired_leases(store, scope, 500).await? {
         let idempotent = e
             .provider
             .parse::<ProviderKind>()
@@ -58,20 +114,12 @@ pub async fn sweep_once(ctx: &Arc<Ctx>) -> Result<(), shared::store::StoreError>
     let free = ctx.slots.available_permits();
     if free > 0 && !ctx.shutdown.is_cancelled() {
         let orphan_after = Duration::from_millis(ctx.config.worker.orphan_after_ms);
-        for refund_no in shared::store::sweep::due(store, orphan_after, free as i64).await? {
+        for refund_no in sweep::due(store, scope, orphan_after, free as i64).await? {
             let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
                 break;
             };
             crate::executor::spawn(ctx, refund_no, permit);
         }
     }
-    let age = shared::store::sweep::oldest_open_age_secs(store).await?;
-    metrics::gauge!(crate::metrics::OLDEST_OPEN_AGE).set(age);
-    if age * 1000.0 > ctx.config.worker.stuck_after_ms as f64 {
-        tracing::warn!(
-            oldest_open_age_s = age,
-            "a job has been open longer than worker.stuck_after_ms"
-        );
-    }
-    Ok(())
+    sweep::oldest_open(store, scope).await
 }

@@ -2,15 +2,39 @@
 //!
 //! Postgres is the source of truth, so the sweeper never trusts that a message will come: it
 //! finds leases that ran out (a worker died or stalled mid-call), retries that are due, and
-//! `received` jobs nobody claimed (a worker died between intake and claim). These scans read
-//! `jobs` without an index on its state on purpose: an index on columns that change at every
-//! transition would cost every transition its HOT update (see docs/design-notes.md).
+//! `received` jobs nobody claimed (a worker died between intake and claim). There is no index on
+//! a job's state on purpose: an index on columns that change at every transition would cost
+//! every transition its HOT update (see docs/design-notes.md). So each query takes a [`Scope`]:
+//! the jobs created since a moment, read through `jobs_created_at` (the table's history is
+//! not read), or all of them, read sequentially. The sweeper uses the first every round and the
+//! second now and then. Each is planned with its own bound (not kept prepared), so a bounded
+//! sweep is never given a plan made for the whole table.
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
 use super::StoreError;
+
+/// Which jobs a sweep looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Jobs created at or after this moment, found by `jobs_created_at`.
+    CreatedSince(DateTime<Utc>),
+    /// Every job: a sequential read of the table.
+    All,
+}
+
+impl Scope {
+    /// The bound the queries take (`NULL` for all).
+    fn since(self) -> Option<DateTime<Utc>> {
+        match self {
+            Scope::CreatedSince(t) => Some(t),
+            Scope::All => None,
+        }
+    }
+}
 
 /// A job whose lease ran out.
 #[derive(Debug, Clone)]
@@ -21,14 +45,21 @@ pub struct Expired {
     pub merchant: String,
 }
 
-/// In-flight jobs whose lease has ended, at most `limit`.
-pub async fn expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<Expired>, StoreError> {
+/// In-flight jobs in `scope` whose lease has ended, at most `limit`.
+pub async fn expired_leases(
+    pool: &PgPool,
+    scope: Scope,
+    limit: i64,
+) -> Result<Vec<Expired>, StoreError> {
     let rows = sqlx::query(
         "SELECT refund_no, attempt, provider, merchant FROM jobs
          WHERE state = 'in_flight' AND lease_until < now()
+           AND ($2::timestamptz IS NULL OR created_at >= $2)
          ORDER BY lease_until LIMIT $1",
     )
+    .persistent(false)
     .bind(limit)
+    .bind(scope.since())
     .fetch_all(pool)
     .await?;
     rows.into_iter()
@@ -43,20 +74,25 @@ pub async fn expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<Expired>, S
         .collect()
 }
 
-/// Jobs ready for a claim: due retries, and `received` jobs older than `orphan_after`.
+/// Jobs in `scope` ready for a claim: due retries, and `received` jobs older than
+/// `orphan_after`.
 pub async fn due(
     pool: &PgPool,
+    scope: Scope,
     orphan_after: Duration,
     limit: i64,
 ) -> Result<Vec<String>, StoreError> {
     let rows = sqlx::query(
         "SELECT refund_no FROM jobs
-         WHERE (state = 'retry_wait' AND next_attempt_at <= now())
-            OR (state = 'received' AND updated_at < now() - $1 * interval '1 millisecond')
+         WHERE ((state = 'retry_wait' AND next_attempt_at <= now())
+                OR (state = 'received' AND updated_at < now() - $1 * interval '1 millisecond'))
+           AND ($3::timestamptz IS NULL OR created_at >= $3)
          ORDER BY updated_at LIMIT $2",
     )
+    .persistent(false)
     .bind(i64::try_from(orphan_after.as_millis()).unwrap_or(i64::MAX))
     .bind(limit)
+    .bind(scope.since())
     .fetch_all(pool)
     .await?;
     rows.into_iter()
@@ -64,13 +100,16 @@ pub async fn due(
         .collect()
 }
 
-/// The age in seconds of the oldest non-final, non-dead job (0 when there is none).
-pub async fn oldest_open_age_secs(pool: &PgPool) -> Result<f64, StoreError> {
+/// When the oldest non-final, non-dead job in `scope` was created (`None` when there is none).
+pub async fn oldest_open(pool: &PgPool, scope: Scope) -> Result<Option<DateTime<Utc>>, StoreError> {
     let row = sqlx::query(
-        "SELECT COALESCE(extract(epoch FROM now() - min(created_at))::float8, 0) AS age
-         FROM jobs WHERE state IN ('received', 'in_flight', 'retry_wait')",
+        "SELECT min(created_at) AS oldest FROM jobs
+         WHERE state IN ('received', 'in_flight', 'retry_wait')
+           AND ($1::timestamptz IS NULL OR created_at >= $1)",
     )
+    .persistent(false)
+    .bind(scope.since())
     .fetch_one(pool)
     .await?;
-    Ok(row.try_get("age")?)
+    Ok(row.try_get("oldest")?)
 }
