@@ -105,7 +105,8 @@ mod containers {
     }
 }
 
-fn with_db(url: &str, db: &str) -> String {
+/// `url` with its database name replaced by `db` (query parameters kept).
+pub fn with_db(url: &str, db: &str) -> String {
     match url.rfind('/') {
         Some(i) if url[..i].contains("://") && i > url.find("://").unwrap_or(0) + 2 => {
             let (base, rest) = url.split_at(i);
