@@ -434,9 +434,9 @@ impl LedgerPass {
             .ok_or_else(|| RunError::Invalid(format!("bucket {bucket} out of range")))
     }
 
-    /// The refund entries of one (`provider`, `merchant`) per bucket: `buckets`, `n`, `fp` and
-    /// `total`, arrays of the same length. The pair's number and total are their sums, added
-    /// up here (checked) rather than as numeric in the database.
+    /// The refund entries of one (`provider`, `merchant`) per bucket: `buckets`, `n` and `fp`,
+    /// arrays of the same length, and their `total`. The pair's number is the sum of `n`,
+    /// added up here (checked).
     fn add_pair(&mut self, row: &PgRow) -> Result<(), RunError> {
         let provider: &str = row.try_get("provider")?;
         let merchant: &str = row.try_get("merchant")?;
@@ -444,15 +444,14 @@ impl LedgerPass {
         let buckets: Vec<i32> = row.try_get("buckets")?;
         let ns: Vec<i64> = row.try_get("n")?;
         let fps: Vec<i64> = row.try_get("fp")?;
-        let totals: Vec<i64> = row.try_get("total")?;
-        if ns.len() != buckets.len() || fps.len() != buckets.len() || totals.len() != buckets.len()
-        {
+        let total: i64 = row.try_get("total")?;
+        if ns.len() != buckets.len() || fps.len() != buckets.len() {
             return Err(RunError::Invalid(
                 "ledger pass: arrays of unequal length".into(),
             ));
         }
-        let (mut count, mut total) = (0i64, 0i64);
-        for (((bucket, n), fp), t) in buckets.into_iter().zip(ns).zip(fps).zip(totals) {
+        let mut count = 0i64;
+        for ((bucket, n), fp) in buckets.into_iter().zip(ns).zip(fps) {
             let b = usize::try_from(bucket)
                 .ok()
                 .and_then(|b| self.buckets.get_mut(b))
@@ -460,7 +459,6 @@ impl LedgerPass {
             b.n = b.n.checked_add(n).ok_or_else(overflow)?;
             b.fp ^= fp;
             count = count.checked_add(n).ok_or_else(overflow)?;
-            total = total.checked_add(t).ok_or_else(overflow)?;
         }
         let p = self.pair(provider, merchant);
         p.refunds = true;
@@ -550,7 +548,8 @@ const FP_STATEMENT: &str = "hashtextextended(refund_no, settlement_refund_fee \
                             # hashtextextended(provider || '/' || merchant, 0))";
 
 /// Step 1, ledger side, for some (provider, merchant) pairs ($2, $3), one row each: per
-/// bucket, the refund entries, their total and the bit_xor of their fingerprints, as arrays.
+/// bucket, the refund entries and the bit_xor of their fingerprints, as arrays, and the pair's
+/// total (a bigint that raises an error on overflow).
 /// Per pair an index-only scan of `ledger_reconcile` in bucket order feeding a sorted
 /// aggregate: bucket and fingerprint are stored columns, read from the index, and the sums stay
 /// bigint (`recon_sum`, migration 0007).
@@ -559,7 +558,7 @@ const LEDGER_PASS: &str = "SELECT pm.provider, pm.merchant, g.*
          CROSS JOIN LATERAL (
              SELECT coalesce(array_agg(bucket), '{}') AS buckets,
                     coalesce(array_agg(n), '{}') AS n, coalesce(array_agg(fp), '{}') AS fp,
-                    coalesce(array_agg(total), '{}') AS total
+                    coalesce(recon_sum(total), 0) AS total
              FROM (
                  SELECT recon_bucket AS bucket, count(*) AS n,
                         recon_sum(settlement_refund_fee) AS total, bit_xor(recon_fp) AS fp
