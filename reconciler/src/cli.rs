@@ -114,8 +114,14 @@ pub async fn main() -> ExitCode {
                 Ok(Status::Balanced) => ExitCode::SUCCESS,
                 Ok(Status::Discrepancies) => ExitCode::from(1),
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "refund-reconciler run failed");
-                    eprintln!("refund-reconciler: {e:#}");
+                    tracing::error!(
+                        error = shared::telemetry::error_chain(e.as_ref()),
+                        "refund-reconciler run failed"
+                    );
+                    eprintln!(
+                        "refund-reconciler: {}",
+                        shared::telemetry::error_chain(e.as_ref())
+                    );
                     ExitCode::from(2)
                 }
             }
@@ -126,10 +132,13 @@ pub async fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(
-                        error = format!("{e:#}"),
+                        error = shared::telemetry::error_chain(e.as_ref()),
                         "refund-reconciler schedule failed"
                     );
-                    eprintln!("refund-reconciler: {e:#}");
+                    eprintln!(
+                        "refund-reconciler: {}",
+                        shared::telemetry::error_chain(e.as_ref())
+                    );
                     ExitCode::from(2)
                 }
             }

@@ -17,3 +17,46 @@ pub fn init() {
         .with_writer(std::io::stdout)
         .try_init();
 }
+
+/// An error with its causes, `: `-separated like anyhow's `{:#}`, leaving out a cause whose
+/// message is already in what was printed: our error types embed their source in their own
+/// message, and sqlx's database error does too, so the plain chain says everything two or three
+/// times.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("database: {0}")]
+    struct Outer(#[from] std::io::Error);
+
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        let e = anyhow::Error::new(Outer(std::io::Error::other("connection refused")))
+            .context("connecting to PostgreSQL");
+        assert_eq!(
+            format!("{e:#}"),
+            "connecting to PostgreSQL: database: connection refused: connection refused"
+        );
+        assert_eq!(
+            error_chain(e.as_ref()),
+            "connecting to PostgreSQL: database: connection refused"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(plain.as_ref()), "outer: inner");
+    }
+}

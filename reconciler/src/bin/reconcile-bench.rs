@@ -97,7 +97,10 @@ async fn main() -> std::process::ExitCode {
     match bench(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("reconcile-bench: {e:#}");
+            eprintln!(
+                "reconcile-bench: {}",
+                shared::telemetry::error_chain(e.as_ref())
+            );
             std::process::ExitCode::from(2)
         }
     }

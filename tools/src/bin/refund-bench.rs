@@ -29,7 +29,10 @@ fn main() -> std::process::ExitCode {
     let report = match runtime.block_on(bench::run(opts)) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("refund-bench: {e:#}");
+            eprintln!(
+                "refund-bench: {}",
+                shared::telemetry::error_chain(e.as_ref())
+            );
             return std::process::ExitCode::from(2);
         }
     };
@@ -50,7 +53,10 @@ fn main() -> std::process::ExitCode {
     }
     if let Some(path) = markdown {
         if let Err(e) = bench::write_markdown(&path, &bench::render_markdown(&report)) {
-            eprintln!("refund-bench: {e:#}");
+            eprintln!(
+                "refund-bench: {}",
+                shared::telemetry::error_chain(e.as_ref())
+            );
             return std::process::ExitCode::from(2);
         }
         eprintln!(

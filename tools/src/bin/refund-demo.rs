@@ -233,7 +233,10 @@ async fn main() -> std::process::ExitCode {
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("\nrefund-demo failed: {e:#}");
+            eprintln!(
+                "\nrefund-demo failed: {}",
+                shared::telemetry::error_chain(e.as_ref())
+            );
             std::process::ExitCode::from(2)
         }
     }

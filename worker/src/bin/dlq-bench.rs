@@ -81,7 +81,7 @@ async fn main() -> std::process::ExitCode {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::from(1),
         Err(e) => {
-            eprintln!("dlq-bench: {e:#}");
+            eprintln!("dlq-bench: {}", shared::telemetry::error_chain(e.as_ref()));
             std::process::ExitCode::from(2)
         }
     }

@@ -27,8 +27,14 @@ async fn main() -> std::process::ExitCode {
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "refund-worker failed");
-            eprintln!("refund-worker: {e:#}");
+            tracing::error!(
+                error = shared::telemetry::error_chain(e.as_ref()),
+                "refund-worker failed"
+            );
+            eprintln!(
+                "refund-worker: {}",
+                shared::telemetry::error_chain(e.as_ref())
+            );
             std::process::ExitCode::from(2)
         }
     }

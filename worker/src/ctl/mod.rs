@@ -223,8 +223,9 @@ impl Ctl {
                 Ok(registry) => Idempotency::from_registry(&registry),
                 Err(e) => {
                     eprintln!(
-                        "refundctl: note: provider clients could not be built ({e:#}); reading \
-                         merchant idempotency from the config entries"
+                        "refundctl: note: provider clients could not be built ({}); reading \
+                         merchant idempotency from the config entries",
+                        shared::telemetry::error_chain(e.as_ref())
                     );
                     Idempotency::from_config(&config)
                 }
@@ -251,7 +252,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Ok(status) => status.code(),
         Err(e) => {
             let _ = out.flush();
-            eprintln!("refundctl: {e:#}");
+            eprintln!("refundctl: {}", shared::telemetry::error_chain(e.as_ref()));
             EXIT_COULD_NOT_RUN
         }
     };

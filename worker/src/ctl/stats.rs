@@ -73,7 +73,7 @@ pub async fn stats(
     let dead_jobs = by_state.get(&State::Dead).copied().unwrap_or(0);
     let (broker_messages, broker_error) = match broker_dead_letters(&ctl.config).await {
         Ok(n) => (Some(n), None),
-        Err(e) => (None, Some(format!("{e:#}"))),
+        Err(e) => (None, Some(shared::telemetry::error_chain(e.as_ref()))),
     };
     let s = Stats {
         total: counts.values().sum(),
