@@ -114,15 +114,7 @@ pub async fn main() -> ExitCode {
                 Ok(Status::Balanced) => ExitCode::SUCCESS,
                 Ok(Status::Discrepancies) => ExitCode::from(1),
                 Err(e) => {
-                    tracing::error!(
-                        error = shared::telemetry::error_chain(e.as_ref()),
-                        "refund-reconciler run failed"
-                    );
-                    eprintln!(
-                        "refund-reconciler: {}",
-                        shared::telemetry::error_chain(e.as_ref())
-                    );
-                    ExitCode::from(2)
+                    shared::telemetry::fail("refund-reconciler", "refund-reconciler run failed", &e)
                 }
             }
         }
@@ -130,17 +122,11 @@ pub async fn main() -> ExitCode {
             shared::telemetry::init();
             match schedule_command(args).await {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(
-                        error = shared::telemetry::error_chain(e.as_ref()),
-                        "refund-reconciler schedule failed"
-                    );
-                    eprintln!(
-                        "refund-reconciler: {}",
-                        shared::telemetry::error_chain(e.as_ref())
-                    );
-                    ExitCode::from(2)
-                }
+                Err(e) => shared::telemetry::fail(
+                    "refund-reconciler",
+                    "refund-reconciler schedule failed",
+                    &e,
+                ),
             }
         }
     }

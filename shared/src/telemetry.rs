@@ -36,6 +36,15 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// A binary's fatal error: logged (as `what`) and printed on stderr as `program: causes`; the
+/// exit status 2 ("could not run").
+pub fn fail(program: &str, what: &str, e: &anyhow::Error) -> std::process::ExitCode {
+    let message = error_chain(e.as_ref());
+    tracing::error!(error = message, "{what}");
+    eprintln!("{program}: {message}");
+    std::process::ExitCode::from(2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::error_chain;

@@ -26,17 +26,7 @@ async fn main() -> std::process::ExitCode {
     shared::telemetry::init();
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(
-                error = shared::telemetry::error_chain(e.as_ref()),
-                "refund-worker failed"
-            );
-            eprintln!(
-                "refund-worker: {}",
-                shared::telemetry::error_chain(e.as_ref())
-            );
-            std::process::ExitCode::from(2)
-        }
+        Err(e) => shared::telemetry::fail("refund-worker", "refund-worker failed", &e),
     }
 }
 
