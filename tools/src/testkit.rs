@@ -345,6 +345,11 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// A free `127.0.0.1:port` for a child's listener (a worker's `metrics_addr`).
+pub fn free_addr() -> anyhow::Result<String> {
+    Ok(format!("127.0.0.1:{}", free_port()?))
+}
+
 /// A minimal HTTP/1.1 GET; the body.
 pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

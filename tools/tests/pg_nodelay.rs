@@ -7,8 +7,7 @@ use tools::bench::machine::{pg_port, tcp_nodelay_to_port};
 
 #[tokio::test]
 async fn postgres_connections_over_tcp_have_nagle_off() {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = tools::testkit::database_url().await.unwrap();
     let port = pg_port(&url).expect("DATABASE_URL is a TCP connection");
     assert_eq!(tcp_nodelay_to_port(port), None, "no connection open yet");
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();

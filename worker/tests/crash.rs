@@ -31,7 +31,7 @@ async fn start_worker(config: &Config, file: &std::path::Path) -> anyhow::Result
 /// The test config with the worker's `/readyz` on a port of its own.
 async fn worker_config(sim: &tools::sim::SimHandle) -> anyhow::Result<(Config, testkit::TestDb)> {
     let (mut base, db) = testkit::test_config().await?;
-    base.worker.metrics_addr = format!("127.0.0.1:{}", testkit::free_port()?);
+    base.worker.metrics_addr = testkit::free_addr()?;
     Ok((testkit::with_sim_merchants(&base, sim)?, db))
 }
 

@@ -283,7 +283,7 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     let started = Instant::now();
     let sim = testkit::start_sim(s.rules.clone(), 0.2).await?;
     let (mut base, db) = testkit::test_config().await?;
-    base.worker.metrics_addr = format!("127.0.0.1:{}", testkit::free_port()?);
+    base.worker.metrics_addr = testkit::free_addr()?;
     // Servers of the scenario's own, and proxies, where the injury needs them.
     let rabbit = match s.injury {
         Injury::RestartRabbit => Some(PrivateRabbit::start().await?),
@@ -450,7 +450,6 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     Ok(t)
 }
 
-/// A free local address for the worker's health endpoint.
 /// Waits until at least `n` jobs are final or dead: the injury lands mid-run.
 async fn wait_some_done(pool: &sqlx::PgPool, n: i64) -> anyhow::Result<()> {
     let pool = pool.clone();

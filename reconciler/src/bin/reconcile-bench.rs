@@ -96,13 +96,7 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     match bench(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!(
-                "reconcile-bench: {}",
-                shared::telemetry::error_chain(e.as_ref())
-            );
-            std::process::ExitCode::from(2)
-        }
+        Err(e) => shared::telemetry::fail("reconcile-bench", "reconcile-bench failed", &e),
     }
 }
 

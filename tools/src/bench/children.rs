@@ -11,7 +11,9 @@ use anyhow::{Context, bail};
 use shared::config::Config;
 
 use crate::sim::FaultRule;
-use crate::testkit::{free_port, http_get, local_sim_config, point_merchants, toml_file};
+use crate::testkit::{
+    free_addr, free_port, http_get, local_sim_config, point_merchants, toml_file,
+};
 
 /// A child process stopped with SIGTERM (then SIGKILL) when dropped.
 pub struct Proc {
@@ -153,7 +155,7 @@ pub fn point_at_sim(base: &Config, sim: &Sim) -> anyhow::Result<Config> {
             .get(m)
             .map(|path| format!("{}{path}", sim.base_url))
     })?;
-    c.worker.metrics_addr = format!("127.0.0.1:{}", free_port()?);
+    c.worker.metrics_addr = free_addr()?;
     c.database.migrate_on_start = false;
     Ok(c)
 }

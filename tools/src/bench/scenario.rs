@@ -404,7 +404,7 @@ async fn run_phase(
         sent = publish::publish(&ctx.ch, &ctx.config.amqp, &msgs, None).await?;
     }
     let mut config = ctx.config.clone();
-    config.worker.metrics_addr = format!("127.0.0.1:{}", crate::testkit::free_port()?);
+    config.worker.metrics_addr = crate::testkit::free_addr()?;
     let mut worker =
         children::start_worker(&ctx.env.bin_dir, &config, &ctx.env.worker_log, &ctx.log).await?;
     let ready_us = now_us();

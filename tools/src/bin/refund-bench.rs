@@ -29,11 +29,7 @@ fn main() -> std::process::ExitCode {
     let report = match runtime.block_on(bench::run(opts)) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!(
-                "refund-bench: {}",
-                shared::telemetry::error_chain(e.as_ref())
-            );
-            return std::process::ExitCode::from(2);
+            return shared::telemetry::fail("refund-bench", "refund-bench failed", &e);
         }
     };
     println!("{}", bench::render_text(&report));
@@ -53,11 +49,7 @@ fn main() -> std::process::ExitCode {
     }
     if let Some(path) = markdown {
         if let Err(e) = bench::write_markdown(&path, &bench::render_markdown(&report)) {
-            eprintln!(
-                "refund-bench: {}",
-                shared::telemetry::error_chain(e.as_ref())
-            );
-            return std::process::ExitCode::from(2);
+            return shared::telemetry::fail("refund-bench", "refund-bench failed", &e);
         }
         eprintln!(
             "refund-bench: results section written to {}",

@@ -80,10 +80,7 @@ async fn main() -> std::process::ExitCode {
     match run(args).await {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::from(1),
-        Err(e) => {
-            eprintln!("dlq-bench: {}", shared::telemetry::error_chain(e.as_ref()));
-            std::process::ExitCode::from(2)
-        }
+        Err(e) => shared::telemetry::fail("dlq-bench", "dlq-bench failed", &e),
     }
 }
 
