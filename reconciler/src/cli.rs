@@ -152,7 +152,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<Status> {
             anyhow::bail!("--statement {}: no such file", s.display());
         }
     }
-    let pool = crate::run::connect(&config).await.map_err(|e| {
+    let (pool, conns) = crate::run::open(&config).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot use the database at {}: {e}",
             config.database_url_redacted()
@@ -165,8 +165,8 @@ async fn run_command(args: RunArgs) -> anyhow::Result<Status> {
         exhaustive: args.exhaustive,
         as_of: None,
     };
-    let outcome = crate::run::run(&pool, &config, &request, &Progress::for_stderr()).await?;
-    let mut conn = pool.acquire().await?;
+    let (outcome, mut conn) =
+        crate::run::run_on(conns, &pool, &config, &request, &Progress::for_stderr()).await?;
     match &args.out {
         Some(path) => {
             let file = std::fs::File::create(path)
@@ -182,6 +182,8 @@ async fn run_command(args: RunArgs) -> anyhow::Result<Status> {
             w.flush()?;
         }
     }
+    use sqlx::Connection;
+    let _ = conn.close().await;
     eprintln!(
         "refund-reconciler: {} {}: {} discrepancies, {} pending (run {}{})",
         outcome.date,

@@ -93,12 +93,17 @@
 //!    so equal xors leave the provider side those rows plus pairs of repeats, which equal
 //!    counts rule out (up to a 64-bit hash collision).
 //! 2. **Drill-down**: per refund, a full outer join of the two sides restricted to the buckets
-//!    that differ, classified as above, inserted with `INSERT ... SELECT`. The ledger's refund
-//!    entries there are looked up by index per (provider, merchant) and bucket, the attempts
-//!    per bucket, so a drill reads a few hundred rows per bucket and side.
-//! 3. **Totals**: outside the drilled buckets the provider side is the ledger's refund entries
-//!    row for row, so the provider totals are the ledger's, less its drilled buckets (read from
-//!    the index alone), plus what the drill-down counted there.
+//!    that differ, classified as above and stored. The ledger's refund entries there are looked
+//!    up by index per (provider, merchant) and bucket, the attempts per bucket. For the
+//!    attempts of every provider in the indexed zone (the nightly run) it is narrowed first,
+//!    from the indexes alone ([`NARROW`]): in those buckets a ledger entry and an attempt with
+//!    one fingerprint are one refund booked once and paid once, so only the refunds with a
+//!    row that has no such partner (and those with a reversal of the day) are compared, all of
+//!    their rows on both sides, found by `refund_no`. A few discrepancies then cost a few
+//!    heap reads instead of every row of their buckets.
+//! 3. **Totals**: outside what the drill-down read the provider side is the ledger's refund
+//!    entries row for row, so the provider totals are the ledger's, less what the drill-down
+//!    read of the ledger, plus what it counted. Steps 2 and 3 are one statement.
 //!
 //! `--exhaustive` drills into every bucket; it gives the same answer, more slowly. Nothing per
 //! refund ever reaches this process: it holds 4,096 buckets and one row per (provider,
@@ -109,8 +114,8 @@ use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use shared::config::Config;
-use sqlx::postgres::PgRow;
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool, Row};
+use sqlx::postgres::{PgConnectOptions, PgRow};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool, Row};
 
 use crate::day::Day;
 use crate::progress::Progress;
@@ -118,9 +123,6 @@ use crate::statement::{LoadError, LoadSummary, StatementError};
 
 /// Buckets per (provider, merchant) for the drill-down (a power of two).
 pub const BUCKETS: i32 = 4096;
-
-/// Refunds in the drill-down above which its temporary table is analyzed before classifying.
-const ANALYZE_ABOVE: u64 = 20_000;
 
 /// The first key of the advisory lock that serializes runs of one date ("REC1").
 pub const LOCK_CLASS: i32 = 0x5245_4331;
@@ -222,6 +224,8 @@ pub struct RunOutcome {
     /// buckets.
     pub drilled_pairs: usize,
     pub drilled_buckets: i64,
+    /// The refunds compared one by one.
+    pub drilled_refunds: u64,
     pub statements: Option<LoadSummary>,
     pub superseded: Vec<i64>,
     pub timings: Timings,
@@ -257,14 +261,49 @@ pub async fn run(
     req: &RunRequest,
     progress: &Progress,
 ) -> Result<RunOutcome, RunError> {
+    let conns = match Connections::open(&pool.connect_options()).await {
+        Ok(c) => c,
+        Err(e) => {
+            let e = RunError::from(e);
+            record_failure(pool, config, req, Utc::now(), &e).await;
+            return Err(e);
+        }
+    };
+    let (outcome, main) = run_on(conns, pool, config, req, progress).await?;
+    let _ = main.close().await;
+    Ok(outcome)
+}
+
+/// [`run`] on connections already open. Gives back the run's own connection, its lock
+/// released and nothing pending, to read the stored run with; on an error both are closed,
+/// which releases the lock.
+pub async fn run_on(
+    conns: Connections,
+    pool: &PgPool,
+    config: &Config,
+    req: &RunRequest,
+    progress: &Progress,
+) -> Result<(RunOutcome, PgConnection), RunError> {
     let started_at = Utc::now();
-    let result = run_inner(pool, config, req, progress, started_at).await;
-    if let Err(e) = &result
-        && let Err(record) = record_failure(pool, config, req, started_at, e).await
-    {
-        tracing::warn!(error = %record, "could not record the failed run");
+    let result = run_inner(conns, config, req, progress, started_at).await;
+    if let Err(e) = &result {
+        record_failure(pool, config, req, started_at, e).await;
     }
     result
+}
+
+/// The two connections of a run, opened together: its own (the date's lock, the transaction,
+/// temporary tables) and a helper that reads part of the ledger in the same snapshot.
+pub struct Connections {
+    pub main: PgConnection,
+    helper: PgConnection,
+}
+
+impl Connections {
+    pub async fn open(options: &PgConnectOptions) -> Result<Self, sqlx::Error> {
+        let (main, helper) = futures::try_join!(options.connect(), options.connect())?;
+        Ok(Connections { main, helper })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,17 +353,21 @@ impl Source {
         }
     }
 
-    /// The day's payments in the drilled buckets, deduplicated: provider, merchant, refund_no,
-    /// amount, at, source (a human pointer to the evidence).
-    fn payments(self, day: DaySql) -> String {
+    /// The day's payments in the drilled buckets (of the drilled refunds, $10, when `drill`
+    /// is [`Drill::Refunds`]), deduplicated: provider, merchant, refund_no, amount, at, source
+    /// (a human pointer to the evidence).
+    fn payments(self, day: DaySql, drill: Drill) -> String {
         match self {
-            Source::Statement => "SELECT s.provider, s.merchant, s.refund_no,
+            Source::Statement => format!(
+                "SELECT s.provider, s.merchant, s.refund_no,
                         s.settlement_refund_fee AS amount, s.refunded_at AS at,
                         coalesce(($6::text[])[s.file + 1], 'statement') || ':' || s.line
                           || coalesce(' ' || s.provider_refund_id, '') AS source
                  FROM pg_temp.recon_statement s
-                 WHERE NOT s.edge AND (hashtext(s.refund_no) & 4095) = ANY ($7::int[])"
-                .to_owned(),
+                 WHERE NOT s.edge AND (hashtext(s.refund_no) & 4095) = ANY ($7::int[])
+                   {}",
+                drill.refunds("s")
+            ),
             Source::Attempts => format!(
                 "SELECT DISTINCT ON (a.provider, a.merchant, a.refund_no,
                                      coalesce(a.provider_refund_id, '#' || a.id))
@@ -334,11 +377,12 @@ impl Source {
                           || CASE WHEN a.fenced THEN ' (fenced)' ELSE '' END
                           || coalesce(' ' || a.provider_refund_id, '') AS source
                  FROM provider_attempts a
-                 WHERE a.outcome = 'accepted' AND a.recon_bucket = ANY ($7::int[])
+                 WHERE a.outcome = 'accepted' AND a.recon_bucket = ANY ($7::int[]) {refunds}
                    AND {day}
                    AND ($4::text IS NULL OR a.provider = $4)
                  ORDER BY a.provider, a.merchant, a.refund_no,
                           coalesce(a.provider_refund_id, '#' || a.id), a.recorded_at, a.id",
+                refunds = drill.refunds("a"),
                 day = match day {
                     DaySql::Indexed => "a.recon_day = $1",
                     DaySql::Range => "a.recorded_at >= $2 AND a.recorded_at < $3",
@@ -502,6 +546,46 @@ impl LedgerPass {
     }
 }
 
+/// What the drill-down reads of the buckets that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drill {
+    /// Every row of them ($7).
+    Buckets,
+    /// The rows of the refunds that [`NARROW`] found in them ($10).
+    Refunds,
+}
+
+impl Drill {
+    /// The condition on table alias `t` that keeps the rows of the drilled refunds.
+    fn refunds(self, t: &str) -> String {
+        match self {
+            Drill::Buckets => String::new(),
+            Drill::Refunds => format!("AND {t}.refund_no = ANY ($10::text[])"),
+        }
+    }
+
+    /// The day's ledger entries the drill-down reads, all columns.
+    fn ledger(self) -> &'static str {
+        match self {
+            Drill::Buckets => LEDGER_DRILLED,
+            Drill::Refunds => LEDGER_DRILLED_REFUNDS,
+        }
+    }
+
+    /// Per (provider, merchant), minus the count and total of the ledger's refund entries the
+    /// drill-down reads, and minus the total of its reversals: provider, merchant, dn, dt.
+    fn ledger_totals(self) -> String {
+        match self {
+            Drill::Buckets => LEDGER_DRILLED_TOTALS.to_owned(),
+            Drill::Refunds => format!(
+                "SELECT provider, merchant, -count(*) FILTER (WHERE refund_fee > 0) AS dn,
+                        -sum(settlement_refund_fee) AS dt
+                 FROM ({LEDGER_DRILLED_REFUNDS}) e GROUP BY provider, merchant"
+            ),
+        }
+    }
+}
+
 /// How a query finds the day's attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DaySql {
@@ -610,6 +694,51 @@ const LEDGER_DRILLED: &str = "SELECT e.* FROM unnest($8::text[], $9::text[]) pm(
          WHERE e.business_date = $1 AND e.refund_fee < 0
            AND e.recon_bucket = ANY ($7::int[])";
 
+/// The day's ledger entries of the drilled refunds ($10), all columns: the refund entries by
+/// `ledger_one_refund_entry`, the reversals among the day's few.
+const LEDGER_DRILLED_REFUNDS: &str = "SELECT e.* FROM ledger e
+         WHERE e.entry_kind = 'refund' AND e.refund_no = ANY ($10::text[])
+           AND e.business_date = $1
+         UNION ALL
+         SELECT e.* FROM ledger e
+         WHERE e.business_date = $1 AND e.refund_fee < 0 AND e.refund_no = ANY ($10::text[])";
+
+/// Step 2, narrowed: the refunds to compare one by one in the buckets that differ ($7), from
+/// the indexes alone but for a row per refund found. In those buckets a ledger refund entry
+/// and an accepted attempt with one fingerprint are one refund of one (provider, merchant)
+/// with one amount, booked once and paid once (up to a 64-bit hash collision); what has no
+/// partner, or more than one, is a refund to compare, with every row of it on both sides (a
+/// refund paid twice has a partnered row and one without). The day's reversals in those
+/// buckets are compared too: their refunds net on the ledger side, which fingerprints do not.
+/// For attempts by `provider_attempts_reconcile`, every provider ($8, $9: the day's pairs).
+const NARROW: &str = "WITH x AS (
+         SELECT e.recon_pair AS pair, e.recon_bucket AS bucket, e.recon_fp AS fp, 1 AS side
+         FROM unnest($8::text[], $9::text[]) pm(provider, merchant)
+         CROSS JOIN LATERAL (
+             SELECT recon_pair, recon_bucket, recon_fp FROM ledger
+             WHERE business_date = $1 AND refund_fee > 0
+               AND recon_pair = hashtextextended(pm.provider || '/' || pm.merchant, 0)
+               AND recon_bucket = ANY ($7::int[])
+         ) e
+         UNION ALL
+         SELECT NULL, recon_bucket, recon_fp, -1 FROM provider_attempts
+         WHERE outcome = 'accepted' AND recon_day = $1 AND recon_bucket = ANY ($7::int[])
+     ), odd AS (
+         SELECT bucket, fp, max(pair) AS pair FROM x GROUP BY bucket, fp HAVING sum(side) <> 0
+     )
+     SELECT coalesce(array_agg(DISTINCT r.refund_no), '{}') FROM (
+         SELECT e.refund_no FROM odd JOIN ledger e
+           ON e.business_date = $1 AND e.refund_fee > 0 AND e.recon_pair = odd.pair
+          AND e.recon_bucket = odd.bucket AND e.recon_fp = odd.fp
+         UNION ALL
+         SELECT a.refund_no FROM odd JOIN provider_attempts a
+           ON a.outcome = 'accepted' AND a.recon_day = $1 AND a.recon_bucket = odd.bucket
+          AND a.recon_fp = odd.fp
+         UNION ALL
+         SELECT refund_no FROM ledger
+         WHERE business_date = $1 AND refund_fee < 0 AND recon_bucket = ANY ($7::int[])
+     ) r";
+
 /// Per (provider, merchant), minus the ledger's refund entries and entries' total in the
 /// drilled buckets ($7), read like [`LEDGER_DRILLED`] but from the index alone.
 const LEDGER_DRILLED_TOTALS: &str = "SELECT pm.provider, pm.merchant, -t.n AS dn, -t.total AS dt
@@ -627,17 +756,17 @@ const LEDGER_DRILLED_TOTALS: &str = "SELECT pm.provider, pm.merchant, -t.n AS dn
            AND recon_bucket = ANY ($7::int[])
          GROUP BY provider, merchant";
 
-/// Step 3a: both sides per refund in the drilled buckets.
-fn refunds_sql(source: Source, day: DaySql) -> String {
+/// Step 2a: both sides per refund in the drilled buckets (of the drilled refunds, for
+/// [`Drill::Refunds`]): provider, merchant, refund_no, ledger_amount, booked_at, manual,
+/// provider_amount, provider_n, provider_at, sources.
+fn refunds_sql(source: Source, day: DaySql, drill: Drill) -> String {
     format!(
-        "INSERT INTO pg_temp.recon_refunds (provider, merchant, refund_no, ledger_amount,
-             booked_at, manual, provider_amount, provider_n, provider_at, sources)
-         WITH l AS (
+        "WITH l AS (
              SELECT e.provider, e.merchant, e.refund_no,
                     sum(e.settlement_refund_fee) AS amount,
                     min(e.booked_at) FILTER (WHERE e.entry_kind = 'refund') AS booked_at,
                     bool_or(e.source = 'manual') AS manual
-             FROM ({LEDGER_DRILLED}) e
+             FROM ({ledger}) e
              WHERE ($4::text IS NULL OR e.provider = $4)
              GROUP BY e.provider, e.merchant, e.refund_no
              HAVING sum(e.refund_fee) <> 0 OR sum(e.settlement_refund_fee) <> 0
@@ -647,37 +776,69 @@ fn refunds_sql(source: Source, day: DaySql) -> String {
              FROM ({payments}) x
              GROUP BY provider, merchant, refund_no
          )
-         SELECT coalesce(l.provider, p.provider), coalesce(l.merchant, p.merchant),
-                coalesce(l.refund_no, p.refund_no), l.amount::bigint, l.booked_at, l.manual,
-                p.amount::bigint, coalesce(p.n, 0), p.at, p.sources
+         SELECT coalesce(l.provider, p.provider) AS provider,
+                coalesce(l.merchant, p.merchant) AS merchant,
+                coalesce(l.refund_no, p.refund_no) AS refund_no,
+                l.amount::bigint AS ledger_amount, l.booked_at, l.manual,
+                p.amount::bigint AS provider_amount, coalesce(p.n, 0) AS provider_n,
+                p.at AS provider_at, p.sources
          FROM l FULL JOIN p
            ON p.provider = l.provider AND p.merchant = l.merchant AND p.refund_no = l.refund_no",
-        payments = source.payments(day)
+        ledger = drill.ledger(),
+        payments = source.payments(day, drill)
     )
 }
 
-/// Step 3b: classify and store. Extra parameters: $7 run id, $8 grace minutes, $9 time zone,
-/// $10 providers whose next day is known, $11 providers whose previous day is known, $12
-/// whether the ledger's next window is closed, $13 whether its previous window is closed.
+/// Steps 2 and 3 in one statement (no temporary table to create and drop): compares the
+/// refunds, classifies and stores their discrepancies, and returns per (provider, merchant)
+/// what the drill-down changes on the provider side (`dn`, `dt`: less the ledger entries it
+/// read, plus the payments it counted) and the number of `refunds` it compared.
+fn drill_sql(source: Source, day: DaySql, drill: Drill) -> String {
+    format!(
+        "WITH recon_refunds AS MATERIALIZED ({refunds}),
+         stored AS ({discrepancies})
+         SELECT provider, merchant, sum(dn)::bigint AS dn, sum(dt)::bigint AS dt,
+                sum(refunds)::bigint AS refunds
+         FROM (
+             SELECT e.*, 0 AS refunds FROM ({ledger}) e
+             WHERE ($4::text IS NULL OR provider = $4)
+             UNION ALL
+             SELECT provider, merchant, provider_n, coalesce(provider_amount, 0), 1
+             FROM recon_refunds
+         ) x GROUP BY provider, merchant",
+        refunds = refunds_sql(source, day, drill),
+        discrepancies = discrepancies_sql(source),
+        ledger = drill.ledger_totals(),
+    )
+}
+
+/// Step 2b: classify and store, from `recon_refunds`. Extra parameters: $11 run id, $12 grace
+/// minutes, $13 time zone, $14 providers whose next day is known, $15 providers whose previous
+/// day is known, $16 whether the ledger's next window is closed, $17 whether its previous
+/// window is closed.
 fn discrepancies_sql(source: Source) -> String {
     format!(
         "INSERT INTO reconciliation_discrepancies (run_id, kind, provider, merchant, refund_no,
              ledger_amount, provider_amount, detail)
-         SELECT $7, k.kind, r.provider, r.merchant, r.refund_no, r.ledger_amount,
+         SELECT $11, k.kind, r.provider, r.merchant, r.refund_no, r.ledger_amount,
                 r.provider_amount,
                 concat_ws('; ', k.why,
                           'job ' || coalesce(j.state || coalesce(' (' || j.cause || ')', ''),
                                              'not found'))
-         FROM pg_temp.recon_refunds r
-         CROSS JOIN LATERAL (SELECT make_interval(mins => $8) AS g) gi
+         FROM recon_refunds r
+         CROSS JOIN LATERAL (SELECT make_interval(mins => $12) AS g) gi
          -- For a one-sided refund: its time on that side, the cut-off it is near (if any), and
-         -- whether the other side would be after that cut-off.
+         -- whether the other side would be after that cut-off. OFFSET 0 keeps the planner from
+         -- copying these CASEs into every condition below that uses them: copied, they made
+         -- planning (index predicates tested against each) cost 3-10 ms, more than a narrowed
+         -- drill-down takes to run.
          CROSS JOIN LATERAL (
              SELECT t,
                     CASE WHEN t >= $3 - gi.g AND t < $3 THEN $3
                          WHEN t >= $2 AND t < $2 + gi.g THEN $2 END AS cut
              FROM (SELECT CASE WHEN r.ledger_amount IS NULL THEN r.provider_at
                                WHEN r.provider_amount IS NULL THEN r.booked_at END AS t) t0
+             OFFSET 0
          ) c
          LEFT JOIN LATERAL (
              SELECT min(x.at) AS at FROM ({neighbours}) x
@@ -696,18 +857,18 @@ fn discrepancies_sql(source: Source) -> String {
                AND x.booked_at < CASE WHEN c.cut = $3 THEN $3 + gi.g ELSE $2 END
          ) lp ON true
          CROSS JOIN LATERAL (
-             SELECT CASE WHEN c.cut = $3 THEN r.provider = ANY($10::text[])
-                         ELSE r.provider = ANY($11::text[]) END AS provider_known,
-                    CASE WHEN c.cut = $3 THEN $12 ELSE $13 END AS ledger_known,
+             SELECT CASE WHEN c.cut = $3 THEN r.provider = ANY($14::text[])
+                         ELSE r.provider = ANY($15::text[]) END AS provider_known,
+                    CASE WHEN c.cut = $3 THEN $16 ELSE $17 END AS ledger_known,
                     CASE WHEN c.cut = $3 THEN 'the next day ' || ($1 + 1)
                          ELSE 'the previous day ' || ($1 - 1) END AS neighbour,
                     CASE WHEN c.cut = $3 THEN 'before' ELSE 'after' END AS side
          ) n
          CROSS JOIN LATERAL (
-             SELECT to_char(r.booked_at AT TIME ZONE $9, 'YYYY-MM-DD HH24:MI:SS') AS booked,
-                    to_char(r.provider_at AT TIME ZONE $9, 'YYYY-MM-DD HH24:MI:SS') AS paid,
-                    to_char(pp.at AT TIME ZONE $9, 'YYYY-MM-DD HH24:MI:SS') AS partner_paid,
-                    to_char(lp.at AT TIME ZONE $9, 'YYYY-MM-DD HH24:MI:SS') AS partner_booked
+             SELECT to_char(r.booked_at AT TIME ZONE $13, 'YYYY-MM-DD HH24:MI:SS') AS booked,
+                    to_char(r.provider_at AT TIME ZONE $13, 'YYYY-MM-DD HH24:MI:SS') AS paid,
+                    to_char(pp.at AT TIME ZONE $13, 'YYYY-MM-DD HH24:MI:SS') AS partner_paid,
+                    to_char(lp.at AT TIME ZONE $13, 'YYYY-MM-DD HH24:MI:SS') AS partner_booked
          ) f
          CROSS JOIN LATERAL (
              SELECT CASE
@@ -737,12 +898,12 @@ fn discrepancies_sql(source: Source) -> String {
                      || CASE WHEN r.manual THEN ' (manual resolution)' ELSE '' END
                  WHEN 'pending' THEN
                      CASE WHEN r.provider_amount IS NULL THEN
-                         'booked ' || f.booked || ', within ' || $8 || ' min ' || n.side
+                         'booked ' || f.booked || ', within ' || $12 || ' min ' || n.side
                          || ' the cut-off; '
                          || coalesce('provider paid it at ' || f.partner_paid,
                                      'the provider''s ' || n.neighbour || ' is not in yet')
                      ELSE
-                         'provider: ' || r.sources || ' at ' || f.paid || ', within ' || $8
+                         'provider: ' || r.sources || ' at ' || f.paid || ', within ' || $12
                          || ' min ' || n.side || ' the cut-off; '
                          || coalesce('booked at ' || f.partner_booked,
                                      'the ledger of ' || n.neighbour || ' is not complete yet')
@@ -756,12 +917,12 @@ fn discrepancies_sql(source: Source) -> String {
 }
 
 async fn run_inner(
-    pool: &PgPool,
+    conns: Connections,
     config: &Config,
     req: &RunRequest,
     progress: &Progress,
     started_at: DateTime<Utc>,
-) -> Result<RunOutcome, RunError> {
+) -> Result<(RunOutcome, PgConnection), RunError> {
     let clock = Instant::now();
     let tz = config.tz().map_err(|e| RunError::Invalid(e.to_string()))?;
     let day = Day::new(req.date, tz, config.reconciler.grace_minutes).map_err(RunError::Invalid)?;
@@ -777,8 +938,12 @@ async fn run_inner(
     } else {
         Source::Statement
     };
-    // A connection of its own: the run's temporary tables must not outlive it in a pool.
-    let mut conn = pool.acquire().await?.detach();
+    // Connections of its own: the run's temporary tables and session lock must not outlive
+    // it in a pool.
+    let Connections {
+        main: mut conn,
+        helper,
+    } = conns;
     sqlx::query("SET temp_buffers = '128MB'")
         .execute(&mut conn)
         .await?;
@@ -816,11 +981,6 @@ async fn run_inner(
     let step = Instant::now();
 
     let spinner = progress.spinner(format!("waiting for other runs of {}", req.date));
-    // The ledger side is read on a second connection, concurrently with the provider side.
-    let helper = {
-        let options = pool.connect_options();
-        tokio::spawn(async move { options.connect().await })
-    };
     // A session lock, taken before the transaction begins, so that the transaction's snapshot
     // (repeatable read, shared with the helper) is taken after the previous run of the date
     // committed and this run supersedes it. Dropping the connection on an error releases it.
@@ -927,9 +1087,9 @@ async fn run_inner(
             .filter(|(p, _)| !p.is_empty())
     };
     let ledger_side = async {
-        let mut helper = helper
-            .await
-            .map_err(|e| RunError::Db(sqlx::Error::Io(std::io::Error::other(e.to_string()))))??;
+        // The ledger side is read on the second connection, concurrently with the provider
+        // side.
+        let mut helper = helper;
         // The id is made by the server of hex digits and dashes; checked all the same.
         if !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             return Err(RunError::Invalid(format!(
@@ -967,9 +1127,11 @@ async fn run_inner(
         let _ = helper.close().await;
         Ok::<_, RunError>(pass)
     };
+    // The attempts of every provider by their index: the provider side streams in bucket
+    // order, and the drill-down can be narrowed to refunds by index.
+    let streaming =
+        source == Source::Attempts && day_sql == DaySql::Indexed && req.provider.is_none();
     let provider_side = async {
-        let streaming =
-            source == Source::Attempts && day_sql == DaySql::Indexed && req.provider.is_none();
         if streaming {
             sqlx::raw_sql(AssertSqlSafe(plan_settings.clone()))
                 .execute(&mut *tx)
@@ -1088,35 +1250,26 @@ async fn run_inner(
         }
     }
 
-    sqlx::query(
-        "CREATE TEMP TABLE recon_refunds (provider text NOT NULL, merchant text NOT NULL,
-             refund_no text NOT NULL, ledger_amount bigint, booked_at timestamptz,
-             manual boolean, provider_amount bigint, provider_n bigint NOT NULL,
-             provider_at timestamptz, sources text)
-         ON COMMIT DROP",
-    )
-    .execute(&mut *tx)
-    .await?;
-
     let drilled_buckets = i64::try_from(drilled.len()).unwrap_or(i64::MAX);
     let mut drilled_pairs = 0;
+    let mut drilled_refunds = 0;
     if !drilled.is_empty() {
         spinner.set_message(format!("drilling into {drilled_buckets} buckets"));
-        let refunds = bind(refunds_sql(source, day_sql), &params)
-            .bind(&drilled)
-            .bind(&pair_providers)
-            .bind(&pair_merchants)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        // The classification looks each refund up in jobs, the ledger and the neighbouring
-        // days: statistics pick the join for an exhaustive drill of a million refunds; a few
-        // thousand are looked up by index whatever the estimate, so they skip its cost.
-        if refunds > ANALYZE_ABOVE {
-            sqlx::query("ANALYZE pg_temp.recon_refunds")
-                .execute(&mut *tx)
-                .await?;
-        }
+        let drill = if streaming && !req.exhaustive {
+            Drill::Refunds
+        } else {
+            Drill::Buckets
+        };
+        let narrowed: Vec<String> = match drill {
+            Drill::Refunds => bind(NARROW.to_owned(), &params)
+                .bind(&drilled)
+                .bind(&pair_providers)
+                .bind(&pair_merchants)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?,
+            Drill::Buckets => Vec::new(),
+        };
         let (next_known, previous_known) = match &statements {
             Some(s) => (s.coverage.after(req.date), s.coverage.before(req.date)),
             None => {
@@ -1135,7 +1288,15 @@ async fn run_inner(
                 )
             }
         };
-        bind(discrepancies_sql(source), &params)
+        // Outside what the drill-down read the provider side is the ledger's refund entries,
+        // row for row; inside it, it is what the drill-down counted (each payment once). So
+        // the provider totals are the ledger's, less what the drill-down read of it, plus the
+        // drill-down's.
+        let corrections = bind(drill_sql(source, day_sql, drill), &params)
+            .bind(&drilled)
+            .bind(&pair_providers)
+            .bind(&pair_merchants)
+            .bind(&narrowed)
             .bind(run_id)
             .bind(i32::try_from(day.grace_minutes).unwrap_or(i32::MAX))
             .bind(tz.name())
@@ -1143,34 +1304,14 @@ async fn run_inner(
             .bind(&previous_known)
             .bind(day.next_window_closed(as_of))
             .bind(day.previous_window_closed(as_of))
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
-
-        // Outside the drilled buckets the provider side is the ledger's refund entries, row
-        // for row; inside them it is what the drill-down counted (each payment once). So the
-        // provider totals are the ledger's, less its drilled buckets, plus the drill-down's.
-        let corrections = bind(
-            format!(
-                "SELECT provider, merchant, sum(dn)::bigint AS dn, sum(dt)::bigint AS dt FROM (
-                 SELECT * FROM ({LEDGER_DRILLED_TOTALS}) e
-                 WHERE ($4::text IS NULL OR provider = $4)
-                 UNION ALL
-                 SELECT provider, merchant, provider_n, coalesce(provider_amount, 0)
-                 FROM pg_temp.recon_refunds
-             ) x GROUP BY provider, merchant"
-            ),
-            &params,
-        )
-        .bind(&drilled)
-        .bind(&pair_providers)
-        .bind(&pair_merchants)
-        .fetch_all(&mut *tx)
-        .await?;
         drilled_pairs = corrections.len();
         for c in corrections {
             let (provider, merchant): (String, String) =
                 (c.try_get("provider")?, c.try_get("merchant")?);
             let (dn, dt): (i64, i64) = (c.try_get("dn")?, c.try_get("dt")?);
+            drilled_refunds += u64::try_from(c.try_get::<i64, _>("refunds")?).unwrap_or(0);
             let at = match totals
                 .iter()
                 .position(|t| t.provider == provider && t.merchant == merchant)
@@ -1285,17 +1426,16 @@ async fn run_inner(
         .await?;
     timings.store_ms = ms_since(step);
     spinner.finish_and_clear();
-    let _ = conn.close().await;
 
     tracing::info!(
         run_id, date = %req.date, status = status.as_str(), discrepancies, pending,
-        drilled_pairs, drilled_buckets, source = source.as_str(),
+        drilled_pairs, drilled_buckets, drilled_refunds, source = source.as_str(),
         elapsed_ms = ms_since(clock), load_ms = timings.load_ms, lock_ms = timings.lock_ms,
         totals_ms = timings.totals_ms, buckets_ms = timings.buckets_ms,
         drill_ms = timings.drill_ms, store_ms = timings.store_ms,
         "reconciliation stored"
     );
-    Ok(RunOutcome {
+    let outcome = RunOutcome {
         run_id,
         date: req.date,
         status,
@@ -1304,14 +1444,29 @@ async fn run_inner(
         totals,
         drilled_pairs,
         drilled_buckets,
+        drilled_refunds,
         statements,
         superseded,
         timings,
-    })
+    };
+    Ok((outcome, conn))
 }
 
-/// Records a run that could not be done, so that a missing night shows in the runs table.
+/// Records a run that could not be done, so that a missing night shows in the runs table
+/// (when the database can still be reached: a warning otherwise).
 async fn record_failure(
+    pool: &PgPool,
+    config: &Config,
+    req: &RunRequest,
+    started_at: DateTime<Utc>,
+    error: &RunError,
+) {
+    if let Err(e) = insert_failure(pool, config, req, started_at, error).await {
+        tracing::warn!(error = %e, "could not record the failed run");
+    }
+}
+
+async fn insert_failure(
     pool: &PgPool,
     config: &Config,
     req: &RunRequest,
@@ -1346,8 +1501,23 @@ async fn record_failure(
     Ok(())
 }
 
-/// Connects to the database for a run: a small pool (a run uses one connection, plus one to
-/// record a failure), migrated first when `database.migrate_on_start` is set.
+/// Connects for one run of the command line: the run's two connections at once, migrated first
+/// when `database.migrate_on_start` is set, and a pool that connects only if a failed run has
+/// to be recorded. A reconciliation is short: connecting one after the other, and a third
+/// connection for the pool, were a tenth of a day of a million refunds.
+pub async fn open(config: &Config) -> Result<(PgPool, Connections), shared::store::StoreError> {
+    let mut small = config.clone();
+    small.database.max_connections = 1;
+    let pool = shared::store::connect_lazy(&small)?;
+    let mut conns = Connections::open(&shared::store::connect_options(config)?).await?;
+    if config.database.migrate_on_start {
+        shared::store::migrate(&mut conns.main).await?;
+    }
+    Ok((pool, conns))
+}
+
+/// Connects to the database for runs: a small pool (a run opens its own two connections, and
+/// uses the pool to record a failure), migrated first when `database.migrate_on_start` is set.
 pub async fn connect(config: &Config) -> Result<PgPool, shared::store::StoreError> {
     let mut small = config.clone();
     small.database.max_connections = small.database.max_connections.clamp(1, 2);

@@ -30,6 +30,12 @@ async fn compare(env: &Env, statements: Vec<std::path::PathBuf>) -> usize {
         fast.drilled_buckets,
         slow.drilled_buckets
     );
+    assert!(
+        fast.drilled_refunds < slow.drilled_refunds,
+        "{} {}",
+        fast.drilled_refunds,
+        slow.drilled_refunds
+    );
     assert_discrepancies_explain_diffs(env.pool(), fast.run_id).await;
     a.len()
 }
@@ -106,6 +112,36 @@ async fn the_shortcut_and_the_exhaustive_comparison_agree_against_attempts() {
          WHERE n % 509 <> 0 AND booked_at < $1",
     )
     .bind(local("2026-11-10 23:59:00"))
+    .execute(pool)
+    .await
+    .unwrap();
+    // A second payment of another amount beside one that matches the ledger: the refund is
+    // compared whole, though one of its attempts has a partner.
+    sqlx::query(
+        "INSERT INTO provider_attempts (refund_no, attempt, provider, merchant, outcome, request,
+             latency_us, provider_refund_id, refund_fee, settlement_refund_fee, coupon_refund_fee,
+             fenced, recorded_at)
+         SELECT refund_no, 7, provider, merchant, 'accepted', '{}', 1000,
+                provider_refund_id || '-C', refund_fee, settlement_refund_fee - 1, 0, false,
+                booked_at + interval '2 seconds'
+         FROM (SELECT l.*, row_number() OVER (ORDER BY id) AS n FROM ledger l) x
+         WHERE n % 97 = 0 AND settlement_refund_fee > 0 AND booked_at < $1",
+    )
+    .bind(local("2026-11-10 23:00:00"))
+    .execute(pool)
+    .await
+    .unwrap();
+    // Reversals, full and partial, of refunds the provider paid once.
+    sqlx::query(
+        "INSERT INTO ledger (refund_no, entry_kind, provider, merchant, provider_refund_id,
+             refund_fee, settlement_refund_fee, business_date, source, reverses, booked_at)
+         SELECT refund_no, 'reversal', provider, merchant, provider_refund_id,
+                -CASE WHEN id % 2 = 0 THEN refund_fee ELSE 1 END,
+                -CASE WHEN id % 2 = 0 THEN settlement_refund_fee ELSE 1 END,
+                business_date, 'manual', id, booked_at + interval '1 second'
+         FROM ledger WHERE id % 1013 = 0 AND booked_at < $1",
+    )
+    .bind(local("2026-11-10 23:00:00"))
     .execute(pool)
     .await
     .unwrap();

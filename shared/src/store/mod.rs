@@ -69,26 +69,44 @@ impl StoreError {
     }
 }
 
-/// Opens a pool on `database_url` with the configured limits.
-pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
-    let options: PgConnectOptions = config
+/// How to connect to `database_url`, for a pool or a connection of its own.
+pub fn connect_options(config: &Config) -> Result<PgConnectOptions, StoreError> {
+    Ok(config
         .database_url
         .parse::<PgConnectOptions>()?
-        .application_name("refunds");
-    let pool = PgPoolOptions::new()
+        .application_name("refunds"))
+}
+
+/// The pool's settings: the configured limits.
+fn pool_options(config: &Config) -> PgPoolOptions {
+    PgPoolOptions::new()
         .max_connections(config.database.max_connections)
         .acquire_timeout(Duration::from_millis(config.database.acquire_timeout_ms))
-        .connect_with(options)
-        .await?;
-    Ok(pool)
+}
+
+/// Opens a pool on `database_url` with the configured limits.
+pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
+    Ok(pool_options(config)
+        .connect_with(connect_options(config)?)
+        .await?)
+}
+
+/// A pool like [`connect`]'s that connects on first use, for a process that needs it only
+/// when something goes wrong.
+pub fn connect_lazy(config: &Config) -> Result<PgPool, StoreError> {
+    Ok(pool_options(config).connect_lazy_with(connect_options(config)?))
 }
 
 /// Applies pending migrations. When every one is already applied, unchanged, one read says so
 /// and nothing is locked: every process start (worker, each `refundctl` and reconciler run)
 /// migrates, and the migrator's lock and checks cost several round trips.
-pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    if !up_to_date(pool).await {
-        MIGRATOR.run(pool).await?;
+pub async fn migrate<'a, A>(db: A) -> Result<(), StoreError>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres>,
+{
+    let mut conn = db.acquire().await?;
+    if !up_to_date(&mut conn).await {
+        MIGRATOR.run(&mut *conn).await?;
     }
     Ok(())
 }
@@ -96,11 +114,11 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 /// Whether the database has exactly this build's migrations, each applied successfully with
 /// the same checksum. Anything else (no table yet, a pending or changed migration, no right to
 /// read the table) is left to the migrator, to apply or to report.
-async fn up_to_date(pool: &PgPool) -> bool {
+async fn up_to_date(conn: &mut sqlx::PgConnection) -> bool {
     let Ok(applied) = sqlx::query_as::<_, (i64, Vec<u8>, bool)>(
         "SELECT version, checksum, success FROM _sqlx_migrations ORDER BY version",
     )
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     else {
         return false;
