@@ -1511,7 +1511,7 @@ pub async fn open(config: &Config) -> Result<(PgPool, Connections), shared::stor
     let pool = shared::store::connect_lazy(&small)?;
     let mut conns = Connections::open(&shared::store::connect_options(config)?).await?;
     if config.database.migrate_on_start {
-        shared::store::migrate(&mut conns.main).await?;
+        shared::store::migrate_on(&mut conns.main).await?;
     }
     Ok((pool, conns))
 }

@@ -100,13 +100,14 @@ pub fn connect_lazy(config: &Config) -> Result<PgPool, StoreError> {
 /// Applies pending migrations. When every one is already applied, unchanged, one read says so
 /// and nothing is locked: every process start (worker, each `refundctl` and reconciler run)
 /// migrates, and the migrator's lock and checks cost several round trips.
-pub async fn migrate<'a, A>(db: A) -> Result<(), StoreError>
-where
-    A: sqlx::Acquire<'a, Database = sqlx::Postgres>,
-{
-    let mut conn = db.acquire().await?;
-    if !up_to_date(&mut conn).await {
-        MIGRATOR.run(&mut *conn).await?;
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    migrate_on(&mut *pool.acquire().await?).await
+}
+
+/// [`migrate`] on a connection of the caller's.
+pub async fn migrate_on(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    if !up_to_date(conn).await {
+        MIGRATOR.run_direct(None, conn, false).await?;
     }
     Ok(())
 }
