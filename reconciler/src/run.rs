@@ -70,7 +70,7 @@
 //! in one repeatable-read transaction whose snapshot it shares with a second connection:
 //!
 //! 1. **Fingerprints per bucket**, on both connections at once. A refund's bucket is
-//!    `hashtext(refund_no) & 4095`; a row's fingerprint is a 64-bit hash of (provider,
+//!    `hashtext(refund_no) & 1023` (migration 0008); a row's fingerprint is a 64-bit hash of (provider,
 //!    merchant, `refund_no`, `settlement_refund_fee`). The ledger and the attempts store both
 //!    as generated columns (migration 0007), so every scan is index-only over a narrow index of
 //!    fixed-width columns, in group order, feeding a sorted aggregate: nothing is hashed,
@@ -106,7 +106,7 @@
 //!    read of the ledger, plus what it counted. Steps 2 and 3 are one statement.
 //!
 //! `--exhaustive` drills into every bucket; it gives the same answer, more slowly. Nothing per
-//! refund ever reaches this process: it holds 4,096 buckets and one row per (provider,
+//! refund ever reaches this process: it holds 1,024 buckets and one row per (provider,
 //! merchant).
 
 use std::path::PathBuf;
@@ -122,7 +122,7 @@ use crate::progress::Progress;
 use crate::statement::{LoadError, LoadSummary, StatementError};
 
 /// Buckets per (provider, merchant) for the drill-down (a power of two).
-pub const BUCKETS: i32 = 4096;
+pub const BUCKETS: i32 = 1024;
 
 /// The first key of the advisory lock that serializes runs of one date ("REC1").
 pub const LOCK_CLASS: i32 = 0x5245_4331;
@@ -364,7 +364,7 @@ impl Source {
                         coalesce(($6::text[])[s.file + 1], 'statement') || ':' || s.line
                           || coalesce(' ' || s.provider_refund_id, '') AS source
                  FROM pg_temp.recon_statement s
-                 WHERE NOT s.edge AND (hashtext(s.refund_no) & 4095) = ANY ($7::int[])
+                 WHERE NOT s.edge AND {BUCKET} = ANY ($7::int[])
                    {}",
                 drill.refunds("s")
             ),
@@ -623,12 +623,12 @@ fn bind<'q>(
 }
 
 /// A refund's bucket, for statements (a temporary table); the ledger and the attempts store it
-/// as `recon_bucket` (migration 0007, the same expression).
-const BUCKET: &str = "(hashtext(refund_no) & 4095)";
+/// as `recon_bucket` (migration 0008, the same expression, [`BUCKETS`] of them).
+pub const BUCKET: &str = "(hashtext(refund_no) & 1023)";
 /// A statement row's fingerprint: a 64-bit hash of (provider, merchant, refund_no,
 /// settlement_refund_fee), the expression the ledger and the attempts store as `recon_fp`
 /// (migration 0007). They must stay the same, or no bucket ever matches.
-const FP_STATEMENT: &str = "hashtextextended(refund_no, settlement_refund_fee \
+pub const FP_STATEMENT: &str = "hashtextextended(refund_no, settlement_refund_fee \
                             # hashtextextended(provider || '/' || merchant, 0))";
 
 /// Step 1, ledger side, for some (provider, merchant) pairs ($2, $3), one row each: per
@@ -1137,7 +1137,7 @@ async fn run_inner(
                 .execute(&mut *tx)
                 .await?;
         }
-        // As arrays, one row: 4,096 rows cost more to send and decode than to compute.
+        // As arrays, one row: 1,024 rows cost more to send and decode than to compute.
         let row = bind(
             format!(
                 "SELECT coalesce(array_agg(bucket), '{{}}') AS buckets,

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use reconciler::progress::Progress;
-use reconciler::run::{RunRequest, run};
+use reconciler::run::{BUCKET, BUCKETS, FP_STATEMENT, RunRequest, run};
 
 const DAY: &str = "2026-11-10";
 
@@ -165,4 +165,28 @@ async fn the_shortcut_and_the_exhaustive_comparison_agree_against_attempts() {
         discrepancies(env.pool(), ranged.run_id).await
     );
     assert_eq!(indexed.totals, ranged.totals);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_are_bucketed_and_fingerprinted_as_the_tables_store_it() {
+    let env = env().await;
+    let pool = env.pool();
+    seed_day(pool, "H", date(DAY), 3_000, true).await;
+    let (ledger, attempts, buckets): (i64, i64, i64) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT (SELECT count(*) FROM ledger
+                 WHERE recon_bucket <> {BUCKET} OR recon_fp <> {FP_STATEMENT}
+                    OR recon_bucket >= {BUCKETS}),
+                (SELECT count(*) FROM provider_attempts
+                 WHERE recon_bucket <> {BUCKET}
+                    OR recon_fp <> hashtextextended(refund_no, coalesce(settlement_refund_fee, 0)
+                                   # hashtextextended(provider || '/' || merchant, 0))),
+                (SELECT count(DISTINCT recon_bucket) FROM ledger)"
+        )))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!((ledger, attempts), (0, 0));
+    // 3,000 refunds fill about 95% of 1,024 buckets.
+    assert!(buckets > i64::from(BUCKETS) * 9 / 10, "{buckets}");
 }
