@@ -586,6 +586,46 @@ impl Drill {
     }
 }
 
+/// The ledger's (provider, merchant) pairs of the day, handed out a few at a time to the
+/// connection that asks.
+struct Pairs {
+    providers: Vec<String>,
+    merchants: Vec<String>,
+    /// Several pairs per query when there are many (small) ones, so that round trips stay few;
+    /// one when there are few (large) ones, so that the two connections finish together.
+    chunk: usize,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Pairs {
+    async fn of_day(conn: &mut PgConnection, req: &RunRequest) -> Result<Pairs, RunError> {
+        let row = sqlx::query(LEDGER_PAIRS)
+            .bind(req.date)
+            .bind(req.provider.as_deref())
+            .fetch_one(conn)
+            .await?;
+        let providers: Vec<String> = row.try_get("providers")?;
+        Ok(Pairs {
+            chunk: providers.len().div_ceil(32).max(1),
+            providers,
+            merchants: row.try_get("merchants")?,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// The next pairs nobody has taken, as (providers, merchants).
+    fn take(&self) -> Option<(&[String], &[String])> {
+        let i = self
+            .next
+            .fetch_add(self.chunk, std::sync::atomic::Ordering::Relaxed);
+        let end = (i + self.chunk).min(self.providers.len());
+        self.providers
+            .get(i..end)
+            .zip(self.merchants.get(i..end))
+            .filter(|(p, _)| !p.is_empty())
+    }
+}
+
 /// How a query finds the day's attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DaySql {
@@ -944,14 +984,15 @@ async fn run_inner(
         main: mut conn,
         helper,
     } = conns;
-    sqlx::query("SET temp_buffers = '128MB'")
-        .execute(&mut conn)
-        .await?;
 
     let mut timings = Timings::default();
     let step = Instant::now();
     let statements = match source {
         Source::Statement => {
+            // Before the session's first temporary table.
+            sqlx::query("SET temp_buffers = '128MB'")
+                .execute(&mut conn)
+                .await?;
             let total = req
                 .statements
                 .iter()
@@ -998,45 +1039,52 @@ async fn run_inner(
             .execute(&mut conn)
             .await?;
     }
+    let day_sql = if tz.name() == INDEXED_TZ {
+        DaySql::Indexed
+    } else {
+        DaySql::Range
+    };
+    // The attempts of every provider by their index: the provider side streams in bucket
+    // order, and the drill-down can be narrowed to refunds by index.
+    let streaming =
+        source == Source::Attempts && day_sql == DaySql::Indexed && req.provider.is_none();
+    // Index-only scans in index order, so that grouping streams instead of hashing or sorting
+    // a million rows; the plans are fixed rather than left to estimates for expressions.
+    let plan_settings = [
+        "SET LOCAL enable_seqscan = off",
+        "SET LOCAL enable_bitmapscan = off",
+        "SET LOCAL enable_sort = off",
+        "SET LOCAL enable_hashagg = off",
+        "SET LOCAL max_parallel_workers_per_gather = 0",
+    ]
+    .join("; ");
+    // One round trip: the transaction, its settings, and the plan settings of the provider
+    // side when it streams (the others set them when they join the ledger side).
     let mut tx = conn
-        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .begin_with(AssertSqlSafe(format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL jit = off; \
+             SET LOCAL work_mem = '64MB'; SET LOCAL application_name = 'refund-reconciler'; {}",
+            if streaming {
+                plan_settings.as_str()
+            } else {
+                ""
+            }
+        )))
         .await?;
-    for setting in [
-        "SET LOCAL jit = off",
-        "SET LOCAL work_mem = '64MB'",
-        "SET LOCAL application_name = 'refund-reconciler'",
-    ] {
-        sqlx::query(setting).execute(&mut *tx).await?;
-    }
-    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-        .fetch_one(&mut *tx)
-        .await?;
+    let head = sqlx::query(
+        "SELECT pg_export_snapshot() AS snapshot, coalesce($1::timestamptz, now()) AS as_of",
+    )
+    .bind(req.as_of)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (snapshot, as_of): (String, DateTime<Utc>) =
+        (head.try_get("snapshot")?, head.try_get("as_of")?);
     timings.lock_ms = ms_since(step);
-    let as_of: DateTime<Utc> = sqlx::query_scalar("SELECT coalesce($1::timestamptz, now())")
-        .bind(req.as_of)
-        .fetch_one(&mut *tx)
-        .await?;
     let files: Vec<String> = req
         .statements
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    let run_id: i64 = sqlx::query_scalar(
-        "INSERT INTO reconciliation_runs (business_date, provider, source, statement_files,
-             timezone, grace_minutes, status, started_at, locked_at)
-         VALUES ($1, $2, $3, $4, $5, $6, 'running', $7, clock_timestamp())
-         RETURNING id",
-    )
-    .bind(req.date)
-    .bind(req.provider.as_deref())
-    .bind(source.as_str())
-    .bind(&files)
-    .bind(tz.name())
-    .bind(i32::try_from(day.grace_minutes).unwrap_or(i32::MAX))
-    .bind(started_at)
-    .fetch_one(&mut *tx)
-    .await?;
-
     let params = Params {
         date: req.date,
         start: day.start,
@@ -1048,44 +1096,10 @@ async fn run_inner(
 
     spinner.set_message(format!("matching totals of {}", req.date));
     let step = Instant::now();
-    let day_sql = if tz.name() == INDEXED_TZ {
-        DaySql::Indexed
-    } else {
-        DaySql::Range
-    };
-    // Index-only scans in index order, so that grouping streams instead of hashing or sorting
-    // a million rows; the plans are fixed rather than left to estimates for expressions.
-    let plan_settings = [
-        "SET LOCAL enable_seqscan = off",
-        "SET LOCAL enable_bitmapscan = off",
-        "SET LOCAL enable_sort = off",
-        "SET LOCAL enable_hashagg = off",
-        "SET LOCAL max_parallel_workers_per_gather = 0",
-        "SET LOCAL jit = off",
-    ]
-    .join("; ");
-    // The ledger's (provider, merchant) pairs are shared out as they come between the second
-    // connection and this one (once it is done with the provider side), so that both stay
-    // busy to the end.
-    let pairs = sqlx::query(LEDGER_PAIRS)
-        .bind(req.date)
-        .bind(req.provider.as_deref())
-        .fetch_one(&mut *tx)
-        .await?;
-    let (pair_providers, pair_merchants): (Vec<String>, Vec<String>) =
-        (pairs.try_get("providers")?, pairs.try_get("merchants")?);
-    // Several pairs per query when there are many (small) ones, so that round trips stay few;
-    // one when there are few (large) ones, so that the two connections finish together.
-    let chunk = pair_providers.len().div_ceil(32).max(1);
-    let next_pair = std::sync::atomic::AtomicUsize::new(0);
-    let take_pairs = || {
-        let i = next_pair.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
-        let end = (i + chunk).min(pair_providers.len());
-        pair_providers
-            .get(i..end)
-            .zip(pair_merchants.get(i..end))
-            .filter(|(p, _)| !p.is_empty())
-    };
+    // The ledger's (provider, merchant) pairs, found by whichever connection gets there first
+    // (the second one, at once), are shared out as they come between the two, so that both
+    // stay busy to the end.
+    let pairs = tokio::sync::OnceCell::<Pairs>::new();
     let ledger_side = async {
         // The ledger side is read on the second connection, concurrently with the provider
         // side.
@@ -1099,10 +1113,13 @@ async fn run_inner(
         // One round trip: the transaction, its snapshot and its plan settings.
         sqlx::raw_sql(AssertSqlSafe(format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-             SET TRANSACTION SNAPSHOT '{snapshot}'; {plan_settings}"
+             SET TRANSACTION SNAPSHOT '{snapshot}'; SET LOCAL jit = off; {plan_settings}"
         )))
         .execute(&mut helper)
         .await?;
+        let pairs = pairs
+            .get_or_try_init(|| Pairs::of_day(&mut helper, req))
+            .await?;
         let mut pass = LedgerPass::default();
         let reversals = sqlx::query(REVERSALS)
             .bind(req.date)
@@ -1112,7 +1129,7 @@ async fn run_inner(
         for row in &reversals {
             pass.add_reversals(row)?;
         }
-        while let Some((p, m)) = take_pairs() {
+        while let Some((p, m)) = pairs.take() {
             let rows = sqlx::query(LEDGER_PASS)
                 .bind(req.date)
                 .bind(p)
@@ -1127,16 +1144,7 @@ async fn run_inner(
         let _ = helper.close().await;
         Ok::<_, RunError>(pass)
     };
-    // The attempts of every provider by their index: the provider side streams in bucket
-    // order, and the drill-down can be narrowed to refunds by index.
-    let streaming =
-        source == Source::Attempts && day_sql == DaySql::Indexed && req.provider.is_none();
     let provider_side = async {
-        if streaming {
-            sqlx::raw_sql(AssertSqlSafe(plan_settings.clone()))
-                .execute(&mut *tx)
-                .await?;
-        }
         // As arrays, one row: 1,024 rows cost more to send and decode than to compute.
         let row = bind(
             format!(
@@ -1162,14 +1170,17 @@ async fn run_inner(
         }
         // Then the ledger pairs the second connection has not taken yet.
         let mut pass = LedgerPass::default();
-        if let Some(first) = take_pairs() {
+        let pairs = pairs
+            .get_or_try_init(|| Pairs::of_day(&mut tx, req))
+            .await?;
+        if let Some(first) = pairs.take() {
             if !streaming {
                 sqlx::raw_sql(AssertSqlSafe(plan_settings.clone()))
                     .execute(&mut *tx)
                     .await?;
             }
-            let mut pairs = Some(first);
-            while let Some((p, m)) = pairs {
+            let mut next = Some(first);
+            while let Some((p, m)) = next {
                 let rows = sqlx::query(LEDGER_PASS)
                     .bind(req.date)
                     .bind(p)
@@ -1179,7 +1190,7 @@ async fn run_inner(
                 for row in &rows {
                     pass.add_pair(row)?;
                 }
-                pairs = take_pairs();
+                next = pairs.take();
             }
         }
         sqlx::raw_sql(
@@ -1198,6 +1209,22 @@ async fn run_inner(
         .sort_by(|a, b| (&a.provider, &a.merchant).cmp(&(&b.provider, &b.merchant)));
     timings.totals_ms = ms_since(step);
     let step = Instant::now();
+    // In the transaction, so never seen before it commits: written when it is needed.
+    let run_id: i64 = sqlx::query_scalar(
+        "INSERT INTO reconciliation_runs (business_date, provider, source, statement_files,
+             timezone, grace_minutes, status, started_at, locked_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'running', $7, now())
+         RETURNING id",
+    )
+    .bind(req.date)
+    .bind(req.provider.as_deref())
+    .bind(source.as_str())
+    .bind(&params.files)
+    .bind(tz.name())
+    .bind(i32::try_from(day.grace_minutes).unwrap_or(i32::MAX))
+    .bind(started_at)
+    .fetch_one(&mut *tx)
+    .await?;
 
     // A bucket is the same on both sides when neither has a reversal in it and both have the
     // same number of rows and the same bit_xor of fingerprints: the ledger's rows of a bucket
