@@ -40,12 +40,9 @@ async fn compare(env: &Env, statements: Vec<std::path::PathBuf>) -> usize {
     a.len()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_shortcut_and_the_exhaustive_comparison_agree_against_a_statement() {
-    let env = env().await;
-    let pool = env.pool();
-    seed_day(pool, "E", date(DAY), 20_000, false).await;
-    // Reversals: some full, some partial.
+/// Reversals of every `n`th ledger entry booked before 23:00, full for even ids, of one fen
+/// for odd ones.
+async fn reverse_every(pool: &sqlx::PgPool, n: i64) {
     sqlx::query(
         "INSERT INTO ledger (refund_no, entry_kind, provider, merchant, provider_refund_id,
              refund_fee, settlement_refund_fee, business_date, source, reverses, booked_at)
@@ -53,12 +50,21 @@ async fn the_shortcut_and_the_exhaustive_comparison_agree_against_a_statement() 
                 -CASE WHEN id % 2 = 0 THEN refund_fee ELSE 1 END,
                 -CASE WHEN id % 2 = 0 THEN settlement_refund_fee ELSE 1 END,
                 business_date, 'manual', id, booked_at + interval '1 second'
-         FROM ledger WHERE id % 1009 = 0 AND booked_at < $1",
+         FROM ledger WHERE id % $2 = 0 AND booked_at < $1",
     )
     .bind(local("2026-11-10 23:00:00"))
+    .bind(n)
     .execute(pool)
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shortcut_and_the_exhaustive_comparison_agree_against_a_statement() {
+    let env = env().await;
+    let pool = env.pool();
+    seed_day(pool, "E", date(DAY), 20_000, false).await;
+    reverse_every(pool, 1009).await;
     // The statement: dropped, doubled, changed and foreign rows.
     let path = env.path("s.csv");
     let sql = format!(
@@ -131,20 +137,7 @@ async fn the_shortcut_and_the_exhaustive_comparison_agree_against_attempts() {
     .execute(pool)
     .await
     .unwrap();
-    // Reversals, full and partial, of refunds the provider paid once.
-    sqlx::query(
-        "INSERT INTO ledger (refund_no, entry_kind, provider, merchant, provider_refund_id,
-             refund_fee, settlement_refund_fee, business_date, source, reverses, booked_at)
-         SELECT refund_no, 'reversal', provider, merchant, provider_refund_id,
-                -CASE WHEN id % 2 = 0 THEN refund_fee ELSE 1 END,
-                -CASE WHEN id % 2 = 0 THEN settlement_refund_fee ELSE 1 END,
-                business_date, 'manual', id, booked_at + interval '1 second'
-         FROM ledger WHERE id % 1013 = 0 AND booked_at < $1",
-    )
-    .bind(local("2026-11-10 23:00:00"))
-    .execute(pool)
-    .await
-    .unwrap();
+    reverse_every(pool, 1013).await;
     let found = compare(&env, Vec::new()).await;
     assert!(found > 50, "{found}");
 
