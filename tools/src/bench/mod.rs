@@ -45,7 +45,14 @@ pub const ALL: [&str; 8] = ["S0", "S1", "S1u", "S1s", "S2", "S3", "S4", "S5"];
 
 /// Benchmarks the refund processor on this machine against the machine's own ceilings.
 #[derive(Debug, Clone, Parser, Serialize)]
-#[command(name = "refund-bench", version)]
+#[command(
+    name = "refund-bench",
+    version,
+    after_help = "Exit status: 0 when every phase ran (a target missed is a finding, not a \
+                  failure), 1 when a phase reported an error or an S5 tool did not finish with \
+                  its report (named on stderr, marked in the reports, which are written all the \
+                  same), 2 when the bench could not run."
+)]
 pub struct Options {
     /// Scenarios to run, comma separated: S0 (ceilings), S1 (WuPay SOAP), S1u (S1 with the
     /// worker on PostgreSQL's Unix socket), S1s (ShengPay RSA), S2 (provider latency), S3
@@ -261,6 +268,24 @@ pub struct Report {
     pub scenarios: Vec<Spec>,
     pub ceilings: Vec<Ceiling>,
     pub runs: Vec<PhaseResult>,
+}
+
+impl Report {
+    /// What went wrong in the run: phases that reported an error and S5 tools that did not
+    /// finish with a report. A target missed is a finding, not a failure.
+    pub fn failures(&self) -> Vec<String> {
+        let phases = self
+            .rows
+            .iter()
+            .filter(|r| !r.errors.is_empty())
+            .map(|r| format!("{} {}: {}", r.scenario, r.phase, r.errors.join("; ")));
+        let tools = self
+            .s5
+            .iter()
+            .filter(|x| x.status != "ok")
+            .map(|x| format!("{}: {}", x.name, x.status));
+        phases.chain(tools).collect()
+    }
 }
 
 fn wupay_soap() -> (ProviderKind, Vec<String>) {

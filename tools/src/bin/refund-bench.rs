@@ -56,5 +56,14 @@ fn main() -> std::process::ExitCode {
             path.display()
         );
     }
-    std::process::ExitCode::SUCCESS
+    // The reports are written either way, errors marked in them; the status tells a script.
+    let failures = report.failures();
+    for f in &failures {
+        eprintln!("refund-bench: failed: {f}");
+    }
+    if failures.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    }
 }
