@@ -1,7 +1,7 @@
 -- 1,024 reconciliation buckets instead of 4,096 (DESIGN §7; reconciler/src/run.rs).
 --
 -- The reconciler's ledger pass makes one group per (provider, merchant) and bucket, and each
--- group costs about as much as reading 20 index entries: with 4,096 buckets a day of a million
+-- group costs about as much as reading six index entries: with 4,096 buckets a day of a million
 -- refunds over 16 pairs made 65,536 groups, a fifth of the pass (measured: 132 ms against 103 ms
 -- with 1,024 buckets, same rows), and a deployment with a thousand merchants would make nearly
 -- a group per refund. A bucket that differs costs its rows in the drill-down, four times as many

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use chrono::NaiveDate;
 use clap::{Args, Parser, Subcommand};
 use shared::config::Config;
+use sqlx::Connection;
 
 use crate::progress::Progress;
 use crate::report::Format;
@@ -182,7 +183,6 @@ async fn run_command(args: RunArgs) -> anyhow::Result<Status> {
             w.flush()?;
         }
     }
-    use sqlx::Connection;
     let _ = conn.close().await;
     eprintln!(
         "refund-reconciler: {} {}: {} discrepancies, {} pending (run {}{})",

@@ -198,7 +198,7 @@ pub struct Timings {
     pub lock_ms: u64,
     /// Step 1: fingerprints per bucket, both sides, and the ledger's totals.
     pub totals_ms: u64,
-    /// Comparing the buckets.
+    /// Writing the run's row and comparing the buckets.
     pub buckets_ms: u64,
     /// Step 3: the refund-by-refund comparison and the discrepancies.
     pub drill_ms: u64,
