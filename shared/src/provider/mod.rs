@@ -148,6 +148,12 @@ pub trait Provider: Send + Sync {
     /// Whether the provider deduplicates on `refund_no`, so that a maybe-delivered request may
     /// be sent again with the same `refund_no`.
     fn idempotent(&self) -> bool;
+    /// Whether this merchant's protocol can carry the request as it is, checked at intake so
+    /// that a request the provider's stack would refuse before processing (or that would sign
+    /// ambiguously) is rejected with a reason naming the field, never sent.
+    fn admit(&self, _request: &RefundRequest) -> Result<(), crate::job::Rejection> {
+        Ok(())
+    }
     /// Send the refund once. Never panics, never retries: retrying is the worker's decision.
     async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord;
 }
