@@ -274,6 +274,13 @@ pub struct HttpConfig {
     pub pool_max_idle_per_host: usize,
 }
 
+impl HttpConfig {
+    /// The whole-request timeout.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms)
+    }
+}
+
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
@@ -458,6 +465,16 @@ impl Config {
     }
 
     /// Checks what types alone cannot; every error names its key.
+    /// How long after the last claim's lease ended a stalled worker may still be sending:
+    /// the HTTP timeout plus the lease margin. Manual resolution waits for it.
+    pub fn resolve_quiet(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.http
+                .timeout_ms
+                .saturating_add(self.worker.lease_margin_ms),
+        )
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.tz()?;
         if !self.database_url.starts_with("postgres://")

@@ -125,12 +125,31 @@ pub struct Rejection {
 }
 
 impl Rejection {
+    /// A rejection of `field`. Both texts may echo the input (serde names an unknown field or
+    /// variant as it was sent), so control characters are written escaped: the reason is read
+    /// on terminals and stored in PostgreSQL, which cannot hold U+0000.
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
-            field: field.into(),
-            reason: reason.into(),
+            field: escape_controls(field.into()),
+            reason: escape_controls(reason.into()),
         }
     }
+}
+
+/// `s` with its control characters written as Rust escapes (`\0`, `\u{7}`, ...).
+fn escape_controls(s: String) -> String {
+    if !s.chars().any(char::is_control) {
+        return s;
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Parses and validates one message body. Strict: see the module docs.
@@ -349,6 +368,20 @@ mod tests {
 
     fn reject(body: &[u8]) -> Rejection {
         parse_request(body).expect_err("should be rejected")
+    }
+
+    #[test]
+    fn a_rejection_that_echoes_a_nul_or_control_character_writes_it_escaped() {
+        let unknown = reject(&with(|v| v["a\u{0}b"] = 1.into()));
+        assert_eq!(unknown.field, "a\\u{0}b");
+        assert!(!unknown.reason.contains('\0'), "{}", unknown.reason);
+        let variant = reject(&with(|v| v["provider"] = "shengpay\u{0}\u{7}".into()));
+        assert_eq!(variant.field, "provider");
+        assert!(
+            variant.reason.contains("shengpay\\u{0}\\u{7}"),
+            "{}",
+            variant.reason
+        );
     }
 
     fn with(f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {

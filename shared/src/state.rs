@@ -79,6 +79,9 @@ pub enum Cause {
     ProviderRejectedRequest,
     /// No client is configured any more for the job's merchant.
     MerchantNotConfigured,
+    /// The stored job cannot be read back into a request (a corrupt or foreign row): it was
+    /// never sent from that row, and an operator must look at it.
+    UnreadableJob,
 }
 
 impl Cause {
@@ -88,6 +91,7 @@ impl Cause {
             Cause::OutcomeUnknown => "outcome_unknown",
             Cause::ProviderRejectedRequest => "provider_rejected_request",
             Cause::MerchantNotConfigured => "merchant_not_configured",
+            Cause::UnreadableJob => "unreadable_job",
         }
     }
 }

@@ -81,6 +81,23 @@ impl RetryPolicy {
     }
 }
 
+/// What earlier attempts of a job left behind that its next decision must respect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct History {
+    /// An earlier attempt may have paid: its answer was maybe delivered, unrecognised or
+    /// accepted (fenced included), or its lease ran out mid-call.
+    pub maybe_paid: bool,
+}
+
+impl History {
+    /// The history once `outcome` is added to it.
+    pub fn after(self, outcome: &Outcome) -> History {
+        History {
+            maybe_paid: self.maybe_paid || outcome.may_have_paid(),
+        }
+    }
+}
+
 /// What the job does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -95,46 +112,48 @@ pub enum Decision {
 }
 
 /// Decides the next step after a call with `outcome` as attempt number `attempt` of a job that
-/// is `age` old at a merchant that is (or is not) idempotent on `refund_no`.
+/// is `age` old at a merchant that is (or is not) idempotent on `refund_no`, given what the
+/// job's earlier attempts left behind.
+///
+/// Two rules read the history, because the provider may already hold this refund from an
+/// earlier attempt: a decline then cannot prove that nothing was paid (it may be the answer to
+/// a second request for a refund the first one paid), so it is `dead`/`outcome_unknown` with
+/// the order amount kept, not `failed`; and a job that dies for any reason after such an
+/// attempt is `outcome_unknown`, so that nobody replays it or resolves it as failed as if no
+/// attempt had reached the provider.
 pub fn decide(
     outcome: &Outcome,
     attempt: i32,
     age: Duration,
     idempotent: bool,
+    history: History,
     policy: &RetryPolicy,
     rng: &mut impl Rng,
 ) -> Decision {
-    // When the budget runs out after a call that may have been delivered, the provider may
-    // have paid: say so (`outcome_unknown`), so nobody mistakes the job for one that never
-    // reached the provider.
-    let maybe_paid = matches!(outcome, Outcome::MaybeDelivered { .. });
+    let maybe_paid = history.after(outcome).maybe_paid;
+    let dead = |cause| Decision::Dead {
+        cause: if maybe_paid {
+            Cause::OutcomeUnknown
+        } else {
+            cause
+        },
+    };
     let retry = |rng: &mut _| {
         if policy.may_retry(attempt, age) {
             Decision::Retry {
                 after: policy.delay(attempt, rng),
             }
-        } else if maybe_paid {
-            Decision::Dead {
-                cause: Cause::OutcomeUnknown,
-            }
         } else {
-            Decision::Dead {
-                cause: Cause::RetriesExhausted,
-            }
+            dead(Cause::RetriesExhausted)
         }
     };
     match outcome {
         Outcome::Accepted { .. } => Decision::Succeed,
+        Outcome::Declined { .. } if maybe_paid => dead(Cause::OutcomeUnknown),
         Outcome::Declined { .. } => Decision::Fail,
-        Outcome::RequestRejected { .. } => Decision::Dead {
-            cause: Cause::ProviderRejectedRequest,
-        },
-        Outcome::Unrecognised { .. } => Decision::Dead {
-            cause: Cause::OutcomeUnknown,
-        },
-        Outcome::MaybeDelivered { .. } if !idempotent => Decision::Dead {
-            cause: Cause::OutcomeUnknown,
-        },
+        Outcome::RequestRejected { .. } => dead(Cause::ProviderRejectedRequest),
+        Outcome::Unrecognised { .. } => dead(Cause::OutcomeUnknown),
+        Outcome::MaybeDelivered { .. } if !idempotent => dead(Cause::OutcomeUnknown),
         Outcome::RetryLater { .. } | Outcome::NotSent { .. } | Outcome::MaybeDelivered { .. } => {
             retry(rng)
         }
@@ -170,7 +189,15 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         for attempt in 1..10 {
             assert_eq!(
-                decide(&o, attempt, Duration::ZERO, true, &policy(), &mut rng),
+                decide(
+                    &o,
+                    attempt,
+                    Duration::ZERO,
+                    true,
+                    History::default(),
+                    &policy(),
+                    &mut rng
+                ),
                 Decision::Fail
             );
         }
@@ -180,11 +207,27 @@ mod tests {
     fn a_maybe_delivered_call_is_retried_only_at_an_idempotent_merchant() {
         let mut rng = StdRng::seed_from_u64(1);
         assert!(matches!(
-            decide(&maybe(), 1, Duration::ZERO, true, &policy(), &mut rng),
+            decide(
+                &maybe(),
+                1,
+                Duration::ZERO,
+                true,
+                History::default(),
+                &policy(),
+                &mut rng
+            ),
             Decision::Retry { .. }
         ));
         assert_eq!(
-            decide(&maybe(), 1, Duration::ZERO, false, &policy(), &mut rng),
+            decide(
+                &maybe(),
+                1,
+                Duration::ZERO,
+                false,
+                History::default(),
+                &policy(),
+                &mut rng
+            ),
             Decision::Dead {
                 cause: Cause::OutcomeUnknown
             }
@@ -205,7 +248,15 @@ mod tests {
             },
         ] {
             assert!(matches!(
-                decide(&o, 1, Duration::ZERO, false, &policy(), &mut rng),
+                decide(
+                    &o,
+                    1,
+                    Duration::ZERO,
+                    false,
+                    History::default(),
+                    &policy(),
+                    &mut rng
+                ),
                 Decision::Retry { .. }
             ));
         }
@@ -222,19 +273,145 @@ mod tests {
         };
         let young = Duration::ZERO;
         let old = Duration::from_secs(61);
-        assert_eq!(decide(&not_sent, 4, young, true, &policy(), &mut rng), dead);
-        assert_eq!(decide(&not_sent, 1, old, true, &policy(), &mut rng), dead);
+        assert_eq!(
+            decide(
+                &not_sent,
+                4,
+                young,
+                true,
+                History::default(),
+                &policy(),
+                &mut rng
+            ),
+            dead
+        );
+        assert_eq!(
+            decide(
+                &not_sent,
+                1,
+                old,
+                true,
+                History::default(),
+                &policy(),
+                &mut rng
+            ),
+            dead
+        );
     }
 
     #[test]
     fn running_out_of_retries_after_a_maybe_delivered_call_is_outcome_unknown() {
         let mut rng = StdRng::seed_from_u64(1);
         assert_eq!(
-            decide(&maybe(), 4, Duration::ZERO, true, &policy(), &mut rng),
+            decide(
+                &maybe(),
+                4,
+                Duration::ZERO,
+                true,
+                History::default(),
+                &policy(),
+                &mut rng
+            ),
             Decision::Dead {
                 cause: Cause::OutcomeUnknown
             }
         );
+    }
+
+    fn declined() -> Outcome {
+        Outcome::Declined {
+            code: "NOTENOUGH".into(),
+            message: String::new(),
+            raw: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_decline_after_an_attempt_that_may_have_paid_is_outcome_unknown_not_failed() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let history = History { maybe_paid: true };
+        assert_eq!(
+            decide(
+                &declined(),
+                2,
+                Duration::ZERO,
+                true,
+                history,
+                &policy(),
+                &mut rng
+            ),
+            Decision::Dead {
+                cause: Cause::OutcomeUnknown
+            }
+        );
+    }
+
+    #[test]
+    fn a_job_that_may_have_been_paid_never_dies_as_if_no_attempt_reached_the_provider() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let history = History { maybe_paid: true };
+        let rr = Outcome::RequestRejected {
+            code: "SIGN_ERROR".into(),
+            message: String::new(),
+            raw: String::new(),
+        };
+        for o in [
+            Outcome::NotSent {
+                error: "refused".into(),
+            },
+            Outcome::RetryLater {
+                code: "SYSTEMERROR".into(),
+                message: String::new(),
+                raw: String::new(),
+            },
+            rr,
+        ] {
+            assert_eq!(
+                decide(&o, 4, Duration::ZERO, true, history, &policy(), &mut rng),
+                Decision::Dead {
+                    cause: Cause::OutcomeUnknown
+                },
+                "{o:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_acceptance_after_a_maybe_delivered_attempt_is_still_booked() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let accepted = Outcome::Accepted {
+            provider_refund_id: "P1".into(),
+            refund_fee: 100,
+            settlement_refund_fee: 100,
+            coupon_refund_fee: 0,
+            raw: String::new(),
+        };
+        let history = History { maybe_paid: true };
+        assert_eq!(
+            decide(
+                &accepted,
+                2,
+                Duration::ZERO,
+                true,
+                history,
+                &policy(),
+                &mut rng
+            ),
+            Decision::Succeed
+        );
+    }
+
+    #[test]
+    fn outcomes_that_may_have_paid_are_remembered_and_definitive_ones_are_not() {
+        assert!(History::default().after(&maybe()).maybe_paid);
+        assert!(!History::default().after(&declined()).maybe_paid);
+        let un = Outcome::Unrecognised {
+            result: "PENDING".into(),
+            raw: String::new(),
+        };
+        assert!(History::default().after(&un).maybe_paid);
+        let seen = History { maybe_paid: true };
+        assert!(seen.after(&declined()).maybe_paid);
     }
 
     #[test]
@@ -260,7 +437,15 @@ mod tests {
             raw: String::new(),
         };
         assert_eq!(
-            decide(&rr, 1, Duration::ZERO, true, &policy(), &mut rng),
+            decide(
+                &rr,
+                1,
+                Duration::ZERO,
+                true,
+                History::default(),
+                &policy(),
+                &mut rng
+            ),
             Decision::Dead {
                 cause: Cause::ProviderRejectedRequest
             }
@@ -270,7 +455,15 @@ mod tests {
             raw: String::new(),
         };
         assert_eq!(
-            decide(&un, 1, Duration::ZERO, true, &policy(), &mut rng),
+            decide(
+                &un,
+                1,
+                Duration::ZERO,
+                true,
+                History::default(),
+                &policy(),
+                &mut rng
+            ),
             Decision::Dead {
                 cause: Cause::OutcomeUnknown
             }

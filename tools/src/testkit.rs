@@ -18,7 +18,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use shared::config::{AmqpConfig, Config};
 use shared::job::{ProviderKind, RefundRequest};
-use shared::provider::{AttemptRecord, Outcome, Provider, RefundCall};
+use shared::provider::{AttemptRecord, Outcome, Provider, RefundCall, Registry};
 use sqlx::postgres::PgPoolOptions;
 // Database names below are generated here (uuid, hash), never taken from input.
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
@@ -304,6 +304,16 @@ pub async fn publish_requests(config: &Config, bodies: &[Vec<u8>]) -> anyhow::Re
 
 /// Messages waiting in a queue.
 pub async fn queue_depth(config: &Config, queue: &str) -> anyhow::Result<u32> {
+    Ok(queue_counts(config, queue).await?.0)
+}
+
+/// Consumers of the request queue (a started worker is consuming when this is above 0).
+pub async fn queue_consumers(config: &Config) -> anyhow::Result<u32> {
+    Ok(queue_counts(config, &config.amqp.queue).await?.1)
+}
+
+/// A queue's messages and consumers; 0 and 0 for a queue not declared yet.
+async fn queue_counts(config: &Config, queue: &str) -> anyhow::Result<(u32, u32)> {
     let conn = shared::broker::connect(&config.amqp_url, "test-depth").await?;
     let ch = conn.create_channel().await?;
     let q = ch
@@ -315,10 +325,14 @@ pub async fn queue_depth(config: &Config, queue: &str) -> anyhow::Result<u32> {
             },
             FieldTable::default(),
         )
-        .await?;
-    let n = q.message_count();
-    conn.close(200, "done".into()).await?;
-    Ok(n)
+        .await;
+    let counts = match q {
+        Ok(q) => (q.message_count(), q.consumer_count()),
+        // A passive declare of a missing queue closes the channel with 404.
+        Err(_) => (0, 0),
+    };
+    let _ = conn.close(200, "done".into()).await;
+    Ok(counts)
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
@@ -527,6 +541,16 @@ impl Provider for FakeProvider {
             latency: Duration::from_millis(1),
         }
     }
+}
+
+/// A registry of fake clients, one per (provider, merchant, idempotent): what intake admits
+/// against in tests that take messages in without a worker.
+pub fn fake_registry(merchants: &[(ProviderKind, &str, bool)]) -> Registry {
+    let mut registry = Registry::default();
+    for (kind, merchant, idempotent) in merchants {
+        registry.insert(FakeProvider::new(*kind, merchant, *idempotent));
+    }
+    registry
 }
 
 /// The workspace root (tests run in their crate's folder).

@@ -36,6 +36,7 @@ pub struct Ctx {
     /// Claims and outcomes go through here, batched across jobs.
     pub writer: crate::writer::Writer,
     pub broker_up: AtomicBool,
+    pub intake_up: AtomicBool,
     pub shutdown: CancellationToken,
 }
 
@@ -49,9 +50,21 @@ impl Ctx {
         metrics::gauge!(crate::metrics::BROKER_CONNECTED).set(if up { 1.0 } else { 0.0 });
     }
 
-    /// Whether a (provider, merchant) has a client.
-    pub fn merchant_known(&self, kind: shared::job::ProviderKind, merchant: &str) -> bool {
-        self.registry.contains(kind, merchant)
+    /// Whether intake may take a request in, and what it records of its merchant.
+    pub fn admit(
+        &self,
+        request: &shared::job::RefundRequest,
+    ) -> Result<shared::provider::Admission, shared::job::Rejection> {
+        self.registry.admit(request)
+    }
+
+    pub fn set_intake_up(&self, up: bool) {
+        self.intake_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Whether intake is writing (false while its transactions fail and are retried).
+    pub fn intake_up(&self) -> bool {
+        self.intake_up.load(Ordering::Relaxed)
     }
 }
 
@@ -108,6 +121,15 @@ pub async fn run(
             .await
             .context("applying migrations")?;
     }
+    let filled = shared::store::jobs::backfill_idempotent(&pool, &registry.idempotence())
+        .await
+        .context("recording merchant idempotence on jobs from before it was recorded")?;
+    if filled > 0 {
+        tracing::info!(
+            jobs = filled,
+            "recorded their merchant's idempotence on jobs from before it was recorded at intake"
+        );
+    }
     let actor = format!(
         "worker:{}:{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
@@ -132,6 +154,7 @@ pub async fn run(
         actor,
         jobs: TaskTracker::new(),
         broker_up: AtomicBool::new(false),
+        intake_up: AtomicBool::new(true),
         shutdown: shutdown.clone(),
     });
     let health = crate::health::serve(ctx.clone()).await?;

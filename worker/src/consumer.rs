@@ -153,22 +153,101 @@ async fn ack_through(last: &Delivery) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs intake for every delivery in one transaction, retrying transient database failures
-/// until they pass or shutdown begins (the deliveries stay unacked meanwhile).
+/// Runs intake for every delivery in one transaction. A transient database failure
+/// (connection, serialization, deadlock, timeout) is retried until it passes or shutdown begins
+/// (the deliveries stay unacked meanwhile); any other failure is the batch's content, so the
+/// batch is split and taken message by message ([`record_each`]), and the message at fault
+/// is stored as unstorable and dead-lettered while the rest go on.
 async fn record_batch(ctx: &Arc<Ctx>, batch: &[Delivery]) -> anyhow::Result<Vec<IntakeResult>> {
+    match retry_transient(ctx, || try_record_batch(ctx, batch)).await? {
+        Ok(r) => Ok(r),
+        Err(e) if batch.len() == 1 => Ok(vec![store_unstorable(ctx, &batch[0], &e).await?]),
+        Err(e) => {
+            tracing::warn!(error = %e, messages = batch.len(), "intake batch failed; taking its messages one by one");
+            record_each(ctx, batch).await
+        }
+    }
+}
+
+/// Takes each delivery in a transaction of its own; one that still fails for a reason other
+/// than the connection's is stored as unstorable.
+async fn record_each(ctx: &Arc<Ctx>, batch: &[Delivery]) -> anyhow::Result<Vec<IntakeResult>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for d in batch {
+        let one = std::slice::from_ref(d);
+        match retry_transient(ctx, || try_record_batch(ctx, one)).await? {
+            Ok(mut r) if r.len() == 1 => out.extend(r.pop()),
+            Ok(r) => anyhow::bail!("intake answered {} results for one message", r.len()),
+            Err(e) => out.push(store_unstorable(ctx, d, &e).await?),
+        }
+    }
+    Ok(out)
+}
+
+/// Stores a message whose effect could not be written as a rejection of the whole message
+/// (raw bytes, their SHA-256, the error escaped), so it is dead-lettered and never blocks the
+/// messages after it. If even that cannot be written, the message still goes to the
+/// dead-letter queue, where it is not lost.
+async fn store_unstorable(
+    ctx: &Arc<Ctx>,
+    d: &Delivery,
+    error: &shared::store::StoreError,
+) -> anyhow::Result<IntakeResult> {
+    let msg = incoming(d);
+    tracing::error!(error = %error, bytes = d.data.len(), "a message could not be taken in; storing it as unstorable and dead-lettering it");
+    let stored = retry_transient(ctx, || async {
+        let mut tx = ctx.pool.begin().await?;
+        let r = intake::store_unstorable(&mut tx, &msg, &error.to_string()).await?;
+        tx.commit().await?;
+        Ok(r)
+    })
+    .await?;
+    match stored {
+        Ok(result) => Ok(result),
+        Err(e) => {
+            tracing::error!(error = %e, "an unstorable message could not be recorded either; it is dead-lettered only");
+            Ok(intake::unstorable_result(&error.to_string()))
+        }
+    }
+}
+
+/// Runs `op` until it succeeds or fails for a reason that is not transient (returned as
+/// `Ok(Err(_))`); transient failures are retried with backoff until shutdown begins, with
+/// readiness reporting intake as stalled meanwhile.
+async fn retry_transient<T, F, Fut>(
+    ctx: &Arc<Ctx>,
+    mut op: F,
+) -> anyhow::Result<Result<T, shared::store::StoreError>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, shared::store::StoreError>>,
+{
     let mut backoff = reconnect_backoff();
     loop {
-        match try_record_batch(ctx, batch).await {
-            Ok(r) => return Ok(r),
-            Err(e) => {
-                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "intake transaction failed; retrying");
+        match op().await {
+            Err(e) if e.is_transient() => {
+                ctx.set_intake_up(false);
                 if ctx.shutdown.is_cancelled() {
                     return Err(e.into());
                 }
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "intake transaction failed; retrying");
                 tokio::time::sleep(wait).await;
             }
+            other => {
+                ctx.set_intake_up(true);
+                return Ok(other);
+            }
         }
+    }
+}
+
+/// A delivery as intake sees it.
+fn incoming(d: &Delivery) -> Incoming<'_> {
+    Incoming {
+        body: &d.data,
+        message_id: d.properties.message_id().as_ref().map(|s| s.as_str()),
+        redelivered: d.redelivered,
     }
 }
 
@@ -176,17 +255,10 @@ async fn try_record_batch(
     ctx: &Arc<Ctx>,
     batch: &[Delivery],
 ) -> Result<Vec<IntakeResult>, shared::store::StoreError> {
-    let known = |k, m: &str| ctx.merchant_known(k, m);
-    let msgs: Vec<Incoming> = batch
-        .iter()
-        .map(|d| Incoming {
-            body: &d.data,
-            message_id: d.properties.message_id().as_ref().map(|s| s.as_str()),
-            redelivered: d.redelivered,
-        })
-        .collect();
+    let admit = |r: &shared::job::RefundRequest| ctx.admit(r);
+    let msgs: Vec<Incoming> = batch.iter().map(incoming).collect();
     let mut tx = ctx.pool.begin().await?;
-    let out = intake::take_batch(&mut tx, &msgs, &known, ctx.tz).await?;
+    let out = intake::take_batch(&mut tx, &msgs, &admit, ctx.tz).await?;
     tx.commit().await?;
     Ok(out)
 }

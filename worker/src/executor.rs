@@ -4,7 +4,8 @@
 //! (bounding who may call the provider for it: one attempt at a time, fenced by the attempt
 //! number). The lease is checked against a local monotonic deadline started *before* the claim
 //! was requested, which is never later than the database's `lease_until`, so the check needs no
-//! extra round trip. No transaction is held across the HTTP call. Short retries wait here;
+//! extra round trip; a request is sent only if what is left covers the whole HTTP call (its
+//! timeout) and the margin. No transaction is held across the HTTP call. Short retries wait here;
 //! longer ones go back to Postgres for the sweeper. Claims and outcomes are written through the
 //! [`crate::writer`], which shares each statement and commit among the jobs that are ready.
 
@@ -79,6 +80,17 @@ pub async fn run(ctx: &Arc<Ctx>, refund_no: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Whether a lease of `lease`, `elapsed` into it, still covers a call that may take `timeout`
+/// with `margin` to spare.
+fn lease_covers_call(
+    elapsed: Duration,
+    lease: Duration,
+    timeout: Duration,
+    margin: Duration,
+) -> bool {
+    elapsed.saturating_add(timeout).saturating_add(margin) < lease
+}
+
 /// One attempt; `Some(wait)` when the job should be tried again here after `wait`.
 async fn attempt(
     ctx: &Arc<Ctx>,
@@ -102,9 +114,10 @@ async fn attempt(
         .await?;
         return Ok(None);
     };
-    // The last moment to decide whether to send: past it, the sweeper may already consider the
-    // lease expired and hand the job to someone else.
-    if started.elapsed() + margin >= lease {
+    // The last moment to decide whether to send. The call may take the whole HTTP timeout, and
+    // the lease must outlast it with the margin to spare: past the lease, the sweeper may hand
+    // the job to someone else while this call is still out.
+    if !lease_covers_call(started.elapsed(), lease, ctx.config.http.timeout(), margin) {
         tracing::warn!("lease nearly over before sending; giving the claim back");
         jobs::release(&ctx.pool, &claimed, &ctx.actor).await?;
         return Ok(None);
@@ -128,7 +141,8 @@ async fn attempt(
         &rec.outcome,
         claimed.budget_attempt(),
         age,
-        client.idempotent(),
+        claimed.idempotent,
+        claimed.history,
         &ctx.policy,
         &mut rand::rng(),
     );
@@ -139,7 +153,6 @@ async fn attempt(
         decision = ?decision,
         "provider call finished"
     );
-    let deadline = tokio::time::Instant::from_std(started + lease);
     let provider = req.provider.as_str();
     let accepted = matches!(rec.outcome, Outcome::Accepted { .. });
     let item = OutcomeToRecord {
@@ -147,7 +160,7 @@ async fn attempt(
         rec,
         decision: decision.clone(),
     };
-    let recorded = match ctx.writer.record(item, deadline).await {
+    let recorded = match ctx.writer.record(item).await {
         Ok(r) => r,
         Err(e) => {
             if accepted {

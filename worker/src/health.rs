@@ -1,5 +1,6 @@
 //! `/metrics` (Prometheus text), `/healthz` (the process is alive) and `/readyz` (PostgreSQL
-//! answers and the broker connection is up) on `worker.metrics_addr`.
+//! answers, the broker connection is up and intake is not stalled on a failing database) on
+//! `worker.metrics_addr`.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -68,8 +69,10 @@ async fn ready(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
     .map(|r| r.is_ok())
     .unwrap_or(false);
     let broker = ctx.broker_up();
-    let body = serde_json::json!({ "database": db, "broker": broker }).to_string();
-    let status = if db && broker {
+    let intake = ctx.intake_up();
+    let body =
+        serde_json::json!({ "database": db, "broker": broker, "intake": intake }).to_string();
+    let status = if db && broker && intake {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use shared::job::ProviderKind;
 use shared::store::sweep::{self, Scope};
 
 use crate::app::Ctx;
@@ -87,17 +86,11 @@ async fn sweep_scope(
 ) -> Result<Option<DateTime<Utc>>, shared::store::StoreError> {
     let store = &ctx.pool;
     for e in sweep::expired_leases(store, scope, 500).await? {
-        let idempotent = e
-            .provider
-            .parse::<ProviderKind>()
-            .ok()
-            .and_then(|k| ctx.registry.get(k, &e.merchant))
-            .is_some_and(|c| c.idempotent());
         if let Some(to) = shared::store::jobs::expire_lease(
             store,
             &e.refund_no,
             e.attempt,
-            idempotent,
+            e.idempotent,
             &ctx.actor,
             ctx.tz,
         )

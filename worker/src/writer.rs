@@ -11,10 +11,13 @@
 //!
 //! Every write stays what it was alone: a claim is conditional on the job's state, an outcome is
 //! fenced on its attempt, so batching changes how many jobs share a commit, never what a job may
-//! do. A transient database failure of an outcome batch is retried with backoff, for each job
-//! until its lease would end (past that the sweeper decides, as it would for a worker that
-//! died); any other failure is retried job by job, so one bad job cannot hold back the others.
-//! A failed claim is not retried here: the job stays claimable and the sweeper takes it.
+//! do. A transient database failure of an outcome batch is retried with backoff for as long as
+//! it lasts, past the lease too: the attempt row is the evidence of what the provider said, and
+//! fencing makes a late write safe. Any other failure is retried job by job, so one bad job
+//! cannot hold back the others, and an outcome that still cannot be written as it came is
+//! written escaped, for an operator. A claim whose reply was lost is found again by its
+//! statement's token; a claim that failed otherwise is not retried here: the job stays
+//! claimable and the sweeper takes it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,8 +47,8 @@ enum Op {
 
 struct Pending {
     item: OutcomeToRecord,
-    /// Past this the job's lease may be over: stop retrying and leave it to the sweeper.
-    deadline: Instant,
+    /// Already rewritten by [`unrecordable`] once.
+    rewritten: bool,
     reply: oneshot::Sender<anyhow::Result<Recorded>>,
 }
 
@@ -96,17 +99,13 @@ impl Writer {
             .map_err(|_| anyhow!("the writer dropped a claim"))?
     }
 
-    /// Records an outcome, retrying transient failures until `deadline`.
-    pub async fn record(
-        &self,
-        item: OutcomeToRecord,
-        deadline: Instant,
-    ) -> anyhow::Result<Recorded> {
+    /// Records an outcome, retrying transient failures for as long as they last.
+    pub async fn record(&self, item: OutcomeToRecord) -> anyhow::Result<Recorded> {
         let (reply, answer) = oneshot::channel();
         self.ops
             .send(Op::Record(Box::new(Pending {
                 item,
-                deadline,
+                rewritten: false,
                 reply,
             })))
             .map_err(|_| anyhow!("the writer has stopped"))?;
@@ -142,7 +141,10 @@ async fn write_loop(shared: Arc<Shared>) {
     }
 }
 
-/// One claim statement for every queued claim.
+/// One claim statement for every queued claim, marked with a token of its own. If its reply
+/// is lost (the statement may have committed), the rows it claimed are found again by the
+/// token and answered as claimed, so no job this process took stays stranded in flight; a row
+/// that cannot be read back into a job is sent to an operator, and the others go on.
 async fn claim_batch(
     shared: &Shared,
     claims: Vec<(String, oneshot::Sender<anyhow::Result<Option<Claimed>>>)>,
@@ -153,15 +155,28 @@ async fn claim_batch(
     let mut nos: Vec<String> = claims.iter().map(|(no, _)| no.clone()).collect();
     nos.sort_unstable();
     nos.dedup();
+    let token = jobs::ClaimToken::new();
     let claimed = timed(
         "claim",
         nos.len(),
-        jobs::claim(&shared.pool, &nos, shared.lease, &shared.actor),
+        jobs::claim(&shared.pool, &nos, shared.lease, &shared.actor, token),
     )
     .await;
+    let claimed = match claimed {
+        Ok(c) => Ok(c),
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, jobs = nos.len(), "claim reply lost; finding what the claim took");
+            recover_claims(shared, &nos, token).await
+        }
+        Err(e) => Err(e),
+    };
     match claimed {
         Ok(claimed) => {
+            for bad in &claimed.unreadable {
+                give_up_unreadable(shared, bad).await;
+            }
             let mut by_no: HashMap<String, Claimed> = claimed
+                .claimed
                 .into_iter()
                 .map(|c| (c.refund_no.clone(), c))
                 .collect();
@@ -179,14 +194,64 @@ async fn claim_batch(
     }
 }
 
-/// One outcome statement for every queued outcome, with the retries described above.
-async fn record_batch(shared: &Shared, mut batch: Vec<Pending>) {
-    let mut backoff = ExponentialBuilder::default()
+/// Finds the jobs a claim statement marked `token` took, retrying while the database is out of
+/// reach (their leases run meanwhile; an executor checks its lease before sending).
+async fn recover_claims(
+    shared: &Shared,
+    nos: &[String],
+    token: jobs::ClaimToken,
+) -> Result<jobs::Claims, shared::store::StoreError> {
+    let mut backoff = transient_backoff();
+    loop {
+        match jobs::claimed_by(&shared.pool, nos, token).await {
+            Err(e) if e.is_transient() => {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(2));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "finding a lost claim's jobs failed; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A claimed row that cannot be read back into a job: never sent from it, so it goes `dead`
+/// (its cause `unreadable_job`, or `outcome_unknown` when an earlier attempt may have paid).
+async fn give_up_unreadable(shared: &Shared, bad: &jobs::Unreadable) {
+    tracing::error!(refund_no = %bad.refund_no, error = %bad.error, "a claimed job cannot be read; sending it to an operator");
+    let message = format!("the stored job cannot be read: {}", bad.error);
+    let killed = jobs::kill(
+        &shared.pool,
+        &bad.refund_no,
+        Some(bad.attempt),
+        shared::state::Cause::UnreadableJob,
+        &message,
+        &shared.actor,
+        shared.tz,
+    )
+    .await;
+    if let Err(e) = killed {
+        tracing::error!(refund_no = %bad.refund_no, error = %e, "could not record an unreadable job as dead; its lease will expire and the sweeper decides");
+    }
+}
+
+/// Backoff for the writer's retries of transient database failures: 50 ms doubling to 2 s,
+/// with jitter, forever.
+fn transient_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(2))
         .with_jitter()
         .without_max_times()
-        .build();
+        .build()
+}
+
+/// One outcome statement for every queued outcome. What the provider said is evidence, so it is
+/// always recorded: a transient failure is retried for as long as it lasts (fencing makes a
+/// late write safe: a job that moved on keeps the attempt row only); any other failure is
+/// retried job by job, and a job whose outcome still cannot be written as it came is recorded
+/// in a form that can ([`unrecordable`]), so one bad answer holds back no other.
+async fn record_batch(shared: &Shared, mut batch: Vec<Pending>) {
+    let mut backoff = transient_backoff();
     while !batch.is_empty() {
         let recorded = {
             let items: Vec<&OutcomeToRecord> = batch.iter().map(|p| &p.item).collect();
@@ -205,15 +270,6 @@ async fn record_batch(shared: &Shared, mut batch: Vec<Pending>) {
                 return;
             }
             Err(e) if e.is_transient() => {
-                let now = Instant::now();
-                let (keep, late): (Vec<_>, Vec<_>) =
-                    batch.into_iter().partition(|p| now < p.deadline);
-                for p in late {
-                    let _ = p
-                        .reply
-                        .send(Err(anyhow!("recording the outcome failed: {e}")));
-                }
-                batch = keep;
                 let wait = backoff.next().unwrap_or(Duration::from_secs(2));
                 tracing::warn!(error = %e, jobs = batch.len(), retry_in_ms = wait.as_millis() as u64, "recording outcomes failed; retrying");
                 tokio::time::sleep(wait).await;
@@ -226,15 +282,44 @@ async fn record_batch(shared: &Shared, mut batch: Vec<Pending>) {
                 return;
             }
             Err(e) => {
-                for p in batch {
+                let Some(mut p) = batch.pop() else { return };
+                if p.rewritten {
                     let _ = p
                         .reply
                         .send(Err(anyhow!("recording the outcome failed: {e}")));
+                    return;
                 }
-                return;
+                tracing::error!(refund_no = %p.item.claimed.refund_no, error = %e, "an outcome cannot be recorded as it came; recording it escaped, for an operator");
+                p.item = unrecordable(p.item, &e.to_string());
+                p.rewritten = true;
+                batch.push(p);
             }
         }
     }
+}
+
+/// An outcome that could not be written as it came (for a reason other than the connection's),
+/// as one that can: the answer's text escaped to ASCII with its SHA-256, kept as an
+/// unrecognised answer, and the job sent to an operator as `dead`/`outcome_unknown` (the
+/// provider may have paid, and nothing of what it said may be lost or trusted blindly).
+fn unrecordable(mut item: OutcomeToRecord, error: &str) -> OutcomeToRecord {
+    let o = &item.rec.outcome;
+    let raw = o.raw().unwrap_or_default();
+    let hex = shared::store::text::sha256_hex(raw.as_bytes());
+    let result = format!(
+        "{} answer could not be recorded as it came ({error}); its text (SHA-256 {hex}) is kept \
+         escaped",
+        o.class()
+    );
+    item.rec.outcome = shared::provider::Outcome::Unrecognised {
+        result: result.escape_default().to_string(),
+        raw: raw.escape_default().to_string(),
+    };
+    item.rec.request_redacted = item.rec.request_redacted.escape_default().to_string();
+    item.decision = shared::workflow::Decision::Dead {
+        cause: shared::state::Cause::OutcomeUnknown,
+    };
+    item
 }
 
 /// Runs one writer statement for `jobs` jobs, recording the batch size and how long it took.

@@ -135,3 +135,190 @@ async fn every_published_message_becomes_exactly_one_job_rejection_conflict_or_d
     app.stop().await?;
     Ok(())
 }
+
+/// Messages PostgreSQL cannot store as they came: a U+0000 in a value that is echoed into the
+/// reason, in a field name, in the provider name, in the refund number, plus a body far over
+/// the size limit. Each carries a readable refund number where it can, so that its rejection
+/// also writes an event.
+fn unstorable_bodies() -> Vec<Vec<u8>> {
+    let base = |i: usize| {
+        request_json(
+            &format!("NUL{i:03}"),
+            &format!("ONUL{i:03}"),
+            ProviderKind::Shengpay,
+            "m1",
+            1000,
+            100,
+        )
+    };
+    let mut out = Vec::new();
+    let mut v = base(0);
+    v["shengpay"] = serde_json::json!({"refund_account": "UN\u{0}SETTLED"});
+    out.push(serde_json::to_vec(&v).unwrap());
+    let mut v = base(1);
+    v["\u{0}"] = 1.into();
+    out.push(serde_json::to_vec(&v).unwrap());
+    let mut v = base(2);
+    v["provider"] = "shengpay\u{0}".into();
+    out.push(serde_json::to_vec(&v).unwrap());
+    let mut v = base(3);
+    v["refund_no"] = "NUL\u{0}003".into();
+    out.push(serde_json::to_vec(&v).unwrap());
+    let mut v = base(4);
+    v["reason"] = "a\u{0}b".into();
+    out.push(serde_json::to_vec(&v).unwrap());
+    let mut v = base(5);
+    v["extra\u{0}field"] = "x\u{0}".into();
+    out.push(serde_json::to_vec(&v).unwrap());
+    let mut v = base(6);
+    v["reason"] = "\u{0}".repeat(300 * 1024).into();
+    out.push(serde_json::to_vec(&v).unwrap());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_postgres_cannot_store_as_it_came_is_dead_lettered_and_intake_goes_on()
+-> anyhow::Result<()> {
+    let (mut config, db) = testkit::test_config().await?;
+    // Batches as large as the test's interleaving, so every bad message shares a batch.
+    config.worker.intake_batch = 32;
+    let fake = FakeProvider::new(ProviderKind::Shengpay, "m1", true);
+    let app = common::spawn_app(&config, vec![fake.clone()]);
+
+    let bad = unstorable_bodies();
+    let mut bodies = Vec::new();
+    for i in 0..300 {
+        let v = request_json(
+            &format!("OK{i:05}"),
+            &format!("OOK{i:05}"),
+            ProviderKind::Shengpay,
+            "m1",
+            1000,
+            100,
+        );
+        bodies.push(serde_json::to_vec(&v).unwrap());
+        if i % 40 == 20 {
+            bodies.push(bad[(i / 40) % bad.len()].clone());
+        }
+    }
+    bodies.extend(bad.iter().cloned());
+    let poison = bodies.len() - 300;
+    testkit::publish_requests(&config, &bodies).await?;
+
+    let pool = db.pool.clone();
+    testkit::wait_until(
+        Duration::from_secs(60),
+        "every valid job succeeded and every message consumed",
+        || {
+            let pool = pool.clone();
+            let config = config.clone();
+            async move {
+                let counts = ops::counts_by_state(&pool).await?;
+                let succeeded = counts.get(&State::Succeeded).copied().unwrap_or(0);
+                let depth = testkit::queue_depth(&config, &config.amqp.queue).await?;
+                Ok(succeeded == 300 && depth == 0)
+            }
+        },
+    )
+    .await?;
+    // Every bad message is stored (a repeat of the same bytes is one row) and dead-lettered.
+    assert_eq!(
+        ops::count_rejected(&db.pool, "rejected").await?,
+        bad.len() as i64
+    );
+    testkit::wait_until(
+        Duration::from_secs(10),
+        "every bad message dead-lettered",
+        || {
+            let config = config.clone();
+            async move {
+                Ok(
+                    testkit::queue_depth(&config, &config.amqp.dead_letter_queue).await?
+                        == poison as u32,
+                )
+            }
+        },
+    )
+    .await?;
+    let stored: Vec<(String, String)> =
+        sqlx::query_as("SELECT field, reason FROM rejected_messages ORDER BY id")
+            .fetch_all(&db.pool)
+            .await?;
+    for (field, reason) in &stored {
+        assert!(
+            !field.contains('\0') && !reason.contains('\0'),
+            "{field}: {reason}"
+        );
+    }
+    assert!(fake.calls().keys().all(|no| no.starts_with("OK")));
+    app.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_effect_cannot_be_written_is_stored_as_unstorable_and_its_batch_goes_on()
+-> anyhow::Result<()> {
+    let (mut config, db) = testkit::test_config().await?;
+    config.worker.intake_batch = 32;
+    // Any failure that is not the connection's, whatever its cause: here the database refuses
+    // one job outright.
+    sqlx::raw_sql(
+        "CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.refund_no = 'BOOM' THEN RAISE EXCEPTION 'refused by a test trigger'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER test_refuse BEFORE INSERT ON jobs
+             FOR EACH ROW EXECUTE FUNCTION test_refuse();",
+    )
+    .execute(&db.pool)
+    .await?;
+    let fake = FakeProvider::new(ProviderKind::Shengpay, "m1", true);
+    let app = common::spawn_app(&config, vec![fake.clone()]);
+    let mut bodies = Vec::new();
+    for i in 0..60 {
+        let no = if i == 30 {
+            "BOOM".to_owned()
+        } else {
+            format!("OKB{i:03}")
+        };
+        let v = request_json(
+            &no,
+            &format!("O{no}"),
+            ProviderKind::Shengpay,
+            "m1",
+            1000,
+            100,
+        );
+        bodies.push(serde_json::to_vec(&v).unwrap());
+    }
+    testkit::publish_requests(&config, &bodies).await?;
+    testkit::wait_until(
+        Duration::from_secs(60),
+        "59 jobs succeeded and the queue empty",
+        || {
+            let pool = db.pool.clone();
+            let config = config.clone();
+            async move {
+                let counts = ops::counts_by_state(&pool).await?;
+                let depth = testkit::queue_depth(&config, &config.amqp.queue).await?;
+                Ok(counts.get(&State::Succeeded).copied().unwrap_or(0) == 59 && depth == 0)
+            }
+        },
+    )
+    .await?;
+    let (field, reason): (String, String) =
+        sqlx::query_as("SELECT field, reason FROM rejected_messages")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(field, "$");
+    assert!(reason.contains("refused by a test trigger"), "{reason}");
+    testkit::wait_until(Duration::from_secs(10), "BOOM dead-lettered", || {
+        let config = config.clone();
+        async move { Ok(testkit::queue_depth(&config, &config.amqp.dead_letter_queue).await? == 1) }
+    })
+    .await?;
+    assert!(!fake.calls().contains_key("BOOM"));
+    app.stop().await?;
+    Ok(())
+}

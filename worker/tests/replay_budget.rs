@@ -52,7 +52,7 @@ async fn a_replayed_job_gets_a_fresh_retry_budget() -> anyhow::Result<()> {
         name: "sre",
         note: "provider was down; fixed",
     };
-    jobs::replay(&mut tx, "RB1", |_, _| true, op).await?;
+    jobs::replay(&mut tx, "RB1", op).await?;
     tx.commit().await?;
     // The sweeper takes the replayed (received) job; it fails once more, is retried, and pays.
     testkit::wait_until(

@@ -378,6 +378,9 @@ async fn the_reconciler_reads_but_cannot_write_jobs_or_ledger() -> anyhow::Resul
     Ok(())
 }
 
+/// How long resolution waits after a lease for a stalled worker (the defaults' figure).
+const QUIET: std::time::Duration = std::time::Duration::from_secs(12);
+
 #[tokio::test]
 async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> anyhow::Result<()> {
     let db = testkit::test_db().await?;
@@ -399,13 +402,14 @@ async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> a
         Resolution::Succeeded {
             settlement_refund_fee: 90,
         },
+        QUIET,
         op,
         tz,
     )
     .await?;
-    let failed = jobs::resolve(&mut tx, "D2", Resolution::Failed, op, tz).await?;
-    let replayed = jobs::replay(&mut tx, "D3", |_, _| true, op).await?;
-    let refused = jobs::replay(&mut tx, "NOPE", |_, _| true, op).await?;
+    let failed = jobs::resolve(&mut tx, "D2", Resolution::Failed, QUIET, op, tz).await?;
+    let replayed = jobs::replay(&mut tx, "D3", op).await?;
+    let refused = jobs::replay(&mut tx, "NOPE", op).await?;
     tx.commit().await?;
     assert_eq!(paid, Verdict::Done { prior: State::Dead });
     assert_eq!(failed, Verdict::Done { prior: State::Dead });

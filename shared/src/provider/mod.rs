@@ -88,6 +88,18 @@ impl Outcome {
         }
     }
 
+    /// Whether the provider may have paid on this call: an acceptance, an answer we could not
+    /// read, or one we could not map. Definitive answers (decline, retry later, request
+    /// refused) and calls that never left say it did not.
+    pub fn may_have_paid(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Accepted { .. }
+                | Outcome::MaybeDelivered { .. }
+                | Outcome::Unrecognised { .. }
+        )
+    }
+
     /// The provider's code (or our error text for transport outcomes), for the job and events.
     pub fn code(&self) -> Option<&str> {
         match self {
@@ -158,6 +170,14 @@ pub trait Provider: Send + Sync {
     async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord;
 }
 
+/// What intake records on a new job about its merchant, so that every later decision (worker,
+/// sweeper, replay) reads it from the job and not from whichever config the deciding process has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// The merchant deduplicates on `refund_no`: a maybe-delivered request may be resent.
+    pub idempotent: bool,
+}
+
 /// The clients the worker may call, one per (provider, merchant).
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -181,9 +201,35 @@ impl Registry {
         self.get(kind, merchant).is_some()
     }
 
+    /// Whether a request may be taken in: its merchant has a client and that client's protocol
+    /// can carry it. What intake records of the merchant with the job comes back with it.
+    pub fn admit(&self, request: &RefundRequest) -> Result<Admission, crate::job::Rejection> {
+        let Some(client) = self.get(request.provider, &request.merchant) else {
+            return Err(crate::job::Rejection::new(
+                "merchant",
+                format!(
+                    "merchant {:?} is not configured for provider {}",
+                    request.merchant, request.provider
+                ),
+            ));
+        };
+        client.admit(request)?;
+        Ok(Admission {
+            idempotent: client.idempotent(),
+        })
+    }
+
     /// Every configured (provider, merchant).
     pub fn merchants(&self) -> impl Iterator<Item = (ProviderKind, &str)> {
         self.clients.keys().map(|(k, m)| (*k, m.as_str()))
+    }
+
+    /// Every configured (provider, merchant) with whether it deduplicates on `refund_no`.
+    pub fn idempotence(&self) -> Vec<(String, String, bool)> {
+        self.clients
+            .iter()
+            .map(|((k, m), c)| (k.as_str().to_owned(), m.clone(), c.idempotent()))
+            .collect()
     }
 
     pub fn len(&self) -> usize {

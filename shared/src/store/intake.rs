@@ -10,11 +10,18 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, Row};
 
 use super::StoreError;
+use super::text::{bounded, storable, storable_opt};
 use crate::events::{EventKind, OutcomeEvent, format_time};
-use crate::job::{
-    ProviderKind, RefundRequest, Rejection, content_hash_of, parse_request, sniff_refund_no,
-};
+use crate::job::{RefundRequest, Rejection, content_hash_of, parse_request, sniff_refund_no};
+use crate::provider::Admission;
 use crate::state::State;
+
+/// The most of a rejected message's body that is stored (its SHA-256 is of the whole body).
+pub const MAX_STORED_BODY: usize = 1024 * 1024;
+
+/// Decides whether a request may be taken in (its merchant is configured and its protocol can
+/// carry it) and what is recorded of the merchant with the job.
+pub type Admit<'a> = dyn Fn(&RefundRequest) -> Result<Admission, Rejection> + Sync + 'a;
 
 /// A message as it came off the broker.
 #[derive(Debug, Clone)]
@@ -65,25 +72,21 @@ impl IntakeResult {
 pub async fn take(
     conn: &mut PgConnection,
     msg: &Incoming<'_>,
-    merchant_known: &(dyn Fn(ProviderKind, &str) -> bool + Sync),
+    admit: &Admit<'_>,
     tz: chrono_tz::Tz,
 ) -> Result<IntakeResult, StoreError> {
     let request = match parse_request(msg.body) {
         Ok(r) => r,
         Err(rejection) => return reject(conn, msg, rejection, sniff_refund_no(msg.body), tz).await,
     };
-    if !merchant_known(request.provider, &request.merchant) {
-        let rejection = Rejection::new(
-            "merchant",
-            format!(
-                "merchant {:?} is not configured for provider {}",
-                request.merchant, request.provider
-            ),
-        );
-        return reject(conn, msg, rejection, Some(request.refund_no.clone()), tz).await;
-    }
+    let admission = match admit(&request) {
+        Ok(a) => a,
+        Err(rejection) => {
+            return reject(conn, msg, rejection, Some(request.refund_no.clone()), tz).await;
+        }
+    };
     let hash = request.content_hash();
-    if insert_job(conn, &request, &hash).await? {
+    if insert_job(conn, &request, &hash, admission).await? {
         if let Some(rejection) = reserve_order_amount(conn, &request).await? {
             delete_new_job(conn, &request.refund_no).await?;
             return reject(conn, msg, rejection, Some(request.refund_no.clone()), tz).await;
@@ -131,25 +134,25 @@ pub async fn take(
 pub async fn take_batch(
     conn: &mut PgConnection,
     msgs: &[Incoming<'_>],
-    merchant_known: &(dyn Fn(ProviderKind, &str) -> bool + Sync),
+    admit: &Admit<'_>,
     tz: chrono_tz::Tz,
 ) -> Result<Vec<IntakeResult>, StoreError> {
     let mut results: Vec<Option<IntakeResult>> = vec![None; msgs.len()];
-    let mut fast: Vec<(usize, RefundRequest)> = Vec::new();
+    let mut fast: Vec<(usize, RefundRequest, Admission)> = Vec::new();
     let mut seen_refunds = std::collections::HashSet::new();
     let mut seen_orders = std::collections::HashSet::new();
     for (i, msg) in msgs.iter().enumerate() {
         let Ok(r) = parse_request(msg.body) else {
             continue;
         };
-        if !merchant_known(r.provider, &r.merchant) {
+        let Ok(admission) = admit(&r) else {
             continue;
-        }
+        };
         // `insert` on both sets, so a later copy of either key stays on the slow path.
         let new_refund = seen_refunds.insert(r.refund_no.clone());
         let new_order = seen_orders.insert(r.order_no.clone());
         if new_refund && new_order {
-            fast.push((i, r));
+            fast.push((i, r, admission));
         }
     }
     if !fast.is_empty() {
@@ -157,7 +160,7 @@ pub async fn take_batch(
         match insert_new_jobs(&mut sp, &fast).await {
             Ok(Some(created)) => {
                 sp.commit().await?;
-                for ((i, r), created) in fast.iter().zip(created) {
+                for ((i, r, _), created) in fast.iter().zip(created) {
                     if created {
                         results[*i] = Some(IntakeResult::Created {
                             refund_no: r.refund_no.clone(),
@@ -177,7 +180,7 @@ pub async fn take_batch(
     for (msg, done) in msgs.iter().zip(results) {
         out.push(match done {
             Some(r) => r,
-            None => take(conn, msg, merchant_known, tz).await?,
+            None => take(conn, msg, admit, tz).await?,
         });
     }
     Ok(out)
@@ -188,7 +191,7 @@ pub async fn take_batch(
 /// savepoint must be rolled back.
 async fn insert_new_jobs(
     conn: &mut PgConnection,
-    fast: &[(usize, RefundRequest)],
+    fast: &[(usize, RefundRequest, Admission)],
 ) -> Result<Option<Vec<bool>>, StoreError> {
     let n = fast.len();
     let mut refund_no = Vec::with_capacity(n);
@@ -199,7 +202,9 @@ async fn insert_new_jobs(
     let mut refund_fee = Vec::with_capacity(n);
     let mut request = Vec::with_capacity(n);
     let mut hash = Vec::with_capacity(n);
-    for (_, r) in fast {
+    let mut idempotent = Vec::with_capacity(n);
+    for (_, r, admission) in fast {
+        idempotent.push(admission.idempotent);
         let json = r.canonical_json();
         hash.push(content_hash_of(&json).to_vec());
         request.push(json);
@@ -213,9 +218,9 @@ async fn insert_new_jobs(
     let rows = sqlx::query(
         "WITH r AS (
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[],
-                 $6::int8[], $7::text[], $8::bytea[])
+                 $6::int8[], $7::text[], $8::bytea[], $9::bool[])
                WITH ORDINALITY AS r(refund_no, order_no, provider, merchant, total_fee,
-                    refund_fee, request, content_hash, n)
+                    refund_fee, request, content_hash, idempotent, n)
          ), fresh AS (
              SELECT r.* FROM r
              WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.refund_no = r.refund_no)
@@ -229,9 +234,9 @@ async fn insert_new_jobs(
              RETURNING order_no
          ), ins AS (
              INSERT INTO jobs (refund_no, order_no, provider, merchant, total_fee, refund_fee,
-                 request, content_hash, state)
+                 request, content_hash, state, idempotent)
              SELECT f.refund_no, f.order_no, f.provider, f.merchant, f.total_fee, f.refund_fee,
-                    f.request::jsonb, f.content_hash, 'received'
+                    f.request::jsonb, f.content_hash, 'received', f.idempotent
              FROM fresh f JOIN ord USING (order_no)
              ON CONFLICT (refund_no) DO NOTHING
              RETURNING refund_no
@@ -256,6 +261,7 @@ async fn insert_new_jobs(
     .bind(&refund_fee)
     .bind(&request)
     .bind(&hash)
+    .bind(&idempotent)
     .fetch_all(&mut *conn)
     .await?;
     let mut created = Vec::with_capacity(n);
@@ -320,12 +326,13 @@ async fn insert_job(
     conn: &mut PgConnection,
     r: &RefundRequest,
     hash: &[u8; 32],
+    admission: Admission,
 ) -> Result<bool, StoreError> {
     let request = serde_json::to_value(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let inserted = sqlx::query(
         "INSERT INTO jobs (refund_no, order_no, provider, merchant, total_fee, refund_fee,
-             request, content_hash, state)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'received')
+             request, content_hash, state, idempotent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'received', $9)
          ON CONFLICT (refund_no) DO NOTHING",
     )
     .bind(&r.refund_no)
@@ -336,6 +343,7 @@ async fn insert_job(
     .bind(r.refund_fee)
     .bind(request)
     .bind(hash.as_slice())
+    .bind(admission.idempotent)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -438,8 +446,9 @@ async fn job_exists(conn: &mut PgConnection, refund_no: &str) -> Result<bool, St
         .is_some())
 }
 
-/// Stores a rejected or conflicting message with its raw bytes; true the first time these
-/// bytes are seen. A redelivery updates `last_seen_at` only; a new publish of identical bytes
+/// Stores a rejected or conflicting message with its raw bytes (the first
+/// [`MAX_STORED_BODY`] of them, and the SHA-256 and length of all) and every text escaped as
+/// PostgreSQL can store it; true the first time these bytes are seen. A redelivery updates `last_seen_at` only; a new publish of identical bytes
 /// also counts an occurrence.
 async fn store_rejection(
     conn: &mut PgConnection,
@@ -449,23 +458,52 @@ async fn store_rejection(
     rejection: &Rejection,
 ) -> Result<bool, StoreError> {
     let sha: [u8; 32] = Sha256::digest(msg.body).into();
+    let (body, _) = bounded(msg.body, MAX_STORED_BODY);
     let row = sqlx::query(
-        "INSERT INTO rejected_messages (kind, refund_no, field, reason, body, body_sha256, message_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+        "INSERT INTO rejected_messages (kind, refund_no, field, reason, body, body_sha256,
+             message_id, body_bytes)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $9)
          ON CONFLICT (body_sha256) DO UPDATE
              SET last_seen_at = now(),
                  occurrences = rejected_messages.occurrences + CASE WHEN $8 THEN 0 ELSE 1 END
          RETURNING (xmax = 0) AS inserted",
     )
     .bind(kind)
-    .bind(refund_no)
-    .bind(&rejection.field)
-    .bind(&rejection.reason)
-    .bind(msg.body)
+    .bind(refund_no.map(storable))
+    .bind(storable(&rejection.field))
+    .bind(storable(&rejection.reason))
+    .bind(body)
     .bind(sha.as_slice())
-    .bind(msg.message_id)
+    .bind(storable_opt(msg.message_id))
     .bind(msg.redelivered)
+    .bind(i64::try_from(msg.body.len()).unwrap_or(i64::MAX))
     .fetch_one(&mut *conn)
     .await?;
     Ok(row.try_get("inserted")?)
+}
+
+/// Stores a message whose effect could not be written (for a reason that is not the
+/// connection's) as a rejection of the whole message, with the error as its reason, so that it
+/// is dead-lettered and the messages after it go on.
+pub async fn store_unstorable(
+    conn: &mut PgConnection,
+    msg: &Incoming<'_>,
+    error: &str,
+) -> Result<IntakeResult, StoreError> {
+    let result = unstorable_result(error);
+    if let IntakeResult::Rejected { rejection, .. } = &result {
+        store_rejection(conn, msg, "rejected", None, rejection).await?;
+    }
+    Ok(result)
+}
+
+/// The intake result of a message that could not be taken in because of `error`.
+pub fn unstorable_result(error: &str) -> IntakeResult {
+    IntakeResult::Rejected {
+        rejection: Rejection::new(
+            "$",
+            format!("the message could not be stored as it came: {error}"),
+        ),
+        refund_no: None,
+    }
 }

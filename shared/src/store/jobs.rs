@@ -6,17 +6,19 @@
 //! past its lease cannot overwrite a newer attempt's result; its provider call is still kept in
 //! `provider_attempts` (marked `fenced`), because a paid refund must never go unrecorded.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::StoreError;
+use super::text::{storable, storable_opt};
 use crate::events::{EventKind, OutcomeEvent, format_time};
 use crate::job::RefundRequest;
 use crate::provider::{AttemptRecord, Outcome};
 use crate::state::{self, Cause, State, Trigger};
-use crate::workflow::Decision;
+use crate::workflow::{Decision, History};
 
 /// A job a worker holds: what to send and the attempt that fences its writes.
 #[derive(Debug, Clone)]
@@ -33,6 +35,10 @@ pub struct Claimed {
     pub retry_base: i32,
     /// When the job was last replayed: the retry budget's age counts from then.
     pub retry_since: Option<DateTime<Utc>>,
+    /// Whether the merchant deduplicates on `refund_no`, as recorded when the job was created.
+    pub idempotent: bool,
+    /// What the job's earlier attempts left behind.
+    pub history: History,
 }
 
 impl Claimed {
@@ -45,6 +51,94 @@ impl Claimed {
     pub fn budget_start(&self) -> DateTime<Utc> {
         self.retry_since.unwrap_or(self.created_at)
     }
+}
+
+/// A claimed row that could not be read back into a job (its stored request does not parse):
+/// it is never sent, and goes to an operator.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub refund_no: String,
+    pub attempt: i32,
+    pub error: String,
+}
+
+/// What one claim statement took: the jobs to send, and the rows it could not read.
+#[derive(Debug, Clone, Default)]
+pub struct Claims {
+    pub claimed: Vec<Claimed>,
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// Marks the rows one claim statement took, so that they can be found again if its reply is
+/// lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimToken(uuid::Uuid);
+
+impl ClaimToken {
+    /// A token no other claim statement has.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+}
+
+impl Default for ClaimToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Reads claimed rows one by one, so that one unreadable row strands no other job.
+fn read_claims(rows: Vec<sqlx::postgres::PgRow>) -> Result<Claims, StoreError> {
+    let mut claims = Claims::default();
+    for r in rows {
+        let refund_no: String = r.try_get("refund_no")?;
+        let attempt: i32 = r.try_get("attempt")?;
+        match read_claim(&r, &refund_no, attempt) {
+            Ok(c) => claims.claimed.push(c),
+            Err(e) => claims.unreadable.push(Unreadable {
+                refund_no,
+                attempt,
+                error: e.to_string(),
+            }),
+        }
+    }
+    Ok(claims)
+}
+
+fn read_claim(
+    r: &sqlx::postgres::PgRow,
+    refund_no: &str,
+    attempt: i32,
+) -> Result<Claimed, StoreError> {
+    let request: serde_json::Value = r.try_get("request")?;
+    let from: String = r.try_get("from_state")?;
+    let request: RefundRequest = serde_json::from_value(request)
+        .map_err(|e| StoreError::Corrupt(format!("jobs.request: {e}")))?;
+    request
+        .validate()
+        .map_err(|e| StoreError::Corrupt(format!("jobs.request: {e}")))?;
+    if request.refund_no != refund_no {
+        return Err(StoreError::Corrupt(format!(
+            "jobs.request names refund_no {:?}",
+            request.refund_no
+        )));
+    }
+    Ok(Claimed {
+        refund_no: refund_no.to_owned(),
+        from: from.parse().map_err(StoreError::Corrupt)?,
+        attempt,
+        request,
+        created_at: r.try_get("created_at")?,
+        lease_until: r.try_get("lease_until")?,
+        retry_base: r.try_get("retry_base")?,
+        retry_since: r.try_get("retry_since")?,
+        // A job from before idempotence was recorded, not yet backfilled: the side that never
+        // resends a maybe-delivered request.
+        idempotent: r.try_get::<Option<bool>, _>("idempotent")?.unwrap_or(false),
+        history: History {
+            maybe_paid: r.try_get("maybe_paid")?,
+        },
+    })
 }
 
 /// A state change to make, checked against [`state::TRANSITIONS`].
@@ -63,6 +157,8 @@ pub struct Change<'a> {
     pub provider_refund_id: Option<&'a str>,
     pub settlement_refund_fee: Option<i64>,
     pub detail: Option<serde_json::Value>,
+    /// The attempt this change ends may have paid (a lease that ran out mid-call).
+    pub maybe_paid: bool,
 }
 
 impl<'a> Change<'a> {
@@ -80,6 +176,7 @@ impl<'a> Change<'a> {
             provider_refund_id: None,
             settlement_refund_fee: None,
             detail: None,
+            maybe_paid: false,
         }
     }
 }
@@ -99,6 +196,8 @@ pub struct Transitioned {
     pub provider_refund_id: Option<String>,
     pub code: Option<String>,
     pub message: Option<String>,
+    /// Why the job is dead, as written (the history may have changed the cause asked for).
+    pub cause: Option<String>,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -106,15 +205,17 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// Claims jobs that are `received`, or `retry_wait` and due, for one attempt each, in one
-/// statement; jobs another worker holds locked are skipped. Each job is looked up by its key
-/// (a lateral join, so no plan can turn it into a scan of `jobs`), and the statement is not
-/// kept prepared, so the update's plan is made for the batch at hand.
+/// statement marked with `token`; jobs another worker holds locked are skipped. Each job is
+/// looked up by its key (a lateral join, so no plan can turn it into a scan of `jobs`), and the
+/// statement is not kept prepared, so the update's plan is made for the batch at hand. If the
+/// reply is lost, [`claimed_by`] with the same token finds what it claimed.
 pub async fn claim(
     pool: &PgPool,
     refund_nos: &[String],
     lease: Duration,
     actor: &str,
-) -> Result<Vec<Claimed>, StoreError> {
+    token: ClaimToken,
+) -> Result<Claims, StoreError> {
     let rows = sqlx::query(
         "WITH prev AS (
              SELECT j.refund_no, j.state FROM unnest($1::text[]) AS u(refund_no)
@@ -127,41 +228,51 @@ pub async fn claim(
          ), upd AS (
              UPDATE jobs j SET state = 'in_flight', attempt = j.attempt + 1,
                     lease_until = now() + $2 * interval '1 millisecond',
-                    next_attempt_at = NULL, updated_at = now()
+                    last_lease_until = now() + $2 * interval '1 millisecond',
+                    claim_token = $4, next_attempt_at = NULL, updated_at = now()
              FROM prev WHERE j.refund_no = prev.refund_no
              RETURNING j.refund_no, prev.state AS from_state, j.attempt, j.request,
-                       j.created_at, j.lease_until, j.retry_base, j.retry_since
+                       j.created_at, j.lease_until, j.retry_base, j.retry_since, j.idempotent,
+                       j.maybe_paid
          ), hist AS (
              INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
              SELECT refund_no, from_state, 'in_flight', attempt, $3 FROM upd
          )
-         SELECT refund_no, from_state, attempt, request, created_at, lease_until, retry_base,
-                retry_since
-         FROM upd",
+         SELECT * FROM upd",
     )
     .persistent(false)
     .bind(refund_nos)
     .bind(millis(lease))
     .bind(actor)
+    .bind(token.0)
     .fetch_all(pool)
     .await?;
-    rows.into_iter()
-        .map(|r| {
-            let request: serde_json::Value = r.try_get("request")?;
-            let from: String = r.try_get("from_state")?;
-            Ok(Claimed {
-                refund_no: r.try_get("refund_no")?,
-                from: from.parse().map_err(StoreError::Corrupt)?,
-                attempt: r.try_get("attempt")?,
-                request: serde_json::from_value(request)
-                    .map_err(|e| StoreError::Corrupt(format!("jobs.request: {e}")))?,
-                created_at: r.try_get("created_at")?,
-                lease_until: r.try_get("lease_until")?,
-                retry_base: r.try_get("retry_base")?,
-                retry_since: r.try_get("retry_since")?,
-            })
-        })
-        .collect()
+    read_claims(rows)
+}
+
+/// The jobs among `refund_nos` that the claim statement marked `token` holds in flight: what a
+/// worker whose claim reply was lost claimed.
+pub async fn claimed_by(
+    pool: &PgPool,
+    refund_nos: &[String],
+    token: ClaimToken,
+) -> Result<Claims, StoreError> {
+    let rows = sqlx::query(
+        "SELECT j.refund_no, j.attempt, j.request, j.created_at, j.lease_until, j.retry_base,
+                j.retry_since, j.idempotent, j.maybe_paid,
+                (SELECT t.from_state FROM job_transitions t
+                 WHERE t.refund_no = j.refund_no AND t.attempt = j.attempt
+                   AND t.to_state = 'in_flight'
+                 ORDER BY t.id DESC LIMIT 1) AS from_state
+         FROM jobs j
+         WHERE j.refund_no = ANY($1) AND j.claim_token = $2 AND j.state = 'in_flight'",
+    )
+    .persistent(false)
+    .bind(refund_nos)
+    .bind(token.0)
+    .fetch_all(pool)
+    .await?;
+    read_claims(rows)
 }
 
 /// Applies one allowed transition with its history row; `None` if the job was not in a source
@@ -187,7 +298,12 @@ pub async fn transition(
              WHERE refund_no = $1 AND state = ANY($2) AND ($3::int IS NULL OR attempt = $3)
              FOR UPDATE
          ), upd AS (
-             UPDATE jobs j SET state = $4, cause = $5, lease_until = NULL,
+             UPDATE jobs j SET state = $4,
+                    -- A dead job that may have been paid says so, whatever ended it.
+                    cause = CASE WHEN $4 = 'dead' AND j.maybe_paid THEN 'outcome_unknown'
+                                 ELSE $5 END,
+                    maybe_paid = j.maybe_paid OR $13,
+                    lease_until = NULL,
                     next_attempt_at = CASE WHEN $6::bigint IS NULL THEN NULL
                                            ELSE now() + $6 * interval '1 millisecond' END,
                     last_code = $7, last_message = $8,
@@ -197,10 +313,10 @@ pub async fn transition(
              FROM prev WHERE j.refund_no = prev.refund_no
              RETURNING j.refund_no, prev.state AS from_state, j.attempt, j.order_no, j.provider,
                        j.merchant, j.refund_fee, j.settlement_refund_fee, j.provider_refund_id,
-                       j.last_code, j.last_message
+                       j.last_code, j.last_message, j.cause
          ), hist AS (
              INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor, cause, detail)
-             SELECT refund_no, from_state, $4, attempt, $11, $5, $12 FROM upd
+             SELECT refund_no, from_state, $4, attempt, $11, cause, $12 FROM upd
          )
          SELECT * FROM upd",
     )
@@ -216,6 +332,7 @@ pub async fn transition(
     .bind(change.settlement_refund_fee)
     .bind(change.actor)
     .bind(&change.detail)
+    .bind(change.maybe_paid)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(r) = row else { return Ok(None) };
@@ -241,6 +358,7 @@ pub async fn transition(
         provider_refund_id: r.try_get("provider_refund_id")?,
         code: r.try_get("last_code")?,
         message: r.try_get("last_message")?,
+        cause: r.try_get("cause")?,
     }))
 }
 
@@ -375,9 +493,10 @@ impl OutcomeToRecord {
             merchant: req.merchant.clone(),
             refund_fee: req.refund_fee,
             settlement_refund_fee: settle,
-            provider_refund_id: prid,
-            code: self.rec.outcome.code().map(str::to_owned),
-            message: self.rec.outcome.message().map(str::to_owned),
+            provider_refund_id: prid.map(|p| storable(&p).into_owned()),
+            code: storable_opt(self.rec.outcome.code()).map(Cow::into_owned),
+            message: storable_opt(self.rec.outcome.message()).map(Cow::into_owned),
+            cause: self.change().2.map(|c| c.as_str().to_owned()),
         }
     }
 }
@@ -438,7 +557,29 @@ pub async fn record_outcomes(
     let mut event_key = Vec::with_capacity(n);
     let mut payload = Vec::with_capacity(n);
     let mut targets = Vec::with_capacity(n);
-    for item in items {
+    let mut maybe_paid = Vec::with_capacity(n);
+    // What the provider said is stored as PostgreSQL can hold it (see `text`): a NUL in an
+    // answer must not make the attempt, the evidence, unrecordable.
+    let texts: Vec<[Option<Cow<str>>; 5]> = items
+        .iter()
+        .map(|item| {
+            let o = &item.rec.outcome;
+            let prid = match o {
+                Outcome::Accepted {
+                    provider_refund_id, ..
+                } => Some(provider_refund_id.as_str()),
+                _ => None,
+            };
+            [
+                storable_opt(o.code()),
+                storable_opt(o.message()),
+                storable_opt(prid),
+                Some(storable(&item.rec.request_redacted)),
+                storable_opt(o.raw()),
+            ]
+        })
+        .collect();
+    for (item, [t_code, t_message, t_prid, t_request, t_response]) in items.iter().zip(&texts) {
         let (trigger, to, why, retry_in) = item.change();
         if !state::allowed(State::InFlight, to, trigger) {
             return Err(StoreError::IllegalTransition {
@@ -447,20 +588,18 @@ pub async fn record_outcomes(
                 trigger,
             });
         }
-        let (p, f, s, c) = match &item.rec.outcome {
+        let (f, s, c) = match &item.rec.outcome {
             Outcome::Accepted {
-                provider_refund_id,
                 refund_fee,
                 settlement_refund_fee,
                 coupon_refund_fee,
                 ..
             } => (
-                Some(provider_refund_id.as_str()),
                 Some(*refund_fee),
                 Some(*settlement_refund_fee),
                 Some(*coupon_refund_fee),
             ),
-            _ => (None, None, None, None),
+            _ => (None, None, None),
         };
         let event = match EventKind::for_state(to) {
             Some(kind) => {
@@ -476,16 +615,17 @@ pub async fn record_outcomes(
         to_state.push(to.as_str());
         cause.push(why.map(Cause::as_str));
         retry_ms.push(retry_in.map(millis));
-        code.push(item.rec.outcome.code());
-        message.push(item.rec.outcome.message());
-        prid.push(p);
+        code.push(t_code.as_deref());
+        message.push(t_message.as_deref());
+        prid.push(t_prid.as_deref());
         fee.push(f);
         settle.push(s);
         coupon.push(c);
         outcome.push(item.rec.outcome.class());
         http_status.push(item.rec.http_status.map(i32::from));
-        request.push(item.rec.request_redacted.as_str());
-        response.push(item.rec.outcome.raw());
+        request.push(t_request.as_deref().unwrap_or_default());
+        response.push(t_response.as_deref());
+        maybe_paid.push(item.rec.outcome.may_have_paid());
         latency_us.push(i64::try_from(item.rec.latency.as_micros()).unwrap_or(i64::MAX));
         provider.push(item.claimed.request.provider.as_str());
         merchant.push(item.claimed.request.merchant.as_str());
@@ -498,12 +638,18 @@ pub async fn record_outcomes(
              SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int8[],
                  $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[],
                  $12::text[], $13::int4[], $14::text[], $15::text[], $16::int8[], $17::text[],
-                 $18::text[], $19::text[], $20::text[])
+                 $18::text[], $19::text[], $20::text[], $23::bool[])
                AS u(refund_no, attempt, to_state, cause, retry_ms, code, message, prid, fee,
                     settle, coupon, outcome, http_status, request, response, latency_us,
-                    provider, merchant, event_key, payload)
+                    provider, merchant, event_key, payload, maybe_paid)
          ), upd AS (
-             UPDATE jobs j SET state = u.to_state, cause = u.cause, lease_until = NULL,
+             UPDATE jobs j SET state = u.to_state,
+                    -- A dead job that may have been paid says so (a fenced attempt of another
+                    -- worker may have learnt that since this one's claim).
+                    cause = CASE WHEN u.to_state = 'dead' AND j.maybe_paid
+                                 THEN 'outcome_unknown' ELSE u.cause END,
+                    maybe_paid = j.maybe_paid OR u.maybe_paid,
+                    lease_until = NULL,
                     next_attempt_at = now() + u.retry_ms * interval '1 millisecond',
                     last_code = u.code, last_message = u.message,
                     provider_refund_id = COALESCE(u.prid, j.provider_refund_id),
@@ -511,14 +657,22 @@ pub async fn record_outcomes(
                     updated_at = now()
              FROM u
              WHERE j.refund_no = u.refund_no AND j.state = 'in_flight' AND j.attempt = u.attempt
-             RETURNING j.refund_no, j.attempt, j.order_no, j.refund_fee
+             RETURNING j.refund_no, j.attempt, j.order_no, j.refund_fee, j.cause AS final_cause
+         ), fenced AS (
+             -- A fenced answer that may have paid still marks its job: the next attempt's
+             -- decline must not be taken as final. The complement of `upd`'s condition, so no
+             -- row is updated twice.
+             UPDATE jobs j SET maybe_paid = true
+             FROM u
+             WHERE j.refund_no = u.refund_no AND u.maybe_paid AND NOT j.maybe_paid
+               AND NOT (j.state = 'in_flight' AND j.attempt = u.attempt)
          ), done AS (
-             SELECT u.*, upd.order_no, upd.refund_fee AS job_fee
+             SELECT u.*, upd.order_no, upd.refund_fee AS job_fee, upd.final_cause
              FROM upd JOIN u USING (refund_no, attempt)
          ), hist AS (
              INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor, cause,
                  detail)
-             SELECT refund_no, 'in_flight', to_state, attempt, $21, cause,
+             SELECT refund_no, 'in_flight', to_state, attempt, $21, final_cause,
                     jsonb_build_object('outcome', outcome)
              FROM done
          ), att AS (
@@ -569,6 +723,7 @@ pub async fn record_outcomes(
     .bind(&payload)
     .bind(actor)
     .bind(tz.name())
+    .bind(&maybe_paid)
     .fetch_all(pool)
     .await?;
     let mut applied = std::collections::HashSet::with_capacity(rows.len());
@@ -589,6 +744,29 @@ pub async fn record_outcomes(
             }
         })
         .collect())
+}
+
+/// Records on jobs created before idempotence was recorded at intake their merchant's setting
+/// in `merchants` (provider, merchant, idempotent); how many jobs it filled in. Jobs of a
+/// merchant not in the list keep no record and count as not idempotent.
+pub async fn backfill_idempotent(
+    pool: &PgPool,
+    merchants: &[(String, String, bool)],
+) -> Result<u64, StoreError> {
+    let provider: Vec<&str> = merchants.iter().map(|m| m.0.as_str()).collect();
+    let merchant: Vec<&str> = merchants.iter().map(|m| m.1.as_str()).collect();
+    let idempotent: Vec<bool> = merchants.iter().map(|m| m.2).collect();
+    Ok(sqlx::query(
+        "UPDATE jobs j SET idempotent = m.idempotent
+         FROM unnest($1::text[], $2::text[], $3::bool[]) AS m(provider, merchant, idempotent)
+         WHERE j.idempotent IS NULL AND j.provider = m.provider AND j.merchant = m.merchant",
+    )
+    .bind(&provider)
+    .bind(&merchant)
+    .bind(&idempotent)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Gives a claim back without a call (too little lease left to send safely).
@@ -633,8 +811,9 @@ pub async fn kill(
     Ok(true)
 }
 
-/// Takes back a job whose lease ran out: to `retry_wait` (due now) when the merchant is
-/// idempotent, else to `dead`/`outcome_unknown`, since the call may have gone out.
+/// Takes back a job whose lease ran out: to `retry_wait` (due now) when the job's merchant is
+/// idempotent (as recorded on the job), else to `dead`/`outcome_unknown`, since the call may
+/// have gone out; either way the job is marked as maybe paid.
 pub async fn expire_lease(
     pool: &PgPool,
     refund_no: &str,
@@ -645,12 +824,15 @@ pub async fn expire_lease(
 ) -> Result<Option<State>, StoreError> {
     let mut tx = pool.begin().await?;
     let message = "lease expired: the worker died or stalled during the attempt";
+    // The call may have gone out: whatever comes next must count this attempt as one that
+    // may have paid.
     let change = if idempotent {
         Change {
             attempt: Some(attempt),
             retry_in: Some(Duration::ZERO),
             code: Some("LEASE_EXPIRED"),
             message: Some(message),
+            maybe_paid: true,
             ..Change::new(refund_no, Trigger::LeaseExpired, State::RetryWait, actor)
         }
     } else {
@@ -659,6 +841,7 @@ pub async fn expire_lease(
             cause: Some(Cause::OutcomeUnknown.as_str()),
             code: Some("LEASE_EXPIRED"),
             message: Some(message),
+            maybe_paid: true,
             ..Change::new(refund_no, Trigger::LeaseExpired, State::Dead, actor)
         }
     };
@@ -782,12 +965,12 @@ pub fn replay_refusal(state: State, cause: Option<&str>, idempotent: bool) -> Op
     None
 }
 
-/// Replays a dead job (back to `received`, same `refund_no`), re-checking its state under the
-/// row lock in the transaction that writes the audit row; refusals are audited too.
+/// Replays a dead job (back to `received`, same `refund_no`), re-checking its state and the
+/// merchant's idempotence recorded on it under the row lock in the transaction that writes the
+/// audit row; refusals are audited too.
 pub async fn replay(
     conn: &mut PgConnection,
     refund_no: &str,
-    idempotent: impl Fn(&str, &str) -> bool,
     op: Operator<'_>,
 ) -> Result<Verdict, StoreError> {
     let Some((prior, cause)) = lock_state(conn, refund_no).await? else {
@@ -802,13 +985,14 @@ pub async fn replay(
         )
         .await;
     };
-    let (provider, merchant): (String, String) =
-        sqlx::query_as("SELECT provider, merchant FROM jobs WHERE refund_no = $1")
+    // The job's own record of its merchant, never this process's config: a stale config must
+    // not let an outcome_unknown job at a merchant that does not deduplicate be sent again.
+    let idempotent: bool =
+        sqlx::query_scalar("SELECT COALESCE(idempotent, false) FROM jobs WHERE refund_no = $1")
             .bind(refund_no)
             .fetch_one(&mut *conn)
             .await?;
-    if let Some(reason) = replay_refusal(prior, cause.as_deref(), idempotent(&provider, &merchant))
-    {
+    if let Some(reason) = replay_refusal(prior, cause.as_deref(), idempotent) {
         return refuse(conn, refund_no, "replay", op, Some(prior), None, reason).await;
     }
     let actor = format!("operator:{}", op.name);
@@ -849,12 +1033,61 @@ pub enum Resolution {
     Failed,
 }
 
+/// What the provider's answers say about a dead job, for its manual resolution.
+struct ResolutionEvidence {
+    refund_fee: i64,
+    /// An attempt (fenced or not) was accepted or answered with an unrecognised result.
+    paid_evidence: bool,
+    /// The settlement fees of accepted attempts.
+    accepted_fees: Vec<i64>,
+    /// Until when the worker of the last attempt may still send: set while its lease plus
+    /// `quiet` has not passed and it recorded no answer for that attempt.
+    quiet_until: Option<DateTime<Utc>>,
+}
+
+/// Reads a job's [`ResolutionEvidence`] (inside the caller's transaction, under its row lock).
+async fn resolution_evidence(
+    conn: &mut PgConnection,
+    refund_no: &str,
+    quiet: Duration,
+) -> Result<ResolutionEvidence, StoreError> {
+    let row = sqlx::query(
+        "SELECT j.refund_fee,
+                EXISTS (SELECT 1 FROM provider_attempts a WHERE a.refund_no = j.refund_no
+                          AND a.outcome IN ('accepted', 'unrecognised')) AS paid_evidence,
+                ARRAY(SELECT DISTINCT a.settlement_refund_fee FROM provider_attempts a
+                      WHERE a.refund_no = j.refund_no AND a.outcome = 'accepted'
+                        AND a.settlement_refund_fee IS NOT NULL) AS accepted_fees,
+                CASE WHEN j.attempt > 0
+                      AND NOT EXISTS (SELECT 1 FROM provider_attempts a
+                                      WHERE a.refund_no = j.refund_no AND a.attempt = j.attempt)
+                      AND j.last_lease_until + $2 * interval '1 millisecond' > now()
+                     THEN j.last_lease_until + $2 * interval '1 millisecond' END AS quiet_until
+         FROM jobs j WHERE j.refund_no = $1",
+    )
+    .bind(refund_no)
+    .bind(millis(quiet))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(ResolutionEvidence {
+        refund_fee: row.try_get("refund_fee")?,
+        paid_evidence: row.try_get("paid_evidence")?,
+        accepted_fees: row.try_get("accepted_fees")?,
+        quiet_until: row.try_get("quiet_until")?,
+    })
+}
+
 /// Resolves a dead job by hand: ledger entry (source `manual`) or order release, the
-/// `refund.resolved` event and the audit row, in the caller's transaction.
+/// `refund.resolved` event and the audit row, in the caller's transaction. Refused (and
+/// audited) while the last attempt's worker may still send (its lease plus `quiet`, the HTTP
+/// timeout and a margin, has not passed and it recorded no answer), as failed when an attempt
+/// was accepted or unrecognised, and as succeeded with a settlement fee that disagrees with
+/// an accepted attempt's.
 pub async fn resolve(
     conn: &mut PgConnection,
     refund_no: &str,
     resolution: Resolution,
+    quiet: Duration,
     op: Operator<'_>,
     tz: chrono_tz::Tz,
 ) -> Result<Verdict, StoreError> {
@@ -881,15 +1114,43 @@ pub async fn resolve(
         )
         .await;
     }
-    let refund_fee: i64 = sqlx::query_scalar("SELECT refund_fee FROM jobs WHERE refund_no = $1")
-        .bind(refund_no)
-        .fetch_one(&mut *conn)
-        .await?;
-    if let Some(s) = settle
+    let evidence = resolution_evidence(conn, refund_no, quiet).await?;
+    let refund_fee = evidence.refund_fee;
+    let refusal = if let Some(until) = evidence.quiet_until {
+        Some(format!(
+            "the last attempt's worker may still send until {} (its lease, the HTTP timeout and \
+             a margin); resolve after that",
+            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ))
+    } else if settle.is_none() && evidence.paid_evidence {
+        Some(
+            "an attempt was accepted or answered with an unrecognised result: the provider may \
+             have paid, so it cannot be resolved as failed; check with the provider"
+                .to_owned(),
+        )
+    } else if let Some(s) = settle
         && !(0..=refund_fee).contains(&s)
     {
-        let reason =
-            format!("settlement fee {s} must be between 0 and the refund fee {refund_fee}");
+        Some(format!(
+            "settlement fee {s} must be between 0 and the refund fee {refund_fee}"
+        ))
+    } else if let Some(s) = settle
+        && !evidence.accepted_fees.is_empty()
+        && !evidence.accepted_fees.contains(&s)
+    {
+        Some(format!(
+            "settlement fee {s} disagrees with what the provider accepted ({})",
+            evidence
+                .accepted_fees
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
         return refuse(
             conn,
             refund_no,

@@ -15,6 +15,7 @@ pub mod operator;
 pub mod ops;
 pub mod outbox;
 pub mod sweep;
+pub mod text;
 
 use std::time::Duration;
 

@@ -244,6 +244,12 @@ pub struct JobRecord {
     pub settlement_refund_fee: Option<i64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Whether the merchant deduplicates on `refund_no`, as recorded at intake (`None`: a job
+    /// from before that was recorded, not yet backfilled; treated as not idempotent).
+    pub idempotent: Option<bool>,
+    /// An attempt may have paid (maybe delivered, unrecognised or accepted, or a lease that
+    /// ran out mid-call).
+    pub maybe_paid: bool,
     /// The request as accepted at intake.
     pub request: serde_json::Value,
 }
@@ -349,7 +355,8 @@ pub async fn job_detail(pool: &PgPool, refund_no: &str) -> Result<JobDetail, Sto
     let job = sqlx::query_as::<_, JobRecord>(
         "SELECT refund_no, order_no, provider, merchant, total_fee, refund_fee, state, cause,
                 attempt, lease_until, next_attempt_at, last_code, last_message,
-                provider_refund_id, settlement_refund_fee, created_at, updated_at, request
+                provider_refund_id, settlement_refund_fee, created_at, updated_at, idempotent,
+                maybe_paid, request
          FROM jobs WHERE refund_no = $1",
     )
     .bind(refund_no)
@@ -482,15 +489,19 @@ pub struct ReplayFacts {
     pub cause: Option<String>,
     pub provider: String,
     pub merchant: String,
+    /// As recorded on the job at intake; false when it was not recorded.
+    pub idempotent: bool,
 }
 
-/// Reads a job's state, cause, provider and merchant without locking (for dry runs).
+/// Reads a job's state, cause, provider, merchant and recorded idempotence without locking
+/// (for dry runs).
 pub async fn replay_facts(
     pool: &PgPool,
     refund_no: &str,
 ) -> Result<Option<ReplayFacts>, StoreError> {
     Ok(sqlx::query_as::<_, ReplayFacts>(
-        "SELECT state, cause, provider, merchant FROM jobs WHERE refund_no = $1",
+        "SELECT state, cause, provider, merchant, COALESCE(idempotent, false) AS idempotent
+         FROM jobs WHERE refund_no = $1",
     )
     .bind(refund_no)
     .fetch_optional(pool)

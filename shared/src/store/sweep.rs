@@ -43,6 +43,8 @@ pub struct Expired {
     pub attempt: i32,
     pub provider: String,
     pub merchant: String,
+    /// As recorded on the job at intake (false when it was not recorded).
+    pub idempotent: bool,
 }
 
 /// In-flight jobs in `scope` whose lease has ended, at most `limit`.
@@ -52,7 +54,8 @@ pub async fn expired_leases(
     limit: i64,
 ) -> Result<Vec<Expired>, StoreError> {
     let rows = sqlx::query(
-        "SELECT refund_no, attempt, provider, merchant FROM jobs
+        "SELECT refund_no, attempt, provider, merchant, COALESCE(idempotent, false) AS idempotent
+         FROM jobs
          WHERE state = 'in_flight' AND lease_until < now()
            AND ($2::timestamptz IS NULL OR created_at >= $2)
          ORDER BY lease_until LIMIT $1",
@@ -69,6 +72,7 @@ pub async fn expired_leases(
                 attempt: r.try_get("attempt")?,
                 provider: r.try_get("provider")?,
                 merchant: r.try_get("merchant")?,
+                idempotent: r.try_get("idempotent")?,
             })
         })
         .collect()

@@ -23,8 +23,8 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde::Serialize;
 use shared::config::{SignType, WorkerConfig};
-use shared::job::ProviderKind;
-use shared::provider::{AttemptRecord, Outcome};
+use shared::job::{ProviderKind, RefundRequest};
+use shared::provider::{Admission, AttemptRecord, Outcome};
 use shared::store::intake::{self, Incoming, IntakeResult};
 use shared::store::jobs;
 use shared::workflow::Decision;
@@ -203,7 +203,7 @@ async fn pool(url: &str, size: u32, generic_plans: bool) -> anyhow::Result<PgPoo
 /// The three transactions of one refund, as the worker runs them now.
 async fn one_refund(pool: &PgPool, m: &Msg, tz: chrono_tz::Tz) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let known = |_: ProviderKind, _: &str| true;
+    let known = |_: &RefundRequest| Ok(Admission { idempotent: true });
     let msg = Incoming {
         body: &m.body,
         message_id: None,
@@ -215,7 +215,15 @@ async fn one_refund(pool: &PgPool, m: &Msg, tz: chrono_tz::Tz) -> anyhow::Result
         bail!("intake did not create {}: {r:?}", m.refund_no);
     }
     let lease = Duration::from_secs(30);
-    let claimed = jobs::claim(pool, std::slice::from_ref(&m.refund_no), lease, "bench").await?;
+    let claimed = jobs::claim(
+        pool,
+        std::slice::from_ref(&m.refund_no),
+        lease,
+        "bench",
+        jobs::ClaimToken::new(),
+    )
+    .await?
+    .claimed;
     let Some(c) = claimed.into_iter().next() else {
         bail!("could not claim {}", m.refund_no);
     };
@@ -239,7 +247,7 @@ async fn batch_of_refunds(pool: &PgPool, batch: &[&Msg], tz: chrono_tz::Tz) -> a
             redelivered: false,
         })
         .collect();
-    let known = |_: ProviderKind, _: &str| true;
+    let known = |_: &RefundRequest| Ok(Admission { idempotent: true });
     let mut tx = pool.begin().await?;
     let results = intake::take_batch(&mut tx, &msgs, &known, tz).await?;
     tx.commit().await?;
@@ -251,7 +259,15 @@ async fn batch_of_refunds(pool: &PgPool, batch: &[&Msg], tz: chrono_tz::Tz) -> a
         bail!("intake created {created} of {} jobs", batch.len());
     }
     let nos: Vec<String> = batch.iter().map(|m| m.refund_no.clone()).collect();
-    let claimed = jobs::claim(pool, &nos, Duration::from_secs(30), "bench").await?;
+    let claimed = jobs::claim(
+        pool,
+        &nos,
+        Duration::from_secs(30),
+        "bench",
+        jobs::ClaimToken::new(),
+    )
+    .await?
+    .claimed;
     if claimed.len() != nos.len() {
         bail!("claimed {} of {}", claimed.len(), nos.len());
     }

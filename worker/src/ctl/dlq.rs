@@ -462,9 +462,8 @@ async fn dry_run_one(ctl: &Ctl, refund_no: &str) -> anyhow::Result<ReplayOutcome
         });
     };
     let state: State = f.state.parse().map_err(anyhow::Error::msg)?;
-    let idempotent = ctl.idempotency.is_idempotent(&f.provider, &f.merchant);
     Ok(
-        match jobs::replay_refusal(state, f.cause.as_deref(), idempotent) {
+        match jobs::replay_refusal(state, f.cause.as_deref(), f.idempotent) {
             Some(reason) => ReplayOutcome::WouldRefuse {
                 prior: Some(state),
                 reason,
@@ -482,14 +481,9 @@ async fn replay_one(
     publisher: &mut Option<Publisher>,
 ) -> anyhow::Result<ReplayOutcome> {
     let mut tx = ctl.pool.begin().await?;
-    let verdict = jobs::replay(
-        &mut tx,
-        refund_no,
-        |provider, merchant| ctl.idempotency.is_idempotent(provider, merchant),
-        who.as_operator(),
-    )
-    .await
-    .with_context(|| format!("replaying {refund_no}"))?;
+    let verdict = jobs::replay(&mut tx, refund_no, who.as_operator())
+        .await
+        .with_context(|| format!("replaying {refund_no}"))?;
     let (prior, body) = match verdict {
         Verdict::Refused { prior, reason } => {
             tx.commit().await?;

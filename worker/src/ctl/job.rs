@@ -80,7 +80,7 @@ fn write_detail(ctl: &Ctl, d: &JobDetail, out: &mut Out) -> anyhow::Result<()> {
                 Some(c) => format!("{} (cause {c})", j.state),
                 None => j.state.clone(),
             };
-            let idempotent = ctl.idempotency.is_idempotent(&j.provider, &j.merchant);
+            let idempotent = j.idempotent;
             let rows = [
                 ("state", state),
                 ("attempts", j.attempt.to_string()),
@@ -109,10 +109,10 @@ fn write_detail(ctl: &Ctl, d: &JobDetail, out: &mut Out) -> anyhow::Result<()> {
                     "merchant",
                     format!(
                         "{} on refund_no",
-                        if idempotent {
-                            "deduplicates"
-                        } else {
-                            "does not deduplicate (or is not configured here)"
+                        match idempotent {
+                            Some(true) => "deduplicates",
+                            Some(false) => "does not deduplicate",
+                            None => "not recorded (treated as not deduplicating)",
                         }
                     ),
                 ),
@@ -349,6 +349,7 @@ pub async fn resolve(
         &mut tx,
         &args.refund_no,
         resolution,
+        ctl.config.resolve_quiet(),
         args.who.as_operator(),
         ctl.tz,
     )

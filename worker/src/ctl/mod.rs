@@ -130,9 +130,9 @@ fn non_empty(s: &str) -> Result<String, String> {
     Ok(t.to_owned())
 }
 
-/// Whether each (provider, merchant) deduplicates on `refund_no`: what decides if a job whose
-/// outcome is unknown may be sent again. A merchant that is not configured counts as not
-/// idempotent.
+/// Whether each (provider, merchant) deduplicates on `refund_no`, as this config says: what
+/// `refundctl migrate` records on jobs from before idempotence was recorded at intake. Replay
+/// reads the job's own record, never this.
 #[derive(Debug, Clone, Default)]
 pub struct Idempotency {
     merchants: HashMap<(String, String), bool>,
@@ -176,6 +176,14 @@ impl Idempotency {
         self.merchants
             .insert((provider.to_owned(), merchant.to_owned()), idempotent);
         self
+    }
+
+    /// Every known (provider, merchant, idempotent).
+    pub fn entries(&self) -> Vec<(String, String, bool)> {
+        self.merchants
+            .iter()
+            .map(|((p, m), i)| (p.clone(), m.clone(), *i))
+            .collect()
     }
 
     /// Whether this merchant deduplicates on `refund_no`; false when it is not configured.
@@ -314,6 +322,15 @@ pub async fn migrate(ctl: &Ctl, out: &mut Out) -> anyhow::Result<Status> {
             "migrations: {} applied now, {} in total",
             new.len(),
             after.len()
+        )?;
+    }
+    let filled = shared::store::jobs::backfill_idempotent(&ctl.pool, &ctl.idempotency.entries())
+        .await
+        .context("recording merchant idempotence on older jobs")?;
+    if filled > 0 {
+        writeln!(
+            out,
+            "recorded their merchant's idempotence (from this config) on {filled} older jobs"
         )?;
     }
     Ok(Status::Done)

@@ -63,7 +63,11 @@ pub fn body(refund_no: &str, merchant: &str) -> Vec<u8> {
 /// Takes a raw message in through intake, as the consumer would.
 pub async fn take(pool: &PgPool, body: &[u8]) -> IntakeResult {
     let mut tx = pool.begin().await.unwrap();
-    let known = |_: ProviderKind, m: &str| m == "m1" || m == "w1";
+    let registry = tools::testkit::fake_registry(&[
+        (ProviderKind::Shengpay, "m1", true),
+        (ProviderKind::Wupay, "w1", false),
+    ]);
+    let known = |r: &shared::job::RefundRequest| registry.admit(r);
     let r = intake::take(
         &mut tx,
         &Incoming {
@@ -104,10 +108,15 @@ pub async fn call(pool: &PgPool, refund_no: &str, outcome: Outcome, decision: De
         &[refund_no.to_owned()],
         Duration::from_secs(30),
         "test",
+        jobs::ClaimToken::new(),
     )
     .await
     .unwrap();
-    let claimed = claimed.into_iter().next().expect("job is claimable");
+    let claimed = claimed
+        .claimed
+        .into_iter()
+        .next()
+        .expect("job is claimable");
     let rec = AttemptRecord {
         outcome,
         request_redacted: format!("{{\"outRefundNo\":\"{refund_no}\",\"sign\":\"***\"}}"),
