@@ -609,12 +609,23 @@ fn maybe(error: impl Into<String>, raw: &str) -> Outcome {
 ///   leads to `dead`, never to `succeeded` or `failed`, so the safety rule "an unverified
 ///   response never produces succeeded or failed" holds; the operator sees the raw body.
 ///   A body that carries a sign that does not verify is never trusted, FAIL or not.
-/// - Verified `returnCode` FAIL → RequestRejected (code `errorCode`, else `RETURN_FAIL`).
-/// - Verified SUCCESS/SUCCESS → Accepted, only if it names our `outRefundNo`, our `refundFee`
-///   (and, where present, our order, total, merchant and app) and has a `refundId` and a
+/// - The platform signs every answer with one key for all merchants and refunds, so a valid
+///   signature only says ShengPay said it, not that it said it about this request: an old
+///   signed answer to another refund can be replayed. Hence every outcome below must name
+///   this refund (see [`about_another_refund`]); one that names another is maybe delivered,
+///   and ShengPay's dedup on `outRefundNo` makes asking again the way to learn the truth.
+/// - `returnCode` FAIL (signed or not) → RequestRejected (code `errorCode`, else
+///   `RETURN_FAIL`), unless it names another refund, merchant or app. The identifying fields
+///   may be absent here: the platform refuses such requests (SIGN_ERROR, MCH_NOT_FOUND)
+///   before reading them, and RequestRejected takes the job to `dead` with its amount still
+///   held, so a replayed one cannot release money; an operator reads the raw body.
+/// - Verified SUCCESS/SUCCESS → Accepted, only if it names our `outRefundNo`, `mchId`, `appId`
+///   and `refundFee` (and, where present, our order and total) and has a `refundId` and a
 ///   `settlementRefundFee` no larger than the refund; otherwise maybe delivered.
-/// - Verified SUCCESS/FAIL → the code table on `errorCode` (absent: `RESULT_FAIL`, which the
-///   table treats as unknown, i.e. Declined by default).
+/// - Verified SUCCESS/FAIL → only if it names our `outRefundNo`, `mchId` and `appId` (a
+///   decline releases the order amount, so one about another refund could let the order
+///   system pay twice), the code table on `errorCode` (absent: `RESULT_FAIL`, which the table
+///   treats as unknown, i.e. Declined by default); otherwise maybe delivered.
 /// - Any other `returnCode`/`resultCode` → maybe delivered (ShengPay dedupes on `outRefundNo`,
 ///   so asking again is how to learn the result).
 pub fn classify_response(
@@ -642,6 +653,12 @@ pub fn classify_response(
     };
     let return_code = resp.return_code.as_deref();
     if return_code == Some(FAIL) {
+        if let Some(why) = about_another_refund(&resp, expected, Presence::IfPresent) {
+            return maybe(
+                format!("returnCode FAIL is not about this refund: {why}"),
+                &raw,
+            );
+        }
         return Outcome::RequestRejected {
             code: resp
                 .error_code
@@ -667,6 +684,12 @@ pub fn classify_response(
     match resp.result_code.as_deref() {
         Some(SUCCESS) => accepted(&resp, expected, raw),
         Some(FAIL) => {
+            if let Some(why) = about_another_refund(&resp, expected, Presence::Required) {
+                return maybe(
+                    format!("resultCode FAIL is not about this refund: {why}"),
+                    &raw,
+                );
+            }
             let code = resp
                 .error_code
                 .clone()
@@ -691,25 +714,60 @@ fn short(v: Option<&str>) -> Option<String> {
     v.map(|s| s.chars().take(32).collect())
 }
 
+/// Whether [`about_another_refund`] insists on the identifying fields being there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    /// A business answer (`resultCode`): ShengPay echoes them, so an answer without them cannot
+    /// be shown to be about this refund.
+    Required,
+    /// A protocol-level refusal (`returnCode` FAIL), which may come before they were read.
+    IfPresent,
+}
+
+/// Why a response is not about the refund we sent, if it is not: `outRefundNo` names the
+/// refund only within a merchant account (`mchId` + `appId`), so all three must be ours;
+/// `outTradeNo` is checked when present, as a different order can only mean another refund.
+fn about_another_refund(
+    resp: &RefundResponse,
+    exp: &Expected<'_>,
+    presence: Presence,
+) -> Option<String> {
+    let required = presence == Presence::Required;
+    for (name, got, want, needed) in [
+        (
+            "outRefundNo",
+            resp.out_refund_no.as_deref(),
+            exp.refund_no,
+            required,
+        ),
+        ("mchId", resp.mch_id.as_deref(), exp.mch_id, required),
+        ("appId", resp.app_id.as_deref(), exp.app_id, required),
+        (
+            "outTradeNo",
+            resp.out_trade_no.as_deref(),
+            exp.order_no,
+            false,
+        ),
+    ] {
+        match got {
+            Some(g) if g != want => return Some(format!("{name} is not ours")),
+            None if needed => return Some(format!("{name} missing")),
+            _ => {}
+        }
+    }
+    None
+}
+
 fn accepted(resp: &RefundResponse, exp: &Expected<'_>, raw: String) -> Outcome {
     let mismatch = |what: &str| maybe(format!("accepted response does not match: {what}"), &raw);
-    if resp.out_refund_no.as_deref() != Some(exp.refund_no) {
-        return mismatch("outRefundNo is not ours");
+    if let Some(why) = about_another_refund(resp, exp, Presence::Required) {
+        return mismatch(&why);
     }
     let Some(refund_fee) = resp.refund_fee else {
         return mismatch("refundFee missing");
     };
     if refund_fee != exp.refund_fee {
         return mismatch("refundFee differs from the amount requested");
-    }
-    for (name, got, want) in [
-        ("outTradeNo", resp.out_trade_no.as_deref(), exp.order_no),
-        ("mchId", resp.mch_id.as_deref(), exp.mch_id),
-        ("appId", resp.app_id.as_deref(), exp.app_id),
-    ] {
-        if got.is_some_and(|g| g != want) {
-            return mismatch(&format!("{name} is not ours"));
-        }
     }
     if resp.total_fee.is_some_and(|t| t != exp.total_fee) {
         return mismatch("totalFee differs from the order total");
@@ -1826,6 +1884,146 @@ mod tests {
             let m: Map<String, Value> = entries.into_iter().collect();
             let signed = signed_json(m, &platform_private(), SignType::Rsa2).unwrap();
             prop_assert!(verify_body(signed.body.as_bytes(), &platform_public(), SignType::Rsa2).is_ok());
+        }
+    }
+
+    // --- a verified answer must be about this refund -----------------------------------------
+
+    fn with(mut m: Map<String, Value>, key: &str, value: Option<&str>) -> Map<String, Value> {
+        match value {
+            Some(v) => m.insert(key.into(), v.into()),
+            None => m.remove(key),
+        };
+        m
+    }
+
+    fn assert_maybe_delivered(o: &Outcome, what: &str) {
+        assert!(
+            matches!(o, Outcome::MaybeDelivered { raw: Some(_), .. }),
+            "{what}: {o:?}"
+        );
+    }
+
+    #[test]
+    fn a_signed_decline_of_another_refund_is_maybe_delivered() {
+        let body = platform_signed(with(
+            fail_fields("NOTENOUGH"),
+            "outRefundNo",
+            Some("202105080000000000001"),
+        ));
+        assert_maybe_delivered(&classify_seed(200, &body), "other outRefundNo");
+    }
+
+    #[test]
+    fn a_signed_decline_for_another_merchant_is_maybe_delivered() {
+        let body = platform_signed(with(fail_fields("NOTENOUGH"), "mchId", Some("10000002")));
+        assert_maybe_delivered(&classify_seed(200, &body), "other mchId");
+    }
+
+    #[test]
+    fn a_signed_decline_for_another_app_is_maybe_delivered() {
+        let body = platform_signed(with(
+            fail_fields("NOTENOUGH"),
+            "appId",
+            Some("app-10000002"),
+        ));
+        assert_maybe_delivered(&classify_seed(200, &body), "other appId");
+    }
+
+    #[test]
+    fn a_signed_decline_that_does_not_name_the_refund_merchant_and_app_is_maybe_delivered() {
+        for key in ["outRefundNo", "mchId", "appId"] {
+            let body = platform_signed(with(fail_fields("NOTENOUGH"), key, None));
+            assert_maybe_delivered(&classify_seed(200, &body), &format!("no {key}"));
+        }
+    }
+
+    #[test]
+    fn a_signed_decline_for_another_order_is_maybe_delivered() {
+        let body = platform_signed(with(fail_fields("NOTENOUGH"), "outTradeNo", Some("OTHER")));
+        assert_maybe_delivered(&classify_seed(200, &body), "other outTradeNo");
+    }
+
+    #[test]
+    fn a_signed_decline_naming_this_refund_merchant_and_app_is_declined() {
+        let body = platform_signed(fail_fields("NOTENOUGH"));
+        assert_eq!(
+            classify_seed(200, &body),
+            Outcome::Declined {
+                code: "NOTENOUGH".into(),
+                message: "description of NOTENOUGH".into(),
+                raw: body.clone(),
+            }
+        );
+        // outTradeNo is not required: the refund is named by outRefundNo within mchId/appId.
+        let body = platform_signed(with(fail_fields("NOTENOUGH"), "outTradeNo", None));
+        assert_eq!(classify_seed(200, &body).class(), "declined");
+    }
+
+    #[test]
+    fn a_signed_retry_later_about_another_refund_is_maybe_delivered() {
+        let ours = platform_signed(fail_fields("SYSTEMERROR"));
+        assert_eq!(classify_seed(200, &ours).class(), "retry_later");
+        let body = platform_signed(with(
+            fail_fields("SYSTEMERROR"),
+            "outRefundNo",
+            Some("202105080000000000001"),
+        ));
+        assert_maybe_delivered(&classify_seed(200, &body), "retry later, other outRefundNo");
+    }
+
+    #[test]
+    fn a_signed_business_rejection_about_another_refund_is_maybe_delivered() {
+        let ours = platform_signed(fail_fields("PARAMS_ERROR"));
+        assert_eq!(classify_seed(200, &ours).class(), "request_rejected");
+        let body = platform_signed(with(fail_fields("PARAMS_ERROR"), "mchId", Some("10000002")));
+        assert_maybe_delivered(&classify_seed(200, &body), "params error, other mchId");
+    }
+
+    #[test]
+    fn a_return_code_fail_naming_another_refund_is_maybe_delivered() {
+        let Value::Object(m) = json!({
+            "returnCode": "FAIL",
+            "returnMsg": "sign error",
+            "errorCode": "SIGN_ERROR",
+            "mchId": "93751497",
+            "appId": "djgeiq978y933",
+            "outRefundNo": "202105080000000488560",
+        }) else {
+            unreachable!()
+        };
+        assert_eq!(
+            classify_seed(200, &platform_signed(m.clone())).class(),
+            "request_rejected",
+            "a protocol-level FAIL that names this refund"
+        );
+        for (key, other) in [
+            ("outRefundNo", "202105080000000000001"),
+            ("mchId", "10000002"),
+            ("appId", "app-10000002"),
+            ("outTradeNo", "OTHER"),
+        ] {
+            let changed = with(m.clone(), key, Some(other));
+            assert_maybe_delivered(
+                &classify_seed(200, &platform_signed(changed.clone())),
+                &format!("signed, other {key}"),
+            );
+            assert_maybe_delivered(
+                &classify_seed(200, &Value::Object(changed).to_string()),
+                &format!("unsigned, other {key}"),
+            );
+        }
+    }
+
+    #[test]
+    fn an_accepted_response_that_does_not_name_our_merchant_and_app_is_not_booked() {
+        for (key, value) in [
+            ("mchId", None),
+            ("appId", None),
+            ("appId", Some("app-10000002")),
+        ] {
+            let o = classify_seed(200, &platform_signed(with(success_fields(), key, value)));
+            assert_maybe_delivered(&o, &format!("{key} {value:?}"));
         }
     }
 
