@@ -36,7 +36,7 @@ use super::http::{self, TransportError};
 use super::keys;
 use super::{AttemptRecord, CodeClass, Outcome, Provider, RefundCall};
 use crate::config::{ConfigError, HttpConfig, ShengpayMerchant, SignType};
-use crate::job::{ProviderKind, RefundRequest};
+use crate::job::{ProviderKind, RefundRequest, Rejection};
 
 /// The refund endpoint, relative to a merchant's `base_url`.
 pub const REFUND_PATH: &str = "/api/v1/payment/refund";
@@ -80,10 +80,26 @@ pub fn canonical_string<K: AsRef<str>, V: AsRef<str>>(fields: &[(K, V)]) -> Stri
     out
 }
 
-/// Signing failed inside OpenSSL (a key that cannot sign, an allocation failure).
+/// Why a body was not signed.
 #[derive(Debug, thiserror::Error)]
-#[error("signing failed: {0}")]
-pub struct SignError(#[from] openssl::error::ErrorStack);
+pub enum SignError {
+    /// OpenSSL failed (a key that cannot sign, an allocation failure).
+    #[error("signing failed: {0}")]
+    Openssl(#[from] openssl::error::ErrorStack),
+    /// A field would make the string to sign ambiguous (see [`is_ambiguous`]).
+    #[error(
+        "refusing to sign: field `{field}` contains `&` or `=`, so another set of fields could \
+         sign alike"
+    )]
+    Ambiguous { field: String },
+}
+
+/// Whether a key or value would make the string to sign ambiguous. Values are joined raw as
+/// `k=v&…`, so `refundDesc` = `a=1&refundFee=1` signs exactly like `refundDesc` = `a` plus a
+/// second field `refundFee` = `1`: the platform could not tell which one we signed.
+pub fn is_ambiguous(text: &str) -> bool {
+    text.contains(['&', '='])
+}
 
 fn digest(sign_type: SignType) -> MessageDigest {
     match sign_type {
@@ -158,7 +174,11 @@ fn value_text(v: &Value) -> Option<String> {
 }
 
 /// Signs a flat JSON object the ShengPay way and returns the body with `sign` added (any `sign`
-/// already present is replaced). Used for our requests, and by the simulator for responses.
+/// already present is replaced). Used for our requests (and by tests, for responses).
+///
+/// Refuses a key or value containing `&` or `=`. Intake already rejects such requests
+/// ([`signable`]) and merchant values are checked when the client is built; this is the last
+/// line, so that a path that skipped those checks still never sends an ambiguous signature.
 pub fn signed_json(
     mut fields: Map<String, Value>,
     key: &PKeyRef<Private>,
@@ -169,6 +189,12 @@ pub fn signed_json(
         .iter()
         .filter_map(|(k, v)| value_text(v).map(|t| (k.clone(), t)))
         .collect();
+    if let Some((k, _)) = pairs
+        .iter()
+        .find(|(k, v)| is_ambiguous(k) || is_ambiguous(v))
+    {
+        return Err(SignError::Ambiguous { field: k.clone() });
+    }
     let signature = sign(key, sign_type, &canonical_string(&pairs))?;
     fields.insert(SIGN_FIELD.to_owned(), Value::String(REDACTED.to_owned()));
     let redacted = Value::Object(fields.clone()).to_string();
@@ -201,6 +227,66 @@ pub struct MerchantParams<'a> {
     pub sign_type: SignType,
 }
 
+/// One request field that comes from the refund message rather than from merchant config.
+struct FromRequest {
+    /// The ShengPay field name.
+    wire: &'static str,
+    /// The message field it comes from (DESIGN §3), as intake rejections name it.
+    source: &'static str,
+    value: Value,
+}
+
+/// Every field of the request body that carries a value of the refund message. The request
+/// builder and the intake check ([`signable`]) both read this one list, so a field added here
+/// is checked without anyone having to remember to.
+fn from_request(request: &RefundRequest) -> Vec<FromRequest> {
+    let field = |wire, source, value: Value| FromRequest {
+        wire,
+        source,
+        value,
+    };
+    let mut out = vec![
+        field("outTradeNo", "order_no", request.order_no.as_str().into()),
+        field(
+            "outRefundNo",
+            "refund_no",
+            request.refund_no.as_str().into(),
+        ),
+        field("totalFee", "total_fee", request.total_fee.into()),
+        field("refundFee", "refund_fee", request.refund_fee.into()),
+    ];
+    if let Some(reason) = request.reason.as_deref().filter(|r| !r.is_empty()) {
+        out.push(field("refundDesc", "reason", reason.into()));
+    }
+    if let Some(account) = request.refund_account() {
+        out.push(field(
+            "refundAccount",
+            "shengpay.refund_account",
+            account.as_str().into(),
+        ));
+    }
+    out
+}
+
+/// Whether every value `request` puts into the string to sign can be signed unambiguously
+/// (DESIGN §5: no `&` or `=`). The rejection names the message field. Merchant values
+/// (`appId`, `mchId`, `notifyUrl`) are checked once, when the client is built.
+pub fn signable(request: &RefundRequest) -> Result<(), Rejection> {
+    for f in from_request(request) {
+        if value_text(&f.value).is_some_and(|t| is_ambiguous(&t)) {
+            return Err(Rejection::new(
+                f.source,
+                format!(
+                    "must not contain `&` or `=`: ShengPay signs `{}` joined raw as k=v&..., \
+                     so such a value could sign like a different set of fields",
+                    f.wire
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The unsigned request fields for `request` (everything but `sign`). Fees are JSON integers;
 /// `refundDesc` and `refundAccount` only when the request has them.
 pub fn refund_fields(
@@ -214,19 +300,12 @@ pub fn refund_fields(
     };
     put("appId", merchant.app_id.into());
     put("mchId", merchant.mch_id.into());
-    put("outTradeNo", request.order_no.as_str().into());
-    put("outRefundNo", request.refund_no.as_str().into());
     put("nonceStr", nonce.into());
-    put("totalFee", request.total_fee.into());
-    put("refundFee", request.refund_fee.into());
-    if let Some(reason) = request.reason.as_deref().filter(|r| !r.is_empty()) {
-        put("refundDesc", reason.into());
-    }
-    if let Some(account) = request.refund_account() {
-        put("refundAccount", account.as_str().into());
-    }
     put("notifyUrl", merchant.notify_url.into());
     put("signType", merchant.sign_type.as_str().into());
+    for f in from_request(request) {
+        put(f.wire, f.value);
+    }
     m
 }
 
@@ -846,27 +925,44 @@ impl ShengpayClient {
             &format!("{key_prefix}.platform_public_key_file"),
             &merchant.platform_public_key_file,
         )?;
-        Ok(Self::with_keys(
+        Self::with_keys(
             merchant,
+            key_prefix,
             private_key,
             platform_key,
             http,
             http_config,
             codes,
-        ))
+        )
     }
 
     /// Builds the client from keys already loaded (the key file paths in `merchant` are not
-    /// read).
+    /// read). Merchant values that go into every string to sign are checked here, once, so
+    /// that a bad one stops the start naming its config key instead of failing each refund.
     pub fn with_keys(
         merchant: &ShengpayMerchant,
+        key_prefix: &str,
         private_key: PKey<Private>,
         platform_key: PKey<Public>,
         http: reqwest::Client,
         http_config: &HttpConfig,
         codes: CodeTable,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, ConfigError> {
+        for (name, value) in [
+            ("app_id", &merchant.app_id),
+            ("mch_id", &merchant.mch_id),
+            ("notify_url", &merchant.notify_url),
+        ] {
+            if is_ambiguous(value) {
+                return Err(ConfigError::invalid(
+                    format!("{key_prefix}.{name}"),
+                    "must not contain `&` or `=`: ShengPay signs values joined raw as k=v&..., \
+                     so such a value could sign like a different set of fields (a notify URL \
+                     cannot carry a query string)",
+                ));
+            }
+        }
+        Ok(Self {
             merchant: merchant.merchant.clone(),
             app_id: merchant.app_id.clone(),
             mch_id: merchant.mch_id.clone(),
@@ -879,7 +975,7 @@ impl ShengpayClient {
             codes,
             private_key,
             platform_key,
-        }
+        })
     }
 
     /// The refund endpoint this client posts to.
@@ -939,6 +1035,10 @@ impl Provider for ShengpayClient {
 
     fn idempotent(&self) -> bool {
         self.idempotent
+    }
+
+    fn admit(&self, request: &RefundRequest) -> Result<(), Rejection> {
+        signable(request)
     }
 
     async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord {
@@ -1882,8 +1982,14 @@ mod tests {
             )
         ) {
             let m: Map<String, Value> = entries.into_iter().collect();
-            let signed = signed_json(m, &platform_private(), SignType::Rsa2).unwrap();
-            prop_assert!(verify_body(signed.body.as_bytes(), &platform_public(), SignType::Rsa2).is_ok());
+            let ambiguous = m.values().filter_map(value_text).any(|t| is_ambiguous(&t));
+            match signed_json(m, &platform_private(), SignType::Rsa2) {
+                Ok(signed) => {
+                    prop_assert!(!ambiguous);
+                    prop_assert!(verify_body(signed.body.as_bytes(), &platform_public(), SignType::Rsa2).is_ok());
+                }
+                Err(e) => prop_assert!(ambiguous && matches!(e, SignError::Ambiguous { .. }), "{e}"),
+            }
         }
     }
 
@@ -2024,6 +2130,102 @@ mod tests {
         ] {
             let o = classify_seed(200, &platform_signed(with(success_fields(), key, value)));
             assert_maybe_delivered(&o, &format!("{key} {value:?}"));
+        }
+    }
+
+    // --- values that would make two field sets sign alike ------------------------------------
+
+    #[test]
+    fn a_reason_with_ampersand_or_equals_is_refused_at_intake_naming_reason() {
+        let c = client("http://127.0.0.1:9", SignType::Rsa);
+        // Signs like refundDesc=a with refundFee=1, whatever the real refundFee.
+        for reason in ["a=1&refundFee=1", "a&b", "x=y"] {
+            let e = c
+                .admit(&request(Some(reason), None))
+                .expect_err("an ambiguous reason must be refused");
+            assert_eq!(e.field, "reason", "{reason}: {}", e.reason);
+            assert!(
+                e.reason.contains('&') && e.reason.contains('='),
+                "{}",
+                e.reason
+            );
+        }
+    }
+
+    #[test]
+    fn a_plain_reason_is_admitted() {
+        let c = client("http://127.0.0.1:9", SignType::Rsa);
+        for req in [
+            request(Some("customer returned goods, 退货 (50%)"), None),
+            request(None, Some(RefundAccount::Recharge)),
+            request(Some(""), Some(RefundAccount::Unsettled)),
+        ] {
+            assert_eq!(c.admit(&req), Ok(()), "{req:?}");
+        }
+    }
+
+    #[test]
+    fn the_signer_refuses_a_value_with_ampersand_or_equals_and_the_refund_is_not_sent() {
+        let c = client("http://127.0.0.1:9", SignType::Rsa);
+        let req = request(Some("a=1&refundFee=1"), None);
+        let e = c
+            .build_request(&req)
+            .expect_err("the signer must refuse an ambiguous value");
+        assert!(e.to_string().contains("refundDesc"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refund_whose_values_cannot_be_signed_unambiguously_is_not_sent() {
+        // Nothing listens on the port: had the request been sent, it would be NotSent for a
+        // connection error instead, so the message is what shows the signer refused.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let c = client(&format!("http://{addr}"), SignType::Rsa);
+        let req = request(Some("a=1&refundFee=1"), None);
+        let rec = c
+            .refund(RefundCall {
+                request: &req,
+                attempt: 1,
+            })
+            .await;
+        match &rec.outcome {
+            Outcome::NotSent { error } => assert!(error.contains("refundDesc"), "{error}"),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(rec.http_status, None);
+    }
+
+    #[test]
+    fn a_merchant_value_with_ampersand_or_equals_fails_client_construction_naming_the_key() {
+        let http_cfg = HttpConfig::default();
+        type Edit = fn(&mut ShengpayMerchant);
+        let cases: [(&str, Edit); 4] = [
+            ("notify_url", |m| {
+                m.notify_url = "https://notify.example/refund?a=1&b=2".into()
+            }),
+            ("notify_url", |m| {
+                m.notify_url = "https://notify.example/refund?token=x".into()
+            }),
+            ("app_id", |m| m.app_id = "app&x".into()),
+            ("mch_id", |m| m.mch_id = "9=3".into()),
+        ];
+        for (key, edit) in cases {
+            let mut m = merchant_config("http://127.0.0.1:9", SignType::Rsa);
+            edit(&mut m);
+            let e = ShengpayClient::new(
+                &m,
+                "shengpay.merchants[2]",
+                http::build_client(&http_cfg).unwrap(),
+                &http_cfg,
+                CodeTable::shengpay_default(),
+            )
+            .expect_err("an ambiguous merchant value must be refused");
+            assert!(
+                e.to_string()
+                    .contains(&format!("shengpay.merchants[2].{key}")),
+                "{e}"
+            );
         }
     }
 
