@@ -268,3 +268,119 @@ async fn concurrent_retries_of_one_refund_pay_it_once() {
     assert_eq!(sim.paid().len(), 1);
     sim.shutdown().await;
 }
+
+/// Our ShengPay client (the `shared` crate) for the simulator's first dev merchant.
+fn our_client(sim: &tools::sim::SimHandle) -> shared::provider::shengpay::ShengpayClient {
+    use shared::config::{HttpConfig, ShengpayMerchant, SignType};
+    let merchant = ShengpayMerchant {
+        merchant: "m1".into(),
+        base_url: sim.base_url(),
+        app_id: APP_ID.into(),
+        mch_id: MCH_ID.into(),
+        sign_type: SignType::Rsa,
+        private_key_file: key_path("shengpay_merchant_private.pem"),
+        platform_public_key_file: key_path("shengpay_platform_public.pem"),
+        notify_url: "https://example.invalid/notify".into(),
+        idempotent: true,
+    };
+    let http_config = HttpConfig::default();
+    shared::provider::shengpay::ShengpayClient::new(
+        &merchant,
+        "shengpay.merchants[0]",
+        shared::provider::http::build_client(&http_config).expect("HTTP client"),
+        &http_config,
+        shared::provider::codes::CodeTable::shengpay_default(),
+    )
+    .expect("client for the dev merchant")
+}
+
+fn refund_request(order_no: &str, refund_no: &str) -> shared::job::RefundRequest {
+    let body = serde_json::json!({
+        "version": 1,
+        "refund_no": refund_no,
+        "order_no": order_no,
+        "provider": "shengpay",
+        "merchant": "m1",
+        "total_fee": 1000,
+        "refund_fee": 100,
+        "reason": "customer returned goods",
+    });
+    shared::job::parse_request(body.to_string().as_bytes()).expect("a valid request")
+}
+
+#[tokio::test]
+async fn every_fail_answer_names_the_refund_merchant_and_app_it_answers() {
+    let sim = start(config()).await;
+    let client = client();
+    let order = unique("O");
+    let first = unique("R");
+    shengpay_refund(&client, &sim, refund_fields(&order, &first, 1000, 100)).await;
+    let over = unique("R");
+    let declined = shengpay_refund(&client, &sim, refund_fields(&order, &over, 1000, 901)).await;
+    let conflict = shengpay_refund(&client, &sim, refund_fields(&order, &first, 1000, 200)).await;
+    let unsigned = unique("R");
+    let bad_sign = signed(refund_fields(&order, &unsigned, 1000, 100))
+        .replace("\"refundFee\":100", "\"refundFee\":900");
+    let sign_error: serde_json::Map<String, Value> = post_shengpay(&client, &sim, bad_sign)
+        .await
+        .expect("HTTP response")
+        .json()
+        .await
+        .expect("JSON");
+
+    for (what, response, refund) in [
+        ("decline", &declined, &over),
+        ("conflict", &conflict, &first),
+        ("sign error", &sign_error, &unsigned),
+    ] {
+        assert!(verifies(response), "{what}: {response:?}");
+        assert_eq!(text(response, "outRefundNo"), refund.as_str(), "{what}");
+        assert_eq!(text(response, "outTradeNo"), order, "{what}");
+        assert_eq!(text(response, "mchId"), MCH_ID, "{what}");
+        assert_eq!(text(response, "appId"), APP_ID, "{what}");
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn our_client_books_the_simulators_decline_and_retry_later_as_such() {
+    use shared::provider::{Outcome, Provider, RefundCall};
+    use tools::sim::{FaultAction, FaultRule};
+    let mut config = config();
+    config.rules = vec![
+        FaultRule::new(FaultAction::Decline)
+            .order_no("^DECL-")
+            .code("TRADE_OVERDUE"),
+        FaultRule::new(FaultAction::RetryLater).order_no("^BUSY-"),
+    ];
+    let sim = start(config).await;
+    let ours = our_client(&sim);
+
+    for (order, want) in [
+        (unique("DECL-"), "declined"),
+        (unique("BUSY-"), "retry_later"),
+        (unique("O"), "accepted"),
+    ] {
+        let request = refund_request(&order, &unique("R"));
+        let record = ours
+            .refund(RefundCall {
+                request: &request,
+                attempt: 1,
+            })
+            .await;
+        assert_eq!(
+            record.outcome.class(),
+            want,
+            "{order}: {:?}",
+            record.outcome
+        );
+        if want == "declined" {
+            assert!(matches!(
+                &record.outcome,
+                Outcome::Declined { code, .. } if code == "TRADE_OVERDUE"
+            ));
+        }
+    }
+    assert_eq!(sim.paid().len(), 1);
+    sim.shutdown().await;
+}

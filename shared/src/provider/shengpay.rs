@@ -36,7 +36,7 @@ use super::http::{self, TransportError};
 use super::keys;
 use super::{AttemptRecord, CodeClass, Outcome, Provider, RefundCall};
 use crate::config::{ConfigError, HttpConfig, ShengpayMerchant, SignType};
-use crate::job::{ProviderKind, RefundRequest};
+use crate::job::{ProviderKind, RefundRequest, Rejection};
 
 /// The refund endpoint, relative to a merchant's `base_url`.
 pub const REFUND_PATH: &str = "/api/v1/payment/refund";
@@ -80,10 +80,26 @@ pub fn canonical_string<K: AsRef<str>, V: AsRef<str>>(fields: &[(K, V)]) -> Stri
     out
 }
 
-/// Signing failed inside OpenSSL (a key that cannot sign, an allocation failure).
+/// Why a body was not signed.
 #[derive(Debug, thiserror::Error)]
-#[error("signing failed: {0}")]
-pub struct SignError(#[from] openssl::error::ErrorStack);
+pub enum SignError {
+    /// OpenSSL failed (a key that cannot sign, an allocation failure).
+    #[error("signing failed: {0}")]
+    Openssl(#[from] openssl::error::ErrorStack),
+    /// A field would make the string to sign ambiguous (see [`is_ambiguous`]).
+    #[error(
+        "refusing to sign: field `{field}` contains `&` or `=`, so another set of fields could \
+         sign alike"
+    )]
+    Ambiguous { field: String },
+}
+
+/// Whether a key or value would make the string to sign ambiguous. Values are joined raw as
+/// `k=v&…`, so `refundDesc` = `a=1&refundFee=1` signs exactly like `refundDesc` = `a` plus a
+/// second field `refundFee` = `1`: the platform could not tell which one we signed.
+pub fn is_ambiguous(text: &str) -> bool {
+    text.contains(['&', '='])
+}
 
 fn digest(sign_type: SignType) -> MessageDigest {
     match sign_type {
@@ -158,7 +174,11 @@ fn value_text(v: &Value) -> Option<String> {
 }
 
 /// Signs a flat JSON object the ShengPay way and returns the body with `sign` added (any `sign`
-/// already present is replaced). Used for our requests, and by the simulator for responses.
+/// already present is replaced). Used for our requests (and by tests, for responses).
+///
+/// Refuses a key or value containing `&` or `=`. Intake already rejects such requests
+/// ([`signable`]) and merchant values are checked when the client is built; this is the last
+/// line, so that a path that skipped those checks still never sends an ambiguous signature.
 pub fn signed_json(
     mut fields: Map<String, Value>,
     key: &PKeyRef<Private>,
@@ -169,6 +189,12 @@ pub fn signed_json(
         .iter()
         .filter_map(|(k, v)| value_text(v).map(|t| (k.clone(), t)))
         .collect();
+    if let Some((k, _)) = pairs
+        .iter()
+        .find(|(k, v)| is_ambiguous(k) || is_ambiguous(v))
+    {
+        return Err(SignError::Ambiguous { field: k.clone() });
+    }
     let signature = sign(key, sign_type, &canonical_string(&pairs))?;
     fields.insert(SIGN_FIELD.to_owned(), Value::String(REDACTED.to_owned()));
     let redacted = Value::Object(fields.clone()).to_string();
@@ -201,6 +227,66 @@ pub struct MerchantParams<'a> {
     pub sign_type: SignType,
 }
 
+/// One request field that comes from the refund message rather than from merchant config.
+struct FromRequest {
+    /// The ShengPay field name.
+    wire: &'static str,
+    /// The message field it comes from (DESIGN §3), as intake rejections name it.
+    source: &'static str,
+    value: Value,
+}
+
+/// Every field of the request body that carries a value of the refund message. The request
+/// builder and the intake check ([`signable`]) both read this one list, so a field added here
+/// is checked without anyone having to remember to.
+fn from_request(request: &RefundRequest) -> Vec<FromRequest> {
+    let field = |wire, source, value: Value| FromRequest {
+        wire,
+        source,
+        value,
+    };
+    let mut out = vec![
+        field("outTradeNo", "order_no", request.order_no.as_str().into()),
+        field(
+            "outRefundNo",
+            "refund_no",
+            request.refund_no.as_str().into(),
+        ),
+        field("totalFee", "total_fee", request.total_fee.into()),
+        field("refundFee", "refund_fee", request.refund_fee.into()),
+    ];
+    if let Some(reason) = request.reason.as_deref().filter(|r| !r.is_empty()) {
+        out.push(field("refundDesc", "reason", reason.into()));
+    }
+    if let Some(account) = request.refund_account() {
+        out.push(field(
+            "refundAccount",
+            "shengpay.refund_account",
+            account.as_str().into(),
+        ));
+    }
+    out
+}
+
+/// Whether every value `request` puts into the string to sign can be signed unambiguously
+/// (DESIGN §5: no `&` or `=`). The rejection names the message field. Merchant values
+/// (`appId`, `mchId`, `notifyUrl`) are checked once, when the client is built.
+pub fn signable(request: &RefundRequest) -> Result<(), Rejection> {
+    for f in from_request(request) {
+        if value_text(&f.value).is_some_and(|t| is_ambiguous(&t)) {
+            return Err(Rejection::new(
+                f.source,
+                format!(
+                    "must not contain `&` or `=`: ShengPay signs `{}` joined raw as k=v&..., \
+                     so such a value could sign like a different set of fields",
+                    f.wire
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The unsigned request fields for `request` (everything but `sign`). Fees are JSON integers;
 /// `refundDesc` and `refundAccount` only when the request has them.
 pub fn refund_fields(
@@ -214,19 +300,12 @@ pub fn refund_fields(
     };
     put("appId", merchant.app_id.into());
     put("mchId", merchant.mch_id.into());
-    put("outTradeNo", request.order_no.as_str().into());
-    put("outRefundNo", request.refund_no.as_str().into());
     put("nonceStr", nonce.into());
-    put("totalFee", request.total_fee.into());
-    put("refundFee", request.refund_fee.into());
-    if let Some(reason) = request.reason.as_deref().filter(|r| !r.is_empty()) {
-        put("refundDesc", reason.into());
-    }
-    if let Some(account) = request.refund_account() {
-        put("refundAccount", account.as_str().into());
-    }
     put("notifyUrl", merchant.notify_url.into());
     put("signType", merchant.sign_type.as_str().into());
+    for f in from_request(request) {
+        put(f.wire, f.value);
+    }
     m
 }
 
@@ -609,12 +688,23 @@ fn maybe(error: impl Into<String>, raw: &str) -> Outcome {
 ///   leads to `dead`, never to `succeeded` or `failed`, so the safety rule "an unverified
 ///   response never produces succeeded or failed" holds; the operator sees the raw body.
 ///   A body that carries a sign that does not verify is never trusted, FAIL or not.
-/// - Verified `returnCode` FAIL → RequestRejected (code `errorCode`, else `RETURN_FAIL`).
-/// - Verified SUCCESS/SUCCESS → Accepted, only if it names our `outRefundNo`, our `refundFee`
-///   (and, where present, our order, total, merchant and app) and has a `refundId` and a
+/// - The platform signs every answer with one key for all merchants and refunds, so a valid
+///   signature only says ShengPay said it, not that it said it about this request: an old
+///   signed answer to another refund can be replayed. Hence every outcome below must name
+///   this refund (see [`about_another_refund`]); one that names another is maybe delivered,
+///   and ShengPay's dedup on `outRefundNo` makes asking again the way to learn the truth.
+/// - `returnCode` FAIL (signed or not) → RequestRejected (code `errorCode`, else
+///   `RETURN_FAIL`), unless it names another refund, merchant or app. The identifying fields
+///   may be absent here: the platform refuses such requests (SIGN_ERROR, MCH_NOT_FOUND)
+///   before reading them, and RequestRejected takes the job to `dead` with its amount still
+///   held, so a replayed one cannot release money; an operator reads the raw body.
+/// - Verified SUCCESS/SUCCESS → Accepted, only if it names our `outRefundNo`, `mchId`, `appId`
+///   and `refundFee` (and, where present, our order and total) and has a `refundId` and a
 ///   `settlementRefundFee` no larger than the refund; otherwise maybe delivered.
-/// - Verified SUCCESS/FAIL → the code table on `errorCode` (absent: `RESULT_FAIL`, which the
-///   table treats as unknown, i.e. Declined by default).
+/// - Verified SUCCESS/FAIL → only if it names our `outRefundNo`, `mchId` and `appId` (a
+///   decline releases the order amount, so one about another refund could let the order
+///   system pay twice), the code table on `errorCode` (absent: `RESULT_FAIL`, which the table
+///   treats as unknown, i.e. Declined by default); otherwise maybe delivered.
 /// - Any other `returnCode`/`resultCode` → maybe delivered (ShengPay dedupes on `outRefundNo`,
 ///   so asking again is how to learn the result).
 pub fn classify_response(
@@ -642,6 +732,12 @@ pub fn classify_response(
     };
     let return_code = resp.return_code.as_deref();
     if return_code == Some(FAIL) {
+        if let Some(why) = about_another_refund(&resp, expected, Presence::IfPresent) {
+            return maybe(
+                format!("returnCode FAIL is not about this refund: {why}"),
+                &raw,
+            );
+        }
         return Outcome::RequestRejected {
             code: resp
                 .error_code
@@ -667,6 +763,12 @@ pub fn classify_response(
     match resp.result_code.as_deref() {
         Some(SUCCESS) => accepted(&resp, expected, raw),
         Some(FAIL) => {
+            if let Some(why) = about_another_refund(&resp, expected, Presence::Required) {
+                return maybe(
+                    format!("resultCode FAIL is not about this refund: {why}"),
+                    &raw,
+                );
+            }
             let code = resp
                 .error_code
                 .clone()
@@ -691,25 +793,60 @@ fn short(v: Option<&str>) -> Option<String> {
     v.map(|s| s.chars().take(32).collect())
 }
 
+/// Whether [`about_another_refund`] insists on the identifying fields being there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    /// A business answer (`resultCode`): ShengPay echoes them, so an answer without them cannot
+    /// be shown to be about this refund.
+    Required,
+    /// A protocol-level refusal (`returnCode` FAIL), which may come before they were read.
+    IfPresent,
+}
+
+/// Why a response is not about the refund we sent, if it is not: `outRefundNo` names the
+/// refund only within a merchant account (`mchId` + `appId`), so all three must be ours;
+/// `outTradeNo` is checked when present, as a different order can only mean another refund.
+fn about_another_refund(
+    resp: &RefundResponse,
+    exp: &Expected<'_>,
+    presence: Presence,
+) -> Option<String> {
+    let required = presence == Presence::Required;
+    for (name, got, want, needed) in [
+        (
+            "outRefundNo",
+            resp.out_refund_no.as_deref(),
+            exp.refund_no,
+            required,
+        ),
+        ("mchId", resp.mch_id.as_deref(), exp.mch_id, required),
+        ("appId", resp.app_id.as_deref(), exp.app_id, required),
+        (
+            "outTradeNo",
+            resp.out_trade_no.as_deref(),
+            exp.order_no,
+            false,
+        ),
+    ] {
+        match got {
+            Some(g) if g != want => return Some(format!("{name} is not ours")),
+            None if needed => return Some(format!("{name} missing")),
+            _ => {}
+        }
+    }
+    None
+}
+
 fn accepted(resp: &RefundResponse, exp: &Expected<'_>, raw: String) -> Outcome {
     let mismatch = |what: &str| maybe(format!("accepted response does not match: {what}"), &raw);
-    if resp.out_refund_no.as_deref() != Some(exp.refund_no) {
-        return mismatch("outRefundNo is not ours");
+    if let Some(why) = about_another_refund(resp, exp, Presence::Required) {
+        return mismatch(&why);
     }
     let Some(refund_fee) = resp.refund_fee else {
         return mismatch("refundFee missing");
     };
     if refund_fee != exp.refund_fee {
         return mismatch("refundFee differs from the amount requested");
-    }
-    for (name, got, want) in [
-        ("outTradeNo", resp.out_trade_no.as_deref(), exp.order_no),
-        ("mchId", resp.mch_id.as_deref(), exp.mch_id),
-        ("appId", resp.app_id.as_deref(), exp.app_id),
-    ] {
-        if got.is_some_and(|g| g != want) {
-            return mismatch(&format!("{name} is not ours"));
-        }
     }
     if resp.total_fee.is_some_and(|t| t != exp.total_fee) {
         return mismatch("totalFee differs from the order total");
@@ -788,27 +925,44 @@ impl ShengpayClient {
             &format!("{key_prefix}.platform_public_key_file"),
             &merchant.platform_public_key_file,
         )?;
-        Ok(Self::with_keys(
+        Self::with_keys(
             merchant,
+            key_prefix,
             private_key,
             platform_key,
             http,
             http_config,
             codes,
-        ))
+        )
     }
 
     /// Builds the client from keys already loaded (the key file paths in `merchant` are not
-    /// read).
+    /// read). Merchant values that go into every string to sign are checked here, once, so
+    /// that a bad one stops the start naming its config key instead of failing each refund.
     pub fn with_keys(
         merchant: &ShengpayMerchant,
+        key_prefix: &str,
         private_key: PKey<Private>,
         platform_key: PKey<Public>,
         http: reqwest::Client,
         http_config: &HttpConfig,
         codes: CodeTable,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, ConfigError> {
+        for (name, value) in [
+            ("app_id", &merchant.app_id),
+            ("mch_id", &merchant.mch_id),
+            ("notify_url", &merchant.notify_url),
+        ] {
+            if is_ambiguous(value) {
+                return Err(ConfigError::invalid(
+                    format!("{key_prefix}.{name}"),
+                    "must not contain `&` or `=`: ShengPay signs values joined raw as k=v&..., \
+                     so such a value could sign like a different set of fields (a notify URL \
+                     cannot carry a query string)",
+                ));
+            }
+        }
+        Ok(Self {
             merchant: merchant.merchant.clone(),
             app_id: merchant.app_id.clone(),
             mch_id: merchant.mch_id.clone(),
@@ -821,7 +975,7 @@ impl ShengpayClient {
             codes,
             private_key,
             platform_key,
-        }
+        })
     }
 
     /// The refund endpoint this client posts to.
@@ -881,6 +1035,10 @@ impl Provider for ShengpayClient {
 
     fn idempotent(&self) -> bool {
         self.idempotent
+    }
+
+    fn admit(&self, request: &RefundRequest) -> Result<(), Rejection> {
+        signable(request)
     }
 
     async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord {
@@ -1824,8 +1982,250 @@ mod tests {
             )
         ) {
             let m: Map<String, Value> = entries.into_iter().collect();
-            let signed = signed_json(m, &platform_private(), SignType::Rsa2).unwrap();
-            prop_assert!(verify_body(signed.body.as_bytes(), &platform_public(), SignType::Rsa2).is_ok());
+            let ambiguous = m.values().filter_map(value_text).any(|t| is_ambiguous(&t));
+            match signed_json(m, &platform_private(), SignType::Rsa2) {
+                Ok(signed) => {
+                    prop_assert!(!ambiguous);
+                    prop_assert!(verify_body(signed.body.as_bytes(), &platform_public(), SignType::Rsa2).is_ok());
+                }
+                Err(e) => prop_assert!(ambiguous && matches!(e, SignError::Ambiguous { .. }), "{e}"),
+            }
+        }
+    }
+
+    // --- a verified answer must be about this refund -----------------------------------------
+
+    fn with(mut m: Map<String, Value>, key: &str, value: Option<&str>) -> Map<String, Value> {
+        match value {
+            Some(v) => m.insert(key.into(), v.into()),
+            None => m.remove(key),
+        };
+        m
+    }
+
+    fn assert_maybe_delivered(o: &Outcome, what: &str) {
+        assert!(
+            matches!(o, Outcome::MaybeDelivered { raw: Some(_), .. }),
+            "{what}: {o:?}"
+        );
+    }
+
+    #[test]
+    fn a_signed_decline_of_another_refund_is_maybe_delivered() {
+        let body = platform_signed(with(
+            fail_fields("NOTENOUGH"),
+            "outRefundNo",
+            Some("202105080000000000001"),
+        ));
+        assert_maybe_delivered(&classify_seed(200, &body), "other outRefundNo");
+    }
+
+    #[test]
+    fn a_signed_decline_for_another_merchant_is_maybe_delivered() {
+        let body = platform_signed(with(fail_fields("NOTENOUGH"), "mchId", Some("10000002")));
+        assert_maybe_delivered(&classify_seed(200, &body), "other mchId");
+    }
+
+    #[test]
+    fn a_signed_decline_for_another_app_is_maybe_delivered() {
+        let body = platform_signed(with(
+            fail_fields("NOTENOUGH"),
+            "appId",
+            Some("app-10000002"),
+        ));
+        assert_maybe_delivered(&classify_seed(200, &body), "other appId");
+    }
+
+    #[test]
+    fn a_signed_decline_that_does_not_name_the_refund_merchant_and_app_is_maybe_delivered() {
+        for key in ["outRefundNo", "mchId", "appId"] {
+            let body = platform_signed(with(fail_fields("NOTENOUGH"), key, None));
+            assert_maybe_delivered(&classify_seed(200, &body), &format!("no {key}"));
+        }
+    }
+
+    #[test]
+    fn a_signed_decline_for_another_order_is_maybe_delivered() {
+        let body = platform_signed(with(fail_fields("NOTENOUGH"), "outTradeNo", Some("OTHER")));
+        assert_maybe_delivered(&classify_seed(200, &body), "other outTradeNo");
+    }
+
+    #[test]
+    fn a_signed_decline_naming_this_refund_merchant_and_app_is_declined() {
+        let body = platform_signed(fail_fields("NOTENOUGH"));
+        assert_eq!(
+            classify_seed(200, &body),
+            Outcome::Declined {
+                code: "NOTENOUGH".into(),
+                message: "description of NOTENOUGH".into(),
+                raw: body.clone(),
+            }
+        );
+        // outTradeNo is not required: the refund is named by outRefundNo within mchId/appId.
+        let body = platform_signed(with(fail_fields("NOTENOUGH"), "outTradeNo", None));
+        assert_eq!(classify_seed(200, &body).class(), "declined");
+    }
+
+    #[test]
+    fn a_signed_retry_later_about_another_refund_is_maybe_delivered() {
+        let ours = platform_signed(fail_fields("SYSTEMERROR"));
+        assert_eq!(classify_seed(200, &ours).class(), "retry_later");
+        let body = platform_signed(with(
+            fail_fields("SYSTEMERROR"),
+            "outRefundNo",
+            Some("202105080000000000001"),
+        ));
+        assert_maybe_delivered(&classify_seed(200, &body), "retry later, other outRefundNo");
+    }
+
+    #[test]
+    fn a_signed_business_rejection_about_another_refund_is_maybe_delivered() {
+        let ours = platform_signed(fail_fields("PARAMS_ERROR"));
+        assert_eq!(classify_seed(200, &ours).class(), "request_rejected");
+        let body = platform_signed(with(fail_fields("PARAMS_ERROR"), "mchId", Some("10000002")));
+        assert_maybe_delivered(&classify_seed(200, &body), "params error, other mchId");
+    }
+
+    #[test]
+    fn a_return_code_fail_naming_another_refund_is_maybe_delivered() {
+        let Value::Object(m) = json!({
+            "returnCode": "FAIL",
+            "returnMsg": "sign error",
+            "errorCode": "SIGN_ERROR",
+            "mchId": "93751497",
+            "appId": "djgeiq978y933",
+            "outRefundNo": "202105080000000488560",
+        }) else {
+            unreachable!()
+        };
+        assert_eq!(
+            classify_seed(200, &platform_signed(m.clone())).class(),
+            "request_rejected",
+            "a protocol-level FAIL that names this refund"
+        );
+        for (key, other) in [
+            ("outRefundNo", "202105080000000000001"),
+            ("mchId", "10000002"),
+            ("appId", "app-10000002"),
+            ("outTradeNo", "OTHER"),
+        ] {
+            let changed = with(m.clone(), key, Some(other));
+            assert_maybe_delivered(
+                &classify_seed(200, &platform_signed(changed.clone())),
+                &format!("signed, other {key}"),
+            );
+            assert_maybe_delivered(
+                &classify_seed(200, &Value::Object(changed).to_string()),
+                &format!("unsigned, other {key}"),
+            );
+        }
+    }
+
+    #[test]
+    fn an_accepted_response_that_does_not_name_our_merchant_and_app_is_not_booked() {
+        for (key, value) in [
+            ("mchId", None),
+            ("appId", None),
+            ("appId", Some("app-10000002")),
+        ] {
+            let o = classify_seed(200, &platform_signed(with(success_fields(), key, value)));
+            assert_maybe_delivered(&o, &format!("{key} {value:?}"));
+        }
+    }
+
+    // --- values that would make two field sets sign alike ------------------------------------
+
+    #[test]
+    fn a_reason_with_ampersand_or_equals_is_refused_at_intake_naming_reason() {
+        let c = client("http://127.0.0.1:9", SignType::Rsa);
+        // Signs like refundDesc=a with refundFee=1, whatever the real refundFee.
+        for reason in ["a=1&refundFee=1", "a&b", "x=y"] {
+            let e = c
+                .admit(&request(Some(reason), None))
+                .expect_err("an ambiguous reason must be refused");
+            assert_eq!(e.field, "reason", "{reason}: {}", e.reason);
+            assert!(
+                e.reason.contains('&') && e.reason.contains('='),
+                "{}",
+                e.reason
+            );
+        }
+    }
+
+    #[test]
+    fn a_plain_reason_is_admitted() {
+        let c = client("http://127.0.0.1:9", SignType::Rsa);
+        for req in [
+            request(Some("customer returned goods, 退货 (50%)"), None),
+            request(None, Some(RefundAccount::Recharge)),
+            request(Some(""), Some(RefundAccount::Unsettled)),
+        ] {
+            assert_eq!(c.admit(&req), Ok(()), "{req:?}");
+        }
+    }
+
+    #[test]
+    fn the_signer_refuses_a_value_with_ampersand_or_equals_and_the_refund_is_not_sent() {
+        let c = client("http://127.0.0.1:9", SignType::Rsa);
+        let req = request(Some("a=1&refundFee=1"), None);
+        let e = c
+            .build_request(&req)
+            .expect_err("the signer must refuse an ambiguous value");
+        assert!(e.to_string().contains("refundDesc"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refund_whose_values_cannot_be_signed_unambiguously_is_not_sent() {
+        // Nothing listens on the port: had the request been sent, it would be NotSent for a
+        // connection error instead, so the message is what shows the signer refused.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let c = client(&format!("http://{addr}"), SignType::Rsa);
+        let req = request(Some("a=1&refundFee=1"), None);
+        let rec = c
+            .refund(RefundCall {
+                request: &req,
+                attempt: 1,
+            })
+            .await;
+        match &rec.outcome {
+            Outcome::NotSent { error } => assert!(error.contains("refundDesc"), "{error}"),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(rec.http_status, None);
+    }
+
+    #[test]
+    fn a_merchant_value_with_ampersand_or_equals_fails_client_construction_naming_the_key() {
+        let http_cfg = HttpConfig::default();
+        type Edit = fn(&mut ShengpayMerchant);
+        let cases: [(&str, Edit); 4] = [
+            ("notify_url", |m| {
+                m.notify_url = "https://notify.example/refund?a=1&b=2".into()
+            }),
+            ("notify_url", |m| {
+                m.notify_url = "https://notify.example/refund?token=x".into()
+            }),
+            ("app_id", |m| m.app_id = "app&x".into()),
+            ("mch_id", |m| m.mch_id = "9=3".into()),
+        ];
+        for (key, edit) in cases {
+            let mut m = merchant_config("http://127.0.0.1:9", SignType::Rsa);
+            edit(&mut m);
+            let e = ShengpayClient::new(
+                &m,
+                "shengpay.merchants[2]",
+                http::build_client(&http_cfg).unwrap(),
+                &http_cfg,
+                CodeTable::shengpay_default(),
+            )
+            .expect_err("an ambiguous merchant value must be refused");
+            assert!(
+                e.to_string()
+                    .contains(&format!("shengpay.merchants[2].{key}")),
+                "{e}"
+            );
         }
     }
 
