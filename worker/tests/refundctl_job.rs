@@ -257,3 +257,94 @@ async fn job_show_of_an_unknown_refund_is_not_found_and_of_a_rejected_one_shows_
     assert!(printed.contains("refund_fee"), "{printed}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolving_as_failed_is_refused_when_an_attempt_was_accepted_or_unrecognised()
+-> anyhow::Result<()> {
+    let (config, db) = testkit::test_config().await?;
+    // An accepted answer (here on a job an operator must look at anyway) and an opaque one.
+    rc::dead_job(&db.pool, "E1", "m1", rc::accepted("E1"), Cause::OutcomeUnknown).await;
+    let unrecognised = shared::provider::Outcome::Unrecognised {
+        result: "PENDING?".into(),
+        raw: "<RefundResult>PENDING?</RefundResult>".into(),
+    };
+    rc::dead_job(&db.pool, "E2", "w1", unrecognised, Cause::OutcomeUnknown).await;
+    let ctl = rc::ctl(&config, &db.pool);
+    for no in ["E1", "E2"] {
+        let r = job::resolve(
+            &ctl,
+            &rc::resolve_args(no, ResolveAs::Failed, None, "hana"),
+            &mut Vec::new(),
+        )
+        .await?;
+        assert!(
+            matches!(&r.verdict, Verdict::Refused { reason, .. } if reason.contains("may have paid")),
+            "{no}: {:?}",
+            r.verdict
+        );
+        assert_eq!(rc::state_of(&db.pool, no).await, "dead");
+    }
+    // As succeeded, the fee must be what the provider accepted (100), not another figure.
+    let r = job::resolve(
+        &ctl,
+        &rc::resolve_args("E1", ResolveAs::Succeeded, Some(90), "hana"),
+        &mut Vec::new(),
+    )
+    .await?;
+    assert!(
+        matches!(&r.verdict, Verdict::Refused { reason, .. } if reason.contains("disagrees with what the provider accepted (100)")),
+        "{:?}",
+        r.verdict
+    );
+    let r = job::resolve(
+        &ctl,
+        &rc::resolve_args("E1", ResolveAs::Succeeded, Some(100), "hana"),
+        &mut Vec::new(),
+    )
+    .await?;
+    assert_eq!(r.status(), Status::Done);
+    assert_eq!(rc::state_of(&db.pool, "E1").await, "succeeded");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolving_waits_until_a_stalled_worker_can_no_longer_send() -> anyhow::Result<()> {
+    let (config, db) = testkit::test_config().await?;
+    // The worker of attempt 1 stalled: its lease ran out with no answer recorded, and the
+    // sweeper sent the job (at a merchant that does not deduplicate) to the dead letters.
+    rc::new_job(&db.pool, "S1", "w1").await;
+    let claimed = shared::store::jobs::claim(
+        &db.pool,
+        &["S1".into()],
+        std::time::Duration::from_secs(30),
+        "test",
+        shared::store::jobs::ClaimToken::new(),
+    )
+    .await?;
+    assert_eq!(claimed.claimed.len(), 1);
+    shared::store::jobs::expire_lease(&db.pool, "S1", 1, false, "sweeper", rc::tz()).await?;
+    let ctl = rc::ctl(&config, &db.pool);
+    let r = job::resolve(
+        &ctl,
+        &rc::resolve_args("S1", ResolveAs::Failed, None, "ivan"),
+        &mut Vec::new(),
+    )
+    .await?;
+    assert!(
+        matches!(&r.verdict, Verdict::Refused { reason, .. } if reason.contains("may still send until")),
+        "{:?}",
+        r.verdict
+    );
+    // Once the lease, the HTTP timeout and the margin are over, it may be resolved.
+    sqlx::query("UPDATE jobs SET last_lease_until = now() - interval '1 hour' WHERE refund_no = 'S1'")
+        .execute(&db.pool)
+        .await?;
+    let r = job::resolve(
+        &ctl,
+        &rc::resolve_args("S1", ResolveAs::Failed, None, "ivan"),
+        &mut Vec::new(),
+    )
+    .await?;
+    assert_eq!(r.status(), Status::Done, "{:?}", r.verdict);
+    Ok(())
+}
