@@ -19,6 +19,44 @@
 //! The `rfkey` is a shared secret sent in the clear inside the request. It is replaced by `***`
 //! in the attempt record, and every string this client hands back (errors, provider messages,
 //! raw bodies) is scrubbed of it, in case a server or a URL in a transport error echoes it.
+//!
+//! # How a reply is classified
+//!
+//! WuPay's answers are not signed, and most merchants are not idempotent on `refund_id`. A reply
+//! classified [`Outcome::RequestRejected`] takes the job to `dead`/`provider_rejected_request`,
+//! which an operator may replay: a resend. So only what says the service refused the request
+//! *before running `Refund`* is RequestRejected; whatever might follow a refund that ran is
+//! [`Outcome::MaybeDelivered`] (resent only to an idempotent merchant, otherwise left to
+//! reconciliation). When in doubt, maybe delivered: a wrong "maybe" costs a day's wait for the
+//! statement, a wrong "rejected" can pay twice. In order:
+//!
+//! | reply | outcome |
+//! |---|---|
+//! | SOAP 1.1 Fault whose `faultcode` resolves to `Client` (or `Client.*`) in the SOAP 1.1 envelope namespace, any prefix, any HTTP status | RequestRejected, code `Client[.*]` |
+//! | SOAP 1.2 Fault whose `Code/Value` resolves to `Sender` in the SOAP 1.2 envelope namespace, any status | RequestRejected, code `Sender[/<subcode>]` |
+//! | any other Fault: `Server`/`Receiver`, `VersionMismatch`, `MustUnderstand`, `DataEncodingUnknown`, a code in another namespace or none, an undeclared prefix, the other version's code | MaybeDelivered |
+//! | `RefundResult` / `<string>` on a 2xx | by the merchant's `success_results` / `failure_prefixes`: Accepted, Declined or Unrecognised |
+//! | `RefundResult` / `<string>` on any other status, 429 included | MaybeDelivered: the operation ran |
+//! | 429 with no answer in its body | RetryLater |
+//! | 401, 403, 404, 405, 410, 411, 413, 414, 415, 431 with no answer in its body | RequestRejected, code `HTTP_<status>`: refused at the door |
+//! | any other status (2xx, 3xx, 400, 408, other 4xx, 5xx) with a body that is no readable answer | MaybeDelivered |
+//!
+//! `VersionMismatch` and `MustUnderstand` are, by the SOAP specs, raised before the body is
+//! processed, yet they are not taken as proof: we send exactly the configured version and no
+//! header blocks, so such a fault means that what answered is not behaving like the service we
+//! configured (a gateway, another stack), and what it did with the body is unknown.
+//!
+//! A 3xx is not a refusal: "process the POST, then redirect" is a common pattern, and redirects
+//! are never followed. 400 is not either: ASP.NET and any code behind it may answer 400 for
+//! anything, including after the operation ran. The statuses listed above describe the target,
+//! the method, the credentials or the request's size and media type, which a server decides
+//! before dispatching to an operation. Even for those, a body that holds or resembles an answer
+//! (a `RefundResult`, a SOAP envelope, the tempuri namespace, a bare result string the merchant's
+//! rules recognise) makes the reply maybe delivered: the body is better evidence than the status.
+//!
+//! A MaybeDelivered error names the status and quotes the server's own text (bounded, control
+//! characters escaped, rfkey scrubbed); only a body served as XML that does not parse is called
+//! malformed XML.
 
 use std::io;
 use std::time::Instant;
@@ -178,16 +216,19 @@ pub struct Fault {
     pub class: FaultClass,
 }
 
-/// Who a fault blames, which decides whether the refund may have been processed.
+/// Who a fault blames, which decides whether the refund may have been processed. Only
+/// [`FaultClass::Sender`] says it was not (the module docs' table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FaultClass {
-    /// `Client` (1.1) / `Sender` (1.2): our request was refused; nothing was processed.
+    /// `Client`/`Client.*` in the SOAP 1.1 namespace, in a SOAP 1.1 envelope; `Sender` in the
+    /// SOAP 1.2 namespace, in a SOAP 1.2 envelope: our request was refused before processing.
     Sender,
-    /// `Server` (1.1) / `Receiver` (1.2): the service failed while handling it; it may have
-    /// paid first.
+    /// `Server`/`Server.*` (1.1) or `Receiver` (1.2), in its envelope's namespace: the service
+    /// failed while handling the request; it may have paid first.
     Receiver,
-    /// `VersionMismatch`, `MustUnderstand`, `DataEncodingUnknown`, or a code outside the SOAP
-    /// namespace: the service did not accept the message as we sent it.
+    /// Anything else: `VersionMismatch`, `MustUnderstand`, `DataEncodingUnknown`, a code in
+    /// another namespace, in none or behind an undeclared prefix, the other SOAP version's
+    /// name. Nothing proves the refund did not run, so it is treated like `Receiver`.
     Other,
 }
 
@@ -467,9 +508,23 @@ struct Node {
     local: String,
     children: Vec<Node>,
     text: String,
-    /// For a leaf whose text reads as a prefixed QName (`soap:Client`), the namespace that
-    /// prefix is bound to in the element's scope; `None` if unprefixed or undeclared.
-    text_prefix_ns: Option<String>,
+    /// For a leaf, its trimmed text read as a QName (`soap:Client`, `Client`) and resolved in
+    /// the element's scope: where a fault code lives.
+    text_ns: TextNs,
+}
+
+/// The namespace of a leaf's text read as a QName.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+enum TextNs {
+    /// Not a leaf.
+    #[default]
+    NotLeaf,
+    /// Bound to this namespace: by its prefix, or, unprefixed, by the default namespace.
+    Bound(String),
+    /// Unprefixed with no default namespace in scope: in no namespace.
+    Unbound,
+    /// Its prefix is declared nowhere in scope.
+    Undeclared,
 }
 
 impl Node {
@@ -508,6 +563,26 @@ fn quote(s: &str) -> String {
         cut.push('…');
         cut
     }
+}
+
+/// Statuses a server decides before dispatching to an operation: the target, the method, the
+/// credentials, the request's size or media type. Not 400 (anything may answer it, at any
+/// point) nor 3xx (a redirect may follow a request that was processed).
+fn refused_at_the_door(status: u16) -> bool {
+    matches!(
+        status,
+        401 | 403 | 404 | 405 | 410 | 411 | 413 | 414 | 415 | 431
+    )
+}
+
+fn is_xml_media_type(content_type: &str) -> bool {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    media == "text/xml" || media == "application/xml" || media.ends_with("+xml")
 }
 
 /// Reads a whole document into a tree of elements, refusing what a WuPay reply never needs
@@ -564,15 +639,15 @@ fn parse_tree(body: &[u8], max_bytes: usize) -> Result<Node, ParseError> {
                     return Err(ParseError::Xml("closing tag without an opening tag".into()));
                 };
                 if node.children.is_empty() {
-                    let value = node.text.trim();
-                    if value.contains(':')
-                        && let (ResolveResult::Bound(ns), _) =
-                            reader.resolver().resolve_element(QName(value))
-                    {
-                        // The End event still sees the element's own namespace scope: the
-                        // reader pops it only on the next read.
-                        node.text_prefix_ns = Some(ns.into_inner().to_owned());
-                    }
+                    // The End event still sees the element's own namespace scope: the reader
+                    // pops it only on the next read. Element-name resolution is the QName
+                    // rule for text too: an unprefixed name takes the default namespace.
+                    node.text_ns =
+                        match reader.resolver().resolve_element(QName(node.text.trim())).0 {
+                            ResolveResult::Bound(ns) => TextNs::Bound(ns.into_inner().to_owned()),
+                            ResolveResult::Unbound => TextNs::Unbound,
+                            ResolveResult::Unknown(_) => TextNs::Undeclared,
+                        };
                 }
                 match stack.last_mut() {
                     Some(parent) => parent.children.push(node),
@@ -737,17 +812,25 @@ fn parse_fault(version: SoapVersion, fault: &Node) -> Result<Fault, ParseError> 
         }
     };
     let code = qname_local(code_node.leaf_text()?).to_owned();
-    // A code whose prefix is bound to some other namespace is an application's own code, not
-    // SOAP's Client/Server, whatever its local name.
-    let foreign = code_node.text_prefix_ns.as_deref().is_some_and(|n| n != ns);
-    // SOAP 1.1 refines codes with dots (`Client.Authentication`); the part before the first
-    // dot is the standard code. Both versions' names are accepted in either envelope.
-    let base = code.split('.').next().unwrap_or_default();
-    let class = match base {
-        _ if foreign => FaultClass::Other,
-        "Client" | "Sender" => FaultClass::Sender,
-        "Server" | "Receiver" => FaultClass::Receiver,
-        _ => FaultClass::Other,
+    // A fault code is a QName: `Client` means SOAP's Client only in SOAP's namespace. Any other
+    // namespace, none, or an undeclared prefix makes it someone else's code, whose meaning we
+    // cannot know, so it cannot prove that nothing ran.
+    let in_envelope_ns = code_node.text_ns == TextNs::Bound(ns.to_owned());
+    let class = match version {
+        _ if !in_envelope_ns => FaultClass::Other,
+        // SOAP 1.1 refines codes with dots (`Client.Authentication`); the part before the
+        // first dot is the standard code.
+        SoapVersion::Soap11 => match code.split('.').next().unwrap_or_default() {
+            "Client" => FaultClass::Sender,
+            "Server" => FaultClass::Receiver,
+            _ => FaultClass::Other,
+        },
+        // SOAP 1.2 has no dotted codes: refinements go in Subcode.
+        SoapVersion::Soap12 => match code.as_str() {
+            "Sender" => FaultClass::Sender,
+            "Receiver" => FaultClass::Receiver,
+            _ => FaultClass::Other,
+        },
     };
     Ok(Fault {
         version,
@@ -923,27 +1006,15 @@ impl WupayClient {
         builder
     }
 
-    /// Classifies a reply that arrived whole. A body that reads as a SOAP Fault decides by
-    /// the fault whatever the status (faults come with HTTP 500); a result counts only on a
-    /// 2xx. Otherwise the status decides: 429 is "try later"; 408 and 5xx "maybe delivered"
-    /// (the service may have paid before failing); any other 3xx/4xx means the service refused
-    /// the request at the door (wrong URL, binding not enabled, ...), which retrying cannot
-    /// fix; an unreadable 2xx is "maybe delivered".
+    /// Classifies a reply that arrived whole, by the table in the module docs: the body first
+    /// (a fault by its code whatever the status, a result counts only on a 2xx), then the
+    /// status, which can refuse only when the body holds nothing like an answer.
     fn outcome_of(&self, request: &RefundRequest, reply: &HttpReply) -> Outcome {
         let status = reply.status;
         let raw = String::from_utf8_lossy(&reply.body).into_owned();
-        let parsed = parse_response(&reply.body, self.max_response_bytes);
-        match parsed {
+        match parse_response(&reply.body, self.max_response_bytes) {
             Ok(Reply::Fault(f)) => match f.class {
-                FaultClass::Receiver => Outcome::MaybeDelivered {
-                    error: format!(
-                        "SOAP fault {} (HTTP {status}): {}",
-                        f.code,
-                        quote(&f.reason)
-                    ),
-                    raw: Some(raw),
-                },
-                FaultClass::Sender | FaultClass::Other => Outcome::RequestRejected {
+                FaultClass::Sender => Outcome::RequestRejected {
                     code: match &f.subcode {
                         Some(sub) => format!("{}/{sub}", f.code),
                         None => f.code,
@@ -951,33 +1022,100 @@ impl WupayClient {
                     message: f.reason,
                     raw,
                 },
+                FaultClass::Receiver | FaultClass::Other => Outcome::MaybeDelivered {
+                    error: format!(
+                        "SOAP fault {} (HTTP {status}): {}",
+                        self.excerpt(&f.code),
+                        self.excerpt(&f.reason)
+                    ),
+                    raw: Some(raw),
+                },
             },
             Ok(Reply::Result(value)) if (200..300).contains(&status) => {
                 self.outcome_of_result(request, value, raw)
             }
-            other => {
-                let why = match other {
-                    Err(e) => e.to_string(),
-                    Ok(_) => "a result with a non-2xx status".to_owned(),
-                };
+            Ok(Reply::Result(value)) => Outcome::MaybeDelivered {
+                error: format!(
+                    "HTTP {status} with a result, so the operation ran: {}",
+                    self.excerpt(&value)
+                ),
+                raw: Some(raw),
+            },
+            Err(e) => {
+                let summary = self.summary(reply, &raw, &e);
+                let answer_like = self.resembles_an_answer(&raw);
                 match status {
-                    429 => Outcome::RetryLater {
+                    429 if !answer_like => Outcome::RetryLater {
                         code: "HTTP_429".into(),
-                        message: why,
+                        message: summary,
                         raw,
                     },
-                    300..=499 if status != 408 => Outcome::RequestRejected {
+                    s if refused_at_the_door(s) && !answer_like => Outcome::RequestRejected {
                         code: format!("HTTP_{status}"),
-                        message: why,
+                        message: summary,
                         raw,
                     },
                     _ => Outcome::MaybeDelivered {
-                        error: format!("HTTP {status}: {why}"),
+                        error: summary,
                         raw: Some(raw),
                     },
                 }
             }
         }
+    }
+
+    /// Whether a body that did not parse as a reply may still be one: a mangled envelope, a
+    /// `RefundResult` cut short, a bare result string. Text matching is fine here because it
+    /// only ever moves a reply towards "maybe delivered", never away from it.
+    fn resembles_an_answer(&self, raw: &str) -> bool {
+        const MARKS: [&str; 5] = [
+            "RefundResult",
+            "RefundResponse",
+            TEMPURI_NS,
+            SOAP11_NS,
+            SOAP12_NS,
+        ];
+        let m = &self.merchant;
+        MARKS.iter().any(|mark| raw.contains(mark))
+            || map_result(raw, &m.success_results, &m.failure_prefixes) != ResultClass::Unrecognised
+    }
+
+    /// `HTTP <status>: <what the server said>`. A body served as XML (or untyped and looking
+    /// like it) that does not parse is reported with the parse error; any other body is quoted
+    /// as the server's own text, which is what an operator needs to see.
+    fn summary(&self, reply: &HttpReply, raw: &str, error: &ParseError) -> String {
+        let status = reply.status;
+        if reply.body.is_empty() {
+            return format!("HTTP {status}: empty body");
+        }
+        let xml = match reply.content_type.as_deref() {
+            Some(ct) => is_xml_media_type(ct),
+            None => raw
+                .trim_start_matches('\u{FEFF}')
+                .trim_start()
+                .starts_with('<'),
+        };
+        if xml {
+            format!("HTTP {status}: {error}; body: {}", self.excerpt(raw))
+        } else {
+            format!("HTTP {status}: {}", self.excerpt(raw))
+        }
+    }
+
+    /// Provider text fit to quote in an error: rfkey scrubbed first (so a cut cannot leave
+    /// part of it), control characters escaped (one line, nothing a terminal or log reader
+    /// interprets), then bounded.
+    fn excerpt(&self, text: &str) -> String {
+        let scrubbed = self.scrub(text.trim().to_owned());
+        let mut escaped = String::with_capacity(scrubbed.len());
+        for c in scrubbed.chars() {
+            if c.is_control() {
+                escaped.extend(c.escape_default());
+            } else {
+                escaped.push(c);
+            }
+        }
+        quote(&escaped)
     }
 
     fn outcome_of_result(&self, request: &RefundRequest, value: String, raw: String) -> Outcome {
@@ -1706,19 +1844,6 @@ mod tests {
     }
 
     #[test]
-    fn version_mismatch_and_must_understand_faults_are_request_rejected() {
-        for (file, code) in [
-            ("soap11_fault_version_mismatch.xml", "VersionMismatch"),
-            ("soap12_fault_must_understand.xml", "MustUnderstand"),
-        ] {
-            assert!(
-                matches!(outcome(500, &fixture(file)), Outcome::RequestRejected { code: c, .. } if c == code),
-                "{file}"
-            );
-        }
-    }
-
-    #[test]
     fn fault_codes_are_resolved_as_qnames_not_matched_as_text() {
         let soap11 = |code: &str| {
             format!(
@@ -1740,9 +1865,10 @@ mod tests {
             FaultClass::Sender
         );
         assert_eq!(class(soap11(">e:Server.Timeout")), FaultClass::Receiver);
-        // Unprefixed or undeclared prefixes are stripped.
-        assert_eq!(class(soap11(">Server")), FaultClass::Receiver);
-        assert_eq!(class(soap11(">nope:Client")), FaultClass::Sender);
+        // Unprefixed without a default namespace, or behind an undeclared prefix, a code is in
+        // no namespace we know: not SOAP's.
+        assert_eq!(class(soap11(">Server")), FaultClass::Other);
+        assert_eq!(class(soap11(">nope:Client")), FaultClass::Other);
         // An application's own namespace is not SOAP's, whatever the local name.
         assert_eq!(
             class(soap11(r#"xmlns:app="urn:app">app:Server"#)),
@@ -1922,9 +2048,8 @@ mod tests {
         assert!(
             matches!(outcome(404, html), Outcome::RequestRejected { code, .. } if code == "HTTP_404")
         );
-        assert!(
-            matches!(outcome(301, b""), Outcome::RequestRejected { code, .. } if code == "HTTP_301")
-        );
+        // A redirect may follow a request that was processed.
+        assert!(matches!(outcome(301, b""), Outcome::MaybeDelivered { .. }));
         assert!(
             matches!(outcome(429, b""), Outcome::RetryLater { code, .. } if code == "HTTP_429")
         );
@@ -2351,6 +2476,243 @@ mod tests {
         let record = client_for(&m).refund(call(&r)).await;
         server.await.unwrap();
         assert_eq!(record.outcome.class(), "maybe_delivered");
+    }
+
+    // ---- what may have run, what the stack refuses (defects 7 and 12) ------------------
+
+    fn typed_outcome(status: u16, content_type: Option<&str>, body: &[u8]) -> Outcome {
+        let reply = HttpReply {
+            status,
+            content_type: content_type.map(str::to_owned),
+            body: body.to_vec(),
+        };
+        client_for(&merchant(
+            WupayBinding::Soap11,
+            "http://127.0.0.1:1/WuPay.asmx",
+        ))
+        .outcome_of(&request(), &reply)
+    }
+
+    fn soap11_fault(code: &str) -> Vec<u8> {
+        format!(
+            r#"<e:Envelope xmlns:e="http://schemas.xmlsoap.org/soap/envelope/"><e:Body><e:Fault><faultcode {code}</faultcode><faultstring>why</faultstring></e:Fault></e:Body></e:Envelope>"#
+        )
+        .into_bytes()
+    }
+
+    fn soap12_fault(value: &str) -> Vec<u8> {
+        format!(
+            r#"<S:Envelope xmlns:S="http://www.w3.org/2003/05/soap-envelope"><S:Body><S:Fault><S:Code><S:Value {value}</S:Value></S:Code><S:Reason><S:Text xml:lang="en">why</S:Text></S:Reason></S:Fault></S:Body></S:Envelope>"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_soap_fault_with_a_foreign_or_unknown_code_is_maybe_delivered() {
+        let cases = [
+            // An application's own namespace, whatever the local name.
+            soap11_fault(r#"xmlns:app="urn:app">app:Client"#),
+            // A prefix nobody declared: the code's namespace is unknown.
+            soap11_fault(">nope:Client"),
+            // No prefix and no default namespace: not in SOAP's namespace.
+            soap11_fault(">Client"),
+            // Not a SOAP code at all.
+            soap11_fault(">e:Weird"),
+            // SOAP 1.2's name in SOAP 1.1's namespace is not a SOAP 1.1 code.
+            soap11_fault(">e:Sender"),
+            // SOAP 1.1's code in a SOAP 1.2 envelope, bound to the 1.1 namespace.
+            soap12_fault(r#"xmlns:o="http://schemas.xmlsoap.org/soap/envelope/">o:Client"#),
+            soap12_fault(r#"xmlns:app="urn:app">app:Sender"#),
+            soap12_fault(">S:Client"),
+        ];
+        for body in cases {
+            for status in [500, 200, 400] {
+                let got = outcome(status, &body);
+                assert!(
+                    matches!(got, Outcome::MaybeDelivered { raw: Some(_), .. }),
+                    "{status} {}\n-> {got:?}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn version_mismatch_and_must_understand_faults_are_maybe_delivered() {
+        for file in [
+            "soap11_fault_version_mismatch.xml",
+            "soap12_fault_must_understand.xml",
+        ] {
+            let got = outcome(500, &fixture(file));
+            assert!(
+                matches!(got, Outcome::MaybeDelivered { raw: Some(_), .. }),
+                "{file}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_client_in_soap11s_namespace_and_sender_in_soap12s_are_request_rejected() {
+        let rejected = [
+            (soap11_fault(">e:Client"), "Client"),
+            (
+                soap11_fault(r#"xmlns:q="http://schemas.xmlsoap.org/soap/envelope/">q:Client"#),
+                "Client",
+            ),
+            (
+                soap11_fault(">e:Client.Authentication"),
+                "Client.Authentication",
+            ),
+            // The default namespace is the envelope's: an unprefixed code resolves into it.
+            (
+                br#"<Envelope xmlns="http://schemas.xmlsoap.org/soap/envelope/"><Body><Fault><faultcode>Client</faultcode><faultstring>why</faultstring></Fault></Body></Envelope>"#.to_vec(),
+                "Client",
+            ),
+            (soap12_fault(">S:Sender"), "Sender"),
+        ];
+        for (body, code) in rejected {
+            let got = outcome(500, &body);
+            assert!(
+                matches!(&got, Outcome::RequestRejected { code: c, .. } if c == code),
+                "{}\n-> {got:?}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_result_body_on_a_3xx_or_4xx_is_maybe_delivered() {
+        let bodies = [
+            soap_response(SoapVersion::Soap11, "SUCCESS").unwrap(),
+            soap_response(SoapVersion::Soap12, "FAIL:X:y").unwrap(),
+            string_response("SUCCESS").unwrap(),
+            string_response("PROCESSING").unwrap(),
+        ];
+        for status in [
+            301, 302, 303, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429,
+        ] {
+            for body in &bodies {
+                let got = outcome(status, body);
+                assert!(
+                    matches!(got, Outcome::MaybeDelivered { raw: Some(_), .. }),
+                    "{status}: {got:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_mangled_answer_on_a_4xx_is_maybe_delivered() {
+        let mut cut = soap_response(SoapVersion::Soap11, "SUCCESS").unwrap();
+        cut.truncate(cut.len() - 40);
+        for (ct, body) in [
+            (Some("text/xml; charset=utf-8"), cut),
+            (Some("text/plain"), b"SUCCESS".to_vec()),
+            (None, b"FAIL:NOTENOUGH:low".to_vec()),
+        ] {
+            let got = typed_outcome(404, ct, &body);
+            assert!(
+                matches!(got, Outcome::MaybeDelivered { .. }),
+                "{ct:?} {}: {got:?}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_redirect_or_a_4xx_that_does_not_say_nothing_ran_is_maybe_delivered() {
+        let html = b"<html><body><h1>Bad Request</h1></body></html>";
+        for (status, body) in [
+            (301, &b""[..]),
+            (302, &b""[..]),
+            (303, &html[..]),
+            (307, &b""[..]),
+            (400, &html[..]),
+            (400, &b""[..]),
+            (409, &b""[..]),
+            (422, &html[..]),
+        ] {
+            let got = typed_outcome(status, Some("text/html"), body);
+            assert!(
+                matches!(got, Outcome::MaybeDelivered { .. }),
+                "{status}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_door_refusal_without_an_answer_is_request_rejected() {
+        let iis = b"<!DOCTYPE html PUBLIC \"-//W3C//DTD XHTML 1.0 Strict//EN\"><html><head><title>404 - File or directory not found.</title></head><body>Server Error</body></html>";
+        for (status, ct, body) in [
+            (404, Some("text/html"), &iis[..]),
+            (404, None, &b""[..]),
+            (
+                405,
+                Some("text/html; charset=utf-8"),
+                &b"<html>The HTTP verb POST is not allowed</html>"[..],
+            ),
+            (401, Some("text/html"), &b""[..]),
+            (
+                403,
+                Some("text/html"),
+                &b"<html>403 - Forbidden: Access is denied.</html>"[..],
+            ),
+            (415, Some("text/plain"), &b"Unsupported Media Type"[..]),
+        ] {
+            let got = typed_outcome(status, ct, body);
+            let want = format!("HTTP_{status}");
+            assert!(
+                matches!(&got, Outcome::RequestRejected { code, .. } if *code == want),
+                "{status}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_429_is_retry_later_unless_it_carries_an_answer() {
+        assert!(
+            matches!(outcome(429, b""), Outcome::RetryLater { code, .. } if code == "HTTP_429")
+        );
+        let got = outcome(429, &string_response("SUCCESS").unwrap());
+        assert!(matches!(got, Outcome::MaybeDelivered { .. }), "{got:?}");
+    }
+
+    #[test]
+    fn a_plain_text_500_is_summarised_with_the_servers_own_text_not_as_malformed_xml() {
+        let text = "System.InvalidOperationException: Request format is invalid.\r\n   at System.Web.Services.Protocols.HttpServerProtocol.ReadParameters()";
+        let got = typed_outcome(500, Some("text/plain; charset=utf-8"), text.as_bytes());
+        match got {
+            Outcome::MaybeDelivered { error, raw } => {
+                assert!(!error.contains("malformed XML"), "{error}");
+                assert!(
+                    error.starts_with(
+                        "HTTP 500: System.InvalidOperationException: Request format is invalid.\\r\\n"
+                    ),
+                    "{error}"
+                );
+                assert_eq!(raw.as_deref(), Some(text));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn quoted_server_text_is_bounded_escaped_and_free_of_the_rfkey() {
+        let long = format!("{}\u{1b}[31m{RFKEY} {}", "e".repeat(180), "z".repeat(5000));
+        let got = typed_outcome(502, Some("text/html"), long.as_bytes());
+        let Outcome::MaybeDelivered { error, .. } = got else {
+            panic!("{got:?}");
+        };
+        assert!(error.chars().count() < 300, "{}", error.chars().count());
+        assert!(!error.chars().any(char::is_control), "{error:?}");
+        assert!(error.contains("\\u{1b}[31m"), "{error}");
+        assert_no_rfkey(&error);
+        // An XML body that does not parse says so, and still quotes the server.
+        let got = typed_outcome(500, Some("text/xml"), b"<oops");
+        let Outcome::MaybeDelivered { error, .. } = got else {
+            panic!("{got:?}");
+        };
+        assert!(error.contains("<oops"), "{error}");
     }
 
     // ---- properties --------------------------------------------------------------------
