@@ -89,8 +89,10 @@ pub const SOAP11_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
 pub const SOAP12_NS: &str = "http://www.w3.org/2003/05/soap-envelope";
 /// The SOAP action of `Refund` (quoted in the SOAP 1.1 `SOAPAction` header).
 pub const SOAP_ACTION: &str = "http://tempuri.org/Refund";
-/// `Content-Type` of an HTTP POST (form) request.
-pub const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
+/// `Content-Type` of an HTTP POST (form) request. The charset is stated because ASP.NET
+/// decodes a form without one by its configured `requestEncoding`, which need not be UTF-8,
+/// and our percent-encoded bytes are UTF-8.
+pub const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
 
 const XSI_NS: &str = "http://www.w3.org/2001/XMLSchema-instance";
 const XSD_NS: &str = "http://www.w3.org/2001/XMLSchema";
@@ -1576,7 +1578,10 @@ mod tests {
         );
         assert_eq!(s12.soap_action, None);
         let post = encode_request("http://h/WuPay.asmx", WupayBinding::HttpPost, &p).unwrap();
-        assert_eq!(post.content_type, Some("application/x-www-form-urlencoded"));
+        assert_eq!(
+            post.content_type,
+            Some("application/x-www-form-urlencoded; charset=utf-8")
+        );
         assert_eq!(post.method, "POST");
     }
 
@@ -2438,7 +2443,7 @@ mod tests {
         assert_eq!(got.target, "/WuPay.asmx/Refund");
         assert_eq!(
             got.header("content-type"),
-            Some("application/x-www-form-urlencoded")
+            Some("application/x-www-form-urlencoded; charset=utf-8")
         );
         let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
         let body = String::from_utf8(got.body).unwrap();
@@ -2959,6 +2964,31 @@ mod tests {
             WupayClient::with_rfkey(&m, "wupay.merchants[0]", Secret::new(RFKEY), http, &cfg)
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn the_http_post_form_is_sent_declaring_utf8() {
+        let (base, server) = serve_once(
+            200,
+            "text/xml; charset=utf-8",
+            string_response("SUCCESS").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::HttpPost, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(
+            got.header("content-type"),
+            Some("application/x-www-form-urlencoded; charset=utf-8")
+        );
+        // The charset is what the bytes are: `华东` percent-encoded as UTF-8.
+        assert!(
+            String::from_utf8(got.body)
+                .unwrap()
+                .ends_with("&area=%E5%8D%8E%E4%B8%9C"),
+        );
+        assert_eq!(record.outcome.class(), "accepted");
     }
 
     #[test]
