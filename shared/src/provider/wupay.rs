@@ -938,15 +938,19 @@ pub fn map_result(
     }
 }
 
-/// Code and message from what follows a failure prefix: leading `:`, `|`, `-` and spaces are
-/// dropped, then the rest splits at the first `:` or `|`; without one, all of it is the code.
-/// An empty code becomes `FAIL`.
+/// Code and message from what follows a failure prefix: leading `:`, `|`, `-` and whitespace
+/// are dropped; the code runs to the first `:`, `|` or whitespace (a code is one token, so
+/// `FAIL:ORDER_NOT_REFUNDABLE insufficient balance` has code `ORDER_NOT_REFUNDABLE`); the
+/// message is the rest, trimmed, less one leading `:` or `|`. An empty code becomes `FAIL`.
 pub fn split_failure(rest: &str) -> (String, String) {
-    let rest = rest.trim_start_matches([':', '|', '-', ' ']);
-    let (code, message) = match rest.split_once([':', '|']) {
-        Some((code, message)) => (code.trim(), message.trim()),
-        None => (rest.trim(), ""),
-    };
+    let is_separator = |c: char| matches!(c, ':' | '|');
+    let rest = rest.trim_start_matches(|c: char| is_separator(c) || c == '-' || c.is_whitespace());
+    let end = rest
+        .find(|c: char| is_separator(c) || c.is_whitespace())
+        .unwrap_or(rest.len());
+    let (code, after) = rest.split_at(end);
+    let after = after.trim_start();
+    let message = after.strip_prefix(is_separator).unwrap_or(after).trim();
     let code = if code.is_empty() { "FAIL" } else { code };
     (code.to_owned(), message.to_owned())
 }
@@ -2058,8 +2062,8 @@ mod tests {
             ),
             (" NOTENOUGH", "NOTENOUGH", ""),
             ("::", "FAIL", ""),
-            // Every leading separator goes, so a lone message becomes the code.
-            (":: message only", "message only", ""),
+            // Every leading separator goes; the code is the first word.
+            (":: message only", "message", "only"),
             ("-X|a:b", "X", "a:b"),
         ];
         for (rest, code, message) in cases {
@@ -2989,6 +2993,55 @@ mod tests {
                 .ends_with("&area=%E5%8D%8E%E4%B8%9C"),
         );
         assert_eq!(record.outcome.class(), "accepted");
+    }
+
+    #[test]
+    fn a_failure_code_ends_at_the_first_whitespace_and_the_message_is_the_rest() {
+        let ok = strings(&["SUCCESS".into()]);
+        assert_eq!(
+            map_result(
+                "FAIL:ORDER_NOT_REFUNDABLE insufficient balance",
+                &ok,
+                &strings(&["FAIL".into()])
+            ),
+            ResultClass::Failure {
+                code: "ORDER_NOT_REFUNDABLE".into(),
+                message: "insufficient balance".into()
+            }
+        );
+        for (rest, code, message) in [
+            (
+                ":NOTENOUGH   balance  too low ",
+                "NOTENOUGH",
+                "balance  too low",
+            ),
+            (":NOTENOUGH\u{3000}余额不足", "NOTENOUGH", "余额不足"),
+            (" NOTENOUGH : too low", "NOTENOUGH", "too low"),
+            ("|NOTENOUGH | too low", "NOTENOUGH", "too low"),
+            (":NOTENOUGH low: very", "NOTENOUGH", "low: very"),
+        ] {
+            assert_eq!(
+                split_failure(rest),
+                (code.to_owned(), message.to_owned()),
+                "{rest:?}"
+            );
+        }
+        // Configured prefixes, including one with a space in it, still lead.
+        let fail = strings(&["ERR".into(), "退款 失败".into()]);
+        assert_eq!(
+            map_result("退款 失败 E42 余额不足", &ok, &fail),
+            ResultClass::Failure {
+                code: "E42".into(),
+                message: "余额不足".into()
+            }
+        );
+        assert_eq!(
+            map_result("ERR E42 no money", &ok, &fail),
+            ResultClass::Failure {
+                code: "E42".into(),
+                message: "no money".into()
+            }
+        );
     }
 
     #[test]
