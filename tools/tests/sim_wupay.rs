@@ -342,3 +342,63 @@ async fn values_with_markup_are_parsed_and_results_escaped() {
     assert_eq!(sim.paid()[0].order_no, "O<&>1");
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn get_and_post_refuse_markup_with_a_request_validation_500_and_pay_nothing() {
+    let sim = start(config()).await;
+    let client = client();
+    for (binding, collection) in [(Wu::Post, "Request.Form"), (Wu::Get, "Request.QueryString")] {
+        for (name, value) in [
+            ("reason", "returned <b>goods</b>"),
+            ("rec_man", "op&#55;"),
+            ("pay_nd", "<!--P"),
+            ("reason", "</"),
+            ("reason", "<?x"),
+        ] {
+            let mut params = wupay_params(&unique("O"), &unique("W"), 1000, 100);
+            set_param(&mut params, name, value);
+            let (status, content_type, body) = wupay_call(&client, &sim, binding, &params)
+                .await
+                .expect("HTTP");
+            assert_eq!(status, 500, "{binding:?} {name}={value:?}: {body}");
+            assert!(content_type.starts_with("text/plain"), "{content_type}");
+            assert!(
+                body.starts_with("System.Web.HttpRequestValidationException")
+                    && body.contains(&format!(
+                        "A potentially dangerous {collection} value was detected from the client ({name}="
+                    )),
+                "{binding:?}: {body}"
+            );
+        }
+    }
+    assert!(sim.paid().is_empty(), "{:?}", sim.paid());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn soap_takes_what_request_validation_refuses_and_get_post_take_harmless_brackets() {
+    let sim = start(config()).await;
+    let client = client();
+    for binding in [Wu::Soap11, Wu::Soap12] {
+        let mut params = wupay_params(&unique("O"), &unique("W"), 1000, 100);
+        set_param(&mut params, "reason", "returned <b>goods</b> AT&#38;T");
+        let (status, _, body) = wupay_call(&client, &sim, binding, &params)
+            .await
+            .expect("HTTP");
+        assert_eq!(status, 200, "{binding:?}: {body}");
+        assert_eq!(xml_text(&body, "RefundResult").as_deref(), Some("SUCCESS"));
+    }
+    for binding in [Wu::Post, Wu::Get] {
+        let mut params = wupay_params(&unique("O"), &unique("W"), 1000, 100);
+        // `<` before a space, a digit or a non-ASCII letter, and `&` not before `#`, pass
+        // ASP.NET's check.
+        set_param(&mut params, "reason", "a < b, 1<2, <中, Q&A & #1");
+        let (status, _, body) = wupay_call(&client, &sim, binding, &params)
+            .await
+            .expect("HTTP");
+        assert_eq!(status, 200, "{binding:?}: {body}");
+        assert_eq!(xml_text(&body, "string").as_deref(), Some("SUCCESS"));
+    }
+    assert_eq!(sim.paid().len(), 4);
+    sim.shutdown().await;
+}

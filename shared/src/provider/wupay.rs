@@ -19,6 +19,53 @@
 //! The `rfkey` is a shared secret sent in the clear inside the request. It is replaced by `***`
 //! in the attempt record, and every string this client hands back (errors, provider messages,
 //! raw bodies) is scrubbed of it, in case a server or a URL in a transport error echoes it.
+//!
+//! # How a reply is classified
+//!
+//! WuPay's answers are not signed, and most merchants are not idempotent on `refund_id`. A reply
+//! classified [`Outcome::RequestRejected`] takes the job to `dead`/`provider_rejected_request`,
+//! which an operator may replay: a resend. So only what says the service refused the request
+//! *before running `Refund`* is RequestRejected; whatever might follow a refund that ran is
+//! [`Outcome::MaybeDelivered`] (resent only to an idempotent merchant, otherwise left to
+//! reconciliation). When in doubt, maybe delivered: a wrong "maybe" costs a day's wait for the
+//! statement, a wrong "rejected" can pay twice. In order:
+//!
+//! | reply | outcome |
+//! |---|---|
+//! | SOAP 1.1 Fault whose `faultcode` resolves to `Client` (or `Client.*`) in the SOAP 1.1 envelope namespace, any prefix, any HTTP status | RequestRejected, code `Client[.*]` |
+//! | SOAP 1.2 Fault whose `Code/Value` resolves to `Sender` in the SOAP 1.2 envelope namespace, any status | RequestRejected, code `Sender[/<subcode>]` |
+//! | any other Fault: `Server`/`Receiver`, `VersionMismatch`, `MustUnderstand`, `DataEncodingUnknown`, a code in another namespace or none, an undeclared prefix, the other version's code | MaybeDelivered |
+//! | `RefundResult` / `<string>` on a 2xx | by the merchant's `success_results` / `failure_prefixes`: Accepted, Declined or Unrecognised |
+//! | `RefundResult` / `<string>` on any other status, 429 included | MaybeDelivered: the operation ran |
+//! | 429 with no answer in its body | RetryLater |
+//! | 401, 403, 404, 405, 410, 411, 413, 414, 415, 431 with no answer in its body | RequestRejected, code `HTTP_<status>`: refused at the door |
+//! | any other status (2xx, 3xx, 400, 408, other 4xx, 5xx) with a body that is no readable answer | MaybeDelivered |
+//!
+//! `VersionMismatch` and `MustUnderstand` are, by the SOAP specs, raised before the body is
+//! processed, yet they are not taken as proof: we send exactly the configured version and no
+//! header blocks, so such a fault means that what answered is not behaving like the service we
+//! configured (a gateway, another stack), and what it did with the body is unknown.
+//!
+//! A 3xx is not a refusal: "process the POST, then redirect" is a common pattern, and redirects
+//! are never followed. 400 is not either: ASP.NET and any code behind it may answer 400 for
+//! anything, including after the operation ran. The statuses listed above describe the target,
+//! the method, the credentials or the request's size and media type, which a server decides
+//! before dispatching to an operation. Even for those, a body that holds or resembles an answer
+//! (a `RefundResult`, a SOAP envelope, the tempuri namespace, a bare result string the merchant's
+//! rules recognise) makes the reply maybe delivered: the body is better evidence than the status.
+//!
+//! A MaybeDelivered error names the status and quotes the server's own text (bounded, control
+//! characters escaped, rfkey scrubbed); only a body served as XML that does not parse is called
+//! malformed XML.
+//!
+//! # What the service's stack refuses before `Refund` runs
+//!
+//! [`WupayClient::admit`] refuses, at intake, what WuPay's ASP.NET stack would refuse before
+//! running `Refund`, so such a request is rejected naming its field instead of being sent and
+//! ending in a 500 (maybe delivered, `outcome_unknown`): `total_fee` (`money`) and `refund_fee`
+//! above 2,147,483,647 (they are 32-bit `int`s in the service's signature), and, on the HTTP GET
+//! and POST bindings only, values that ASP.NET request validation refuses
+//! ([`request_validation_trigger`]). The same check runs again before each send.
 
 use std::io;
 use std::time::Instant;
@@ -32,7 +79,7 @@ use quick_xml::writer::Writer;
 use super::http::{self, HttpReply, TransportError};
 use super::{AttemptRecord, Outcome, Provider, RefundCall};
 use crate::config::{ConfigError, HttpConfig, Secret, WupayBinding, WupayMerchant};
-use crate::job::{ProviderKind, RefundRequest};
+use crate::job::{ProviderKind, RefundRequest, Rejection};
 
 /// The service namespace of the `Refund` operation and of its reply elements.
 pub const TEMPURI_NS: &str = "http://tempuri.org/";
@@ -42,8 +89,10 @@ pub const SOAP11_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
 pub const SOAP12_NS: &str = "http://www.w3.org/2003/05/soap-envelope";
 /// The SOAP action of `Refund` (quoted in the SOAP 1.1 `SOAPAction` header).
 pub const SOAP_ACTION: &str = "http://tempuri.org/Refund";
-/// `Content-Type` of an HTTP POST (form) request.
-pub const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
+/// `Content-Type` of an HTTP POST (form) request. The charset is stated because ASP.NET
+/// decodes a form without one by its configured `requestEncoding`, which need not be UTF-8,
+/// and our percent-encoded bytes are UTF-8.
+pub const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
 
 const XSI_NS: &str = "http://www.w3.org/2001/XMLSchema-instance";
 const XSD_NS: &str = "http://www.w3.org/2001/XMLSchema";
@@ -178,16 +227,19 @@ pub struct Fault {
     pub class: FaultClass,
 }
 
-/// Who a fault blames, which decides whether the refund may have been processed.
+/// Who a fault blames, which decides whether the refund may have been processed. Only
+/// [`FaultClass::Sender`] says it was not (the module docs' table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FaultClass {
-    /// `Client` (1.1) / `Sender` (1.2): our request was refused; nothing was processed.
+    /// `Client`/`Client.*` in the SOAP 1.1 namespace, in a SOAP 1.1 envelope; `Sender` in the
+    /// SOAP 1.2 namespace, in a SOAP 1.2 envelope: our request was refused before processing.
     Sender,
-    /// `Server` (1.1) / `Receiver` (1.2): the service failed while handling it; it may have
-    /// paid first.
+    /// `Server`/`Server.*` (1.1) or `Receiver` (1.2), in its envelope's namespace: the service
+    /// failed while handling the request; it may have paid first.
     Receiver,
-    /// `VersionMismatch`, `MustUnderstand`, `DataEncodingUnknown`, or a code outside the SOAP
-    /// namespace: the service did not accept the message as we sent it.
+    /// Anything else: `VersionMismatch`, `MustUnderstand`, `DataEncodingUnknown`, a code in
+    /// another namespace, in none or behind an undeclared prefix, the other SOAP version's
+    /// name. Nothing proves the refund did not run, so it is treated like `Receiver`.
     Other,
 }
 
@@ -254,6 +306,27 @@ pub fn check_value(name: &str, value: &str) -> Result<(), EncodeError> {
         });
     }
     Ok(())
+}
+
+/// Where ASP.NET request validation would find `value` dangerous, if anywhere: the two
+/// characters at fault. On the HTTP GET and POST bindings every form or query value goes
+/// through it (`CrossSiteScriptingValidation.IsDangerousString`) when the service reads its
+/// parameters, and a hit is an `HttpRequestValidationException`, HTTP 500, before `Refund`
+/// runs: `<` followed by a letter, `!`, `/` or `?`, and `&#`. .NET checks for ASCII letters;
+/// any letter is refused here, in case a stack differs: refusing a value the service would have
+/// taken costs a rejected request at intake, sending one it refuses costs a job stuck as maybe
+/// delivered.
+pub fn request_validation_trigger(value: &str) -> Option<&str> {
+    value.char_indices().find_map(|(i, c)| {
+        let rest = &value[i + c.len_utf8()..];
+        let next = rest.chars().next()?;
+        let dangerous = match c {
+            '<' => next.is_alphabetic() || matches!(next, '!' | '/' | '?'),
+            '&' => next == '#',
+            _ => false,
+        };
+        dangerous.then(|| &value[i..i + c.len_utf8() + next.len_utf8()])
+    })
 }
 
 fn check_params<N: AsRef<str>>(params: &[(N, String)]) -> Result<(), EncodeError> {
@@ -389,6 +462,12 @@ fn percent_encode_into(out: &mut String, s: &str, form: bool) {
     }
 }
 
+/// The bindings whose parameters ASP.NET reads as a form or query string, through request
+/// validation.
+fn is_form_binding(binding: WupayBinding) -> bool {
+    matches!(binding, WupayBinding::HttpPost | WupayBinding::HttpGet)
+}
+
 /// Where a binding sends `Refund`: SOAP posts to the service address itself, HTTP POST and
 /// GET to `{base_url}/Refund`.
 pub fn endpoint(base_url: &str, binding: WupayBinding) -> String {
@@ -467,9 +546,23 @@ struct Node {
     local: String,
     children: Vec<Node>,
     text: String,
-    /// For a leaf whose text reads as a prefixed QName (`soap:Client`), the namespace that
-    /// prefix is bound to in the element's scope; `None` if unprefixed or undeclared.
-    text_prefix_ns: Option<String>,
+    /// For a leaf, its trimmed text read as a QName (`soap:Client`, `Client`) and resolved in
+    /// the element's scope: where a fault code lives.
+    text_ns: TextNs,
+}
+
+/// The namespace of a leaf's text read as a QName.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+enum TextNs {
+    /// Not a leaf.
+    #[default]
+    NotLeaf,
+    /// Bound to this namespace: by its prefix, or, unprefixed, by the default namespace.
+    Bound(String),
+    /// Unprefixed with no default namespace in scope: in no namespace.
+    Unbound,
+    /// Its prefix is declared nowhere in scope.
+    Undeclared,
 }
 
 impl Node {
@@ -508,6 +601,26 @@ fn quote(s: &str) -> String {
         cut.push('…');
         cut
     }
+}
+
+/// Statuses a server decides before dispatching to an operation: the target, the method, the
+/// credentials, the request's size or media type. Not 400 (anything may answer it, at any
+/// point) nor 3xx (a redirect may follow a request that was processed).
+fn refused_at_the_door(status: u16) -> bool {
+    matches!(
+        status,
+        401 | 403 | 404 | 405 | 410 | 411 | 413 | 414 | 415 | 431
+    )
+}
+
+fn is_xml_media_type(content_type: &str) -> bool {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    media == "text/xml" || media == "application/xml" || media.ends_with("+xml")
 }
 
 /// Reads a whole document into a tree of elements, refusing what a WuPay reply never needs
@@ -564,15 +677,15 @@ fn parse_tree(body: &[u8], max_bytes: usize) -> Result<Node, ParseError> {
                     return Err(ParseError::Xml("closing tag without an opening tag".into()));
                 };
                 if node.children.is_empty() {
-                    let value = node.text.trim();
-                    if value.contains(':')
-                        && let (ResolveResult::Bound(ns), _) =
-                            reader.resolver().resolve_element(QName(value))
-                    {
-                        // The End event still sees the element's own namespace scope: the
-                        // reader pops it only on the next read.
-                        node.text_prefix_ns = Some(ns.into_inner().to_owned());
-                    }
+                    // The End event still sees the element's own namespace scope: the reader
+                    // pops it only on the next read. Element-name resolution is the QName
+                    // rule for text too: an unprefixed name takes the default namespace.
+                    node.text_ns =
+                        match reader.resolver().resolve_element(QName(node.text.trim())).0 {
+                            ResolveResult::Bound(ns) => TextNs::Bound(ns.into_inner().to_owned()),
+                            ResolveResult::Unbound => TextNs::Unbound,
+                            ResolveResult::Unknown(_) => TextNs::Undeclared,
+                        };
                 }
                 match stack.last_mut() {
                     Some(parent) => parent.children.push(node),
@@ -737,17 +850,25 @@ fn parse_fault(version: SoapVersion, fault: &Node) -> Result<Fault, ParseError> 
         }
     };
     let code = qname_local(code_node.leaf_text()?).to_owned();
-    // A code whose prefix is bound to some other namespace is an application's own code, not
-    // SOAP's Client/Server, whatever its local name.
-    let foreign = code_node.text_prefix_ns.as_deref().is_some_and(|n| n != ns);
-    // SOAP 1.1 refines codes with dots (`Client.Authentication`); the part before the first
-    // dot is the standard code. Both versions' names are accepted in either envelope.
-    let base = code.split('.').next().unwrap_or_default();
-    let class = match base {
-        _ if foreign => FaultClass::Other,
-        "Client" | "Sender" => FaultClass::Sender,
-        "Server" | "Receiver" => FaultClass::Receiver,
-        _ => FaultClass::Other,
+    // A fault code is a QName: `Client` means SOAP's Client only in SOAP's namespace. Any other
+    // namespace, none, or an undeclared prefix makes it someone else's code, whose meaning we
+    // cannot know, so it cannot prove that nothing ran.
+    let in_envelope_ns = code_node.text_ns == TextNs::Bound(ns.to_owned());
+    let class = match version {
+        _ if !in_envelope_ns => FaultClass::Other,
+        // SOAP 1.1 refines codes with dots (`Client.Authentication`); the part before the
+        // first dot is the standard code.
+        SoapVersion::Soap11 => match code.split('.').next().unwrap_or_default() {
+            "Client" => FaultClass::Sender,
+            "Server" => FaultClass::Receiver,
+            _ => FaultClass::Other,
+        },
+        // SOAP 1.2 has no dotted codes: refinements go in Subcode.
+        SoapVersion::Soap12 => match code.as_str() {
+            "Sender" => FaultClass::Sender,
+            "Receiver" => FaultClass::Receiver,
+            _ => FaultClass::Other,
+        },
     };
     Ok(Fault {
         version,
@@ -817,15 +938,19 @@ pub fn map_result(
     }
 }
 
-/// Code and message from what follows a failure prefix: leading `:`, `|`, `-` and spaces are
-/// dropped, then the rest splits at the first `:` or `|`; without one, all of it is the code.
-/// An empty code becomes `FAIL`.
+/// Code and message from what follows a failure prefix: leading `:`, `|`, `-` and whitespace
+/// are dropped; the code runs to the first `:`, `|` or whitespace (a code is one token, so
+/// `FAIL:ORDER_NOT_REFUNDABLE insufficient balance` has code `ORDER_NOT_REFUNDABLE`); the
+/// message is the rest, trimmed, less one leading `:` or `|`. An empty code becomes `FAIL`.
 pub fn split_failure(rest: &str) -> (String, String) {
-    let rest = rest.trim_start_matches([':', '|', '-', ' ']);
-    let (code, message) = match rest.split_once([':', '|']) {
-        Some((code, message)) => (code.trim(), message.trim()),
-        None => (rest.trim(), ""),
-    };
+    let is_separator = |c: char| matches!(c, ':' | '|');
+    let rest = rest.trim_start_matches(|c: char| is_separator(c) || c == '-' || c.is_whitespace());
+    let end = rest
+        .find(|c: char| is_separator(c) || c.is_whitespace())
+        .unwrap_or(rest.len());
+    let (code, after) = rest.split_at(end);
+    let after = after.trim_start();
+    let message = after.strip_prefix(is_separator).unwrap_or(after).trim();
     let code = if code.is_empty() { "FAIL" } else { code };
     (code.to_owned(), message.to_owned())
 }
@@ -893,6 +1018,30 @@ impl WupayClient {
         }
         check_value("rfkey", rfkey.expose())
             .map_err(|e| ConfigError::invalid(key("rfkey_file"), e.to_string()))?;
+        if is_form_binding(merchant.binding) {
+            // These go in every request: one that request validation refuses would make every
+            // refund of the merchant a 500.
+            let refused = |what: &str| {
+                format!(
+                    "{what} ASP.NET request validation refuses on the {} binding (`<` before a letter, `!`, `/` or `?`, or `&#`); use a SOAP binding",
+                    merchant.binding.as_str()
+                )
+            };
+            for (k, v) in [("cpn_id", &merchant.cpn_id), ("area", &merchant.area)] {
+                if let Some(at) = request_validation_trigger(v) {
+                    return Err(ConfigError::invalid(
+                        key(k),
+                        refused(&format!("contains {at:?}, which")),
+                    ));
+                }
+            }
+            if request_validation_trigger(rfkey.expose()).is_some() {
+                return Err(ConfigError::invalid(
+                    key("rfkey_file"),
+                    refused("the rfkey holds characters"),
+                ));
+            }
+        }
         Ok(Self {
             merchant: merchant.clone(),
             rfkey,
@@ -923,27 +1072,15 @@ impl WupayClient {
         builder
     }
 
-    /// Classifies a reply that arrived whole. A body that reads as a SOAP Fault decides by
-    /// the fault whatever the status (faults come with HTTP 500); a result counts only on a
-    /// 2xx. Otherwise the status decides: 429 is "try later"; 408 and 5xx "maybe delivered"
-    /// (the service may have paid before failing); any other 3xx/4xx means the service refused
-    /// the request at the door (wrong URL, binding not enabled, ...), which retrying cannot
-    /// fix; an unreadable 2xx is "maybe delivered".
+    /// Classifies a reply that arrived whole, by the table in the module docs: the body first
+    /// (a fault by its code whatever the status, a result counts only on a 2xx), then the
+    /// status, which can refuse only when the body holds nothing like an answer.
     fn outcome_of(&self, request: &RefundRequest, reply: &HttpReply) -> Outcome {
         let status = reply.status;
         let raw = String::from_utf8_lossy(&reply.body).into_owned();
-        let parsed = parse_response(&reply.body, self.max_response_bytes);
-        match parsed {
+        match parse_response(&reply.body, self.max_response_bytes) {
             Ok(Reply::Fault(f)) => match f.class {
-                FaultClass::Receiver => Outcome::MaybeDelivered {
-                    error: format!(
-                        "SOAP fault {} (HTTP {status}): {}",
-                        f.code,
-                        quote(&f.reason)
-                    ),
-                    raw: Some(raw),
-                },
-                FaultClass::Sender | FaultClass::Other => Outcome::RequestRejected {
+                FaultClass::Sender => Outcome::RequestRejected {
                     code: match &f.subcode {
                         Some(sub) => format!("{}/{sub}", f.code),
                         None => f.code,
@@ -951,33 +1088,100 @@ impl WupayClient {
                     message: f.reason,
                     raw,
                 },
+                FaultClass::Receiver | FaultClass::Other => Outcome::MaybeDelivered {
+                    error: format!(
+                        "SOAP fault {} (HTTP {status}): {}",
+                        self.excerpt(&f.code),
+                        self.excerpt(&f.reason)
+                    ),
+                    raw: Some(raw),
+                },
             },
             Ok(Reply::Result(value)) if (200..300).contains(&status) => {
                 self.outcome_of_result(request, value, raw)
             }
-            other => {
-                let why = match other {
-                    Err(e) => e.to_string(),
-                    Ok(_) => "a result with a non-2xx status".to_owned(),
-                };
+            Ok(Reply::Result(value)) => Outcome::MaybeDelivered {
+                error: format!(
+                    "HTTP {status} with a result, so the operation ran: {}",
+                    self.excerpt(&value)
+                ),
+                raw: Some(raw),
+            },
+            Err(e) => {
+                let summary = self.summary(reply, &raw, &e);
+                let answer_like = self.resembles_an_answer(&raw);
                 match status {
-                    429 => Outcome::RetryLater {
+                    429 if !answer_like => Outcome::RetryLater {
                         code: "HTTP_429".into(),
-                        message: why,
+                        message: summary,
                         raw,
                     },
-                    300..=499 if status != 408 => Outcome::RequestRejected {
+                    s if refused_at_the_door(s) && !answer_like => Outcome::RequestRejected {
                         code: format!("HTTP_{status}"),
-                        message: why,
+                        message: summary,
                         raw,
                     },
                     _ => Outcome::MaybeDelivered {
-                        error: format!("HTTP {status}: {why}"),
+                        error: summary,
                         raw: Some(raw),
                     },
                 }
             }
         }
+    }
+
+    /// Whether a body that did not parse as a reply may still be one: a mangled envelope, a
+    /// `RefundResult` cut short, a bare result string. Text matching is fine here because it
+    /// only ever moves a reply towards "maybe delivered", never away from it.
+    fn resembles_an_answer(&self, raw: &str) -> bool {
+        const MARKS: [&str; 5] = [
+            "RefundResult",
+            "RefundResponse",
+            TEMPURI_NS,
+            SOAP11_NS,
+            SOAP12_NS,
+        ];
+        let m = &self.merchant;
+        MARKS.iter().any(|mark| raw.contains(mark))
+            || map_result(raw, &m.success_results, &m.failure_prefixes) != ResultClass::Unrecognised
+    }
+
+    /// `HTTP <status>: <what the server said>`. A body served as XML (or untyped and looking
+    /// like it) that does not parse is reported with the parse error; any other body is quoted
+    /// as the server's own text, which is what an operator needs to see.
+    fn summary(&self, reply: &HttpReply, raw: &str, error: &ParseError) -> String {
+        let status = reply.status;
+        if reply.body.is_empty() {
+            return format!("HTTP {status}: empty body");
+        }
+        let xml = match reply.content_type.as_deref() {
+            Some(ct) => is_xml_media_type(ct),
+            None => raw
+                .trim_start_matches('\u{FEFF}')
+                .trim_start()
+                .starts_with('<'),
+        };
+        if xml {
+            format!("HTTP {status}: {error}; body: {}", self.excerpt(raw))
+        } else {
+            format!("HTTP {status}: {}", self.excerpt(raw))
+        }
+    }
+
+    /// Provider text fit to quote in an error: rfkey scrubbed first (so a cut cannot leave
+    /// part of it), control characters escaped (one line, nothing a terminal or log reader
+    /// interprets), then bounded.
+    fn excerpt(&self, text: &str) -> String {
+        let scrubbed = self.scrub(text.trim().to_owned());
+        let mut escaped = String::with_capacity(scrubbed.len());
+        for c in scrubbed.chars() {
+            if c.is_control() {
+                escaped.extend(c.escape_default());
+            } else {
+                escaped.push(c);
+            }
+        }
+        quote(&escaped)
     }
 
     fn outcome_of_result(&self, request: &RefundRequest, value: String, raw: String) -> Outcome {
@@ -1074,11 +1278,68 @@ impl Provider for WupayClient {
         self.merchant.idempotent
     }
 
+    /// Refuses what WuPay's ASP.NET stack would refuse before running `Refund` (see the module
+    /// docs): sent, such a request would come back as a 500 that cannot be told from a failure
+    /// after paying.
+    fn admit(&self, request: &RefundRequest) -> Result<(), Rejection> {
+        for (field, param, fee) in [
+            ("total_fee", "money", request.total_fee),
+            ("refund_fee", "refund_fee", request.refund_fee),
+        ] {
+            if i32::try_from(fee).is_err() {
+                return Err(Rejection::new(
+                    field,
+                    format!(
+                        "{fee} fen does not fit WuPay's `{param}`, a 32-bit int in its service (at most {}): its stack would refuse the request before Refund runs",
+                        i32::MAX
+                    ),
+                ));
+            }
+        }
+        let binding = self.merchant.binding;
+        if !is_form_binding(binding) {
+            return Ok(());
+        }
+        let Some(w) = &request.wupay else {
+            return Err(Rejection::new("wupay", "required when provider is wupay"));
+        };
+        let fields = [
+            ("refund_no", request.refund_no.as_str()),
+            ("order_no", request.order_no.as_str()),
+            ("wupay.pay_nd", w.pay_nd.as_str()),
+            ("wupay.auth_type", w.auth_type.as_str()),
+            ("wupay.rec_organ", w.rec_organ.as_str()),
+            ("wupay.rec_device", w.rec_device.as_str()),
+            ("wupay.rec_man", w.rec_man.as_str()),
+            ("reason", request.reason.as_deref().unwrap_or_default()),
+        ];
+        for (field, value) in fields {
+            if let Some(at) = request_validation_trigger(value) {
+                return Err(Rejection::new(
+                    field,
+                    format!(
+                        "contains {at:?}, which ASP.NET request validation on WuPay's {} binding refuses (HTTP 500, HttpRequestValidationException) before Refund runs; only the SOAP bindings carry it",
+                        binding.as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord {
         let started = Instant::now();
         let m = &self.merchant;
-        let encoded = params_with_rfkey(call.request, m, self.rfkey.expose())
-            .and_then(|p| encode_request(&m.base_url, m.binding, &p));
+        // Intake should have refused these already; a job stored before that check must still
+        // never reach a stack that refuses it.
+        let encoded = self
+            .admit(call.request)
+            .map_err(|r| format!("`{}` {}; not sent", r.field, r.reason))
+            .and_then(|()| {
+                params_with_rfkey(call.request, m, self.rfkey.expose())
+                    .and_then(|p| encode_request(&m.base_url, m.binding, &p))
+                    .map_err(|e| e.to_string())
+            });
         // The same parameters with `***` for the rfkey encode to exactly what was sent, minus
         // the secret, because the encoders are deterministic.
         let redacted = params_with_rfkey(call.request, m, REDACTED)
@@ -1086,12 +1347,7 @@ impl Provider for WupayClient {
             .map(|r| r.record())
             .unwrap_or_default();
         let (outcome, http_status) = match encoded {
-            Err(e) => (
-                Outcome::NotSent {
-                    error: e.to_string(),
-                },
-                None,
-            ),
+            Err(error) => (Outcome::NotSent { error }, None),
             Ok(req) => match http::send(self.build(&req), self.max_response_bytes).await {
                 Ok(reply) => (self.outcome_of(call.request, &reply), Some(reply.status)),
                 Err(TransportError::NotSent(error)) => (Outcome::NotSent { error }, None),
@@ -1133,8 +1389,9 @@ mod tests {
     use crate::job::WupayOptions;
 
     /// An rfkey whose plain, XML-escaped and URL-encoded forms all differ, so a test that it
-    /// never appears covers every form it could leak in.
-    const RFKEY: &str = "rk-S3cr3t+/Key&<x>";
+    /// never appears covers every form it could leak in; `<1` rather than `<x`, which request
+    /// validation would refuse on the GET/POST bindings.
+    const RFKEY: &str = "rk-S3cr3t+/Key&<1>";
     const MAX: usize = 256 * 1024;
 
     fn fixture(name: &str) -> Vec<u8> {
@@ -1325,7 +1582,10 @@ mod tests {
         );
         assert_eq!(s12.soap_action, None);
         let post = encode_request("http://h/WuPay.asmx", WupayBinding::HttpPost, &p).unwrap();
-        assert_eq!(post.content_type, Some("application/x-www-form-urlencoded"));
+        assert_eq!(
+            post.content_type,
+            Some("application/x-www-form-urlencoded; charset=utf-8")
+        );
         assert_eq!(post.method, "POST");
     }
 
@@ -1706,19 +1966,6 @@ mod tests {
     }
 
     #[test]
-    fn version_mismatch_and_must_understand_faults_are_request_rejected() {
-        for (file, code) in [
-            ("soap11_fault_version_mismatch.xml", "VersionMismatch"),
-            ("soap12_fault_must_understand.xml", "MustUnderstand"),
-        ] {
-            assert!(
-                matches!(outcome(500, &fixture(file)), Outcome::RequestRejected { code: c, .. } if c == code),
-                "{file}"
-            );
-        }
-    }
-
-    #[test]
     fn fault_codes_are_resolved_as_qnames_not_matched_as_text() {
         let soap11 = |code: &str| {
             format!(
@@ -1740,9 +1987,10 @@ mod tests {
             FaultClass::Sender
         );
         assert_eq!(class(soap11(">e:Server.Timeout")), FaultClass::Receiver);
-        // Unprefixed or undeclared prefixes are stripped.
-        assert_eq!(class(soap11(">Server")), FaultClass::Receiver);
-        assert_eq!(class(soap11(">nope:Client")), FaultClass::Sender);
+        // Unprefixed without a default namespace, or behind an undeclared prefix, a code is in
+        // no namespace we know: not SOAP's.
+        assert_eq!(class(soap11(">Server")), FaultClass::Other);
+        assert_eq!(class(soap11(">nope:Client")), FaultClass::Other);
         // An application's own namespace is not SOAP's, whatever the local name.
         assert_eq!(
             class(soap11(r#"xmlns:app="urn:app">app:Server"#)),
@@ -1814,8 +2062,8 @@ mod tests {
             ),
             (" NOTENOUGH", "NOTENOUGH", ""),
             ("::", "FAIL", ""),
-            // Every leading separator goes, so a lone message becomes the code.
-            (":: message only", "message only", ""),
+            // Every leading separator goes; the code is the first word.
+            (":: message only", "message", "only"),
             ("-X|a:b", "X", "a:b"),
         ];
         for (rest, code, message) in cases {
@@ -1922,9 +2170,8 @@ mod tests {
         assert!(
             matches!(outcome(404, html), Outcome::RequestRejected { code, .. } if code == "HTTP_404")
         );
-        assert!(
-            matches!(outcome(301, b""), Outcome::RequestRejected { code, .. } if code == "HTTP_301")
-        );
+        // A redirect may follow a request that was processed.
+        assert!(matches!(outcome(301, b""), Outcome::MaybeDelivered { .. }));
         assert!(
             matches!(outcome(429, b""), Outcome::RetryLater { code, .. } if code == "HTTP_429")
         );
@@ -2200,7 +2447,7 @@ mod tests {
         assert_eq!(got.target, "/WuPay.asmx/Refund");
         assert_eq!(
             got.header("content-type"),
-            Some("application/x-www-form-urlencoded")
+            Some("application/x-www-form-urlencoded; charset=utf-8")
         );
         let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
         let body = String::from_utf8(got.body).unwrap();
@@ -2351,6 +2598,488 @@ mod tests {
         let record = client_for(&m).refund(call(&r)).await;
         server.await.unwrap();
         assert_eq!(record.outcome.class(), "maybe_delivered");
+    }
+
+    // ---- what may have run, what the stack refuses (defects 7 and 12) ------------------
+
+    fn typed_outcome(status: u16, content_type: Option<&str>, body: &[u8]) -> Outcome {
+        let reply = HttpReply {
+            status,
+            content_type: content_type.map(str::to_owned),
+            body: body.to_vec(),
+        };
+        client_for(&merchant(
+            WupayBinding::Soap11,
+            "http://127.0.0.1:1/WuPay.asmx",
+        ))
+        .outcome_of(&request(), &reply)
+    }
+
+    fn soap11_fault(code: &str) -> Vec<u8> {
+        format!(
+            r#"<e:Envelope xmlns:e="http://schemas.xmlsoap.org/soap/envelope/"><e:Body><e:Fault><faultcode {code}</faultcode><faultstring>why</faultstring></e:Fault></e:Body></e:Envelope>"#
+        )
+        .into_bytes()
+    }
+
+    fn soap12_fault(value: &str) -> Vec<u8> {
+        format!(
+            r#"<S:Envelope xmlns:S="http://www.w3.org/2003/05/soap-envelope"><S:Body><S:Fault><S:Code><S:Value {value}</S:Value></S:Code><S:Reason><S:Text xml:lang="en">why</S:Text></S:Reason></S:Fault></S:Body></S:Envelope>"#
+        )
+        .into_bytes()
+    }
+
+    fn request_with_reason(reason: &str) -> RefundRequest {
+        let mut r = request();
+        r.reason = Some(reason.to_owned());
+        r
+    }
+
+    #[test]
+    fn a_soap_fault_with_a_foreign_or_unknown_code_is_maybe_delivered() {
+        let cases = [
+            // An application's own namespace, whatever the local name.
+            soap11_fault(r#"xmlns:app="urn:app">app:Client"#),
+            // A prefix nobody declared: the code's namespace is unknown.
+            soap11_fault(">nope:Client"),
+            // No prefix and no default namespace: not in SOAP's namespace.
+            soap11_fault(">Client"),
+            // Not a SOAP code at all.
+            soap11_fault(">e:Weird"),
+            // SOAP 1.2's name in SOAP 1.1's namespace is not a SOAP 1.1 code.
+            soap11_fault(">e:Sender"),
+            // SOAP 1.1's code in a SOAP 1.2 envelope, bound to the 1.1 namespace.
+            soap12_fault(r#"xmlns:o="http://schemas.xmlsoap.org/soap/envelope/">o:Client"#),
+            soap12_fault(r#"xmlns:app="urn:app">app:Sender"#),
+            soap12_fault(">S:Client"),
+        ];
+        for body in cases {
+            for status in [500, 200, 400] {
+                let got = outcome(status, &body);
+                assert!(
+                    matches!(got, Outcome::MaybeDelivered { raw: Some(_), .. }),
+                    "{status} {}\n-> {got:?}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn version_mismatch_and_must_understand_faults_are_maybe_delivered() {
+        for file in [
+            "soap11_fault_version_mismatch.xml",
+            "soap12_fault_must_understand.xml",
+        ] {
+            let got = outcome(500, &fixture(file));
+            assert!(
+                matches!(got, Outcome::MaybeDelivered { raw: Some(_), .. }),
+                "{file}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_client_in_soap11s_namespace_and_sender_in_soap12s_are_request_rejected() {
+        let rejected = [
+            (soap11_fault(">e:Client"), "Client"),
+            (
+                soap11_fault(r#"xmlns:q="http://schemas.xmlsoap.org/soap/envelope/">q:Client"#),
+                "Client",
+            ),
+            (
+                soap11_fault(">e:Client.Authentication"),
+                "Client.Authentication",
+            ),
+            // The default namespace is the envelope's: an unprefixed code resolves into it.
+            (
+                br#"<Envelope xmlns="http://schemas.xmlsoap.org/soap/envelope/"><Body><Fault><faultcode>Client</faultcode><faultstring>why</faultstring></Fault></Body></Envelope>"#.to_vec(),
+                "Client",
+            ),
+            (soap12_fault(">S:Sender"), "Sender"),
+        ];
+        for (body, code) in rejected {
+            let got = outcome(500, &body);
+            assert!(
+                matches!(&got, Outcome::RequestRejected { code: c, .. } if c == code),
+                "{}\n-> {got:?}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_result_body_on_a_3xx_or_4xx_is_maybe_delivered() {
+        let bodies = [
+            soap_response(SoapVersion::Soap11, "SUCCESS").unwrap(),
+            soap_response(SoapVersion::Soap12, "FAIL:X:y").unwrap(),
+            string_response("SUCCESS").unwrap(),
+            string_response("PROCESSING").unwrap(),
+        ];
+        for status in [
+            301, 302, 303, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429,
+        ] {
+            for body in &bodies {
+                let got = outcome(status, body);
+                assert!(
+                    matches!(got, Outcome::MaybeDelivered { raw: Some(_), .. }),
+                    "{status}: {got:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_mangled_answer_on_a_4xx_is_maybe_delivered() {
+        let mut cut = soap_response(SoapVersion::Soap11, "SUCCESS").unwrap();
+        cut.truncate(cut.len() - 40);
+        for (ct, body) in [
+            (Some("text/xml; charset=utf-8"), cut),
+            (Some("text/plain"), b"SUCCESS".to_vec()),
+            (None, b"FAIL:NOTENOUGH:low".to_vec()),
+        ] {
+            let got = typed_outcome(404, ct, &body);
+            assert!(
+                matches!(got, Outcome::MaybeDelivered { .. }),
+                "{ct:?} {}: {got:?}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_redirect_or_a_4xx_that_does_not_say_nothing_ran_is_maybe_delivered() {
+        let html = b"<html><body><h1>Bad Request</h1></body></html>";
+        for (status, body) in [
+            (301, &b""[..]),
+            (302, &b""[..]),
+            (303, &html[..]),
+            (307, &b""[..]),
+            (400, &html[..]),
+            (400, &b""[..]),
+            (409, &b""[..]),
+            (422, &html[..]),
+        ] {
+            let got = typed_outcome(status, Some("text/html"), body);
+            assert!(
+                matches!(got, Outcome::MaybeDelivered { .. }),
+                "{status}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_door_refusal_without_an_answer_is_request_rejected() {
+        let iis = b"<!DOCTYPE html PUBLIC \"-//W3C//DTD XHTML 1.0 Strict//EN\"><html><head><title>404 - File or directory not found.</title></head><body>Server Error</body></html>";
+        for (status, ct, body) in [
+            (404, Some("text/html"), &iis[..]),
+            (404, None, &b""[..]),
+            (
+                405,
+                Some("text/html; charset=utf-8"),
+                &b"<html>The HTTP verb POST is not allowed</html>"[..],
+            ),
+            (401, Some("text/html"), &b""[..]),
+            (
+                403,
+                Some("text/html"),
+                &b"<html>403 - Forbidden: Access is denied.</html>"[..],
+            ),
+            (415, Some("text/plain"), &b"Unsupported Media Type"[..]),
+        ] {
+            let got = typed_outcome(status, ct, body);
+            let want = format!("HTTP_{status}");
+            assert!(
+                matches!(&got, Outcome::RequestRejected { code, .. } if *code == want),
+                "{status}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_429_is_retry_later_unless_it_carries_an_answer() {
+        assert!(
+            matches!(outcome(429, b""), Outcome::RetryLater { code, .. } if code == "HTTP_429")
+        );
+        let got = outcome(429, &string_response("SUCCESS").unwrap());
+        assert!(matches!(got, Outcome::MaybeDelivered { .. }), "{got:?}");
+    }
+
+    #[test]
+    fn amounts_above_wupays_32_bit_int_are_refused_at_admission_naming_the_field() {
+        for binding in [
+            WupayBinding::Soap11,
+            WupayBinding::Soap12,
+            WupayBinding::HttpPost,
+            WupayBinding::HttpGet,
+        ] {
+            let c = client_for(&merchant(binding, "http://h/WuPay.asmx"));
+            let mut r = request();
+            r.total_fee = 2_147_483_647;
+            r.refund_fee = 2_147_483_647;
+            assert_eq!(c.admit(&r), Ok(()), "{binding:?}: i32::MAX fits");
+
+            r.total_fee = 2_147_483_648;
+            r.refund_fee = 100;
+            let e = c.admit(&r).unwrap_err();
+            assert_eq!(e.field, "total_fee", "{binding:?}");
+            assert!(
+                e.reason.contains("32-bit int") && e.reason.contains("2147483647"),
+                "{}",
+                e.reason
+            );
+
+            // Only reachable for a request that skipped validation (refund_fee > total_fee),
+            // but the field is named all the same.
+            r.total_fee = 100;
+            r.refund_fee = 3_000_000_000;
+            let e = c.admit(&r).unwrap_err();
+            assert_eq!(e.field, "refund_fee", "{binding:?}");
+            assert!(e.reason.contains("32-bit int"), "{}", e.reason);
+        }
+    }
+
+    #[test]
+    fn markup_asp_net_request_validation_refuses_is_refused_at_admission_on_http_get_and_post() {
+        for binding in [WupayBinding::HttpPost, WupayBinding::HttpGet] {
+            let c = client_for(&merchant(binding, "http://h/WuPay.asmx"));
+            for bad in [
+                "<b>", "x<script", "<!--", "</x", "<?xml", "AT&#38;T", "&#x41;", "a<Z",
+            ] {
+                let e = c.admit(&request_with_reason(bad)).unwrap_err();
+                assert_eq!(e.field, "reason", "{binding:?} {bad:?}");
+                assert!(
+                    e.reason.contains("request validation") && e.reason.contains("SOAP"),
+                    "{}",
+                    e.reason
+                );
+            }
+            for name in [
+                "wupay.pay_nd",
+                "wupay.auth_type",
+                "wupay.rec_organ",
+                "wupay.rec_device",
+                "wupay.rec_man",
+            ] {
+                let mut r = request();
+                if let Some(w) = r.wupay.as_mut() {
+                    let field = match name {
+                        "wupay.pay_nd" => &mut w.pay_nd,
+                        "wupay.auth_type" => &mut w.auth_type,
+                        "wupay.rec_organ" => &mut w.rec_organ,
+                        "wupay.rec_device" => &mut w.rec_device,
+                        _ => &mut w.rec_man,
+                    };
+                    *field = "op<i>7".into();
+                }
+                assert_eq!(
+                    c.admit(&r).map_err(|e| e.field),
+                    Err(name.to_owned()),
+                    "{binding:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_soap_bindings_admit_markup_and_harmless_brackets_pass_everywhere() {
+        for binding in [WupayBinding::Soap11, WupayBinding::Soap12] {
+            let c = client_for(&merchant(binding, "http://h/WuPay.asmx"));
+            assert_eq!(c.admit(&request_with_reason("<b>AT&#38;T</b>")), Ok(()));
+        }
+        for binding in [WupayBinding::HttpPost, WupayBinding::HttpGet] {
+            let c = client_for(&merchant(binding, "http://h/WuPay.asmx"));
+            for fine in ["a < b", "1<2", "x>y", "Q&A", "& #", "<", "&", "<<3", "<中"] {
+                // `<中`: .NET's check is for ASCII letters only; we refuse any letter, to be
+                // safe, so this one is the exception.
+                if fine == "<中" {
+                    assert!(c.admit(&request_with_reason(fine)).is_err());
+                } else {
+                    assert_eq!(c.admit(&request_with_reason(fine)), Ok(()), "{fine:?}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_admission_refuses_is_never_sent() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/WuPay.asmx", listener.local_addr().unwrap());
+        let mut over = request();
+        over.total_fee = 2_147_483_648;
+        let markup = request_with_reason("<b>bold</b>");
+        for (binding, r) in [
+            (WupayBinding::Soap11, &over),
+            (WupayBinding::HttpGet, &over),
+            (WupayBinding::HttpPost, &markup),
+            (WupayBinding::HttpGet, &markup),
+        ] {
+            let record = client_for(&merchant(binding, &base)).refund(call(r)).await;
+            match &record.outcome {
+                Outcome::NotSent { error } => assert!(
+                    error.contains("`total_fee`") || error.contains("`reason`"),
+                    "{error}"
+                ),
+                other => panic!("{binding:?}: {other:?}"),
+            }
+            assert_eq!(record.http_status, None);
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), listener.accept())
+                .await
+                .is_err(),
+            "nothing may reach the provider"
+        );
+    }
+
+    #[test]
+    fn configured_values_request_validation_refuses_are_refused_at_start_on_http_get_and_post() {
+        let cfg = http_config();
+        let http = http::build_client(&cfg).unwrap();
+        for binding in [WupayBinding::HttpPost, WupayBinding::HttpGet] {
+            let mut m = merchant(binding, "http://h/WuPay.asmx");
+            m.cpn_id = "<CPN>".into();
+            let e = WupayClient::with_rfkey(
+                &m,
+                "wupay.merchants[0]",
+                Secret::new(RFKEY),
+                http.clone(),
+                &cfg,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("wupay.merchants[0].cpn_id"), "{e}");
+            let m = merchant(binding, "http://h/WuPay.asmx");
+            let e = WupayClient::with_rfkey(
+                &m,
+                "wupay.merchants[0]",
+                Secret::new("k&#ey"),
+                http.clone(),
+                &cfg,
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("rfkey_file") && !e.to_string().contains("k&#ey"),
+                "{e}"
+            );
+        }
+        let mut m = merchant(WupayBinding::Soap11, "http://h/WuPay.asmx");
+        m.cpn_id = "<CPN>".into();
+        assert!(
+            WupayClient::with_rfkey(&m, "wupay.merchants[0]", Secret::new(RFKEY), http, &cfg)
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_http_post_form_is_sent_declaring_utf8() {
+        let (base, server) = serve_once(
+            200,
+            "text/xml; charset=utf-8",
+            string_response("SUCCESS").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::HttpPost, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(
+            got.header("content-type"),
+            Some("application/x-www-form-urlencoded; charset=utf-8")
+        );
+        // The charset is what the bytes are: `华东` percent-encoded as UTF-8.
+        assert!(
+            String::from_utf8(got.body)
+                .unwrap()
+                .ends_with("&area=%E5%8D%8E%E4%B8%9C"),
+        );
+        assert_eq!(record.outcome.class(), "accepted");
+    }
+
+    #[test]
+    fn a_failure_code_ends_at_the_first_whitespace_and_the_message_is_the_rest() {
+        let ok = strings(&["SUCCESS".into()]);
+        assert_eq!(
+            map_result(
+                "FAIL:ORDER_NOT_REFUNDABLE insufficient balance",
+                &ok,
+                &strings(&["FAIL".into()])
+            ),
+            ResultClass::Failure {
+                code: "ORDER_NOT_REFUNDABLE".into(),
+                message: "insufficient balance".into()
+            }
+        );
+        for (rest, code, message) in [
+            (
+                ":NOTENOUGH   balance  too low ",
+                "NOTENOUGH",
+                "balance  too low",
+            ),
+            (":NOTENOUGH\u{3000}余额不足", "NOTENOUGH", "余额不足"),
+            (" NOTENOUGH : too low", "NOTENOUGH", "too low"),
+            ("|NOTENOUGH | too low", "NOTENOUGH", "too low"),
+            (":NOTENOUGH low: very", "NOTENOUGH", "low: very"),
+        ] {
+            assert_eq!(
+                split_failure(rest),
+                (code.to_owned(), message.to_owned()),
+                "{rest:?}"
+            );
+        }
+        // Configured prefixes, including one with a space in it, still lead.
+        let fail = strings(&["ERR".into(), "退款 失败".into()]);
+        assert_eq!(
+            map_result("退款 失败 E42 余额不足", &ok, &fail),
+            ResultClass::Failure {
+                code: "E42".into(),
+                message: "余额不足".into()
+            }
+        );
+        assert_eq!(
+            map_result("ERR E42 no money", &ok, &fail),
+            ResultClass::Failure {
+                code: "E42".into(),
+                message: "no money".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_plain_text_500_is_summarised_with_the_servers_own_text_not_as_malformed_xml() {
+        let text = "System.InvalidOperationException: Request format is invalid.\r\n   at System.Web.Services.Protocols.HttpServerProtocol.ReadParameters()";
+        let got = typed_outcome(500, Some("text/plain; charset=utf-8"), text.as_bytes());
+        match got {
+            Outcome::MaybeDelivered { error, raw } => {
+                assert!(!error.contains("malformed XML"), "{error}");
+                assert!(
+                    error.starts_with(
+                        "HTTP 500: System.InvalidOperationException: Request format is invalid.\\r\\n"
+                    ),
+                    "{error}"
+                );
+                assert_eq!(raw.as_deref(), Some(text));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn quoted_server_text_is_bounded_escaped_and_free_of_the_rfkey() {
+        let long = format!("{}\u{1b}[31m{RFKEY} {}", "e".repeat(180), "z".repeat(5000));
+        let got = typed_outcome(502, Some("text/html"), long.as_bytes());
+        let Outcome::MaybeDelivered { error, .. } = got else {
+            panic!("{got:?}");
+        };
+        assert!(error.chars().count() < 300, "{}", error.chars().count());
+        assert!(!error.chars().any(char::is_control), "{error:?}");
+        assert!(error.contains("\\u{1b}[31m"), "{error}");
+        assert_no_rfkey(&error);
+        // An XML body that does not parse says so, and still quotes the server.
+        let got = typed_outcome(500, Some("text/xml"), b"<oops");
+        let Outcome::MaybeDelivered { error, .. } = got else {
+            panic!("{got:?}");
+        };
+        assert!(error.contains("<oops"), "{error}");
     }
 
     // ---- properties --------------------------------------------------------------------

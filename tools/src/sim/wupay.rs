@@ -14,6 +14,11 @@
 //! (wrong rfkey, cpnId or area, unreadable XML) are `soap:Client` / `soap12:Sender` faults
 //! (GET/POST: HTTP 500 plain text, as ASP.NET does). WuPay has no signatures either, so a
 //! `bad_signature` rule pays and then answers HTTP 200 with truncated, unparseable XML.
+//!
+//! On the HTTP GET and POST bindings ASP.NET request validation runs when the service reads its
+//! parameters: a value with `<` before an ASCII letter, `!`, `/` or `?`, or with `&#`, is
+//! answered HTTP 500 `HttpRequestValidationException` and `Refund` never runs. SOAP bodies are
+//! not validated, so the same values pass there.
 
 use std::collections::HashMap;
 use std::io;
@@ -243,6 +248,43 @@ pub(crate) fn parse_soap(body: &[u8], binding: Binding) -> Result<WuParams, Stri
     Ok(params)
 }
 
+/// ASP.NET's `CrossSiteScriptingValidation.IsDangerousString`: `<` followed by an ASCII
+/// letter, `!`, `/` or `?`, or `&` followed by `#`.
+fn is_dangerous(value: &str) -> bool {
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        let next = chars.peek().copied();
+        let hit = match (c, next) {
+            ('<', Some(n)) => n.is_ascii_alphabetic() || matches!(n, '!' | '/' | '?'),
+            ('&', Some('#')) => true,
+            _ => false,
+        };
+        if hit {
+            return true;
+        }
+    }
+    false
+}
+
+/// The exception text ASP.NET writes for the first parameter request validation refuses, if
+/// any. Like .NET, it quotes the value cut to 15 characters.
+fn request_validation(binding: Binding, params: &WuParams) -> Option<String> {
+    let collection = match binding {
+        Binding::HttpGet => "Request.QueryString",
+        _ => "Request.Form",
+    };
+    PARAMS.iter().find_map(|&name| {
+        let value = params.get(name).filter(|v| is_dangerous(v))?;
+        let mut shown = printable(value);
+        if shown.chars().count() > 15 {
+            shown = shown.chars().take(15).collect::<String>() + "...";
+        }
+        Some(format!(
+            "System.Web.HttpRequestValidationException: A potentially dangerous {collection} value was detected from the client ({name}=\"{shown}\")."
+        ))
+    })
+}
+
 fn push(params: &mut WuParams, name: &'static str, text: &str) {
     params.values.entry(name).or_default().push_str(text);
 }
@@ -272,6 +314,11 @@ pub(crate) fn process(
         Ok(p) => p,
         Err(message) => return client_error(binding, message, "INVALID_REQUEST"),
     };
+    if !binding.is_soap()
+        && let Some(message) = request_validation(binding, params)
+    {
+        return client_error(binding, &message, "REQUEST_VALIDATION");
+    }
     if params.get("rfkey").map(str::trim) != Some(merchant.rfkey.as_str()) {
         return client_error(
             binding,
@@ -581,6 +628,16 @@ mod tests {
         );
         let cut = result(Binding::Soap11, "SUCCESS", Outcome::Paid, None, true);
         assert!(cut.body.ends_with("<RefundResult>SUCCESS"), "{}", cut.body);
+    }
+
+    #[test]
+    fn request_validation_is_asp_nets_dangerous_string_check() {
+        for bad in ["<a", "x<Z", "<!", "</", "<?", "&#", "a&#x41;"] {
+            assert!(is_dangerous(bad), "{bad:?}");
+        }
+        for fine in ["", "<", "&", "< a", "1<2", "<中", "<<", "Q&A", "& #", "a>b"] {
+            assert!(!is_dangerous(fine), "{fine:?}");
+        }
     }
 
     #[test]

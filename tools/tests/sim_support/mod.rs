@@ -228,7 +228,9 @@ pub fn wupay_params(
         ("rec_organ", "S01".into()),
         ("rec_device", "T01".into()),
         ("rec_man", "op7".into()),
-        ("reason", "returned <goods> & more".into()),
+        // Characters every binding must escape, in a form ASP.NET request validation lets
+        // through on GET/POST (`<` before a space, `&` before a space).
+        ("reason", "returned < goods > & more".into()),
         ("rfkey", RFKEY.into()),
         ("cpnId", "C001".into()),
         ("area", "A01".into()),
