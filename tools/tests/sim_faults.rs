@@ -160,6 +160,28 @@ async fn http500_answers_500_and_pays_nothing() {
 }
 
 #[tokio::test]
+async fn binary_body_answers_502_with_bytes_that_are_not_text_and_pays_nothing() {
+    let sim = sim_with(vec![
+        FaultRule::new(FaultAction::BinaryBody).order_no("^EBIN-"),
+    ])
+    .await;
+
+    let response = post_shengpay(
+        &client(),
+        &sim,
+        signed(refund_fields(&unique("EBIN-"), &unique("R"), 1000, 100)),
+    )
+    .await
+    .expect("an HTTP response");
+
+    assert_eq!(response.status(), 502);
+    let body = response.bytes().await.expect("a body");
+    assert!(body.contains(&0) && std::str::from_utf8(&body).is_err());
+    assert!(sim.paid().is_empty());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn decline_answers_a_signed_definitive_fail_with_the_rule_code() {
     let sim = sim_with(vec![
         FaultRule::new(FaultAction::Decline)

@@ -117,6 +117,11 @@ struct Scenario {
     max_attempts: i32,
     /// Every ShengPay (idempotent) job must end succeeded, except declines.
     idempotent_all_succeed: bool,
+    /// Messages PostgreSQL cannot store as they came, interleaved with the valid requests:
+    /// each must be stored as a rejection and dead-lettered, and hold up none of the others.
+    poison: bool,
+    /// Every call the provider received must be recorded as an attempt (no crash loses one).
+    every_call_recorded: bool,
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +137,35 @@ struct Tally {
 
 /// Each published refund: its provider and whether a decline was planted for it.
 type Planted = BTreeMap<String, (ProviderKind, bool)>;
+
+/// Messages PostgreSQL cannot store as they came: a U+0000 in a value echoed into the reason,
+/// in a field name, in the provider name and in the refund number, and a body over the limit.
+fn poison_bodies() -> Vec<Vec<u8>> {
+    let base = |i: usize| {
+        request_json(
+            &format!("PZ{i:03}"),
+            &format!("OPZ{i:03}"),
+            ProviderKind::Shengpay,
+            SHENGPAY[0],
+            900,
+            100,
+        )
+    };
+    let mut v0 = base(0);
+    v0["shengpay"] = serde_json::json!({"refund_account": "UN\u{0}SETTLED"});
+    let mut v1 = base(1);
+    v1["fi\u{0}eld"] = 1.into();
+    let mut v2 = base(2);
+    v2["provider"] = "\u{0}".into();
+    let mut v3 = base(3);
+    v3["refund_no"] = "PZ\u{0}3".into();
+    let mut v4 = base(4);
+    v4["reason"] = "\u{0}".repeat(200 * 1024).into();
+    [v0, v1, v2, v3, v4]
+        .iter()
+        .map(|v| serde_json::to_vec(v).unwrap())
+        .collect()
+}
 
 fn workload(n: usize) -> (Vec<Vec<u8>>, Planted) {
     let mut bodies = Vec::new();
@@ -345,7 +379,13 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
         _ => None,
     };
     let file = testkit::toml_file("refund-worker-", &config)?;
-    let (bodies, meta) = workload(s.jobs);
+    let (mut bodies, meta) = workload(s.jobs);
+    let poison = if s.poison { poison_bodies() } else { Vec::new() };
+    for (i, p) in poison.iter().enumerate() {
+        // Spread over the run, so that each lands in a batch of valid requests.
+        let at = (i + 1) * bodies.len() / (poison.len() + 1);
+        bodies.insert(at, p.clone());
+    }
     let mut worker = match &s.injury {
         Injury::Crash(fp) => Some(Worker::start(file.path(), Some(fp))?),
         _ => Some(Worker::start(file.path(), None)?),
@@ -438,6 +478,36 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
         w.terminate()?;
     }
     let mut t = audit(&pool, &sim, &meta, s).await?;
+    if s.poison {
+        let stored: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM rejected_messages WHERE refund_no IS NULL OR refund_no LIKE 'PZ%'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if stored != poison.len() as i64 {
+            t.lost += poison.len().saturating_sub(stored as usize);
+            t.problems.push(format!(
+                "{stored} of {} unstorable messages stored as rejections",
+                poison.len()
+            ));
+        }
+        let dead = testkit::queue_depth(&config, &config.amqp.dead_letter_queue).await?;
+        if dead as usize != poison.len() {
+            t.problems
+                .push(format!("{dead} dead letters for {} poison messages", poison.len()));
+        }
+    }
+    if s.every_call_recorded {
+        let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_attempts")
+            .fetch_one(&pool)
+            .await?;
+        if recorded != t.calls as i64 {
+            t.problems.push(format!(
+                "{recorded} attempts recorded for {} provider calls",
+                t.calls
+            ));
+        }
+    }
     if let Err(e) = settled {
         t.problems.push(format!("did not settle: {e}"));
         t.lost += open_jobs(&pool).await? as usize;
@@ -478,6 +548,8 @@ fn scenarios() -> Vec<Scenario> {
         jobs: 120,
         max_attempts: 8,
         idempotent_all_succeed: false,
+        poison: false,
+        every_call_recorded: false,
     };
     let transport = |provider| {
         vec![
@@ -566,6 +638,8 @@ fn scenarios() -> Vec<Scenario> {
             jobs: 200,
             max_attempts: 20,
             idempotent_all_succeed: true,
+            poison: false,
+            every_call_recorded: false,
         },
         Scenario {
             name: "30% transport faults, not idempotent (WuPay)",
@@ -574,6 +648,37 @@ fn scenarios() -> Vec<Scenario> {
             jobs: 200,
             max_attempts: 20,
             idempotent_all_succeed: true,
+            poison: false,
+            every_call_recorded: false,
+        },
+        Scenario {
+            name: "NUL and oversized messages among 300 valid ones",
+            rules: vec![FaultRule::new(FaultAction::Decline).order_no("^D")],
+            injury: Injury::None,
+            jobs: 300,
+            max_attempts: 8,
+            idempotent_all_succeed: true,
+            poison: true,
+            every_call_recorded: true,
+        },
+        Scenario {
+            name: "answers with a NUL, and 5xx bodies that are not UTF-8",
+            rules: vec![
+                FaultRule {
+                    message: Some("balance\u{0}low".into()),
+                    ..FaultRule::new(FaultAction::Decline).order_no("^D")
+                },
+                FaultRule::new(FaultAction::BinaryBody)
+                    .provider(Provider::ShengPay)
+                    .rate(0.3)
+                    .times(1),
+            ],
+            injury: Injury::None,
+            jobs: 120,
+            max_attempts: 8,
+            idempotent_all_succeed: true,
+            poison: false,
+            every_call_recorded: true,
         },
     ]
 }

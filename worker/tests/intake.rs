@@ -322,3 +322,65 @@ async fn a_message_whose_effect_cannot_be_written_is_stored_as_unstorable_and_it
     app.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_merchants_protocol_cannot_carry_is_rejected_at_intake_naming_the_field()
+-> anyhow::Result<()> {
+    let db = testkit::test_db().await?;
+    // The real clients of config/refunds.toml's merchants, as the worker builds them.
+    let text = std::fs::read_to_string(testkit::workspace_root().join("config/refunds.toml"))?;
+    let mut config = shared::config::Config::from_toml(&text)?;
+    testkit::point_merchants(&mut config, "http://127.0.0.1:9", |m| {
+        Some(format!("http://127.0.0.1:9/{m}/WuPay.asmx"))
+    })?;
+    let registry = worker::app::build_registry(&config)?;
+    let admit = |r: &shared::job::RefundRequest| registry.admit(r);
+    let mut ambiguous = request_json("AD1", "OAD1", ProviderKind::Shengpay, "93751497", 1000, 100);
+    ambiguous["reason"] = "a=1&refundFee=1".into();
+    let mut too_big = request_json(
+        "AD2",
+        "OAD2",
+        ProviderKind::Wupay,
+        "wu-soap11",
+        3_000_000_000,
+        2_500_000_000,
+    );
+    too_big["reason"] = "big".into();
+    let mut markup = request_json("AD3", "OAD3", ProviderKind::Wupay, "wu-get", 1000, 100);
+    markup["reason"] = "returned <b>goods</b>".into();
+    let mut fine = request_json("AD4", "OAD4", ProviderKind::Wupay, "wu-soap11", 1000, 100);
+    fine["reason"] = "returned <b>goods</b>".into();
+    let mut results = Vec::new();
+    for v in [&ambiguous, &too_big, &markup, &fine] {
+        let body = serde_json::to_vec(v)?;
+        let msg = shared::store::intake::Incoming {
+            body: &body,
+            message_id: None,
+            redelivered: false,
+        };
+        let mut tx = db.pool.begin().await?;
+        let r = shared::store::intake::take(&mut tx, &msg, &admit, chrono_tz::Asia::Shanghai)
+            .await?;
+        tx.commit().await?;
+        results.push(r);
+    }
+    let field = |r: &shared::store::intake::IntakeResult| match r {
+        shared::store::intake::IntakeResult::Rejected { rejection, .. } => {
+            Some(rejection.field.clone())
+        }
+        _ => None,
+    };
+    assert_eq!(field(&results[0]).as_deref(), Some("reason"), "{:?}", results[0]);
+    assert!(
+        matches!(field(&results[1]).as_deref(), Some("total_fee" | "refund_fee")),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(field(&results[2]).as_deref(), Some("reason"), "{:?}", results[2]);
+    assert!(
+        matches!(results[3], shared::store::intake::IntakeResult::Created { .. }),
+        "SOAP carries markup escaped: {:?}",
+        results[3]
+    );
+    Ok(())
+}

@@ -404,3 +404,34 @@ async fn replay_by_cause_takes_only_that_cause_and_an_unknown_refund_no_is_refus
     assert!(rc::text(&out).contains("nothing to replay"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reads_the_idempotence_recorded_on_the_job_not_the_operators_config()
+-> anyhow::Result<()> {
+    let (config, db) = testkit::test_config().await?;
+    // Created at WuPay merchant w1, which does not deduplicate: the outcome is unknown.
+    rc::dead_job(
+        &db.pool,
+        "U1",
+        "w1",
+        rc::maybe_delivered(),
+        Cause::OutcomeUnknown,
+    )
+    .await;
+    // An operator whose config is stale (or wrong) says w1 deduplicates.
+    let stale = worker::ctl::Idempotency::default().with("wupay", "w1", true);
+    let ctl = worker::ctl::Ctl::new(config.clone(), db.pool.clone(), stale)?;
+    for dry_run in [true, false] {
+        let mut args = rc::replay_these("kim", &["U1"]);
+        args.dry_run = dry_run;
+        let report = dlq::replay(&ctl, &args, &mut Vec::new()).await?;
+        let refused = matches!(
+            report.outcome("U1"),
+            Some(ReplayOutcome::Refused { reason, .. } | ReplayOutcome::WouldRefuse { reason, .. })
+                if reason.contains("not idempotent")
+        );
+        assert!(refused, "dry run {dry_run}: {:?}", report.outcome("U1"));
+    }
+    assert_eq!(rc::state_of(&db.pool, "U1").await, "dead");
+    Ok(())
+}

@@ -23,6 +23,9 @@ use super::Provider;
 pub enum FaultAction {
     /// HTTP 500 with a plain-text body; nothing paid.
     Http500,
+    /// HTTP 502 whose body is bytes that are not text: NULs and bytes that are not UTF-8, as a
+    /// broken gateway sends; nothing paid.
+    BinaryBody,
     /// Connection closed with a TCP reset, no response; nothing paid.
     Reset,
     /// No answer until the client gives up (or `hang_max_ms`, then closed unanswered); nothing
@@ -44,6 +47,7 @@ impl FaultAction {
     pub fn as_str(self) -> &'static str {
         match self {
             FaultAction::Http500 => "http500",
+            FaultAction::BinaryBody => "binary_body",
             FaultAction::Reset => "reset",
             FaultAction::Hang => "hang",
             FaultAction::DropResponse => "drop_response",
@@ -191,10 +195,12 @@ impl FaultRule {
                 return Err(format!("code {code:?} must be 1-64 of [A-Za-z0-9_.]"));
             }
         }
+        // A NUL is allowed: it models a provider whose message carries one (PostgreSQL cannot
+        // store it as it comes, and the worker must record the answer all the same).
         if let Some(message) = &self.message
-            && message.chars().any(char::is_control)
+            && message.chars().any(|c| c.is_control() && c != '\0')
         {
-            return Err("message must not contain control characters".into());
+            return Err("message must not contain control characters other than NUL".into());
         }
         if self.action.is_none() && self.latency_ms.is_none() {
             return Err("a rule needs an action, a latency_ms, or both".into());

@@ -779,6 +779,14 @@ async fn provider_call(
                 "Internal Server Error",
             ));
         }
+        Some(FaultAction::BinaryBody) => {
+            lock(&state.calls).push(record);
+            return Ok(respond(
+                StatusCode::BAD_GATEWAY,
+                "application/octet-stream",
+                &b"\x00\xff\xfe\x00\xc3(gateway\x00\x80"[..],
+            ));
+        }
         Some(FaultAction::Reset) => {
             lock(&state.calls).push(record);
             reset_flag.store(true, Ordering::Relaxed);
