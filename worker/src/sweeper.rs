@@ -60,6 +60,16 @@ impl Sweeper {
         };
         let oldest = sweep_scope(ctx, scope).await?;
         if full {
+            // Jobs that workers of an earlier release created without their merchant's
+            // idempotence (a rolling upgrade): found by a partial index, usually none.
+            let filled = shared::store::jobs::backfill_idempotent(
+                &ctx.pool,
+                &ctx.registry.idempotence(),
+            )
+            .await?;
+            if filled > 0 {
+                tracing::info!(jobs = filled, "recorded merchant idempotence on older jobs");
+            }
             self.last_full = Some(Instant::now());
             self.old_open = oldest.filter(|t| *t < window_start);
         }
