@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `just bench`: runs refund-bench (tools/src/bin/refund-bench.rs, tools/src/bench/) from the
+# `just bench`: runs refund-bench (tools/bench/src/main.rs, tools/bench/src/) from the
 # workspace root after `cargo build --release --bins`. Everything is local: PostgreSQL and
 # RabbitMQ (DATABASE_URL / AMQP_URL, see the justfile), and the simulator and worker, which
 # refund-bench starts itself from target/release/.

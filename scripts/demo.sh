@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `just demo`: runs refund-demo (tools/src/bin/refund-demo.rs) from the workspace root.
+# `just demo`: runs refund-demo (tools/demo/src/main.rs) from the workspace root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec target/release/refund-demo "$@"

@@ -11,8 +11,8 @@ use shared::config::Config;
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
-use tools::sim::FaultRule;
-use tools::testkit::{self, request_json};
+use refund_sim::FaultRule;
+use testkit::{self, request_json};
 
 /// Starts the real binary on `config` (written to `file`) and waits until `/readyz` says ready:
 /// a signal sent before its handler is installed would kill it, proving nothing.
@@ -29,7 +29,7 @@ async fn start_worker(config: &Config, file: &std::path::Path) -> anyhow::Result
 }
 
 /// The test config with the worker's `/readyz` on a port of its own.
-async fn worker_config(sim: &tools::sim::SimHandle) -> anyhow::Result<(Config, testkit::TestDb)> {
+async fn worker_config(sim: &refund_sim::SimHandle) -> anyhow::Result<(Config, testkit::TestDb)> {
     let (mut base, db) = testkit::test_config().await?;
     base.worker.metrics_addr = testkit::free_addr()?;
     Ok((testkit::with_sim_merchants(&base, sim)?, db))

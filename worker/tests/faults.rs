@@ -19,10 +19,10 @@ use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
 use sqlx::Row;
-use tools::faultproxy::{FaultProxy, Mode};
-use tools::private::{PrivatePostgres, PrivateRabbit};
-use tools::sim::{FaultAction, FaultRule, Outcome as SimOutcome, Provider, SimHandle};
-use tools::testkit::{self, request_json};
+use testkit::faultproxy::{FaultProxy, Mode};
+use testkit::private::{PrivatePostgres, PrivateRabbit};
+use refund_sim::{FaultAction, FaultRule, Outcome as SimOutcome, Provider, SimHandle};
+use testkit::{self, request_json};
 
 const SHENGPAY: [&str; 2] = ["93751497", "10000002"];
 const WUPAY: [&str; 4] = ["wu-soap11", "wu-soap12", "wu-post", "wu-get"];
@@ -216,7 +216,7 @@ async fn audit(
     };
     let calls = sim.calls();
     t.calls = calls.len();
-    let mut by_refund: HashMap<String, Vec<&tools::sim::CallRecord>> = HashMap::new();
+    let mut by_refund: HashMap<String, Vec<&refund_sim::CallRecord>> = HashMap::new();
     for c in &calls {
         if let Some(no) = &c.refund_no {
             by_refund.entry(no.clone()).or_default().push(c);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
-use tools::testkit::{self, FakeProvider, request_json};
+use testkit::{self, FakeProvider, request_json};
 
 /// One way to break a valid request.
 type Rule = Box<dyn Fn(&mut serde_json::Value)>;

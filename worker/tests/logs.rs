@@ -9,8 +9,8 @@ use nix::unistd::Pid;
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
-use tools::sim::{FaultAction, FaultRule};
-use tools::testkit::{self, request_json};
+use refund_sim::{FaultAction, FaultRule};
+use testkit::{self, request_json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_run_logs_no_private_key_rfkey_or_signature() -> anyhow::Result<()> {

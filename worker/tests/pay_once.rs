@@ -13,8 +13,8 @@ use shared::store::jobs::{self, Claimed, OutcomeToRecord, Recorded};
 use shared::store::ops;
 use shared::workflow::Decision;
 use sqlx::PgPool;
-use tools::faultproxy::{FaultProxy, Mode};
-use tools::testkit::{self, FakeProvider, request_json};
+use testkit::faultproxy::{FaultProxy, Mode};
+use testkit::{self, FakeProvider, request_json};
 
 fn maybe_delivered() -> Outcome {
     Outcome::MaybeDelivered {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
-use tools::sim::{FaultAction, FaultRule, Provider};
-use tools::testkit::{self, request_json};
+use refund_sim::{FaultAction, FaultRule, Provider};
+use testkit::{self, request_json};
 
 const SHENGPAY: [&str; 2] = ["93751497", "10000002"];
 const WUPAY: [&str; 4] = ["wu-soap11", "wu-soap12", "wu-post", "wu-get"];

@@ -7,7 +7,7 @@ use refundctl_common as rc;
 use shared::state::{Cause, State};
 use shared::store::jobs::Verdict;
 use shared::store::operator::Discrepancies;
-use tools::testkit;
+use testkit;
 use worker::ctl::Status;
 use worker::ctl::dlq;
 use worker::ctl::job::{self, ResolveAs, ShowArgs};

@@ -13,7 +13,7 @@ use shared::job::ProviderKind;
 use shared::provider::Outcome;
 use shared::state::{Cause, State};
 use shared::store::ops;
-use tools::testkit::{self, FakeProvider};
+use testkit::{self, FakeProvider};
 use worker::ctl::Status;
 use worker::ctl::dlq::{self, ReplayOutcome};
 use worker::ctl::job::{self, ResolveAs};

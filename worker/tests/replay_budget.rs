@@ -9,7 +9,7 @@ use shared::provider::Outcome;
 use shared::state::State;
 use shared::store::jobs::{self, Operator};
 use shared::store::ops;
-use tools::testkit::{self, FakeProvider, request_json};
+use testkit::{self, FakeProvider, request_json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_job_gets_a_fresh_retry_budget() -> anyhow::Result<()> {

@@ -18,7 +18,7 @@ use shared::state::State;
 use shared::store::jobs::{self, Operator, Resolution, Verdict};
 use shared::store::{operator, ops};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
-use tools::testkit::{self, FakeProvider, request_json};
+use testkit::{self, FakeProvider, request_json};
 
 const WORKER: &str = "refunds_worker";
 const RECONCILER: &str = "refunds_reconciler";

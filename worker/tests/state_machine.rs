@@ -60,7 +60,7 @@ fn ev() -> impl Strategy<Value = Ev> {
 }
 
 fn request(case: u64, j: usize, fee: i64) -> RefundRequest {
-    let v = tools::testkit::request_json(
+    let v = testkit::request_json(
         &format!("P{case}J{j}"),
         &format!("PO{case}J{j}"),
         ProviderKind::Shengpay,
@@ -297,7 +297,7 @@ async fn run_case(pool: &PgPool, case: u64, events: Vec<Ev>) -> Result<(), TestC
 #[test]
 fn random_event_sequences_keep_every_job_state_machine_invariant() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let db = rt.block_on(tools::testkit::test_db()).unwrap();
+    let db = rt.block_on(testkit::test_db()).unwrap();
     let pool = db.pool.clone();
     let case = std::sync::atomic::AtomicU64::new(0);
     let config = ProptestConfig {

@@ -11,7 +11,7 @@ use shared::state::State;
 use shared::store::jobs::{self, Claimed, OutcomeToRecord, Recorded};
 use shared::workflow::Decision;
 use sqlx::PgPool;
-use tools::testkit;
+use testkit;
 use worker::writer::Writer;
 
 fn accepted(fee: i64) -> AttemptRecord {
@@ -362,7 +362,7 @@ async fn a_batch_taken_in_together_has_the_effect_of_taking_each_message_in_turn
         req("IB-7", "IB-O7", Shengpay, "m1", 700, 700),
         req("IB-8", "IB-OOLD", Shengpay, "m1", 999, 10), // order total differs from the stored one
     ];
-    let registry = tools::testkit::fake_registry(&[
+    let registry = testkit::fake_registry(&[
         (shared::job::ProviderKind::Shengpay, "m1", true),
         (shared::job::ProviderKind::Wupay, "w1", false),
     ]);

@@ -1,4 +1,4 @@
-//! Shared by the reconciler's tests: a database of one's own (tools::testkit), a config file
+//! Shared by the reconciler's tests: a database of one's own (testkit), a config file
 //! pointing at it, and quick generators of a day's refunds.
 #![allow(dead_code)]
 
@@ -9,7 +9,7 @@ use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use futures::TryStreamExt;
 use shared::config::Config;
 use sqlx::PgPool;
-use tools::testkit::TestDb;
+use testkit::TestDb;
 
 pub const TZ: chrono_tz::Tz = chrono_tz::Asia::Shanghai;
 
@@ -60,7 +60,7 @@ pub async fn env() -> Env {
 }
 
 pub async fn env_with_grace(grace: u32) -> Env {
-    let db = tools::testkit::test_db().await.expect("a test database");
+    let db = testkit::test_db().await.expect("a test database");
     let dir = tempfile::tempdir().expect("temp dir");
     let text = toml(&db.url, grace);
     let config_path = dir.path().join("refunds.toml");

@@ -13,7 +13,7 @@ use shared::store::intake::{self, Incoming, IntakeResult};
 use shared::store::jobs;
 use shared::workflow::Decision;
 use sqlx::PgPool;
-use tools::testkit::request_json;
+use testkit::request_json;
 use worker::ctl::dlq::ReplayArgs;
 use worker::ctl::job::{ResolveArgs, ResolveAs};
 use worker::ctl::{Ctl, Idempotency, OperatorArgs};
@@ -63,7 +63,7 @@ pub fn body(refund_no: &str, merchant: &str) -> Vec<u8> {
 /// Takes a raw message in through intake, as the consumer would.
 pub async fn take(pool: &PgPool, body: &[u8]) -> IntakeResult {
     let mut tx = pool.begin().await.unwrap();
-    let registry = tools::testkit::fake_registry(&[
+    let registry = testkit::fake_registry(&[
         (ProviderKind::Shengpay, "m1", true),
         (ProviderKind::Wupay, "w1", false),
     ]);

@@ -1,0 +1,87 @@
+//! `refund-sim`: a fake of both payment providers (ShengPay JSON and WuPay `.asmx`) served over
+//! real HTTP with real RSA signatures.
+//!
+//! It is the independent second implementation of the provider contracts in DESIGN.md §5: its
+//! canonicalisation, signing and XML handling are its own (the `rsa` crate and quick-xml), never
+//! the `shared` crate's client code, so a bug in one side shows up as a failure on the other.
+//!
+//! What it owns:
+//! - money: every `outRefundNo` / `refund_id` is paid at most once per provider and merchant,
+//!   repeats replay the first result, and per-order totals are never exceeded ([`ledger`]);
+//! - fault injection by rule: latency, HTTP 500, connection reset, hang, pay-then-drop, bad
+//!   signature, decline, retry-later ([`faults`]);
+//! - the evidence tests and the reconciler need: a paid list, a call log and a provider
+//!   statement CSV (DESIGN.md §7), all exposed under `/_sim/` and on [`SimHandle`].
+//!
+//! Use it in-process with [`Simulator::start`], or run the `refund-sim` binary. The demo, the
+//! integration and fault tests (through `testkit`) and the benchmarks pay against it; nothing
+//! that ships depends on it.
+
+mod calls;
+mod clock;
+pub mod config;
+mod crypto;
+pub mod faults;
+pub mod ledger;
+mod server;
+mod shengpay;
+mod wupay;
+
+use serde::{Deserialize, Serialize};
+
+pub use calls::{CallRecord, Outcome};
+pub use config::{ShengPayMerchant, SimConfig, WuPayMerchant};
+pub use faults::{FaultAction, FaultRule};
+pub use ledger::PaidRefund;
+pub use server::{SimHandle, Simulator};
+
+/// The two simulated providers. Serialised as `shengpay` / `wupay`, the names used in the
+/// request message, the statement CSV and the fault rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    ShengPay,
+    WuPay,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::ShengPay => "shengpay",
+            Provider::WuPay => "wupay",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Provider {
+    type Err = SimError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shengpay" => Ok(Provider::ShengPay),
+            "wupay" => Ok(Provider::WuPay),
+            other => Err(SimError::Invalid(format!(
+                "unknown provider {other:?} (expected shengpay or wupay)"
+            ))),
+        }
+    }
+}
+
+/// Why the simulator could not start or refused a control request.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The configuration (or a rule set sent at run time) is not acceptable.
+    #[error("invalid simulator configuration: {0}")]
+    Invalid(String),
+    /// A key or secret file could not be read or parsed.
+    #[error("cannot load key {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
