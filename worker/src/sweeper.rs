@@ -62,11 +62,9 @@ impl Sweeper {
         if full {
             // Jobs that workers of an earlier release created without their merchant's
             // idempotence (a rolling upgrade): found by a partial index, usually none.
-            let filled = shared::store::jobs::backfill_idempotent(
-                &ctx.pool,
-                &ctx.registry.idempotence(),
-            )
-            .await?;
+            let filled =
+                shared::store::jobs::backfill_idempotent(&ctx.pool, &ctx.registry.idempotence())
+                    .await?;
             if filled > 0 {
                 tracing::info!(jobs = filled, "recorded merchant idempotence on older jobs");
             }

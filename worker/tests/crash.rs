@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use refund_sim::FaultRule;
 use shared::config::Config;
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
-use refund_sim::FaultRule;
 use testkit::{self, request_json};
 
 /// Starts the real binary on `config` (written to `file`) and waits until `/readyz` says ready:

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use refund_sim::{FaultAction, FaultRule, Outcome as SimOutcome, Provider, SimHandle};
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
 use sqlx::Row;
 use testkit::faultproxy::{FaultProxy, Mode};
 use testkit::private::{PrivatePostgres, PrivateRabbit};
-use refund_sim::{FaultAction, FaultRule, Outcome as SimOutcome, Provider, SimHandle};
 use testkit::{self, request_json};
 
 const SHENGPAY: [&str; 2] = ["93751497", "10000002"];
@@ -380,7 +380,11 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     };
     let file = testkit::toml_file("refund-worker-", &config)?;
     let (mut bodies, meta) = workload(s.jobs);
-    let poison = if s.poison { poison_bodies() } else { Vec::new() };
+    let poison = if s.poison {
+        poison_bodies()
+    } else {
+        Vec::new()
+    };
     for (i, p) in poison.iter().enumerate() {
         // Spread over the run, so that each lands in a batch of valid requests.
         let at = (i + 1) * bodies.len() / (poison.len() + 1);
@@ -493,8 +497,10 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
         }
         let dead = testkit::queue_depth(&config, &config.amqp.dead_letter_queue).await?;
         if dead as usize != poison.len() {
-            t.problems
-                .push(format!("{dead} dead letters for {} poison messages", poison.len()));
+            t.problems.push(format!(
+                "{dead} dead letters for {} poison messages",
+                poison.len()
+            ));
         }
     }
     if s.every_call_recorded {

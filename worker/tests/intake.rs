@@ -359,8 +359,8 @@ async fn what_a_merchants_protocol_cannot_carry_is_rejected_at_intake_naming_the
             redelivered: false,
         };
         let mut tx = db.pool.begin().await?;
-        let r = shared::store::intake::take(&mut tx, &msg, &admit, chrono_tz::Asia::Shanghai)
-            .await?;
+        let r =
+            shared::store::intake::take(&mut tx, &msg, &admit, chrono_tz::Asia::Shanghai).await?;
         tx.commit().await?;
         results.push(r);
     }
@@ -370,15 +370,31 @@ async fn what_a_merchants_protocol_cannot_carry_is_rejected_at_intake_naming_the
         }
         _ => None,
     };
-    assert_eq!(field(&results[0]).as_deref(), Some("reason"), "{:?}", results[0]);
+    assert_eq!(
+        field(&results[0]).as_deref(),
+        Some("reason"),
+        "{:?}",
+        results[0]
+    );
     assert!(
-        matches!(field(&results[1]).as_deref(), Some("total_fee" | "refund_fee")),
+        matches!(
+            field(&results[1]).as_deref(),
+            Some("total_fee" | "refund_fee")
+        ),
         "{:?}",
         results[1]
     );
-    assert_eq!(field(&results[2]).as_deref(), Some("reason"), "{:?}", results[2]);
+    assert_eq!(
+        field(&results[2]).as_deref(),
+        Some("reason"),
+        "{:?}",
+        results[2]
+    );
     assert!(
-        matches!(results[3], shared::store::intake::IntakeResult::Created { .. }),
+        matches!(
+            results[3],
+            shared::store::intake::IntakeResult::Created { .. }
+        ),
         "SOAP carries markup escaped: {:?}",
         results[3]
     );

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use refund_sim::{FaultAction, FaultRule};
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
-use refund_sim::{FaultAction, FaultRule};
 use testkit::{self, request_json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

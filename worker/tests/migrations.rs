@@ -3,7 +3,6 @@
 
 use shared::store::{self, MIGRATOR};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
-use testkit;
 
 /// (version, installed_on) of every applied migration.
 async fn applied(pool: &PgPool) -> anyhow::Result<Vec<(i64, String)>> {

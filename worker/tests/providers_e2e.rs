@@ -6,10 +6,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use refund_sim::{FaultAction, FaultRule, Provider};
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
-use refund_sim::{FaultAction, FaultRule, Provider};
 use testkit::{self, request_json};
 
 const SHENGPAY: [&str; 2] = ["93751497", "10000002"];

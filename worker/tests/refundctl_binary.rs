@@ -8,7 +8,6 @@ use std::process::{Command, Output};
 
 use refundctl_common as rc;
 use shared::config::Config;
-use testkit;
 
 fn write_config(config: &Config) -> PathBuf {
     let path =

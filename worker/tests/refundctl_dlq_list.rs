@@ -6,7 +6,6 @@ mod refundctl_common;
 use refundctl_common as rc;
 use shared::state::Cause;
 use shared::store::intake::IntakeResult;
-use testkit;
 use worker::ctl::dlq::{self, ListArgs};
 
 fn args(cause: Option<&str>, provider: Option<&str>, json: bool) -> ListArgs {

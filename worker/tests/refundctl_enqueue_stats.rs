@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use refundctl_common as rc;
 use shared::state::Cause;
-use testkit;
 use worker::ctl::Status;
 use worker::ctl::enqueue::{self, EnqueueArgs};
 use worker::ctl::stats::{self, StatsArgs};

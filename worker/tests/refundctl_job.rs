@@ -7,7 +7,6 @@ use refundctl_common as rc;
 use shared::state::{Cause, State};
 use shared::store::jobs::Verdict;
 use shared::store::operator::Discrepancies;
-use testkit;
 use worker::ctl::Status;
 use worker::ctl::dlq;
 use worker::ctl::job::{self, ResolveAs, ShowArgs};
@@ -263,7 +262,14 @@ async fn resolving_as_failed_is_refused_when_an_attempt_was_accepted_or_unrecogn
 -> anyhow::Result<()> {
     let (config, db) = testkit::test_config().await?;
     // An accepted answer (here on a job an operator must look at anyway) and an opaque one.
-    rc::dead_job(&db.pool, "E1", "m1", rc::accepted("E1"), Cause::OutcomeUnknown).await;
+    rc::dead_job(
+        &db.pool,
+        "E1",
+        "m1",
+        rc::accepted("E1"),
+        Cause::OutcomeUnknown,
+    )
+    .await;
     let unrecognised = shared::provider::Outcome::Unrecognised {
         result: "PENDING?".into(),
         raw: "<RefundResult>PENDING?</RefundResult>".into(),
@@ -336,9 +342,11 @@ async fn resolving_waits_until_a_stalled_worker_can_no_longer_send() -> anyhow::
         r.verdict
     );
     // Once the lease, the HTTP timeout and the margin are over, it may be resolved.
-    sqlx::query("UPDATE jobs SET last_lease_until = now() - interval '1 hour' WHERE refund_no = 'S1'")
-        .execute(&db.pool)
-        .await?;
+    sqlx::query(
+        "UPDATE jobs SET last_lease_until = now() - interval '1 hour' WHERE refund_no = 'S1'",
+    )
+    .execute(&db.pool)
+    .await?;
     let r = job::resolve(
         &ctl,
         &rc::resolve_args("S1", ResolveAs::Failed, None, "ivan"),

@@ -6,7 +6,6 @@ use std::time::Duration;
 use chrono::Utc;
 use shared::store::sweep::{self, Scope};
 use sqlx::{PgPool, Row};
-use testkit;
 
 /// Inserts `n` jobs in `state`, created `age` ago; an open one is due (its retry time or its
 /// lease ended a minute ago).

@@ -11,7 +11,6 @@ use shared::state::State;
 use shared::store::jobs::{self, Claimed, OutcomeToRecord, Recorded};
 use shared::workflow::Decision;
 use sqlx::PgPool;
-use testkit;
 use worker::writer::Writer;
 
 fn accepted(fee: i64) -> AttemptRecord {

@@ -11,9 +11,7 @@ use anyhow::{Context, bail};
 use shared::config::Config;
 
 use refund_sim::FaultRule;
-use testkit::{
-    free_addr, free_port, http_get, local_sim_config, point_merchants, toml_file,
-};
+use testkit::{free_addr, free_port, http_get, local_sim_config, point_merchants, toml_file};
 
 /// A child process stopped with SIGTERM (then SIGKILL) when dropped.
 pub struct Proc {

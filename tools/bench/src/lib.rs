@@ -31,15 +31,15 @@ mod plan;
 mod render;
 mod verdict;
 
-pub use plan::{littles_law, own_time_ms};
-pub use render::{render_markdown, render_text, write_markdown};
-pub use verdict::{External, Target};
 #[allow(unused_imports)]
 use plan::*;
-#[allow(unused_imports)]
-use verdict::*;
+pub use plan::{littles_law, own_time_ms};
 #[allow(unused_imports)]
 use render::*;
+pub use render::{render_markdown, render_text, write_markdown};
+#[allow(unused_imports)]
+use verdict::*;
+pub use verdict::{External, Target};
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -52,9 +52,9 @@ use shared::config::Config;
 use shared::job::ProviderKind;
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use refund_sim::{FaultAction, FaultRule, Provider};
 use ceilings::{Ceiling, PgVariant, Signing};
 use machine::Machine;
+use refund_sim::{FaultAction, FaultRule, Provider};
 use report::{Row, num};
 use scenario::{Phase, PhaseResult, Spec};
 

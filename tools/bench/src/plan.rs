@@ -1,7 +1,6 @@
 //! What each scenario runs: its workload, the worker and simulator settings, and the sizing
 //! rules (Little's law for S2) that turn one scenario's result into the next one's settings.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// Concurrency for a provider latency by Little's law: in flight = rate × time in flight,

@@ -1,7 +1,6 @@
 //! The run's report as a terminal table and as the Markdown section that `just bench` writes
 //! into docs/benchmarks.md between its markers.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// The report for a terminal.
@@ -178,7 +177,8 @@ pub(crate) fn command_line(o: &Options) -> String {
     c
 }
 
-pub(crate) const BEGIN: &str = "<!-- refund-bench:begin (generated: `just bench` rewrites this section) -->";
+pub(crate) const BEGIN: &str =
+    "<!-- refund-bench:begin (generated: `just bench` rewrites this section) -->";
 
 pub(crate) const END: &str = "<!-- refund-bench:end -->";
 

@@ -1,7 +1,6 @@
 //! What a run's figures mean: each issue target met or missed, what bounds each figure (the
 //! machine's ceilings, CPU), and the S5 benchmarks run as child processes.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// One S5 benchmark run.

@@ -5,9 +5,9 @@ mod sim_support;
 
 use std::time::{Duration, Instant};
 
+use refund_sim::{FaultAction, FaultRule, Provider, SimHandle};
 use serde_json::{Map, Value};
 use sim_support::*;
-use refund_sim::{FaultAction, FaultRule, Provider, SimHandle};
 
 async fn sim_with(rules: Vec<FaultRule>) -> SimHandle {
     let mut config = config();

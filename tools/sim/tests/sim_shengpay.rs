@@ -344,8 +344,8 @@ async fn every_fail_answer_names_the_refund_merchant_and_app_it_answers() {
 
 #[tokio::test]
 async fn our_client_books_the_simulators_decline_and_retry_later_as_such() {
-    use shared::provider::{Outcome, Provider, RefundCall};
     use refund_sim::{FaultAction, FaultRule};
+    use shared::provider::{Outcome, Provider, RefundCall};
     let mut config = config();
     config.rules = vec![
         FaultRule::new(FaultAction::Decline)

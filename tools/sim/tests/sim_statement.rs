@@ -7,9 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
+use refund_sim::{Provider, SimConfig};
 use serde_json::{Map, Value};
 use sim_support::*;
-use refund_sim::{Provider, SimConfig};
 
 const HEADER: &str =
     "provider,merchant,refund_no,provider_refund_id,refund_fee,settlement_refund_fee,refunded_at";
@@ -219,7 +219,7 @@ async fn the_paid_list_health_clock_and_reset_endpoints_work_over_http() {
 
 #[test]
 fn the_shipped_config_is_valid_and_unknown_keys_are_refused() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sim.toml");
+    let path = testkit::workspace_root().join("config/sim.toml");
     let config = SimConfig::load(&path).expect("config/sim.toml is valid");
     assert_eq!(config.listen.to_string(), "127.0.0.1:18080");
     assert_eq!(config.timezone, "Asia/Shanghai");
@@ -288,7 +288,7 @@ async fn the_config_loads_keys_in_pkcs1_and_bare_base64_der_too() {
 
 #[test]
 fn the_binary_serves_the_shipped_config_until_sigterm_and_exports_a_statement() {
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let workspace = testkit::workspace_root();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")

@@ -2,8 +2,8 @@
 
 mod sim_support;
 
-use sim_support::*;
 use refund_sim::{FaultAction, FaultRule, Provider};
+use sim_support::*;
 
 const TEXT_XML: &str = "text/xml; charset=utf-8";
 

@@ -559,10 +559,11 @@ pub fn fake_registry(merchants: &[(ProviderKind, &str, bool)]) -> Registry {
     registry
 }
 
-/// The workspace root (tests run in their crate's folder).
+/// The workspace root (tests run in their crate's folder; this crate is `tools/testkit`).
 pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .nth(2)
         .map(std::path::Path::to_path_buf)
         .unwrap_or_else(|| ".".into())
 }

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
+use testkit::faultproxy::{FaultProxy, Mode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use testkit::faultproxy::{FaultProxy, Mode};
 
 /// An echo server that also records every byte it received.
 struct Echo {

@@ -12,17 +12,15 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use openssl::hash::MessageDigest;
 use openssl::pkey::PKey;
 use openssl::sign::{Signer, Verifier};
-use serde_json::{Map, Value, json};
 use refund_sim::{ShengPayMerchant, SimConfig, SimHandle, Simulator, WuPayMerchant};
+use serde_json::{Map, Value, json};
 
 pub const MCH_ID: &str = "93751497";
 pub const APP_ID: &str = "djgeiq978y933";
 pub const RFKEY: &str = "dev-rfkey-3c9f7a1e";
 
 pub fn key_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../keys/dev")
-        .join(name)
+    testkit::workspace_root().join("keys/dev").join(name)
 }
 
 /// The dev-key configuration of config/sim.toml, on a free port, without coupons, string

@@ -7,8 +7,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use anyhow::Context as _;
 use clap::Parser;
-use tokio::io::AsyncBufReadExt;
 use testkit::faultproxy::{FaultProxy, Mode};
+use tokio::io::AsyncBufReadExt;
 use tracing_subscriber::EnvFilter;
 
 const ABOUT: &str = "TCP fault proxy: forwards one listening address to one upstream and \

@@ -2,8 +2,8 @@
 //! (vendor/sqlx-core, upstream PR #4336): without it every small statement of the worker's
 //! waits on the server's delayed ACK. Read back from the kernel on a real connection.
 
-use sqlx::Connection;
 use refund_bench::machine::{pg_port, tcp_nodelay_to_port};
+use sqlx::Connection;
 
 #[tokio::test]
 async fn postgres_connections_over_tcp_have_nagle_off() {
