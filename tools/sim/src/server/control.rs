@@ -1,0 +1,117 @@
+//! The `/_sim/` control API: fault rules, the simulated clock, the paid list, the call log
+//! and the provider statement CSV that tests and the reconciler read.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde::Deserialize;
+
+use crate::Provider;
+use crate::faults::FaultRule;
+use crate::ledger::{self};
+
+use super::*;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockRequest {
+    /// RFC 3339; `null` returns to the real clock.
+    now: Option<DateTime<Utc>>,
+}
+
+pub(super) async fn control(
+    state: &SimState,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, Abort> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = query_params(req.uri().query());
+    let body = match read_body(req.into_body(), state.settings.max_body_bytes.max(1 << 20)).await? {
+        Ok(body) => body,
+        Err(too_large) => return Ok(too_large),
+    };
+    let response = match (&method, path.as_str()) {
+        (&Method::GET, "/_sim/health") => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "status": "ok",
+                "paid": lock(&state.ledger).paid().len(),
+                "calls": lock(&state.calls).summary(None, false).total,
+            }),
+        ),
+        (&Method::GET, "/_sim/paid") => json(StatusCode::OK, &lock(&state.ledger).paid()),
+        (&Method::GET, "/_sim/calls") => {
+            let full = matches!(query.get("full").map(String::as_str), Some("1" | "true"));
+            let refund_no = query.get("refund_no").map(String::as_str);
+            json(StatusCode::OK, &lock(&state.calls).summary(refund_no, full))
+        }
+        (&Method::GET, "/_sim/statement") => statement(state, &query),
+        (&Method::POST, "/_sim/reset") => {
+            reset(state);
+            json(StatusCode::OK, &serde_json::json!({ "status": "reset" }))
+        }
+        (&Method::GET, "/_sim/rules") => json(StatusCode::OK, &lock(&state.faults).rules()),
+        (&Method::POST, "/_sim/rules") => match serde_json::from_slice::<Vec<FaultRule>>(&body) {
+            Ok(rules) => match lock(&state.faults).replace(&rules) {
+                Ok(()) => json(StatusCode::OK, &rules),
+                Err(e) => error_json(StatusCode::BAD_REQUEST, &e),
+            },
+            Err(e) => error_json(
+                StatusCode::BAD_REQUEST,
+                &format!("expected a JSON array of rules: {e}"),
+            ),
+        },
+        (&Method::GET, "/_sim/clock") => clock_json(state),
+        (&Method::POST, "/_sim/clock") => match serde_json::from_slice::<ClockRequest>(&body) {
+            Ok(request) => {
+                state.clock.set_now(request.now);
+                clock_json(state)
+            }
+            Err(e) => error_json(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"now\": RFC 3339 or null}}: {e}"),
+            ),
+        },
+        _ => error_json(StatusCode::NOT_FOUND, "unknown control endpoint"),
+    };
+    Ok(response)
+}
+
+fn clock_json(state: &SimState) -> HttpResponse {
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "now": state.clock.now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "offset_ms": state.clock.offset_ms(),
+        }),
+    )
+}
+
+fn statement(state: &SimState, query: &HashMap<String, String>) -> HttpResponse {
+    let Some(date) = query
+        .get("date")
+        .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+    else {
+        return error_json(StatusCode::BAD_REQUEST, "date=YYYY-MM-DD is required");
+    };
+    let provider = match query
+        .get("provider")
+        .map(|p| p.parse::<Provider>())
+        .transpose()
+    {
+        Ok(p) => p,
+        Err(e) => return error_json(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let tz = match query.get("tz").map(|t| t.parse::<Tz>()).transpose() {
+        Ok(tz) => tz.unwrap_or(state.settings.tz),
+        Err(_) => return error_json(StatusCode::BAD_REQUEST, "tz must be an IANA time zone"),
+    };
+    let rows = lock(&state.ledger).statement(date, tz, provider);
+    match ledger::statement_csv(&rows, tz) {
+        Ok(csv) => respond(StatusCode::OK, "text/csv; charset=utf-8", csv),
+        Err(e) => error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}

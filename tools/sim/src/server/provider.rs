@@ -1,0 +1,275 @@
+//! Provider calls: what a request is (provider, binding, merchant, refund and order numbers)
+//! as far as fault rules need it, the fault applied, and the provider module's answer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderMap};
+use hyper::{Request, StatusCode};
+use tracing::debug;
+
+use crate::calls::{CallRecord, Outcome};
+use crate::faults::{CallKey, FaultAction};
+use crate::wupay::{self, Binding, WuParams};
+use crate::{Provider, shengpay};
+
+use super::*;
+
+fn media_type(headers: &HeaderMap) -> (String, String) {
+    let value = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (media, params) = value.split_once(';').unwrap_or((value, ""));
+    (media.trim().to_ascii_lowercase(), params.to_owned())
+}
+
+pub(super) fn soap_version(headers: &HeaderMap) -> Option<Binding> {
+    match media_type(headers).0.as_str() {
+        "text/xml" => Some(Binding::Soap11),
+        "application/soap+xml" => Some(Binding::Soap12),
+        _ => None,
+    }
+}
+
+/// Checks the SOAP action (1.1: the `SOAPAction` header, required; 1.2: the optional `action`
+/// media-type parameter), as ASP.NET dispatches on it.
+fn check_soap_action(headers: &HeaderMap, binding: Binding) -> Result<(), String> {
+    let unquote = |s: &str| s.trim().trim_matches('"').to_owned();
+    let action = match binding {
+        Binding::Soap11 => Some(
+            headers
+                .get("soapaction")
+                .and_then(|v| v.to_str().ok())
+                .map(unquote)
+                .unwrap_or_default(),
+        ),
+        _ => media_type(headers).1.split(';').find_map(|param| {
+            let (key, value) = param.split_once('=')?;
+            (key.trim().eq_ignore_ascii_case("action")).then(|| unquote(value))
+        }),
+    };
+    match action {
+        Some(action) if action != wupay::SOAP_ACTION => Err(format!(
+            "Server did not recognize the value of HTTP Header SOAPAction: {}.",
+            action
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(100)
+                .collect::<String>()
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Route {
+    ShengPay,
+    WuPay { merchant: usize, binding: Binding },
+}
+
+enum Parsed {
+    ShengPay {
+        request: Result<shengpay::SpRequest, String>,
+        merchant: Option<usize>,
+    },
+    WuPay {
+        merchant: usize,
+        binding: Binding,
+        params: Result<WuParams, String>,
+    },
+}
+
+impl Parsed {
+    fn provider(&self) -> Provider {
+        match self {
+            Parsed::ShengPay { .. } => Provider::ShengPay,
+            Parsed::WuPay { .. } => Provider::WuPay,
+        }
+    }
+
+    fn binding(&self) -> &'static str {
+        match self {
+            Parsed::ShengPay { .. } => "json",
+            Parsed::WuPay { binding, .. } => binding.as_str(),
+        }
+    }
+
+    /// (merchant, refund number, order number) as far as the request tells them.
+    fn identity<'a>(
+        &'a self,
+        state: &'a SimState,
+    ) -> (Option<&'a str>, Option<&'a str>, Option<&'a str>) {
+        match self {
+            Parsed::ShengPay { request, merchant } => {
+                let merchant = merchant
+                    .and_then(|i| state.settings.shengpay.get(i))
+                    .map(|m| m.name.as_str());
+                match request {
+                    Ok(r) => (merchant, r.text("outRefundNo"), r.text("outTradeNo")),
+                    Err(_) => (merchant, None, None),
+                }
+            }
+            Parsed::WuPay {
+                merchant, params, ..
+            } => {
+                let merchant = state.settings.wupay.get(*merchant).map(|m| m.name.as_str());
+                match params {
+                    Ok(p) => (merchant, p.get("refund_id"), p.get("order_id")),
+                    Err(_) => (merchant, None, None),
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn provider_call(
+    state: Arc<SimState>,
+    reset_flag: Arc<AtomicBool>,
+    req: Request<Incoming>,
+    route: Route,
+) -> Result<HttpResponse, Abort> {
+    let arrived = state.clock.now();
+    let (parts, body) = req.into_parts();
+    let body = match route {
+        Route::WuPay {
+            binding: Binding::HttpGet,
+            ..
+        } => Bytes::from(parts.uri.query().unwrap_or("").to_owned()),
+        _ => match read_body(body, state.settings.max_body_bytes).await? {
+            Ok(body) => body,
+            Err(too_large) => return Ok(too_large),
+        },
+    };
+    let parsed = match route {
+        Route::ShengPay => {
+            let request = shengpay::parse(&body);
+            let merchant = request
+                .as_ref()
+                .ok()
+                .and_then(|r| shengpay::find_merchant(&state, r));
+            Parsed::ShengPay { request, merchant }
+        }
+        Route::WuPay { merchant, binding } => {
+            let params = match binding {
+                Binding::HttpGet => wupay::parse_form(&body),
+                Binding::HttpPost => {
+                    let media = media_type(&parts.headers).0;
+                    if media.is_empty() || media == "application/x-www-form-urlencoded" {
+                        wupay::parse_form(&body)
+                    } else {
+                        Err(format!(
+                            "System.InvalidOperationException: Request format is invalid: {}.",
+                            media
+                                .chars()
+                                .filter(|c| !c.is_control())
+                                .take(100)
+                                .collect::<String>()
+                        ))
+                    }
+                }
+                Binding::Soap11 | Binding::Soap12 => check_soap_action(&parts.headers, binding)
+                    .and_then(|()| wupay::parse_soap(&body, binding)),
+            };
+            Parsed::WuPay {
+                merchant,
+                binding,
+                params,
+            }
+        }
+    };
+
+    let (merchant, refund_no, order_no) = parsed.identity(&state);
+    let key = CallKey {
+        provider: parsed.provider(),
+        merchant,
+        refund_no,
+        order_no,
+    };
+    let fired = lock(&state.faults).select(&key);
+    let mut record = CallRecord {
+        seq: 0,
+        at: arrived,
+        provider: key.provider,
+        merchant: merchant.map(str::to_owned),
+        binding: parsed.binding(),
+        refund_no: refund_no.map(str::to_owned),
+        order_no: order_no.map(str::to_owned),
+        outcome: Outcome::None,
+        code: None,
+        fault: fired.as_ref().and_then(|f| f.action),
+        rule: fired.as_ref().map(|f| f.index),
+        latency_ms: state.settings.latency_ms + fired.as_ref().map_or(0, |f| f.latency_ms),
+    };
+    if record.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(record.latency_ms)).await;
+    }
+    debug!(
+        provider = %record.provider,
+        merchant = ?record.merchant,
+        refund_no = ?record.refund_no,
+        fault = ?record.fault,
+        "provider call"
+    );
+
+    match record.fault {
+        Some(FaultAction::Http500) => {
+            lock(&state.calls).push(record);
+            return Ok(respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain; charset=utf-8",
+                "Internal Server Error",
+            ));
+        }
+        Some(FaultAction::BinaryBody) => {
+            lock(&state.calls).push(record);
+            return Ok(respond(
+                StatusCode::BAD_GATEWAY,
+                "application/octet-stream",
+                &b"\x00\xff\xfe\x00\xc3(gateway\x00\x80"[..],
+            ));
+        }
+        Some(FaultAction::Reset) => {
+            lock(&state.calls).push(record);
+            reset_flag.store(true, Ordering::Relaxed);
+            return Err(Abort("reset fault"));
+        }
+        Some(FaultAction::Hang) => {
+            lock(&state.calls).push(record);
+            // Hold the request until the client gives up; past hang_max, close unanswered so
+            // abandoned hangs cannot pile up.
+            tokio::time::sleep(state.settings.hang_max).await;
+            return Err(Abort("hang fault"));
+        }
+        _ => {}
+    }
+
+    let reply = match parsed {
+        Parsed::ShengPay { request, merchant } => {
+            // Signing is CPU work (slow in debug builds): keep it off the async workers.
+            let worker_state = Arc::clone(&state);
+            let fired_for_worker = fired.clone();
+            tokio::task::spawn_blocking(move || {
+                shengpay::process(&worker_state, &request, merchant, fired_for_worker.as_ref())
+            })
+            .await
+            .map_err(|_| Abort("provider handler failed"))?
+        }
+        Parsed::WuPay {
+            merchant,
+            binding,
+            params,
+        } => wupay::process(&state, merchant, binding, &params, fired.as_ref()),
+    };
+    record.outcome = reply.outcome;
+    record.code = reply.code.clone();
+    let drop_response = record.fault == Some(FaultAction::DropResponse);
+    lock(&state.calls).push(record);
+    if drop_response {
+        return Err(Abort("drop_response fault"));
+    }
+    Ok(respond(reply.status, reply.content_type, reply.body))
+}
