@@ -1,5 +1,9 @@
-//! The ShengPay client of one merchant: built from config (keys read and checked), `admit`,
-//! and the refund call with its classification into an [`Outcome`] and the redacted record.
+//! The ShengPay client of one merchant account: configuration checks at start, the
+//! [`Provider`] implementation and the HTTP exchange.
+//!
+//! It only wires the other parts together (build and sign the request, send it, classify the
+//! answer), so that what a refund attempt records and how it is logged can be read in one place
+//! without the protocol details.
 
 use std::fmt;
 use std::time::Instant;
@@ -7,6 +11,10 @@ use std::time::Instant;
 use async_trait::async_trait;
 use openssl::pkey::{PKey, Private, Public};
 
+use super::classify::{Expected, Judge, classify_response};
+use super::request::{MerchantParams, new_nonce, refund_fields, signable};
+use super::response::{ResponseFields, VerifyError, verify_body};
+use super::sign::{SignError, SignedJson, is_ambiguous, signed_json};
 use crate::config::{ConfigError, HttpConfig, ShengpayMerchant, SignType};
 use crate::job::{ProviderKind, RefundRequest, Rejection};
 use crate::provider::codes::CodeTable;
@@ -14,7 +22,8 @@ use crate::provider::http::{self, TransportError};
 use crate::provider::keys;
 use crate::provider::{AttemptRecord, Outcome, Provider, RefundCall};
 
-use super::*;
+/// The refund endpoint, relative to a merchant's `base_url`.
+pub const REFUND_PATH: &str = "/api/v1/payment/refund";
 
 /// ShengPay client for one merchant account.
 pub struct ShengpayClient {
@@ -232,5 +241,266 @@ impl Provider for ShengpayClient {
             http_status,
             latency,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::job::RefundAccount;
+    use crate::provider::shengpay::sign::REDACTED;
+    use crate::provider::shengpay::test_support::*;
+
+    #[test]
+    fn constructor_errors_name_the_key_file_setting() {
+        let mut m = merchant_config("http://127.0.0.1:9", SignType::Rsa);
+        m.private_key_file = fixture_path("missing.pem");
+        let http_cfg = HttpConfig::default();
+        let e = ShengpayClient::new(
+            &m,
+            "shengpay.merchants[3]",
+            http::build_client(&http_cfg).unwrap(),
+            &http_cfg,
+            CodeTable::shengpay_default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("shengpay.merchants[3].private_key_file"),
+            "{e}"
+        );
+        let mut m = merchant_config("http://127.0.0.1:9", SignType::Rsa);
+        m.platform_public_key_file = fixture_path("merchant_private_pkcs8.pem");
+        let e = ShengpayClient::new(
+            &m,
+            "shengpay.merchants[3]",
+            http::build_client(&http_cfg).unwrap(),
+            &http_cfg,
+            CodeTable::shengpay_default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("shengpay.merchants[3].platform_public_key_file"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refund_whose_values_cannot_be_signed_unambiguously_is_not_sent() {
+        // Nothing listens on the port: had the request been sent, it would be NotSent for a
+        // connection error instead, so the message is what shows the signer refused.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let c = client(&format!("http://{addr}"), SignType::Rsa);
+        let req = request(Some("a=1&refundFee=1"), None);
+        let rec = c
+            .refund(RefundCall {
+                request: &req,
+                attempt: 1,
+            })
+            .await;
+        match &rec.outcome {
+            Outcome::NotSent { error } => assert!(error.contains("refundDesc"), "{error}"),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(rec.http_status, None);
+    }
+
+    #[test]
+    fn a_merchant_value_with_ampersand_or_equals_fails_client_construction_naming_the_key() {
+        let http_cfg = HttpConfig::default();
+        type Edit = fn(&mut ShengpayMerchant);
+        let cases: [(&str, Edit); 4] = [
+            ("notify_url", |m| {
+                m.notify_url = "https://notify.example/refund?a=1&b=2".into()
+            }),
+            ("notify_url", |m| {
+                m.notify_url = "https://notify.example/refund?token=x".into()
+            }),
+            ("app_id", |m| m.app_id = "app&x".into()),
+            ("mch_id", |m| m.mch_id = "9=3".into()),
+        ];
+        for (key, edit) in cases {
+            let mut m = merchant_config("http://127.0.0.1:9", SignType::Rsa);
+            edit(&mut m);
+            let e = ShengpayClient::new(
+                &m,
+                "shengpay.merchants[2]",
+                http::build_client(&http_cfg).unwrap(),
+                &http_cfg,
+                CodeTable::shengpay_default(),
+            )
+            .expect_err("an ambiguous merchant value must be refused");
+            assert!(
+                e.to_string()
+                    .contains(&format!("shengpay.merchants[2].{key}")),
+                "{e}"
+            );
+        }
+    }
+
+    // --- end to end over HTTP ----------------------------------------------------------------
+
+    /// Answers one HTTP/1.1 request on `listener` with `reply_to(request_body)` and hands the
+    /// request (head, body) back.
+    async fn serve_once(
+        listener: tokio::net::TcpListener,
+        status: &'static str,
+        reply_to: impl FnOnce(&str) -> String + Send + 'static,
+    ) -> (String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            let n = sock.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "client closed early");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().unwrap())
+            })
+            .unwrap();
+        while buf.len() < head_end + len {
+            let n = sock.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = String::from_utf8(buf[head_end..head_end + len].to_vec()).unwrap();
+        let reply = reply_to(&body);
+        let resp = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json;charset=UTF-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+            reply.len()
+        );
+        sock.write_all(resp.as_bytes()).await.unwrap();
+        sock.shutdown().await.unwrap();
+        (head, body)
+    }
+
+    #[tokio::test]
+    async fn refund_posts_a_signed_request_and_books_the_verified_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_once(listener, "200 OK", |req_body| {
+            // Answer like ShengPay: echo the refund, amounts half as strings, signed.
+            let req: Value = serde_json::from_str(req_body).unwrap();
+            let mut m = success_fields();
+            m.insert("outRefundNo".into(), req["outRefundNo"].clone());
+            m.insert("outTradeNo".into(), req["outTradeNo"].clone());
+            m.insert("refundFee".into(), req["refundFee"].to_string().into());
+            m.insert("settlementRefundFee".into(), req["refundFee"].clone());
+            m.insert("totalFee".into(), req["totalFee"].clone());
+            platform_signed(m)
+        }));
+        let c = client(&format!("http://{addr}/"), SignType::Rsa);
+        assert_eq!(c.url(), format!("http://{addr}/api/v1/payment/refund"));
+        let req = request(Some("退货"), Some(RefundAccount::Recharge));
+        let rec = c
+            .refund(RefundCall {
+                request: &req,
+                attempt: 1,
+            })
+            .await;
+        let (head, body) = server.await.unwrap();
+
+        assert!(
+            head.starts_with("POST /api/v1/payment/refund HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json; charset=utf-8\r\n"),
+            "{head}"
+        );
+        let sent = ResponseFields::parse(body.as_bytes()).unwrap();
+        assert!(sent.verify(&merchant_public(), SignType::Rsa).is_ok());
+        assert!(is_nonce(sent.string("nonceStr").unwrap().unwrap()));
+        assert_eq!(sent.string("refundDesc").unwrap(), Some("退货"));
+        assert_eq!(sent.string("refundAccount").unwrap(), Some("RECHARGE"));
+
+        match &rec.outcome {
+            Outcome::Accepted {
+                provider_refund_id,
+                refund_fee,
+                settlement_refund_fee,
+                coupon_refund_fee,
+                ..
+            } => {
+                assert_eq!(provider_refund_id, "RO2110160000000014290");
+                assert_eq!(
+                    (*refund_fee, *settlement_refund_fee, *coupon_refund_fee),
+                    (100, 100, 0)
+                );
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(rec.http_status, Some(200));
+        let recorded: Value = serde_json::from_str(&rec.request_redacted).unwrap();
+        assert_eq!(recorded["sign"], REDACTED);
+        assert_eq!(recorded["outRefundNo"], "R2026112100000001");
+        let sig = sent.string("sign").unwrap().unwrap();
+        assert!(!rec.request_redacted.contains(sig));
+        assert!(rec.latency > std::time::Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn refund_against_a_5xx_is_maybe_delivered_with_the_status_recorded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_once(listener, "503 Service Unavailable", |_| {
+            "busy".to_owned()
+        }));
+        let c = client(&format!("http://{addr}"), SignType::Rsa2);
+        let req = request(None, None);
+        let rec = c
+            .refund(RefundCall {
+                request: &req,
+                attempt: 2,
+            })
+            .await;
+        server.await.unwrap();
+        assert_eq!(rec.http_status, Some(503));
+        assert_eq!(
+            rec.outcome,
+            Outcome::MaybeDelivered {
+                error: "HTTP 503 from provider".into(),
+                raw: Some("busy".into()),
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn refund_to_a_refused_connection_is_not_sent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let c = client(&format!("http://{addr}"), SignType::Rsa);
+        let req = request(None, None);
+        let rec = c
+            .refund(RefundCall {
+                request: &req,
+                attempt: 1,
+            })
+            .await;
+        assert!(
+            matches!(rec.outcome, Outcome::NotSent { .. }),
+            "{:?}",
+            rec.outcome
+        );
+        assert_eq!(rec.http_status, None);
+        assert!(rec.request_redacted.contains(r#""sign":"***""#));
     }
 }

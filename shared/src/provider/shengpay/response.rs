@@ -1,6 +1,10 @@
-//! Reading what ShengPay answers (a refund answer, a notify): every field kept as it appears in
-//! the JSON text, so that verification signs exactly what was sent; amounts as numbers or
-//! strings into fen without a float; coupons by their `$n` fields.
+//! ShengPay answers and notify callbacks read as raw fields, verified, then typed.
+//!
+//! A response is verified over each value as it appears in the JSON text, so the parser keeps
+//! top-level values as written (and refuses duplicate keys) rather than going through
+//! `serde_json::Value`; only after the signature checks out are fields read into
+//! [`RefundResponse`], amounts as whole fen from digits only. What the values *mean* for the
+//! refund is left to the classifier.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -9,9 +13,12 @@ use openssl::pkey::{PKeyRef, Public};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use super::sign::{SIGN_FIELD, canonical_string, verify};
 use crate::config::SignType;
 
-use super::*;
+// ---------------------------------------------------------------------------------------------
+// Responses: raw fields
+// ---------------------------------------------------------------------------------------------
 
 /// Why a response body could not be read as a ShengPay answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,7 +33,7 @@ pub enum ResponseError {
     Missing(String),
 }
 
-pub(super) fn bad(field: &str, reason: impl Into<String>) -> ResponseError {
+fn bad(field: &str, reason: impl Into<String>) -> ResponseError {
     ResponseError::BadField {
         field: field.to_owned(),
         reason: reason.into(),
@@ -65,7 +72,7 @@ impl RawField {
 
 /// Top-level object as written, keeping duplicates (serde_json's `Map` would silently keep the
 /// last one, letting a signed value and a read value differ).
-pub(super) struct RawObject(Vec<(String, Box<RawValue>)>);
+struct RawObject(Vec<(String, Box<RawValue>)>);
 
 impl<'de> Deserialize<'de> for RawObject {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -218,6 +225,8 @@ pub fn parse_fen(text: &str) -> Result<i64, String> {
 
 /// Parses a body and checks its signature, as [`classify_response`] does: for notify callbacks
 /// and for tools (the simulator) that receive our signed requests.
+///
+/// [`classify_response`]: super::classify_response
 pub fn verify_body(
     body: &[u8],
     key: &PKeyRef<Public>,
@@ -227,6 +236,10 @@ pub fn verify_body(
     fields.verify(key, sign_type)?;
     Ok(fields)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Responses: typed
+// ---------------------------------------------------------------------------------------------
 
 /// One coupon of a refund (`couponRefundId$n`, `couponType$n`, `couponRefundFee$n`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -266,7 +279,7 @@ pub struct RefundResponse {
 
 /// `couponRefundId0` → 0 for `prefix` `couponRefundId`; `None` for anything else, including
 /// non-canonical indexes such as `01`, which would otherwise alias `1`.
-pub(super) fn coupon_index(name: &str, prefix: &str) -> Option<Result<u32, ResponseError>> {
+fn coupon_index(name: &str, prefix: &str) -> Option<Result<u32, ResponseError>> {
     let digits = name.strip_prefix(prefix)?;
     if digits.is_empty()
         || !digits.bytes().all(|b| b.is_ascii_digit())
@@ -338,5 +351,161 @@ impl RefundResponse {
             .filter_map(|c| c.fee)
             .try_fold(0i64, i64::checked_add)
             .ok_or_else(|| bad("couponRefundFee$n", "coupon fees overflow"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+    use crate::provider::Outcome;
+    use crate::provider::shengpay::test_support::*;
+
+    // --- response parsing --------------------------------------------------------------------
+
+    #[test]
+    fn seed_response_amounts_parse_into_fen_from_strings_and_numbers() {
+        let body = fixture("seed_response.json");
+        let fields = ResponseFields::parse(body.as_bytes()).unwrap();
+        let r = RefundResponse::from_fields(&fields).unwrap();
+        assert_eq!(r.refund_fee, Some(10));
+        assert_eq!(r.settlement_refund_fee, Some(10));
+        assert_eq!(r.total_fee, Some(1000));
+        assert_eq!(r.settlement_total_fee, Some(1000));
+        assert_eq!(r.refund_id.as_deref(), Some("RO2110160000000014290"));
+        assert!(r.coupons.is_empty());
+        assert_eq!(r.coupon_total().unwrap(), 0);
+        // The string to verify keeps the value as written: "10" signs as refundFee=10.
+        let canonical = fields.canonical();
+        assert!(canonical.contains("&refundFee=10&"), "{canonical}");
+        assert_eq!(canonical, fixture("seed_response_canonical.txt"));
+    }
+
+    #[test]
+    fn values_sign_as_written_in_the_json_text() {
+        let body = br#"{"a":10,"b":"10","c":1.50,"d":{"y":1, "x":[true,null]},"e":null,"f":"","g":"x\"y\u00e9\/","h":false,"sign":"s"}"#;
+        let f = ResponseFields::parse(body).unwrap();
+        assert_eq!(
+            f.canonical(),
+            "a=10&b=10&c=1.50&d={\"y\":1, \"x\":[true,null]}&g=x\"yé/&h=false"
+        );
+    }
+
+    #[test]
+    fn amounts_accept_only_digits_into_i64() {
+        for (json, want) in [
+            (r#""10""#, Some(10)),
+            ("10", Some(10)),
+            ("0", Some(0)),
+            (r#""0010""#, Some(10)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("null", None),
+            (r#""""#, None),
+        ] {
+            let body = format!(r#"{{"refundFee":{json}}}"#);
+            let f = ResponseFields::parse(body.as_bytes()).unwrap();
+            assert_eq!(f.amount("refundFee"), Ok(want), "{json}");
+        }
+        for json in [
+            "10.0",
+            "1e3",
+            "1E3",
+            "-1",
+            r#""-1""#,
+            r#""+1""#,
+            r#""10.0""#,
+            r#"" 10""#,
+            r#""10 ""#,
+            r#""1e3""#,
+            r#""0x10""#,
+            "9223372036854775808",
+            r#""99999999999999999999999""#,
+            "true",
+            "[10]",
+            r#"{"v":10}"#,
+            r#""१०""#,
+        ] {
+            let body = format!(r#"{{"refundFee":{json}}}"#);
+            let f = ResponseFields::parse(body.as_bytes()).unwrap();
+            assert!(f.amount("refundFee").is_err(), "{json} must be refused");
+        }
+    }
+
+    #[test]
+    fn coupon_fields_parse_into_coupons_by_index() {
+        let mut m = success_fields();
+        m.insert("couponRefundCount".into(), 2.into());
+        m.insert("couponRefundFee".into(), "3".into());
+        m.insert("couponRefundId0".into(), "CP0".into());
+        m.insert("couponType0".into(), "CASH".into());
+        m.insert("couponRefundFee0".into(), 1.into());
+        m.insert("couponRefundId1".into(), "CP1".into());
+        m.insert("couponType1".into(), "NO_CASH".into());
+        m.insert("couponRefundFee1".into(), "2".into());
+        m.insert("settlementRefundFee".into(), 8.into());
+        let body = platform_signed(m.clone());
+        let f = ResponseFields::parse(body.as_bytes()).unwrap();
+        let r = RefundResponse::from_fields(&f).unwrap();
+        assert_eq!(r.coupon_refund_count, Some(2));
+        assert_eq!(
+            r.coupons,
+            vec![
+                Coupon {
+                    index: 0,
+                    id: Some("CP0".into()),
+                    coupon_type: Some("CASH".into()),
+                    fee: Some(1),
+                },
+                Coupon {
+                    index: 1,
+                    id: Some("CP1".into()),
+                    coupon_type: Some("NO_CASH".into()),
+                    fee: Some(2),
+                },
+            ]
+        );
+        match classify_seed(200, &body) {
+            Outcome::Accepted {
+                refund_fee,
+                settlement_refund_fee,
+                coupon_refund_fee,
+                ..
+            } => assert_eq!(
+                (refund_fee, settlement_refund_fee, coupon_refund_fee),
+                (10, 8, 3)
+            ),
+            o => panic!("{o:?}"),
+        }
+        // Without the total, the per-coupon fees are summed.
+        m.remove("couponRefundFee");
+        let body = platform_signed(m);
+        assert!(matches!(
+            classify_seed(200, &body),
+            Outcome::Accepted {
+                coupon_refund_fee: 3,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_malformed_coupon_fee_makes_the_response_unreadable() {
+        let mut m = success_fields();
+        m.insert("couponRefundFee0".into(), "1.5".into());
+        let o = classify_seed(200, &platform_signed(m));
+        assert!(matches!(o, Outcome::MaybeDelivered { .. }), "{o:?}");
+    }
+
+    #[test]
+    fn verify_body_checks_notify_callbacks_the_same_way() {
+        let c = client("http://127.0.0.1:9", SignType::Rsa);
+        let body = platform_signed(success_fields());
+        let f = c.verify_notify(body.as_bytes()).unwrap();
+        assert_eq!(f.amount("refundFee"), Ok(Some(10)));
+        let tampered = body.replace("RO2110160000000014290", "RO2110160000000014291");
+        assert_eq!(
+            c.verify_notify(tampered.as_bytes()),
+            Err(VerifyError::BadSignature)
+        );
     }
 }

@@ -1,17 +1,22 @@
-//! The WuPay client of one merchant: built from config (secrets read, values checked), the
-//! intake check of what its binding can carry (`admit`), and the refund call with its
-//! classification into an [`Outcome`] and the redacted attempt record.
+//! The WuPay client of one merchant account: configuration checks at start, the [`Provider`]
+//! implementation and the HTTP exchange.
+//!
+//! It wires the other parts together (admit, encode, send, classify, scrub), so that what one
+//! refund attempt sends, records and logs can be read in one place.
+//!
+//! [`Provider`]: crate::provider::Provider
 
 use std::time::Instant;
 
 use async_trait::async_trait;
 
+use super::admit::{self, is_form_binding, request_validation_trigger};
+use super::redact::REDACTED;
+use super::request::{EncodedRequest, check_value, encode_request, params_with_rfkey};
 use crate::config::{ConfigError, HttpConfig, Secret, WupayBinding, WupayMerchant};
 use crate::job::{ProviderKind, RefundRequest, Rejection};
-use crate::provider::http::{self, HttpReply, TransportError};
+use crate::provider::http::{self, TransportError};
 use crate::provider::{AttemptRecord, Outcome, Provider, RefundCall};
-
-use super::*;
 
 /// The WuPay client for one merchant account.
 ///
@@ -19,10 +24,12 @@ use super::*;
 /// `refund_no` (sent as `refund_id`), and the settlement amount is the requested `refund_fee`
 /// (WuPay reports no coupons).
 pub struct WupayClient {
-    merchant: WupayMerchant,
+    // Visible to the sibling modules because the classifying (`classify`) and scrubbing
+    // (`redact`) methods of this type live there, next to the rules they apply.
+    pub(super) merchant: WupayMerchant,
     pub(super) rfkey: Secret,
-    client: reqwest::Client,
-    max_response_bytes: usize,
+    pub(super) client: reqwest::Client,
+    pub(super) max_response_bytes: usize,
 }
 
 impl std::fmt::Debug for WupayClient {
@@ -129,197 +136,6 @@ impl WupayClient {
         }
         builder
     }
-
-    /// Classifies a reply that arrived whole, by the table in the module docs: the body first
-    /// (a fault by its code whatever the status, a result counts only on a 2xx), then the
-    /// status, which can refuse only when the body holds nothing like an answer.
-    pub(super) fn outcome_of(&self, request: &RefundRequest, reply: &HttpReply) -> Outcome {
-        let status = reply.status;
-        let raw = String::from_utf8_lossy(&reply.body).into_owned();
-        match parse_response(&reply.body, self.max_response_bytes) {
-            Ok(Reply::Fault(f)) => match f.class {
-                FaultClass::Sender => Outcome::RequestRejected {
-                    code: match &f.subcode {
-                        Some(sub) => format!("{}/{sub}", f.code),
-                        None => f.code,
-                    },
-                    message: f.reason,
-                    raw,
-                },
-                FaultClass::Receiver | FaultClass::Other => Outcome::MaybeDelivered {
-                    error: format!(
-                        "SOAP fault {} (HTTP {status}): {}",
-                        self.excerpt(&f.code),
-                        self.excerpt(&f.reason)
-                    ),
-                    raw: Some(raw),
-                },
-            },
-            Ok(Reply::Result(value)) if (200..300).contains(&status) => {
-                self.outcome_of_result(request, value, raw)
-            }
-            Ok(Reply::Result(value)) => Outcome::MaybeDelivered {
-                error: format!(
-                    "HTTP {status} with a result, so the operation ran: {}",
-                    self.excerpt(&value)
-                ),
-                raw: Some(raw),
-            },
-            Err(e) => {
-                let summary = self.summary(reply, &raw, &e);
-                let answer_like = self.resembles_an_answer(&raw);
-                match status {
-                    429 if !answer_like => Outcome::RetryLater {
-                        code: "HTTP_429".into(),
-                        message: summary,
-                        raw,
-                    },
-                    s if refused_at_the_door(s) && !answer_like => Outcome::RequestRejected {
-                        code: format!("HTTP_{status}"),
-                        message: summary,
-                        raw,
-                    },
-                    _ => Outcome::MaybeDelivered {
-                        error: summary,
-                        raw: Some(raw),
-                    },
-                }
-            }
-        }
-    }
-
-    /// Whether a body that did not parse as a reply may still be one: a mangled envelope, a
-    /// `RefundResult` cut short, a bare result string. Text matching is fine here because it
-    /// only ever moves a reply towards "maybe delivered", never away from it.
-    fn resembles_an_answer(&self, raw: &str) -> bool {
-        const MARKS: [&str; 5] = [
-            "RefundResult",
-            "RefundResponse",
-            TEMPURI_NS,
-            SOAP11_NS,
-            SOAP12_NS,
-        ];
-        let m = &self.merchant;
-        MARKS.iter().any(|mark| raw.contains(mark))
-            || map_result(raw, &m.success_results, &m.failure_prefixes) != ResultClass::Unrecognised
-    }
-
-    /// `HTTP <status>: <what the server said>`. A body served as XML (or untyped and looking
-    /// like it) that does not parse is reported with the parse error; any other body is quoted
-    /// as the server's own text, which is what an operator needs to see.
-    fn summary(&self, reply: &HttpReply, raw: &str, error: &ParseError) -> String {
-        let status = reply.status;
-        if reply.body.is_empty() {
-            return format!("HTTP {status}: empty body");
-        }
-        let xml = match reply.content_type.as_deref() {
-            Some(ct) => is_xml_media_type(ct),
-            None => raw
-                .trim_start_matches('\u{FEFF}')
-                .trim_start()
-                .starts_with('<'),
-        };
-        if xml {
-            format!("HTTP {status}: {error}; body: {}", self.excerpt(raw))
-        } else {
-            format!("HTTP {status}: {}", self.excerpt(raw))
-        }
-    }
-
-    /// Provider text fit to quote in an error: rfkey scrubbed first (so a cut cannot leave
-    /// part of it), control characters escaped (one line, nothing a terminal or log reader
-    /// interprets), then bounded.
-    fn excerpt(&self, text: &str) -> String {
-        let scrubbed = self.scrub(text.trim().to_owned());
-        let mut escaped = String::with_capacity(scrubbed.len());
-        for c in scrubbed.chars() {
-            if c.is_control() {
-                escaped.extend(c.escape_default());
-            } else {
-                escaped.push(c);
-            }
-        }
-        quote(&escaped)
-    }
-
-    fn outcome_of_result(&self, request: &RefundRequest, value: String, raw: String) -> Outcome {
-        let m = &self.merchant;
-        match map_result(&value, &m.success_results, &m.failure_prefixes) {
-            ResultClass::Success => Outcome::Accepted {
-                provider_refund_id: request.refund_no.clone(),
-                refund_fee: request.refund_fee,
-                settlement_refund_fee: request.refund_fee,
-                coupon_refund_fee: 0,
-                raw,
-            },
-            ResultClass::Failure { code, message } => Outcome::Declined { code, message, raw },
-            ResultClass::Unrecognised => Outcome::Unrecognised { result: value, raw },
-        }
-    }
-
-    /// Replaces the rfkey, in every form it could appear in (plain, XML-escaped, URL-encoded),
-    /// with `***`.
-    fn scrub(&self, s: String) -> String {
-        let key = self.rfkey.expose();
-        if key.is_empty() {
-            return s;
-        }
-        let mut form = String::new();
-        percent_encode_into(&mut form, key, true);
-        let mut query = String::new();
-        percent_encode_into(&mut query, key, false);
-        let escaped = quick_xml::escape::escape(key);
-        let mut out = s;
-        for form in [key, escaped.as_ref(), form.as_str(), query.as_str()] {
-            if out.contains(form) {
-                out = out.replace(form, REDACTED);
-            }
-        }
-        out
-    }
-
-    fn scrub_outcome(&self, outcome: Outcome) -> Outcome {
-        let s = |v: String| self.scrub(v);
-        match outcome {
-            Outcome::Accepted {
-                provider_refund_id,
-                refund_fee,
-                settlement_refund_fee,
-                coupon_refund_fee,
-                raw,
-            } => Outcome::Accepted {
-                provider_refund_id,
-                refund_fee,
-                settlement_refund_fee,
-                coupon_refund_fee,
-                raw: s(raw),
-            },
-            Outcome::Declined { code, message, raw } => Outcome::Declined {
-                code: s(code),
-                message: s(message),
-                raw: s(raw),
-            },
-            Outcome::RetryLater { code, message, raw } => Outcome::RetryLater {
-                code: s(code),
-                message: s(message),
-                raw: s(raw),
-            },
-            Outcome::RequestRejected { code, message, raw } => Outcome::RequestRejected {
-                code: s(code),
-                message: s(message),
-                raw: s(raw),
-            },
-            Outcome::NotSent { error } => Outcome::NotSent { error: s(error) },
-            Outcome::MaybeDelivered { error, raw } => Outcome::MaybeDelivered {
-                error: s(error),
-                raw: raw.map(s),
-            },
-            Outcome::Unrecognised { result, raw } => Outcome::Unrecognised {
-                result: s(result),
-                raw: s(raw),
-            },
-        }
-    }
 }
 
 #[async_trait]
@@ -336,53 +152,11 @@ impl Provider for WupayClient {
         self.merchant.idempotent
     }
 
-    /// Refuses what WuPay's ASP.NET stack would refuse before running `Refund` (see the module
-    /// docs): sent, such a request would come back as a 500 that cannot be told from a failure
-    /// after paying.
+    /// Refuses what WuPay's ASP.NET stack would refuse before running `Refund` (see the `admit`
+    /// module): sent, such a request would come back as a 500 that cannot be told from a
+    /// failure after paying.
     fn admit(&self, request: &RefundRequest) -> Result<(), Rejection> {
-        for (field, param, fee) in [
-            ("total_fee", "money", request.total_fee),
-            ("refund_fee", "refund_fee", request.refund_fee),
-        ] {
-            if i32::try_from(fee).is_err() {
-                return Err(Rejection::new(
-                    field,
-                    format!(
-                        "{fee} fen does not fit WuPay's `{param}`, a 32-bit int in its service (at most {}): its stack would refuse the request before Refund runs",
-                        i32::MAX
-                    ),
-                ));
-            }
-        }
-        let binding = self.merchant.binding;
-        if !is_form_binding(binding) {
-            return Ok(());
-        }
-        let Some(w) = &request.wupay else {
-            return Err(Rejection::new("wupay", "required when provider is wupay"));
-        };
-        let fields = [
-            ("refund_no", request.refund_no.as_str()),
-            ("order_no", request.order_no.as_str()),
-            ("wupay.pay_nd", w.pay_nd.as_str()),
-            ("wupay.auth_type", w.auth_type.as_str()),
-            ("wupay.rec_organ", w.rec_organ.as_str()),
-            ("wupay.rec_device", w.rec_device.as_str()),
-            ("wupay.rec_man", w.rec_man.as_str()),
-            ("reason", request.reason.as_deref().unwrap_or_default()),
-        ];
-        for (field, value) in fields {
-            if let Some(at) = request_validation_trigger(value) {
-                return Err(Rejection::new(
-                    field,
-                    format!(
-                        "contains {at:?}, which ASP.NET request validation on WuPay's {} binding refuses (HTTP 500, HttpRequestValidationException) before Refund runs; only the SOAP bindings carry it",
-                        binding.as_str()
-                    ),
-                ));
-            }
-        }
-        Ok(())
+        admit::admit_request(self.merchant.binding, request)
     }
 
     async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord {
@@ -432,5 +206,328 @@ impl Provider for WupayClient {
             http_status,
             latency,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::provider::wupay::test_support::*;
+    use crate::provider::wupay::*;
+
+    // ---- construction ------------------------------------------------------------------
+
+    #[test]
+    fn new_reads_and_trims_the_rfkey_file_and_names_the_key_when_it_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rfkey");
+        std::fs::write(&path, format!("  {RFKEY}\n")).unwrap();
+        let mut m = merchant(WupayBinding::Soap11, "http://h/WuPay.asmx");
+        m.rfkey_file = path;
+        m.idempotent = true;
+        let cfg = http_config();
+        let http = http::build_client(&cfg).unwrap();
+        let c = WupayClient::new(&m, "wupay.merchants[3]", http.clone(), &cfg).unwrap();
+        assert_eq!(c.rfkey.expose(), RFKEY);
+        assert!(c.idempotent());
+        assert_eq!(c.kind(), ProviderKind::Wupay);
+        assert_eq!(Provider::merchant(&c), "wu-1");
+        assert!(!format!("{c:?}").contains("S3cr3t"));
+
+        m.rfkey_file = dir.path().join("missing");
+        let e = WupayClient::new(&m, "wupay.merchants[3]", http, &cfg).unwrap_err();
+        assert!(
+            e.to_string().contains("wupay.merchants[3].rfkey_file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn configured_values_that_could_never_be_sent_are_refused_at_start() {
+        let cfg = http_config();
+        let http = http::build_client(&cfg).unwrap();
+        let mut m = merchant(WupayBinding::Soap11, "http://h/WuPay.asmx");
+        m.area = "east\n".into();
+        let e = WupayClient::with_rfkey(
+            &m,
+            "wupay.merchants[0]",
+            Secret::new(RFKEY),
+            http.clone(),
+            &cfg,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("wupay.merchants[0].area"), "{e}");
+        let m = merchant(WupayBinding::Soap11, "http://h/WuPay.asmx");
+        let e = WupayClient::with_rfkey(
+            &m,
+            "wupay.merchants[0]",
+            Secret::new("k\tey"),
+            http.clone(),
+            &cfg,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("rfkey_file") && !e.to_string().contains("k\tey"),
+            "{e}"
+        );
+        let e = WupayClient::with_rfkey(&m, "wupay.merchants[0]", Secret::new(""), http, &cfg)
+            .unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn soap11_refund_posts_the_envelope_with_its_soap_action() {
+        let (base, server) = serve_once(
+            200,
+            "text/xml; charset=utf-8",
+            soap_response(SoapVersion::Soap11, "SUCCESS").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::Soap11, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(got.method, "POST");
+        assert_eq!(got.target, "/WuPay.asmx");
+        assert_eq!(got.header("content-type"), Some("text/xml; charset=utf-8"));
+        assert_eq!(
+            got.header("soapaction"),
+            Some("\"http://tempuri.org/Refund\"")
+        );
+        let sent = parse_refund_request(&got.body, MAX).unwrap();
+        let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
+        assert_eq!(
+            sent,
+            expected
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.clone()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            got.body,
+            soap_envelope(SoapVersion::Soap11, &expected).unwrap()
+        );
+        assert_eq!(record.outcome.class(), "accepted");
+        assert_eq!(record.http_status, Some(200));
+        assert_no_rfkey(&record.request_redacted);
+        assert!(
+            record.request_redacted.contains("<rfkey>***</rfkey>"),
+            "{}",
+            record.request_redacted
+        );
+        // Apart from the rfkey, the record is exactly what was sent.
+        let sent_text = String::from_utf8(got.body).unwrap();
+        let escaped = quick_xml::escape::escape(RFKEY);
+        assert_eq!(
+            record.request_redacted,
+            sent_text.replace(escaped.as_ref(), "***")
+        );
+    }
+
+    #[tokio::test]
+    async fn soap12_refund_posts_the_envelope_with_the_action_in_its_content_type() {
+        let (base, server) = serve_once(
+            200,
+            "application/soap+xml; charset=utf-8",
+            soap_response(SoapVersion::Soap12, "FAIL:NOTENOUGH:balance too low").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::Soap12, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(got.method, "POST");
+        assert_eq!(got.target, "/WuPay.asmx");
+        assert_eq!(
+            got.header("content-type"),
+            Some("application/soap+xml; charset=utf-8; action=\"http://tempuri.org/Refund\"")
+        );
+        assert_eq!(got.header("soapaction"), None);
+        let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
+        assert_eq!(
+            got.body,
+            soap_envelope(SoapVersion::Soap12, &expected).unwrap()
+        );
+        assert!(matches!(
+            record.outcome,
+            Outcome::Declined { ref code, ref message, .. } if code == "NOTENOUGH" && message == "balance too low"
+        ));
+        assert_no_rfkey(&record.request_redacted);
+    }
+
+    #[tokio::test]
+    async fn http_post_refund_sends_the_form_to_the_refund_path() {
+        let (base, server) = serve_once(
+            200,
+            "text/xml; charset=utf-8",
+            string_response("SUCCESS").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::HttpPost, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(got.method, "POST");
+        assert_eq!(got.target, "/WuPay.asmx/Refund");
+        assert_eq!(
+            got.header("content-type"),
+            Some("application/x-www-form-urlencoded; charset=utf-8")
+        );
+        let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
+        let body = String::from_utf8(got.body).unwrap();
+        assert_eq!(body, form_body(&expected).unwrap());
+        assert!(body.starts_with("refund_id=R2026112100000001&order_id=O2026112100000001&pay_nd=P0001&money=1000&refund_fee=100&"), "{body}");
+        assert!(
+            body.ends_with("&cpnId=CPN9&area=%E5%8D%8E%E4%B8%9C"),
+            "{body}"
+        );
+        assert_eq!(record.outcome.class(), "accepted");
+        assert_no_rfkey(&record.request_redacted);
+        assert!(
+            record.request_redacted.contains("&rfkey=***&"),
+            "{}",
+            record.request_redacted
+        );
+    }
+
+    #[tokio::test]
+    async fn http_get_refund_sends_the_query_to_the_refund_path() {
+        let (base, server) = serve_once(
+            200,
+            "text/xml; charset=utf-8",
+            string_response("SUCCESS").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::HttpGet, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(got.method, "GET");
+        let expected = refund_params(&r, &m, &Secret::new(RFKEY)).unwrap();
+        assert_eq!(
+            got.target,
+            format!("/WuPay.asmx/Refund?{}", query_string(&expected).unwrap())
+        );
+        assert!(got.body.is_empty());
+        assert_eq!(record.outcome.class(), "accepted");
+        assert_no_rfkey(&record.request_redacted);
+        assert!(
+            record
+                .request_redacted
+                .starts_with(&format!("{base}/Refund?refund_id="))
+        );
+        assert!(
+            record.request_redacted.contains("&rfkey=***&"),
+            "{}",
+            record.request_redacted
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fault_with_http_500_is_classified_by_the_fault() {
+        let (base, server) = serve_once(
+            500,
+            "text/xml; charset=utf-8",
+            fixture("soap11_fault_client.xml"),
+        )
+        .await;
+        let m = merchant(WupayBinding::Soap11, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        server.await.unwrap();
+        assert_eq!(record.http_status, Some(500));
+        assert!(
+            matches!(record.outcome, Outcome::RequestRejected { ref code, .. } if code == "Client")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_not_sent_and_its_error_hides_the_rfkey() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        for binding in [
+            WupayBinding::Soap11,
+            WupayBinding::Soap12,
+            WupayBinding::HttpPost,
+            WupayBinding::HttpGet,
+        ] {
+            let m = merchant(binding, &format!("http://{addr}/WuPay.asmx"));
+            let r = request();
+            let record = client_for(&m).refund(call(&r)).await;
+            match &record.outcome {
+                Outcome::NotSent { error } => assert_no_rfkey(error),
+                other => panic!("{binding:?}: {other:?}"),
+            }
+            assert_eq!(record.http_status, None);
+            assert_no_rfkey(&record.request_redacted);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_value_with_a_control_character_is_not_sent_at_all() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let m = merchant(
+            WupayBinding::Soap11,
+            &format!("http://{}/WuPay.asmx", listener.local_addr().unwrap()),
+        );
+        let mut r = request();
+        if let Some(w) = r.wupay.as_mut() {
+            w.rec_man = "op\t7".into();
+        }
+        let record = client_for(&m).refund(call(&r)).await;
+        match &record.outcome {
+            Outcome::NotSent { error } => assert!(error.contains("`rec_man`"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), listener.accept())
+                .await
+                .is_err(),
+            "nothing may reach the provider"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reply_over_the_size_cap_is_maybe_delivered() {
+        let big = format!(
+            r#"<string xmlns="http://tempuri.org/">{}</string>"#,
+            "x".repeat(300 * 1024)
+        );
+        let (base, server) = serve_once(200, "text/xml", big.into_bytes()).await;
+        let m = merchant(WupayBinding::HttpGet, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        server.await.unwrap();
+        assert_eq!(record.outcome.class(), "maybe_delivered");
+    }
+
+    #[tokio::test]
+    async fn the_http_post_form_is_sent_declaring_utf8() {
+        let (base, server) = serve_once(
+            200,
+            "text/xml; charset=utf-8",
+            string_response("SUCCESS").unwrap(),
+        )
+        .await;
+        let m = merchant(WupayBinding::HttpPost, &base);
+        let r = request();
+        let record = client_for(&m).refund(call(&r)).await;
+        let got = server.await.unwrap();
+        assert_eq!(
+            got.header("content-type"),
+            Some("application/x-www-form-urlencoded; charset=utf-8")
+        );
+        // The charset is what the bytes are: `华东` percent-encoded as UTF-8.
+        assert!(
+            String::from_utf8(got.body)
+                .unwrap()
+                .ends_with("&area=%E5%8D%8E%E4%B8%9C"),
+        );
+        assert_eq!(record.outcome.class(), "accepted");
     }
 }
