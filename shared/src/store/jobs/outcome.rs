@@ -241,12 +241,14 @@ pub async fn record_outcomes(
              RETURNING j.refund_no, j.attempt, j.order_no, j.refund_fee, j.cause AS final_cause
          ), fenced AS (
              -- A fenced answer that may have paid still marks its job: the next attempt's
-             -- decline must not be taken as final. The complement of `upd`'s condition, so no
-             -- row is updated twice.
+             -- decline must not be taken as final. Only jobs `upd` did not touch: a row updated
+             -- twice in one statement keeps one of the two updates, unpredictably. (A job has a
+             -- later attempt only after this one's lease ran out, which marked it already.)
+             -- The usual batch, all applied, reads no job a second time.
              UPDATE jobs j SET maybe_paid = true
              FROM u
              WHERE j.refund_no = u.refund_no AND u.maybe_paid AND NOT j.maybe_paid
-               AND NOT (j.state = 'in_flight' AND j.attempt = u.attempt)
+               AND NOT EXISTS (SELECT 1 FROM upd WHERE upd.refund_no = u.refund_no)
          ), done AS (
              SELECT u.*, upd.order_no, upd.refund_fee AS job_fee, upd.final_cause
              FROM upd JOIN u USING (refund_no, attempt)
