@@ -53,7 +53,7 @@ ENV RUST_LOG=info
 # Numeric, so that Kubernetes' runAsNonRoot can check it.
 USER 10001:10001
 # /metrics, /healthz, /readyz (set REFUNDS__WORKER__METRICS_ADDR=0.0.0.0:9464 in a container).
-EXPOSE 9464
+EXPOSE 9464 9465
 # In Kubernetes, set `args` (not `command`) so that tini stays PID 1.
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["refund-worker"]

@@ -56,7 +56,7 @@ else
   status=1
 fi
 # What the manifests assume about the image.
-for want in 'USER 10001:10001' 'EXPOSE 9464' 'ENTRYPOINT \["/usr/bin/tini", "--"\]'; do
+for want in 'USER 10001:10001' 'EXPOSE 9464 9465' 'ENTRYPOINT \["/usr/bin/tini", "--"\]'; do
   if grep -Eq "^$want\$" "$root/Dockerfile"; then
     echo "  ok    Dockerfile: ${want//\\/}"
   else

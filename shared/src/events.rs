@@ -13,6 +13,8 @@ use crate::state::State;
 /// The routing key and `event` field of each outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
+    #[serde(rename = "refund.accepted")]
+    Accepted,
     #[serde(rename = "refund.succeeded")]
     Succeeded,
     #[serde(rename = "refund.failed")]
@@ -28,6 +30,7 @@ pub enum EventKind {
 impl EventKind {
     pub fn routing_key(self) -> &'static str {
         match self {
+            EventKind::Accepted => "refund.accepted",
             EventKind::Succeeded => "refund.succeeded",
             EventKind::Failed => "refund.failed",
             EventKind::Rejected => "refund.rejected",
@@ -39,6 +42,7 @@ impl EventKind {
     /// The event a worker transition into `to` publishes, if any.
     pub fn for_state(to: State) -> Option<Self> {
         match to {
+            State::Accepted => Some(EventKind::Accepted),
             State::Succeeded => Some(EventKind::Succeeded),
             State::Failed => Some(EventKind::Failed),
             State::Rejected => Some(EventKind::Rejected),

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 pub enum State {
     Received,
     InFlight,
+    /// The provider took the refund and has not said how it ended (its notify or status
+    /// query will): nothing is sent to the refund API again.
+    Accepted,
     RetryWait,
     Succeeded,
     Failed,
@@ -23,9 +26,10 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 7] = [
+    pub const ALL: [State; 8] = [
         State::Received,
         State::InFlight,
+        State::Accepted,
         State::RetryWait,
         State::Succeeded,
         State::Failed,
@@ -37,6 +41,7 @@ impl State {
         match self {
             State::Received => "received",
             State::InFlight => "in_flight",
+            State::Accepted => "accepted",
             State::RetryWait => "retry_wait",
             State::Succeeded => "succeeded",
             State::Failed => "failed",
@@ -82,6 +87,10 @@ pub enum Cause {
     /// The stored job cannot be read back into a request (a corrupt or foreign row): it was
     /// never sent from that row, and an operator must look at it.
     UnreadableJob,
+    /// The provider says the refund did not complete normally (ShengPay `CHANGE`: the card
+    /// could not be credited), or never said how it ended within the query schedule: the money
+    /// needs another route or a look at the provider's side.
+    RefundAbnormal,
 }
 
 impl Cause {
@@ -92,6 +101,7 @@ impl Cause {
             Cause::ProviderRejectedRequest => "provider_rejected_request",
             Cause::MerchantNotConfigured => "merchant_not_configured",
             Cause::UnreadableJob => "unreadable_job",
+            Cause::RefundAbnormal => "refund_abnormal",
         }
     }
 }
@@ -110,8 +120,15 @@ pub enum Trigger {
     Intake,
     /// A worker took the job to call the provider (increments the attempt).
     Claim,
-    /// The provider accepted.
-    Accepted,
+    /// The provider answered the refund call with an acceptance (its end follows, or this
+    /// answer is the end).
+    ProviderAccepted,
+    /// The provider said how the refund ended, or that it holds it, by its notify or its
+    /// status query: evidence, so it may settle a job in any state that is not final.
+    ProviderStatus,
+    /// The provider's status query says it has no refund of this number: the job may be sent
+    /// again with the same number (its retry budget restarts, as at a replay).
+    NotAtProvider,
     /// A definitive business FAIL.
     Declined,
     /// Transport failure or RetryLater with attempts left.
@@ -148,7 +165,33 @@ use Trigger::*;
 pub const TRANSITIONS: &[Transition] = &[
     t(Received, InFlight, Claim),
     t(RetryWait, InFlight, Claim),
-    t(InFlight, Succeeded, Accepted),
+    t(InFlight, Succeeded, ProviderAccepted),
+    t(InFlight, Accepted, ProviderAccepted),
+    // The provider's word on how the refund ended. From in_flight and retry_wait too: a notify
+    // can overtake the answer to the call it is about, and a maybe-delivered call's refund may
+    // have been processed after all.
+    t(Accepted, Succeeded, ProviderStatus),
+    t(Accepted, Failed, ProviderStatus),
+    t(Accepted, Dead, ProviderStatus),
+    t(InFlight, Succeeded, ProviderStatus),
+    t(InFlight, Failed, ProviderStatus),
+    t(InFlight, Dead, ProviderStatus),
+    t(RetryWait, Succeeded, ProviderStatus),
+    t(RetryWait, Failed, ProviderStatus),
+    t(RetryWait, Dead, ProviderStatus),
+    t(RetryWait, Accepted, ProviderStatus),
+    t(Dead, Succeeded, ProviderStatus),
+    t(Dead, Failed, ProviderStatus),
+    t(Dead, Dead, ProviderStatus),
+    t(Dead, Accepted, ProviderStatus),
+    t(Dead, Received, NotAtProvider),
+    // A job sent again (replayed, or resent after the provider said it had no such refund)
+    // whose earlier attempt's end arrives before the new claim.
+    t(Received, Succeeded, ProviderStatus),
+    t(Received, Failed, ProviderStatus),
+    t(Received, Dead, ProviderStatus),
+    // The query schedule ran out with no end from the provider.
+    t(Accepted, Dead, Died),
     t(InFlight, Failed, Declined),
     t(InFlight, RetryWait, RetryScheduled),
     t(InFlight, Dead, Died),
@@ -197,10 +240,32 @@ mod tests {
     }
 
     #[test]
-    fn dead_is_left_only_by_an_operator() {
+    fn dead_is_left_only_by_an_operator_or_the_providers_evidence() {
         for tr in TRANSITIONS.iter().filter(|tr| tr.from == Dead) {
-            assert!(matches!(tr.trigger, Replay | Resolve), "{tr:?}");
+            assert!(
+                matches!(
+                    tr.trigger,
+                    Replay | Resolve | ProviderStatus | NotAtProvider
+                ),
+                "{tr:?}"
+            );
         }
+    }
+
+    #[test]
+    fn an_accepted_job_ends_only_by_the_providers_word_or_the_end_of_its_schedule() {
+        for tr in TRANSITIONS.iter().filter(|tr| tr.from == Accepted) {
+            assert!(
+                tr.trigger == ProviderStatus || (tr.trigger == Died && tr.to == Dead),
+                "{tr:?}"
+            );
+        }
+        assert!(
+            !TRANSITIONS
+                .iter()
+                .any(|tr| tr.from == Accepted && tr.to == InFlight),
+            "an accepted refund is never sent again"
+        );
     }
 
     #[test]

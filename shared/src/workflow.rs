@@ -103,12 +103,27 @@ impl History {
 pub enum Decision {
     /// Book it: `succeeded`, ledger entry, event.
     Succeed,
+    /// The provider took it and its end follows (notify or status query, the first query
+    /// after `first_query`): `accepted`, event, no ledger entry yet, never sent again.
+    Accept { first_query: Duration },
     /// Definitive FAIL: `failed`, event; never called again.
     Fail,
     /// Try again after this delay (`retry_wait`).
     Retry { after: Duration },
     /// Stop: `dead` with this cause, for an operator.
     Dead { cause: Cause },
+}
+
+impl Decision {
+    /// The decision for a provider whose acceptance is (or is not) the refund's end: ShengPay
+    /// processes a refund after answering `SUCCESS` (unless its merchant is configured
+    /// `final_on_accept`), so booking it then would say paid before the money moved.
+    pub fn at_acceptance(self, final_on_accept: bool, first_query: Duration) -> Decision {
+        match self {
+            Decision::Succeed if !final_on_accept => Decision::Accept { first_query },
+            other => other,
+        }
+    }
 }
 
 /// Decides the next step after a call with `outcome` as attempt number `attempt` of a job that
@@ -468,5 +483,17 @@ mod tests {
                 cause: Cause::OutcomeUnknown
             }
         );
+    }
+
+    #[test]
+    fn an_acceptance_is_the_end_only_where_the_provider_settles_on_the_call() {
+        let q = Duration::from_secs(60);
+        assert_eq!(
+            Decision::Succeed.at_acceptance(false, q),
+            Decision::Accept { first_query: q }
+        );
+        assert_eq!(Decision::Succeed.at_acceptance(true, q), Decision::Succeed);
+        let fail = Decision::Fail;
+        assert_eq!(fail.clone().at_acceptance(false, q), fail);
     }
 }

@@ -158,6 +158,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let health = crate::health::serve(ctx.clone()).await?;
+    let notify = crate::notify::serve(ctx.clone()).await?;
     tracing::info!(
         merchants = ctx.registry.len(),
         database = %ctx.config.database_url_redacted(),
@@ -168,6 +169,7 @@ pub async fn run(
     let stop_intake = CancellationToken::new();
     let consumer = tokio::spawn(crate::consumer::run(ctx.clone(), stop_intake.clone()));
     tasks.spawn(crate::sweeper::run(ctx.clone()));
+    tasks.spawn(crate::status_sync::run(ctx.clone()));
     let stop_relay = CancellationToken::new();
     tasks.spawn(crate::relay::run(ctx.clone(), stop_relay.clone()));
 
@@ -202,6 +204,9 @@ pub async fn run(
         tracing::warn!("shutdown: background tasks did not stop within 5 s");
     }
     health.abort();
+    if let Some(n) = notify {
+        n.abort();
+    }
     ctx.pool.close().await;
     tracing::info!("refund-worker stopped");
     Ok(())

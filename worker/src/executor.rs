@@ -145,6 +145,10 @@ async fn attempt(
         claimed.history,
         &ctx.policy,
         &mut rand::rng(),
+    )
+    .at_acceptance(
+        client.final_on_accept(),
+        ctx.config.worker.query.due_after(0),
     );
     tracing::info!(
         outcome = class,

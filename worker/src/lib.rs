@@ -4,7 +4,8 @@
 //! (intake: message → job, acked only after commit), the [`executor`] (claim with a lease, call
 //! the provider, record the outcome with ledger and event), whose claims and outcomes the
 //! [`writer`] batches across jobs, the [`sweeper`] (expired leases,
-//! due retries, orphans), the [`relay`] (outbox → `refunds.events` with confirms) and the
+//! due retries, orphans), the [`relay`] (outbox → `refunds.events` with confirms), the
+//! [`notify`] listener and the [`status_sync`] queries (how accepted refunds ended), and the
 //! [`health`] endpoint (metrics, liveness, readiness). [`app`] wires them and owns shutdown.
 
 pub mod app;
@@ -13,6 +14,8 @@ pub mod ctl;
 pub mod executor;
 pub mod health;
 pub mod metrics;
+pub mod notify;
 pub mod relay;
+pub mod status_sync;
 pub mod sweeper;
 pub mod writer;

@@ -16,6 +16,9 @@ pub const CONFLICTS: &str = "refunds_conflicts_total";
 pub const BROKER_CONNECTED: &str = "refunds_broker_connected";
 pub const WRITE_BATCH: &str = "refunds_write_batch_size";
 pub const WRITE_SECONDS: &str = "refunds_write_seconds";
+pub const NOTIFIES: &str = "refunds_notifies_total";
+pub const STATUS_QUERIES: &str = "refunds_status_queries_total";
+pub const AWAITING_PROVIDER: &str = "refunds_awaiting_provider_jobs";
 
 /// Counts one state transition.
 pub fn transition(from: &str, to: &str) {

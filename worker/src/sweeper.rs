@@ -9,7 +9,9 @@
 //! A round looks at the jobs created within `worker.sweep_recent_ms`, by index, so that its
 //! cost follows the recent load rather than the table's whole history; at most every
 //! `worker.full_sweep_interval_ms` (and first of all) a round reads every job, for the few
-//! that stay open longer (long retry schedules, replays of old jobs).
+//! that stay open longer (long retry schedules, replays of old jobs), and enrolls ShengPay jobs
+//! dead with an unknown outcome for a status query ([`crate::status_sync`]). Accepted jobs are
+//! not the sweeper's: the query schedule is their clock.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,6 +69,17 @@ impl Sweeper {
                     .await?;
             if filled > 0 {
                 tracing::info!(jobs = filled, "recorded merchant idempotence on older jobs");
+            }
+            // ShengPay jobs dead with an unknown outcome wait for a status query: the provider
+            // can say whether it paid (a sequential read, so with the full round only).
+            let enrolled = shared::store::queries::enroll(&ctx.pool, &["shengpay"]).await?;
+            if enrolled > 0 {
+                tracing::info!(jobs = enrolled, "jobs enrolled for a status query");
+            }
+            let (waiting, since) = shared::store::queries::backlog(&ctx.pool).await?;
+            metrics::gauge!(crate::metrics::AWAITING_PROVIDER).set(waiting as f64);
+            if let Some(since) = since {
+                tracing::debug!(waiting, oldest_wait_began = %since, "jobs waiting for the provider's end");
             }
             self.last_full = Some(Instant::now());
             self.old_open = oldest.filter(|t| *t < window_start);

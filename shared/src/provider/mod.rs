@@ -14,6 +14,7 @@ pub mod codes;
 pub mod http;
 pub mod keys;
 pub mod shengpay;
+pub mod status;
 pub mod wupay;
 
 use std::collections::HashMap;
@@ -166,8 +167,33 @@ pub trait Provider: Send + Sync {
     fn admit(&self, _request: &RefundRequest) -> Result<(), crate::job::Rejection> {
         Ok(())
     }
+    /// Whether an accepted answer is the refund's end. A provider that processes refunds
+    /// after accepting them (ShengPay) says `false`: the job waits in `accepted` for its notify
+    /// or status query.
+    fn final_on_accept(&self) -> bool {
+        true
+    }
     /// Send the refund once. Never panics, never retries: retrying is the worker's decision.
     async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord;
+    /// The account (`mchId`, `appId`) whose notifies this client reads, for a provider that
+    /// notifies.
+    fn notify_account(&self) -> Option<(&str, &str)> {
+        None
+    }
+    /// Reads a notify about `request`: it must verify with the provider's key and name this
+    /// refund with its amounts.
+    fn read_notify(
+        &self,
+        _body: &[u8],
+        _request: &RefundRequest,
+    ) -> Result<status::StatusReport, status::NotifyRefusal> {
+        Err(status::NotifyRefusal::Unsupported)
+    }
+    /// Ask the provider how the refund of `request` stands, once; `None` when the provider has
+    /// no status query (WuPay: its unknown outcomes are settled by the statement).
+    async fn query(&self, _request: &RefundRequest) -> Option<status::QueryRecord> {
+        None
+    }
 }
 
 /// What intake records on a new job about its merchant, so that every later decision (worker,

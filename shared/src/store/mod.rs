@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod operator;
 pub mod ops;
 pub mod outbox;
+pub mod queries;
 pub mod sweep;
 pub mod text;
 

@@ -282,6 +282,8 @@ fn our_client(sim: &refund_sim::SimHandle) -> shared::provider::shengpay::Shengp
         platform_public_key_file: key_path("shengpay_platform_public.pem"),
         notify_url: "https://example.invalid/notify".into(),
         idempotent: true,
+        query_path: "/api/v3/payment/refundquery".into(),
+        final_on_accept: false,
     };
     let http_config = HttpConfig::default();
     shared::provider::shengpay::ShengpayClient::new(

@@ -24,6 +24,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use shared::config::{AmqpConfig, Config};
 use shared::job::{ProviderKind, RefundRequest};
+use shared::provider::status::{QueryOutcome, QueryRecord, RefundStatus, StatusReport};
 use shared::provider::{AttemptRecord, Outcome, Provider, RefundCall, Registry};
 use sqlx::postgres::PgPoolOptions;
 // Database names below are generated here (uuid, hash), never taken from input.
@@ -246,6 +247,9 @@ pub async fn test_config() -> anyhow::Result<(Config, TestDb)> {
     c.database.migrate_on_start = false;
     c.database.max_connections = 8;
     c.worker.metrics_addr = "127.0.0.1:0".into();
+    // Tests run side by side: each listener on a port of its own (a test that posts notifies
+    // sets a known free address).
+    c.notify.addr = "127.0.0.1:0".into();
     c.worker.sweep_interval_ms = 200;
     c.worker.orphan_after_ms = 2_000;
     c.worker.lease_ms = 5_000;
@@ -458,6 +462,9 @@ pub struct FakeProvider {
     kind: ProviderKind,
     merchant: String,
     idempotent: bool,
+    /// Processes refunds after accepting them, like ShengPay: the job waits in `accepted`, and
+    /// the status query says how it ended.
+    asynchronous: bool,
     state: Mutex<FakeState>,
 }
 
@@ -466,6 +473,8 @@ struct FakeState {
     paid: HashMap<String, i64>,
     calls: HashMap<String, u32>,
     script: HashMap<String, Vec<Outcome>>,
+    queries: HashMap<String, u32>,
+    query_script: HashMap<String, Vec<QueryOutcome>>,
 }
 
 impl FakeProvider {
@@ -474,8 +483,37 @@ impl FakeProvider {
             kind,
             merchant: merchant.to_owned(),
             idempotent,
+            asynchronous: false,
             state: Mutex::new(FakeState::default()),
         })
+    }
+
+    /// A provider that ends refunds after accepting them. Unless scripted, its status query
+    /// says `SUCCESS` (settled in full, now) for a refund it took and "no such refund" for
+    /// one it did not.
+    pub fn asynchronous(kind: ProviderKind, merchant: &str, idempotent: bool) -> Arc<Self> {
+        Arc::new(Self {
+            kind,
+            merchant: merchant.to_owned(),
+            idempotent,
+            asynchronous: true,
+            state: Mutex::new(FakeState::default()),
+        })
+    }
+
+    /// The next status queries for `refund_no` answer these, in order.
+    pub fn script_queries(&self, refund_no: &str, outcomes: Vec<QueryOutcome>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.query_script.insert(refund_no.to_owned(), outcomes);
+        }
+    }
+
+    /// Status queries received per refund_no.
+    pub fn queries(&self) -> HashMap<String, u32> {
+        self.state
+            .lock()
+            .map(|s| s.queries.clone())
+            .unwrap_or_default()
     }
 
     /// The next calls for `refund_no` answer these outcomes, in order (then it pays).
@@ -512,6 +550,48 @@ impl Provider for FakeProvider {
     }
     fn idempotent(&self) -> bool {
         self.idempotent
+    }
+    fn final_on_accept(&self) -> bool {
+        !self.asynchronous
+    }
+    async fn query(&self, r: &RefundRequest) -> Option<QueryRecord> {
+        if !self.asynchronous {
+            return None;
+        }
+        let outcome = match self.state.lock() {
+            Ok(mut s) => {
+                *s.queries.entry(r.refund_no.clone()).or_default() += 1;
+                let scripted = s
+                    .query_script
+                    .get_mut(&r.refund_no)
+                    .and_then(|v| (!v.is_empty()).then(|| v.remove(0)));
+                match scripted {
+                    Some(o) => o,
+                    None if s.paid.contains_key(&r.refund_no) => {
+                        QueryOutcome::Status(StatusReport {
+                            refund_no: r.refund_no.clone(),
+                            status: RefundStatus::Success {
+                                provider_refund_id: format!("FAKE-{}", r.refund_no),
+                                settlement_refund_fee: r.refund_fee,
+                                success_time: chrono::Utc::now(),
+                            },
+                            raw: "{}".into(),
+                        })
+                    }
+                    None => QueryOutcome::NotFound { raw: "{}".into() },
+                }
+            }
+            Err(_) => QueryOutcome::Unanswered {
+                error: "fake provider poisoned".into(),
+                raw: None,
+            },
+        };
+        Some(QueryRecord {
+            outcome,
+            request_redacted: r.refund_no.clone(),
+            http_status: Some(200),
+            latency: Duration::from_millis(1),
+        })
     }
     async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord {
         let r: &RefundRequest = call.request;

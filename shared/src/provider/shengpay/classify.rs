@@ -155,13 +155,13 @@ pub fn classify_response(
 }
 
 /// Provider text in our error messages is bounded: it is their data, not ours.
-fn short(v: Option<&str>) -> Option<String> {
+pub(super) fn short(v: Option<&str>) -> Option<String> {
     v.map(|s| s.chars().take(32).collect())
 }
 
 /// Whether [`about_another_refund`] insists on the identifying fields being there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Presence {
+pub(super) enum Presence {
     /// A business answer (`resultCode`): ShengPay echoes them, so an answer without them cannot
     /// be shown to be about this refund.
     Required,
@@ -172,7 +172,7 @@ enum Presence {
 /// Why a response is not about the refund we sent, if it is not: `outRefundNo` names the
 /// refund only within a merchant account (`mchId` + `appId`), so all three must be ours;
 /// `outTradeNo` is checked when present, as a different order can only mean another refund.
-fn about_another_refund(
+pub(super) fn about_another_refund(
     resp: &RefundResponse,
     exp: &Expected<'_>,
     presence: Presence,

@@ -13,13 +13,15 @@ use openssl::pkey::{PKey, Private, Public};
 
 use super::classify::{Expected, Judge, classify_response};
 use super::request::{MerchantParams, new_nonce, refund_fields, signable};
-use super::response::{ResponseFields, VerifyError, verify_body};
+use super::response::{RefundResponse, ResponseFields, VerifyError, verify_body};
 use super::sign::{SignError, SignedJson, is_ambiguous, signed_json};
+use super::status::{classify_query, query_fields, status_report};
 use crate::config::{ConfigError, HttpConfig, ShengpayMerchant, SignType};
 use crate::job::{ProviderKind, RefundRequest, Rejection};
 use crate::provider::codes::CodeTable;
 use crate::provider::http::{self, TransportError};
 use crate::provider::keys;
+use crate::provider::status::{NotifyRefusal, QueryOutcome, QueryRecord, StatusReport};
 use crate::provider::{AttemptRecord, Outcome, Provider, RefundCall};
 
 /// The refund endpoint, relative to a merchant's `base_url`.
@@ -33,7 +35,9 @@ pub struct ShengpayClient {
     notify_url: String,
     sign_type: SignType,
     idempotent: bool,
+    final_on_accept: bool,
     url: String,
+    query_url: String,
     http: reqwest::Client,
     max_response_bytes: usize,
     codes: CodeTable,
@@ -116,7 +120,13 @@ impl ShengpayClient {
             notify_url: merchant.notify_url.clone(),
             sign_type: merchant.sign_type,
             idempotent: merchant.idempotent,
+            final_on_accept: merchant.final_on_accept,
             url: format!("{}{REFUND_PATH}", merchant.base_url.trim_end_matches('/')),
+            query_url: format!(
+                "{}{}",
+                merchant.base_url.trim_end_matches('/'),
+                merchant.query_path
+            ),
             http,
             max_response_bytes: http_config.max_response_bytes,
             codes,
@@ -145,28 +155,75 @@ impl ShengpayClient {
         signed_json(fields, &self.private_key, self.sign_type)
     }
 
-    /// Classifies a response to a refund of `request` (what [`Provider::refund`] does after
-    /// the HTTP exchange).
-    pub fn classify(&self, request: &RefundRequest, status: u16, body: &[u8]) -> Outcome {
-        let expected = Expected {
+    /// The status query endpoint this client posts to.
+    pub fn query_url(&self) -> &str {
+        &self.query_url
+    }
+
+    /// The merchant account (`mchId`, `appId`) whose answers and notifies this client reads.
+    pub fn account(&self) -> (&str, &str) {
+        (&self.mch_id, &self.app_id)
+    }
+
+    /// What an answer about `request` must say to be about it.
+    fn expected<'a>(&'a self, request: &'a RefundRequest) -> Expected<'a> {
+        Expected {
             refund_no: &request.refund_no,
             order_no: &request.order_no,
             refund_fee: request.refund_fee,
             total_fee: request.total_fee,
             mch_id: &self.mch_id,
             app_id: &self.app_id,
-        };
-        let judge = Judge {
+        }
+    }
+
+    fn judge(&self) -> Judge<'_> {
+        Judge {
             platform_key: &self.platform_key,
             sign_type: self.sign_type,
             codes: &self.codes,
-        };
-        classify_response(status, body, &expected, &judge)
+        }
+    }
+
+    /// Classifies a response to a refund of `request` (what [`Provider::refund`] does after
+    /// the HTTP exchange).
+    pub fn classify(&self, request: &RefundRequest, status: u16, body: &[u8]) -> Outcome {
+        classify_response(status, body, &self.expected(request), &self.judge())
     }
 
     /// Verifies a notify callback body with ShengPay's key and returns its fields.
     pub fn verify_notify(&self, body: &[u8]) -> Result<ResponseFields, VerifyError> {
         verify_body(body, &self.platform_key, self.sign_type)
+    }
+
+    /// The status a verified notify gives for the job of `request`, or why it gives none.
+    pub fn notify_report(
+        &self,
+        fields: &ResponseFields,
+        request: &RefundRequest,
+        raw: String,
+    ) -> Result<StatusReport, String> {
+        let resp = RefundResponse::from_fields(fields).map_err(|e| e.to_string())?;
+        status_report(&resp, &self.expected(request), raw)
+    }
+
+    /// The signed status query for `request`, with a fresh nonce.
+    pub fn build_query(&self, request: &RefundRequest) -> Result<SignedJson, SignError> {
+        let fields = query_fields(&self.params(), &request.refund_no, &new_nonce());
+        signed_json(fields, &self.private_key, self.sign_type)
+    }
+
+    /// Posts a signed JSON body; the transport outcome and, if one came back, the answer.
+    async fn post(&self, url: &str, body: String) -> Result<http::HttpReply, TransportError> {
+        let builder = self
+            .http
+            .post(url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/json; charset=utf-8",
+            )
+            .body(body);
+        http::send(builder, self.max_response_bytes).await
     }
 }
 
@@ -188,6 +245,71 @@ impl Provider for ShengpayClient {
         signable(request)
     }
 
+    fn final_on_accept(&self) -> bool {
+        self.final_on_accept
+    }
+
+    fn notify_account(&self) -> Option<(&str, &str)> {
+        Some(self.account())
+    }
+
+    fn read_notify(
+        &self,
+        body: &[u8],
+        request: &RefundRequest,
+    ) -> Result<StatusReport, NotifyRefusal> {
+        let fields = self
+            .verify_notify(body)
+            .map_err(|e| NotifyRefusal::Unverified(e.to_string()))?;
+        let raw = String::from_utf8_lossy(body).into_owned();
+        self.notify_report(&fields, request, raw)
+            .map_err(NotifyRefusal::NotOurs)
+    }
+
+    async fn query(&self, request: &RefundRequest) -> Option<QueryRecord> {
+        let started = Instant::now();
+        let (outcome, request_redacted, http_status) = match self.build_query(request) {
+            Err(e) => (
+                QueryOutcome::Unanswered {
+                    error: e.to_string(),
+                    raw: None,
+                },
+                String::new(),
+                None,
+            ),
+            Ok(SignedJson { body, redacted }) => match self.post(&self.query_url, body).await {
+                Err(TransportError::NotSent(error) | TransportError::MaybeDelivered(error)) => (
+                    QueryOutcome::Unanswered { error, raw: None },
+                    redacted,
+                    None,
+                ),
+                Ok(reply) => (
+                    classify_query(
+                        reply.status,
+                        &reply.body,
+                        &self.expected(request),
+                        &self.judge(),
+                    ),
+                    redacted,
+                    Some(reply.status),
+                ),
+            },
+        };
+        tracing::debug!(
+            refund_no = %request.refund_no,
+            merchant = %self.merchant,
+            class = outcome.class(),
+            http_status,
+            "shengpay status query"
+        );
+        Some(QueryRecord {
+            outcome,
+            request_redacted,
+            http_status,
+            latency: started.elapsed(),
+        })
+    }
+
     async fn refund(&self, call: RefundCall<'_>) -> AttemptRecord {
         let started = Instant::now();
         let request = call.request;
@@ -206,15 +328,7 @@ impl Provider for ShengpayClient {
             }
         };
         let SignedJson { body, redacted } = signed;
-        let builder = self
-            .http
-            .post(&self.url)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/json; charset=utf-8",
-            )
-            .body(body);
-        let (outcome, http_status) = match http::send(builder, self.max_response_bytes).await {
+        let (outcome, http_status) = match self.post(&self.url, body).await {
             Err(TransportError::NotSent(error)) => (Outcome::NotSent { error }, None),
             Err(TransportError::MaybeDelivered(error)) => {
                 (Outcome::MaybeDelivered { error, raw: None }, None)

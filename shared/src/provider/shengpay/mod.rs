@@ -30,6 +30,7 @@ mod client;
 mod request;
 mod response;
 mod sign;
+mod status;
 #[cfg(test)]
 mod test_support;
 
@@ -43,4 +44,7 @@ pub use response::{
 pub use sign::{
     REDACTED, SIGN_FIELD, SignError, SignedJson, canonical_string, is_ambiguous, sign, signed_json,
     verify,
+};
+pub use status::{
+    NOT_FOUND_CODES, classify_query, parse_success_time, query_fields, status_report,
 };

@@ -275,6 +275,9 @@ pub struct RefundResponse {
     pub coupons: Vec<Coupon>,
     pub nonce_str: Option<String>,
     pub sign_type: Option<String>,
+    /// Notify and status query only: how the refund stands, and when it succeeded.
+    pub refund_status: Option<String>,
+    pub refund_success_time: Option<String>,
 }
 
 /// `couponRefundId0` → 0 for `prefix` `couponRefundId`; `None` for anything else, including
@@ -337,6 +340,8 @@ impl RefundResponse {
             coupons,
             nonce_str: s("nonceStr")?,
             sign_type: s("signType")?,
+            refund_status: s("refundStatus")?,
+            refund_success_time: s("refundSuccessTime")?,
         })
     }
 

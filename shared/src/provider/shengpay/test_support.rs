@@ -129,6 +129,8 @@ pub(super) fn merchant_config(base_url: &str, sign_type: SignType) -> ShengpayMe
         platform_public_key_file: fixture_path("platform_public_spki.pem"),
         notify_url: "https://notify.example/refund".into(),
         idempotent: true,
+        query_path: "/api/v3/payment/refundquery".into(),
+        final_on_accept: false,
     }
 }
 

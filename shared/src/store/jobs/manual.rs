@@ -167,6 +167,8 @@ pub async fn replay(
         .bind(refund_no)
         .execute(&mut *conn)
         .await?;
+    // Sent again: whatever the query schedule waited for is now the new attempt's to answer.
+    crate::store::queries::done(conn, refund_no).await?;
     insert_audit(
         conn,
         Some(refund_no),
@@ -338,6 +340,7 @@ pub async fn resolve(
         None => release_order_amount(conn, &t.order_no, t.refund_fee).await?,
     }
     insert_event(conn, EventKind::Resolved, &t, tz).await?;
+    crate::store::queries::done(conn, refund_no).await?;
     insert_audit(
         conn,
         Some(refund_no),

@@ -19,10 +19,12 @@ use crate::state::{self, Cause, State, Trigger};
 use crate::store::StoreError;
 
 mod claim;
+mod finality;
 mod manual;
 mod outcome;
 
 pub use claim::{ClaimToken, Claimed, Claims, Unreadable, claim, claimed_by};
+pub use finality::{Effect, Locked, Source, apply_status, give_up, lock, not_at_provider, target};
 pub use manual::{Operator, Resolution, Verdict, insert_audit, replay, replay_refusal, resolve};
 pub use outcome::{OutcomeToRecord, Recorded, record_outcome, record_outcomes};
 
@@ -113,9 +115,11 @@ pub async fn transition(
              FOR UPDATE
          ), upd AS (
              UPDATE jobs j SET state = $4,
-                    -- A dead job that may have been paid says so, whatever ended it.
-                    cause = CASE WHEN $4 = 'dead' AND j.maybe_paid THEN 'outcome_unknown'
-                                 ELSE $5 END,
+                    -- A dead job that may have been paid says so, whatever ended it, unless
+                    -- the provider itself said how it stands (refund_abnormal).
+                    cause = CASE WHEN $4 = 'dead' AND j.maybe_paid
+                                      AND $5 IS DISTINCT FROM 'refund_abnormal'
+                                 THEN 'outcome_unknown' ELSE $5 END,
                     maybe_paid = j.maybe_paid OR $13,
                     lease_until = NULL,
                     next_attempt_at = CASE WHEN $6::bigint IS NULL THEN NULL

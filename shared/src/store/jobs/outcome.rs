@@ -38,7 +38,13 @@ impl OutcomeToRecord {
     /// The transition the decision asks for: trigger, target state, cause and retry delay.
     fn change(&self) -> (Trigger, State, Option<Cause>, Option<Duration>) {
         match &self.decision {
-            Decision::Succeed => (Trigger::Accepted, State::Succeeded, None, None),
+            Decision::Succeed => (Trigger::ProviderAccepted, State::Succeeded, None, None),
+            Decision::Accept { first_query } => (
+                Trigger::ProviderAccepted,
+                State::Accepted,
+                None,
+                Some(*first_query),
+            ),
             Decision::Fail => (Trigger::Declined, State::Failed, None, None),
             Decision::Retry { after } => (
                 Trigger::RetryScheduled,
@@ -231,7 +237,9 @@ pub async fn record_outcomes(
                                  THEN 'outcome_unknown' ELSE u.cause END,
                     maybe_paid = j.maybe_paid OR u.maybe_paid,
                     lease_until = NULL,
-                    next_attempt_at = now() + u.retry_ms * interval '1 millisecond',
+                    -- retry_ms is the retry's delay for retry_wait, the first query's for accepted.
+                    next_attempt_at = CASE WHEN u.to_state = 'retry_wait'
+                                           THEN now() + u.retry_ms * interval '1 millisecond' END,
                     last_code = u.code, last_message = u.message,
                     provider_refund_id = COALESCE(u.prid, j.provider_refund_id),
                     settlement_refund_fee = COALESCE(u.settle, j.settlement_refund_fee),
@@ -277,6 +285,13 @@ pub async fn record_outcomes(
              FROM (SELECT order_no, sum(job_fee)::bigint AS amount FROM done
                    WHERE to_state = 'failed' GROUP BY order_no) f
              WHERE o.order_no = f.order_no
+         ), sq AS (
+             -- An accepted job waits for the provider's end; the query schedule is its clock.
+             INSERT INTO status_queries (refund_no, provider, merchant, next_at)
+             SELECT refund_no, provider, merchant, now() + retry_ms * interval '1 millisecond'
+             FROM done WHERE to_state = 'accepted'
+             ON CONFLICT (refund_no) DO UPDATE
+                 SET since = now(), next_at = EXCLUDED.next_at, queries = 0, lease_until = NULL
          ), ev AS (
              INSERT INTO outbox (routing_key, refund_no, payload)
              SELECT event_key, refund_no, payload::jsonb FROM done WHERE event_key IS NOT NULL

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::provider::CodeClass;
 
+mod finality;
+
+pub use finality::{NotifyConfig, QueryConfig};
+
 /// The environment variable prefix; `REFUNDS__WORKER__PREFETCH=64` sets `worker.prefetch`.
 pub const ENV_PREFIX: &str = "REFUNDS__";
 /// The file read when `--config` is not given, if it exists.
@@ -97,6 +101,7 @@ pub struct Config {
     pub shengpay: ShengpayConfig,
     pub wupay: WupayConfig,
     pub reconciler: ReconcilerConfig,
+    pub notify: NotifyConfig,
 }
 
 impl Default for Config {
@@ -112,6 +117,7 @@ impl Default for Config {
             shengpay: ShengpayConfig::default(),
             wupay: WupayConfig::default(),
             reconciler: ReconcilerConfig::default(),
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -203,6 +209,8 @@ pub struct WorkerConfig {
     pub writers: usize,
     /// How long the outbox relay sleeps when it finds nothing to publish.
     pub outbox_poll_ms: u64,
+    /// The status queries of jobs waiting for the provider's end.
+    pub query: QueryConfig,
 }
 
 impl Default for WorkerConfig {
@@ -224,6 +232,7 @@ impl Default for WorkerConfig {
             write_batch: 128,
             writers: 2,
             outbox_poll_ms: 200,
+            query: QueryConfig::default(),
         }
     }
 }
@@ -332,6 +341,18 @@ pub struct ShengpayMerchant {
     pub notify_url: String,
     #[serde(default = "default_true")]
     pub idempotent: bool,
+    /// The status query's path under `base_url`.
+    #[serde(default = "default_query_path")]
+    pub query_path: String,
+    /// Treat `resultCode SUCCESS` on the refund call as the refund's end (a product that
+    /// settles synchronously); by default it means accepted, and the end comes by notify or
+    /// status query.
+    #[serde(default)]
+    pub final_on_accept: bool,
+}
+
+fn default_query_path() -> String {
+    "/api/v3/payment/refundquery".to_owned()
 }
 
 fn default_sign_type() -> SignType {
@@ -563,6 +584,8 @@ impl Config {
                 format!("{:?} is not an address like 0.0.0.0:9464", w.metrics_addr),
             ));
         }
+        w.query.validate(self.http.timeout_ms)?;
+        self.notify.validate(&w.metrics_addr)?;
         let r = &w.retry;
         if r.max_attempts < 1 {
             return Err(ConfigError::invalid(
@@ -603,6 +626,12 @@ impl Config {
                 if v.is_empty() {
                     return Err(ConfigError::invalid(key(k), "must not be empty"));
                 }
+            }
+            if !m.query_path.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    key("query_path"),
+                    "must start with / (a path under base_url)",
+                ));
             }
         }
         for (i, m) in self.wupay.merchants.iter().enumerate() {
