@@ -841,6 +841,7 @@ async fn each_rejection_rule_answers_with_its_own_code_and_field() {
             redelivered: false,
         },
         "refused by a trigger",
+        rc::tz(),
     )
     .await
     .unwrap();
