@@ -3,7 +3,8 @@
 //! This module owns what a valid refund request is. Parsing is strict on purpose: an order
 //! system that sends a float, a string for a number, an unknown or duplicated field, or bytes
 //! that are not UTF-8 has a bug we must surface, not guess around, because a guessed amount is
-//! a wrong payment. Every rejection names the field at fault ([`Rejection::field`]).
+//! a wrong payment. Every rejection names the rule it breaks with a stable [`ErrorCode`] (what
+//! order systems branch on, docs/events.md) and the field at fault ([`Rejection::field`]).
 //!
 //! A valid request also has a canonical form ([`RefundRequest::canonical_json`]) and its hash
 //! ([`RefundRequest::content_hash`]): two messages with the same `refund_no` are duplicates when
@@ -115,24 +116,161 @@ pub struct RefundRequest {
     pub wupay: Option<WupayOptions>,
 }
 
-/// Why a message was refused at intake; `field` names the offending field (`"$"` for the
-/// message as a whole).
+/// The `field` of a rejection of the message as a whole (its size, encoding or syntax).
+pub const WHOLE_MESSAGE: &str = "$";
+
+/// The rule a refused message broke: the stable `error_code` of `refund.rejected` and
+/// `request.refused` events and of `rejected_messages`. Order systems branch on these, so a
+/// code is never renamed or reused for another rule; a new rule gets a new code. Each names
+/// one rule, whichever field it is about (the event's `field` says which); docs/events.md
+/// lists them all, and a test keeps that list and [`ErrorCode::ALL`] equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The body is over [`MAX_MESSAGE_BYTES`].
+    TooLarge,
+    /// The body is not UTF-8.
+    InvalidUtf8,
+    /// The body is not one well-formed JSON document (syntax, truncated, trailing data).
+    NotJson,
+    /// A field the contract does not define.
+    UnknownField,
+    /// A key given twice in one object.
+    DuplicateField,
+    /// A required field is absent (`wupay` too, when `provider` is `wupay`).
+    MissingField,
+    /// A value of the wrong JSON type: a float or a string for an integer, `null` for a
+    /// required value, an array for the message.
+    WrongType,
+    /// `version` is not `1`.
+    UnsupportedVersion,
+    /// `refund_no` or `order_no` is not 1–32 characters of `[0-9A-Za-z_-]`.
+    InvalidIdentifier,
+    /// `provider` or `shengpay.refund_account` is not one of its allowed values.
+    UnknownValue,
+    /// A fee outside its range: `total_fee` in 1..=100,000,000,000, `refund_fee` at least 1.
+    InvalidAmount,
+    /// `refund_fee` is above the request's own `total_fee`.
+    OverTotalFee,
+    /// A text over its length limit.
+    TooLong,
+    /// A text with a control character.
+    ControlCharacter,
+    /// `requested_at` is not RFC 3339.
+    InvalidTimestamp,
+    /// No merchant of that name is configured for the provider.
+    UnknownMerchant,
+    /// ShengPay: a signed value contains `&` or `=`.
+    UnsignableValue,
+    /// WuPay: a fee above its service's 32-bit integers.
+    AmountTooLargeForProvider,
+    /// WuPay's HTTP GET/POST bindings: text that ASP.NET request validation refuses.
+    UnsafeForBinding,
+    /// `total_fee` differs from the one earlier refunds of the order were taken with.
+    OrderTotalMismatch,
+    /// With the order's earlier refunds, `refund_fee` would exceed the order's `total_fee`.
+    OverOrderTotal,
+    /// The `refund_no` already has a job, with different content.
+    Conflict,
+    /// The message's effect could not be written for a reason of the database's own.
+    Unstorable,
+}
+
+impl ErrorCode {
+    /// Every code, in the order docs/events.md lists them.
+    pub const ALL: [ErrorCode; 23] = [
+        ErrorCode::TooLarge,
+        ErrorCode::InvalidUtf8,
+        ErrorCode::NotJson,
+        ErrorCode::UnknownField,
+        ErrorCode::DuplicateField,
+        ErrorCode::MissingField,
+        ErrorCode::WrongType,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::InvalidIdentifier,
+        ErrorCode::UnknownValue,
+        ErrorCode::InvalidAmount,
+        ErrorCode::OverTotalFee,
+        ErrorCode::TooLong,
+        ErrorCode::ControlCharacter,
+        ErrorCode::InvalidTimestamp,
+        ErrorCode::UnknownMerchant,
+        ErrorCode::UnsignableValue,
+        ErrorCode::AmountTooLargeForProvider,
+        ErrorCode::UnsafeForBinding,
+        ErrorCode::OrderTotalMismatch,
+        ErrorCode::OverOrderTotal,
+        ErrorCode::Conflict,
+        ErrorCode::Unstorable,
+    ];
+
+    /// The code as events carry it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::TooLarge => "TOO_LARGE",
+            ErrorCode::InvalidUtf8 => "INVALID_UTF8",
+            ErrorCode::NotJson => "NOT_JSON",
+            ErrorCode::UnknownField => "UNKNOWN_FIELD",
+            ErrorCode::DuplicateField => "DUPLICATE_FIELD",
+            ErrorCode::MissingField => "MISSING_FIELD",
+            ErrorCode::WrongType => "WRONG_TYPE",
+            ErrorCode::UnsupportedVersion => "UNSUPPORTED_VERSION",
+            ErrorCode::InvalidIdentifier => "INVALID_IDENTIFIER",
+            ErrorCode::UnknownValue => "UNKNOWN_VALUE",
+            ErrorCode::InvalidAmount => "INVALID_AMOUNT",
+            ErrorCode::OverTotalFee => "OVER_TOTAL_FEE",
+            ErrorCode::TooLong => "TOO_LONG",
+            ErrorCode::ControlCharacter => "CONTROL_CHARACTER",
+            ErrorCode::InvalidTimestamp => "INVALID_TIMESTAMP",
+            ErrorCode::UnknownMerchant => "UNKNOWN_MERCHANT",
+            ErrorCode::UnsignableValue => "UNSIGNABLE_VALUE",
+            ErrorCode::AmountTooLargeForProvider => "AMOUNT_TOO_LARGE_FOR_PROVIDER",
+            ErrorCode::UnsafeForBinding => "UNSAFE_FOR_BINDING",
+            ErrorCode::OrderTotalMismatch => "ORDER_TOTAL_MISMATCH",
+            ErrorCode::OverOrderTotal => "OVER_ORDER_TOTAL",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::Unstorable => "UNSTORABLE",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Why a message was refused at intake: the rule it broke (`code`), the field at fault
+/// (`field`, [`WHOLE_MESSAGE`] for the message as a whole) and a human-readable `reason`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
 #[error("{field}: {reason}")]
 pub struct Rejection {
+    pub code: ErrorCode,
     pub field: String,
     pub reason: String,
 }
 
 impl Rejection {
-    /// A rejection of `field`. Both texts may echo the input (serde names an unknown field or
-    /// variant as it was sent), so control characters are written escaped: the reason is read
-    /// on terminals and stored in PostgreSQL, which cannot hold U+0000.
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    /// A rejection of `field` under the rule `code`. Both texts may echo the input (serde
+    /// names an unknown field or variant as it was sent), so control characters are written
+    /// escaped: the reason is read on terminals and stored in PostgreSQL, which cannot hold
+    /// U+0000.
+    pub fn new(code: ErrorCode, field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
+            code,
             field: escape_controls(field.into()),
             reason: escape_controls(reason.into()),
         }
+    }
+
+    /// The field as events name it: `None` for the message as a whole.
+    pub fn json_field(&self) -> Option<&str> {
+        (self.field != WHOLE_MESSAGE).then_some(self.field.as_str())
     }
 }
 
@@ -156,7 +294,8 @@ fn escape_controls(s: String) -> String {
 pub fn parse_request(body: &[u8]) -> Result<RefundRequest, Rejection> {
     if body.len() > MAX_MESSAGE_BYTES {
         return Err(Rejection::new(
-            "$",
+            ErrorCode::TooLarge,
+            WHOLE_MESSAGE,
             format!(
                 "message is {} bytes, more than the {MAX_MESSAGE_BYTES} allowed",
                 body.len()
@@ -165,20 +304,70 @@ pub fn parse_request(body: &[u8]) -> Result<RefundRequest, Rejection> {
     }
     let text = std::str::from_utf8(body).map_err(|e| {
         Rejection::new(
-            "$",
+            ErrorCode::InvalidUtf8,
+            WHOLE_MESSAGE,
             format!("body is not valid UTF-8 (at byte {})", e.valid_up_to()),
         )
     })?;
+    // serde reads a struct from a JSON array as readily as from an object, so a bare array of
+    // the right values would pass as a request: the message must be an object.
+    if !text.trim_start().starts_with('{') {
+        return Err(not_an_object(text));
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let request: RefundRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let text = json_error_text(e.inner());
-        Rejection::new(field_of(&path, &text), text)
+        let field = field_of(&path, &text);
+        Rejection::new(rule_of(e.inner(), &field, &text), field, text)
     })?;
-    de.end()
-        .map_err(|e| Rejection::new("$", format!("trailing data after the JSON object: {e}")))?;
+    de.end().map_err(|e| {
+        Rejection::new(
+            ErrorCode::NotJson,
+            WHOLE_MESSAGE,
+            format!("trailing data after the JSON object: {e}"),
+        )
+    })?;
     request.validate()?;
     Ok(request)
+}
+
+/// The rejection of a message that does not start as a JSON object: JSON of another type, or
+/// not JSON at all.
+fn not_an_object(text: &str) -> Rejection {
+    match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        Ok(_) => Rejection::new(
+            ErrorCode::WrongType,
+            WHOLE_MESSAGE,
+            "the message must be a JSON object",
+        ),
+        Err(e) => Rejection::new(
+            ErrorCode::NotJson,
+            WHOLE_MESSAGE,
+            format!("not JSON: {}", json_error_text(&e)),
+        ),
+    }
+}
+
+/// The rule a deserialisation error breaks. serde_json sorts its errors into syntax and data;
+/// which data rule it is, only its message says: the wording of serde's default `de::Error`
+/// constructors, which serde_json uses (the code table tests catch a change of it).
+fn rule_of(e: &serde_json::Error, field: &str, text: &str) -> ErrorCode {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ErrorCode::NotJson,
+        Category::Data if text.starts_with("missing field") => ErrorCode::MissingField,
+        Category::Data if text.starts_with("unknown field") => ErrorCode::UnknownField,
+        Category::Data if text.starts_with("duplicate field") => ErrorCode::DuplicateField,
+        Category::Data if text.starts_with("unknown variant") => ErrorCode::UnknownValue,
+        // An integer beyond i64: out of the field's range rather than of the wrong type.
+        Category::Data if text.starts_with("invalid value") => match field {
+            "version" => ErrorCode::UnsupportedVersion,
+            "total_fee" | "refund_fee" => ErrorCode::InvalidAmount,
+            _ => ErrorCode::WrongType,
+        },
+        Category::Data => ErrorCode::WrongType,
+    }
 }
 
 /// The field an error is about: serde reports missing and unknown fields at their parent's
@@ -215,6 +404,7 @@ fn json_error_text(e: &serde_json::Error) -> String {
 fn check_id(field: &str, v: &str) -> Result<(), Rejection> {
     if v.is_empty() || v.len() > 32 {
         return Err(Rejection::new(
+            ErrorCode::InvalidIdentifier,
             field,
             format!("must be 1 to 32 characters, got {}", v.chars().count()),
         ));
@@ -224,6 +414,7 @@ fn check_id(field: &str, v: &str) -> Result<(), Rejection> {
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
     {
         return Err(Rejection::new(
+            ErrorCode::InvalidIdentifier,
             field,
             format!("character {c:?} is not allowed (only 0-9, A-Z, a-z, _ and -)"),
         ));
@@ -235,12 +426,17 @@ fn check_text(field: &str, v: &str, max_chars: usize) -> Result<(), Rejection> {
     let n = v.chars().count();
     if n > max_chars {
         return Err(Rejection::new(
+            ErrorCode::TooLong,
             field,
             format!("at most {max_chars} characters allowed, got {n}"),
         ));
     }
     if v.chars().any(char::is_control) {
-        return Err(Rejection::new(field, "control characters are not allowed"));
+        return Err(Rejection::new(
+            ErrorCode::ControlCharacter,
+            field,
+            "control characters are not allowed",
+        ));
     }
     Ok(())
 }
@@ -250,18 +446,25 @@ impl RefundRequest {
     pub fn validate(&self) -> Result<(), Rejection> {
         if self.version != 1 {
             return Err(Rejection::new(
+                ErrorCode::UnsupportedVersion,
                 "version",
                 format!("unsupported version {}, expected 1", self.version),
             ));
         }
         check_id("refund_no", &self.refund_no)?;
         check_id("order_no", &self.order_no)?;
+        // No merchant is configured under the empty name: the rule it breaks is that one.
         if self.merchant.is_empty() {
-            return Err(Rejection::new("merchant", "must not be empty"));
+            return Err(Rejection::new(
+                ErrorCode::UnknownMerchant,
+                "merchant",
+                "must not be empty",
+            ));
         }
         check_text("merchant", &self.merchant, 64)?;
         if self.total_fee < 1 || self.total_fee > MAX_TOTAL_FEE {
             return Err(Rejection::new(
+                ErrorCode::InvalidAmount,
                 "total_fee",
                 format!(
                     "must be between 1 and {MAX_TOTAL_FEE} fen, got {}",
@@ -271,12 +474,14 @@ impl RefundRequest {
         }
         if self.refund_fee < 1 {
             return Err(Rejection::new(
+                ErrorCode::InvalidAmount,
                 "refund_fee",
                 format!("must be at least 1 fen, got {}", self.refund_fee),
             ));
         }
         if self.refund_fee > self.total_fee {
             return Err(Rejection::new(
+                ErrorCode::OverTotalFee,
                 "refund_fee",
                 format!("{} exceeds total_fee {}", self.refund_fee, self.total_fee),
             ));
@@ -286,12 +491,20 @@ impl RefundRequest {
         }
         if let Some(at) = &self.requested_at {
             chrono::DateTime::parse_from_rfc3339(at).map_err(|e| {
-                Rejection::new("requested_at", format!("not an RFC 3339 timestamp: {e}"))
+                Rejection::new(
+                    ErrorCode::InvalidTimestamp,
+                    "requested_at",
+                    format!("not an RFC 3339 timestamp: {e}"),
+                )
             })?;
         }
         match (self.provider, &self.wupay) {
             (ProviderKind::Wupay, None) => {
-                return Err(Rejection::new("wupay", "required when provider is wupay"));
+                return Err(Rejection::new(
+                    ErrorCode::MissingField,
+                    "wupay",
+                    "required when provider is wupay",
+                ));
             }
             (_, Some(w)) => {
                 for (name, v) in [
@@ -330,14 +543,84 @@ impl RefundRequest {
 /// tied to the refund it was meant to be (and an event can name it). Never trusted for anything
 /// else.
 pub fn sniff_refund_no(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Sniff {
-        refund_no: Option<serde_json::Value>,
+    read_what_parses(body).refund_no
+}
+
+/// What could be read of a refused message's identifying fields, for its answer: each field
+/// that is there once, of its type and within its own rule (an identifier that breaks its rule
+/// is not echoed: it could be anything, of any length). Nothing is read from a body that is
+/// not UTF-8 or not one JSON object; a field given twice is not read (which of the two would
+/// it be?).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readable {
+    pub refund_no: Option<String>,
+    pub order_no: Option<String>,
+    pub provider: Option<ProviderKind>,
+    pub merchant: Option<String>,
+    pub refund_fee: Option<i64>,
+}
+
+/// A JSON object's top-level entries as they came, repeated keys kept (a map would keep one of
+/// them silently).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Entries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = m.next_entry::<String, serde_json::Value>()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V)
     }
-    let s: Sniff = serde_json::from_slice(body).ok()?;
-    match s.refund_no? {
-        serde_json::Value::String(s) if check_id("refund_no", &s).is_ok() => Some(s),
+}
+
+/// Reads what it can of a message that may not be valid; see [`Readable`].
+pub fn read_what_parses(body: &[u8]) -> Readable {
+    use serde_json::Value;
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Readable::default();
+    };
+    let Ok(Entries(entries)) = serde_json::from_str::<Entries>(text) else {
+        return Readable::default();
+    };
+    let once = |key: &str| {
+        let mut hits = entries.iter().filter(|(k, _)| k == key).map(|(_, v)| v);
+        match (hits.next(), hits.next()) {
+            (Some(v), None) => Some(v),
+            _ => None,
+        }
+    };
+    let id = |field: &str| match once(field) {
+        Some(Value::String(s)) if check_id(field, s).is_ok() => Some(s.clone()),
         _ => None,
+    };
+    Readable {
+        refund_no: id("refund_no"),
+        order_no: id("order_no"),
+        provider: match once("provider") {
+            Some(Value::String(p)) => p.parse().ok(),
+            _ => None,
+        },
+        merchant: match once("merchant") {
+            Some(Value::String(m)) if !m.is_empty() && check_text("merchant", m, 64).is_ok() => {
+                Some(m.clone())
+            }
+            _ => None,
+        },
+        refund_fee: once("refund_fee").and_then(Value::as_i64),
     }
 }
 
@@ -466,6 +749,214 @@ mod tests {
             let r = reject(&body);
             assert_eq!(r.field, field, "{} -> {r}", String::from_utf8_lossy(&body));
         }
+    }
+
+    #[test]
+    fn every_rejection_names_the_rule_it_breaks() {
+        use ErrorCode::*;
+        let wupay = |f: &dyn Fn(&mut serde_json::Value)| {
+            with(|v| {
+                v["provider"] = "wupay".into();
+                v["wupay"] = serde_json::json!({"pay_nd":"P","auth_type":"1","rec_organ":"S","rec_device":"T","rec_man":"m"});
+                f(v);
+            })
+        };
+        let mut trailing = serde_json::to_vec(&valid()).unwrap();
+        trailing.extend_from_slice(b" {}");
+        let cases: Vec<(Vec<u8>, ErrorCode, &str)> = vec![
+            (
+                with(|v| v["reason"] = "x".repeat(70 * 1024).into()),
+                TooLarge,
+                "$",
+            ),
+            (b"{\"reason\":\"\xff\"}".to_vec(), InvalidUtf8, "$"),
+            (b"not json".to_vec(), NotJson, "$"),
+            (b"".to_vec(), NotJson, "$"),
+            (b"{\"version\":1,".to_vec(), NotJson, "$"),
+            (trailing, NotJson, "$"),
+            (b"[]".to_vec(), WrongType, "$"),
+            (b" null".to_vec(), WrongType, "$"),
+            (
+                br#"[1,"R1","O1","shengpay","m",10,1,null,null,null,null]"#.to_vec(),
+                WrongType,
+                "$",
+            ),
+            (with(|v| v["colour"] = "red".into()), UnknownField, "colour"),
+            (
+                br#"{"version":1,"version":1,"refund_no":"R1"}"#.to_vec(),
+                DuplicateField,
+                "version",
+            ),
+            (
+                with(|v| {
+                    v.as_object_mut().unwrap().remove("order_no");
+                }),
+                MissingField,
+                "order_no",
+            ),
+            (
+                with(|v| v["provider"] = "wupay".into()),
+                MissingField,
+                "wupay",
+            ),
+            (
+                with(|v| v["refund_fee"] = 1.5.into()),
+                WrongType,
+                "refund_fee",
+            ),
+            (with(|v| v["version"] = "1".into()), WrongType, "version"),
+            (with(|v| v["reason"] = 7.into()), WrongType, "reason"),
+            (
+                with(|v| v["version"] = 2.into()),
+                UnsupportedVersion,
+                "version",
+            ),
+            (
+                with(|v| v["version"] = u64::MAX.into()),
+                UnsupportedVersion,
+                "version",
+            ),
+            (
+                with(|v| v["order_no"] = "O/1".into()),
+                InvalidIdentifier,
+                "order_no",
+            ),
+            (
+                with(|v| v["refund_no"] = "".into()),
+                InvalidIdentifier,
+                "refund_no",
+            ),
+            (
+                with(|v| v["provider"] = "paypal".into()),
+                UnknownValue,
+                "provider",
+            ),
+            (
+                with(|v| v["shengpay"]["refund_account"] = "OTHER".into()),
+                UnknownValue,
+                "shengpay.refund_account",
+            ),
+            (
+                with(|v| v["total_fee"] = 0.into()),
+                InvalidAmount,
+                "total_fee",
+            ),
+            (
+                with(|v| v["refund_fee"] = (-5).into()),
+                InvalidAmount,
+                "refund_fee",
+            ),
+            (
+                with(|v| v["refund_fee"] = u64::MAX.into()),
+                InvalidAmount,
+                "refund_fee",
+            ),
+            (
+                with(|v| v["refund_fee"] = 1001.into()),
+                OverTotalFee,
+                "refund_fee",
+            ),
+            (
+                with(|v| v["merchant"] = "m".repeat(65).into()),
+                TooLong,
+                "merchant",
+            ),
+            (
+                wupay(&|v| v["wupay"]["auth_type"] = "1".repeat(65).into()),
+                TooLong,
+                "wupay.auth_type",
+            ),
+            (
+                with(|v| v["reason"] = "a\tb".into()),
+                ControlCharacter,
+                "reason",
+            ),
+            (
+                with(|v| v["requested_at"] = "2026-11-21".into()),
+                InvalidTimestamp,
+                "requested_at",
+            ),
+            (
+                with(|v| v["merchant"] = "".into()),
+                UnknownMerchant,
+                "merchant",
+            ),
+        ];
+        for (body, code, field) in cases {
+            let r = reject(&body);
+            assert_eq!(
+                (r.code, r.field.as_str()),
+                (code, field),
+                "{} -> {r}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            );
+        }
+    }
+
+    #[test]
+    fn error_codes_are_distinct_and_written_as_upper_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            let s = code.as_str();
+            assert!(seen.insert(s), "{s} twice");
+            assert!(
+                s.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
+                "{s}"
+            );
+            assert_eq!(serde_json::to_value(code).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn docs_events_md_lists_every_error_code_and_no_other() {
+        let doc = include_str!("../../docs/events.md");
+        // The table between the markers: rows of the form "| `CODE` | ...".
+        let table = doc
+            .split_once("<!-- error-codes -->")
+            .and_then(|(_, rest)| rest.split_once("<!-- /error-codes -->"))
+            .map(|(table, _)| table)
+            .expect("docs/events.md marks its table of codes");
+        let documented: Vec<&str> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(documented, codes, "docs/events.md's table, in this order");
+    }
+
+    #[test]
+    fn what_parses_of_an_invalid_message_is_read_and_nothing_else() {
+        let r = read_what_parses(&with(|v| {
+            v["refund_fee"] = 7.into();
+            v["order_no"] = "not an id".into();
+            v["provider"] = "paypal".into();
+            v["colour"] = "red".into();
+        }));
+        assert_eq!(
+            r,
+            Readable {
+                refund_no: Some("R2026112100000001".into()),
+                order_no: None,
+                provider: None,
+                merchant: Some("93751497".into()),
+                refund_fee: Some(7),
+            }
+        );
+        assert_eq!(read_what_parses(b"[1]"), Readable::default());
+        assert_eq!(
+            read_what_parses(b"{\"refund_no\":\"R1\",\"reason\":\"\xff\"}"),
+            Readable::default()
+        );
+        let dup = br#"{"refund_no":"R1","refund_no":"R2","merchant":"m"}"#;
+        assert_eq!(
+            read_what_parses(dup),
+            Readable {
+                merchant: Some("m".into()),
+                ..Readable::default()
+            }
+        );
     }
 
     #[test]

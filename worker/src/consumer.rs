@@ -197,7 +197,7 @@ async fn store_unstorable(
     tracing::error!(error = %error, bytes = d.data.len(), "a message could not be taken in; storing it as unstorable and dead-lettering it");
     let stored = retry_transient(ctx, || async {
         let mut tx = ctx.pool.begin().await?;
-        let r = intake::store_unstorable(&mut tx, &msg, &error.to_string()).await?;
+        let r = intake::store_unstorable(&mut tx, &msg, &error.to_string(), ctx.tz).await?;
         tx.commit().await?;
         Ok(r)
     })

@@ -2,8 +2,9 @@
 //!
 //! Events are locked in Postgres (`FOR UPDATE SKIP LOCKED`, so several workers share the work),
 //! published, and deleted only after the broker confirmed them, in the same transaction. A
-//! crash or broker outage between publish and delete republishes them later: consumers dedupe
-//! on `refund_no` + `event`. On shutdown the relay drains what is left before stopping.
+//! crash or broker outage between publish and delete republishes them later, as stored, so a
+//! copy carries the same `event_id`, which consumers dedupe on (docs/events.md). On shutdown
+//! the relay drains what is left before stopping.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -232,6 +232,7 @@ impl Registry {
     pub fn admit(&self, request: &RefundRequest) -> Result<Admission, crate::job::Rejection> {
         let Some(client) = self.get(request.provider, &request.merchant) else {
             return Err(crate::job::Rejection::new(
+                crate::job::ErrorCode::UnknownMerchant,
                 "merchant",
                 format!(
                     "merchant {:?} is not configured for provider {}",

@@ -5,14 +5,24 @@
 //! unknown merchant, over the order's total: stored with its raw bytes). The caller runs this
 //! inside a transaction and acks the message only after that transaction commits, so a crash at
 //! any point either leaves no trace (the message is redelivered) or a complete one.
+//!
+//! Every message that does not create a job is answered, in the same transaction, with an
+//! event carrying its [`ErrorCode`](crate::job::ErrorCode) (docs/events.md): `refund.rejected`
+//! when it names a well-formed `refund_no` that no job has (that refund stands rejected), and
+//! `request.refused` otherwise — a conflict, a body with no readable `refund_no`, a malformed
+//! copy of a live job's request — so that no answer can be read as the state of an existing
+//! job. A new job and a duplicate are answered by the job's own events.
 
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, Row};
 
 use super::StoreError;
 use super::text::{bounded, storable, storable_opt};
-use crate::events::{EventKind, OutcomeEvent, format_time};
-use crate::job::{RefundRequest, Rejection, content_hash_of, parse_request, sniff_refund_no};
+use crate::events::{EventKind, OutcomeEvent};
+use crate::job::{
+    ErrorCode, RefundRequest, Rejection, WHOLE_MESSAGE, content_hash_of, parse_request,
+    read_what_parses,
+};
 use crate::provider::Admission;
 use crate::state::State;
 
@@ -77,19 +87,17 @@ pub async fn take(
 ) -> Result<IntakeResult, StoreError> {
     let request = match parse_request(msg.body) {
         Ok(r) => r,
-        Err(rejection) => return reject(conn, msg, rejection, sniff_refund_no(msg.body), tz).await,
+        Err(rejection) => return reject(conn, msg, rejection, tz).await,
     };
     let admission = match admit(&request) {
         Ok(a) => a,
-        Err(rejection) => {
-            return reject(conn, msg, rejection, Some(request.refund_no.clone()), tz).await;
-        }
+        Err(rejection) => return reject(conn, msg, rejection, tz).await,
     };
     let hash = request.content_hash();
     if insert_job(conn, &request, &hash, admission).await? {
         if let Some(rejection) = reserve_order_amount(conn, &request).await? {
             delete_new_job(conn, &request.refund_no).await?;
-            return reject(conn, msg, rejection, Some(request.refund_no.clone()), tz).await;
+            return reject(conn, msg, rejection, tz).await;
         }
         insert_intake_history(conn, &request.refund_no).await?;
         return Ok(IntakeResult::Created {
@@ -107,14 +115,19 @@ pub async fn take(
         "refund_no {} already exists (state {state}) with different content",
         request.refund_no
     );
-    store_rejection(
-        conn,
-        msg,
-        "conflict",
-        Some(&request.refund_no),
-        &Rejection::new("refund_no", reason),
-    )
-    .await?;
+    let rejection = Rejection::new(ErrorCode::Conflict, "refund_no", reason);
+    let first =
+        store_rejection(conn, msg, "conflict", Some(&request.refund_no), &rejection).await?;
+    // Never `refund.rejected`: that would say the live job of this refund_no was rejected.
+    if answers(first, msg) {
+        let event = OutcomeEvent::refusal(
+            EventKind::Refused,
+            &read_what_parses(msg.body),
+            &rejection,
+            tz,
+        );
+        super::outbox::insert(conn, &event).await?;
+    }
     Ok(IntakeResult::Conflict {
         refund_no: request.refund_no,
     })
@@ -283,42 +296,37 @@ async fn insert_new_jobs(
     Ok(Some(created))
 }
 
+/// Stores a rejected message and answers it: `refund.rejected` when it names a `refund_no`
+/// that no job has, else `request.refused` (a malformed copy of a valid request must not
+/// announce that the live refund was rejected).
 async fn reject(
     conn: &mut PgConnection,
     msg: &Incoming<'_>,
     rejection: Rejection,
-    refund_no: Option<String>,
     tz: chrono_tz::Tz,
 ) -> Result<IntakeResult, StoreError> {
+    let read = read_what_parses(msg.body);
+    let refund_no = read.refund_no.clone();
     let first = store_rejection(conn, msg, "rejected", refund_no.as_deref(), &rejection).await?;
-    // Tell the order system, unless the refund_no belongs to a real job (a malformed copy of a
-    // valid request must not announce that the refund was rejected).
-    if let Some(no) = &refund_no
-        && first
-        && !job_exists(conn, no).await?
-    {
-        let event = OutcomeEvent {
-            version: 1,
-            event: EventKind::Rejected,
-            refund_no: no.clone(),
-            order_no: None,
-            provider: None,
-            merchant: None,
-            state: State::Rejected,
-            refund_fee: None,
-            settlement_refund_fee: None,
-            provider_refund_id: None,
-            error_code: Some(format!("INVALID_{}", rejection.field.to_uppercase())),
-            error_message: Some(rejection.to_string()),
-            attempts: 0,
-            occurred_at: format_time(chrono::Utc::now(), tz),
+    if answers(first, msg) {
+        let kind = match &refund_no {
+            Some(no) if !job_exists(conn, no).await? => EventKind::Rejected,
+            _ => EventKind::Refused,
         };
+        let event = OutcomeEvent::refusal(kind, &read, &rejection, tz);
         super::outbox::insert(conn, &event).await?;
     }
     Ok(IntakeResult::Rejected {
         rejection,
         refund_no,
     })
+}
+
+/// Whether a stored refused message is answered now: the first time its bytes are seen, and
+/// each time they are published again, but not when the broker redelivers a message whose
+/// transaction (and answer) had committed before its ack was lost.
+fn answers(first_seen: bool, msg: &Incoming<'_>) -> bool {
+    first_seen || !msg.redelivered
 }
 
 /// Inserts a new job in `received`; false if the `refund_no` exists.
@@ -380,6 +388,7 @@ async fn reserve_order_amount(
     let committed: i64 = row.try_get("committed_fee")?;
     Ok(Some(if total != r.total_fee {
         Rejection::new(
+            ErrorCode::OrderTotalMismatch,
             "total_fee",
             format!(
                 "{} differs from total_fee {total} of earlier refunds of order {}",
@@ -388,6 +397,7 @@ async fn reserve_order_amount(
         )
     } else {
         Rejection::new(
+            ErrorCode::OverOrderTotal,
             "refund_fee",
             format!(
                 "{} would take refunds of order {} to {} fen, over its total_fee {total} \
@@ -447,9 +457,10 @@ async fn job_exists(conn: &mut PgConnection, refund_no: &str) -> Result<bool, St
 }
 
 /// Stores a rejected or conflicting message with its raw bytes (the first
-/// [`MAX_STORED_BODY`] of them, and the SHA-256 and length of all) and every text escaped as
-/// PostgreSQL can store it; true the first time these bytes are seen. A redelivery updates `last_seen_at` only; a new publish of identical bytes
-/// also counts an occurrence.
+/// [`MAX_STORED_BODY`] of them, and the SHA-256 and length of all), its error code, and every
+/// text escaped as PostgreSQL can store it; true the first time these bytes are seen. A
+/// redelivery updates `last_seen_at` only; a new publish of identical bytes also counts an
+/// occurrence.
 async fn store_rejection(
     conn: &mut PgConnection,
     msg: &Incoming<'_>,
@@ -461,8 +472,8 @@ async fn store_rejection(
     let (body, _) = bounded(msg.body, MAX_STORED_BODY);
     let row = sqlx::query(
         "INSERT INTO rejected_messages (kind, refund_no, field, reason, body, body_sha256,
-             message_id, body_bytes)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $9)
+             message_id, body_bytes, error_code)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10)
          ON CONFLICT (body_sha256) DO UPDATE
              SET last_seen_at = now(),
                  occurrences = rejected_messages.occurrences + CASE WHEN $8 THEN 0 ELSE 1 END
@@ -477,6 +488,7 @@ async fn store_rejection(
     .bind(storable_opt(msg.message_id))
     .bind(msg.redelivered)
     .bind(i64::try_from(msg.body.len()).unwrap_or(i64::MAX))
+    .bind(rejection.code.as_str())
     .fetch_one(&mut *conn)
     .await?;
     Ok(row.try_get("inserted")?)
@@ -484,15 +496,23 @@ async fn store_rejection(
 
 /// Stores a message whose effect could not be written (for a reason that is not the
 /// connection's) as a rejection of the whole message, with the error as its reason, so that it
-/// is dead-lettered and the messages after it go on.
+/// is dead-lettered and the messages after it go on; it is answered with `request.refused`
+/// (whether its refund was taken in cannot be known from here).
 pub async fn store_unstorable(
     conn: &mut PgConnection,
     msg: &Incoming<'_>,
     error: &str,
+    tz: chrono_tz::Tz,
 ) -> Result<IntakeResult, StoreError> {
+    let read = read_what_parses(msg.body);
     let result = unstorable_result(error);
     if let IntakeResult::Rejected { rejection, .. } = &result {
-        store_rejection(conn, msg, "rejected", None, rejection).await?;
+        let first =
+            store_rejection(conn, msg, "rejected", read.refund_no.as_deref(), rejection).await?;
+        if answers(first, msg) {
+            let event = OutcomeEvent::refusal(EventKind::Refused, &read, rejection, tz);
+            super::outbox::insert(conn, &event).await?;
+        }
     }
     Ok(result)
 }
@@ -501,7 +521,8 @@ pub async fn store_unstorable(
 pub fn unstorable_result(error: &str) -> IntakeResult {
     IntakeResult::Rejected {
         rejection: Rejection::new(
-            "$",
+            ErrorCode::Unstorable,
+            WHOLE_MESSAGE,
             format!("the message could not be stored as it came: {error}"),
         ),
         refund_no: None,

@@ -1,4 +1,5 @@
-//! The outbox: events written with their transitions, read and removed by the relay.
+//! The outbox: events written with their transitions (and the answers to refused messages),
+//! read and removed by the relay.
 
 use sqlx::{PgConnection, PgPool, Row};
 
@@ -14,12 +15,16 @@ pub struct Pending {
     pub age_ms: i64,
 }
 
-/// Writes an event to the outbox (inside the caller's transaction).
+/// Writes an event to the outbox (inside the caller's transaction). The payload is stored
+/// whole, `event_id` included, and the relay publishes it as stored: a copy sent again after a
+/// crash is the same event.
 pub async fn insert(conn: &mut PgConnection, event: &OutcomeEvent) -> Result<(), StoreError> {
     let payload = serde_json::to_value(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     sqlx::query("INSERT INTO outbox (routing_key, refund_no, payload) VALUES ($1, $2, $3)")
         .bind(event.event.routing_key())
-        .bind(&event.refund_no)
+        // The column is only for finding a refund's events; an answer to a message without a
+        // readable refund_no is kept under '' (the payload says null).
+        .bind(event.refund_no.as_deref().unwrap_or_default())
         .bind(payload)
         .execute(&mut *conn)
         .await?;

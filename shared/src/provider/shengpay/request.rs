@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use super::sign::{is_ambiguous, value_text};
 use crate::config::SignType;
-use crate::job::{RefundRequest, Rejection};
+use crate::job::{ErrorCode, RefundRequest, Rejection};
 
 /// Length of `nonceStr` (the seed's maximum, `String(32)`).
 pub const NONCE_LEN: usize = 32;
@@ -81,6 +81,7 @@ pub fn signable(request: &RefundRequest) -> Result<(), Rejection> {
     for f in from_request(request) {
         if value_text(&f.value).is_some_and(|t| is_ambiguous(&t)) {
             return Err(Rejection::new(
+                ErrorCode::UnsignableValue,
                 f.source,
                 format!(
                     "must not contain `&` or `=`: ShengPay signs `{}` joined raw as k=v&..., \

@@ -10,7 +10,7 @@
 //! [`WupayClient::admit`]: crate::provider::Provider::admit
 
 use crate::config::WupayBinding;
-use crate::job::{RefundRequest, Rejection};
+use crate::job::{ErrorCode, RefundRequest, Rejection};
 
 /// Where ASP.NET request validation would find `value` dangerous, if anywhere: the two
 /// characters at fault. On the HTTP GET and POST bindings every form or query value goes
@@ -52,6 +52,7 @@ pub(super) fn admit_request(
     ] {
         if i32::try_from(fee).is_err() {
             return Err(Rejection::new(
+                ErrorCode::AmountTooLargeForProvider,
                 field,
                 format!(
                     "{fee} fen does not fit WuPay's `{param}`, a 32-bit int in its service (at most {}): its stack would refuse the request before Refund runs",
@@ -64,7 +65,11 @@ pub(super) fn admit_request(
         return Ok(());
     }
     let Some(w) = &request.wupay else {
-        return Err(Rejection::new("wupay", "required when provider is wupay"));
+        return Err(Rejection::new(
+            ErrorCode::MissingField,
+            "wupay",
+            "required when provider is wupay",
+        ));
     };
     let fields = [
         ("refund_no", request.refund_no.as_str()),
@@ -79,6 +84,7 @@ pub(super) fn admit_request(
     for (field, value) in fields {
         if let Some(at) = request_validation_trigger(value) {
             return Err(Rejection::new(
+                ErrorCode::UnsafeForBinding,
                 field,
                 format!(
                     "contains {at:?}, which ASP.NET request validation on WuPay's {} binding refuses (HTTP 500, HttpRequestValidationException) before Refund runs; only the SOAP bindings carry it",

@@ -1,6 +1,8 @@
 //! What operators do to a job by hand: replay a dead job, resolve it after checking with the
 //! provider. Each re-checks the job under its row lock, in the transaction that writes its
-//! audit row, so a refusal is audited too and two operators cannot both act on one job.
+//! audit row, so a refusal is audited too and two operators cannot both act on one job. An
+//! operator's note stays with operators (audit row, history, the job's last message): the
+//! `refund.resolved` event order systems receive never carries it.
 
 use std::time::Duration;
 
@@ -11,7 +13,14 @@ use crate::events::EventKind;
 use crate::state::{Cause, State, Trigger};
 use crate::store::StoreError;
 
-use super::{Change, insert_event, insert_ledger_entry, millis, release_order_amount, transition};
+use super::{
+    Change, Transitioned, insert_event, insert_ledger_entry, millis, release_order_amount,
+    transition,
+};
+
+/// The `error_message` of a `refund.resolved` event of a manual resolution (as failed; a
+/// success carries none), in place of the operator's note.
+pub const RESOLVED_BY_OPERATOR: &str = "resolved by an operator after checking with the provider";
 
 /// What an operator action did to one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,7 +348,13 @@ pub async fn resolve(
         Some(s) => insert_ledger_entry(conn, &t, refund_fee, s, "manual", tz).await?,
         None => release_order_amount(conn, &t.order_no, t.refund_fee).await?,
     }
-    insert_event(conn, EventKind::Resolved, &t, tz).await?;
+    // The note is the operator's account for other operators (history, audit, `job show`);
+    // order systems get a fixed text, never it.
+    let public = Transitioned {
+        message: Some(RESOLVED_BY_OPERATOR.to_owned()),
+        ..t
+    };
+    insert_event(conn, EventKind::Resolved, &public, tz).await?;
     crate::store::queries::done(conn, refund_no).await?;
     insert_audit(
         conn,

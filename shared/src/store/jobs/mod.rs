@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::Utc;
 use sqlx::{PgConnection, PgPool, Row};
 
-use crate::events::{EventKind, OutcomeEvent, format_time};
+use crate::events::{EventKind, OutcomeEvent, format_time, new_event_id};
 use crate::state::{self, Cause, State, Trigger};
 use crate::store::StoreError;
 
@@ -231,16 +231,18 @@ pub async fn insert_event(
     super::outbox::insert(conn, &outcome_event(kind, t, tz)).await
 }
 
-/// The outcome event of a transition, as published.
+/// The outcome event of a transition, as published. Its `event_id` is made here, once: the
+/// batched writer stores this payload as it is, and the relay sends what is stored.
 fn outcome_event(kind: EventKind, t: &Transitioned, tz: chrono_tz::Tz) -> OutcomeEvent {
     OutcomeEvent {
         version: 1,
+        event_id: new_event_id(),
         event: kind,
-        refund_no: t.refund_no.clone(),
+        refund_no: Some(t.refund_no.clone()),
         order_no: Some(t.order_no.clone()),
         provider: Some(t.provider.clone()),
         merchant: Some(t.merchant.clone()),
-        state: t.to,
+        state: Some(t.to),
         refund_fee: Some(t.refund_fee),
         settlement_refund_fee: t.settlement_refund_fee.filter(|_| t.to == State::Succeeded),
         provider_refund_id: t
@@ -249,6 +251,9 @@ fn outcome_event(kind: EventKind, t: &Transitioned, tz: chrono_tz::Tz) -> Outcom
             .filter(|_| t.to == State::Succeeded),
         error_code: t.code.clone().filter(|_| t.to != State::Succeeded),
         error_message: t.message.clone().filter(|_| t.to != State::Succeeded),
+        field: None,
+        // The contract gives a cause to `refund.dead` alone, whatever the row still holds.
+        cause: t.cause.clone().filter(|_| t.to == State::Dead),
         attempts: t.attempt,
         occurred_at: format_time(Utc::now(), tz),
     }
