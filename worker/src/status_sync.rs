@@ -68,7 +68,7 @@ async fn round(ctx: &Arc<Ctx>) -> anyhow::Result<usize> {
 
 /// One due query: ask, then hand the answer to its handler.
 async fn query_one(ctx: &Arc<Ctx>, d: DueQuery) -> anyhow::Result<()> {
-    if d.state.is_final() || !matches!(d.state, State::Accepted | State::Dead) {
+    if !matches!(d.state, State::Accepted | State::Dead) {
         // Its end arrived by another way, or an operator sent it again.
         let mut conn = ctx.pool.acquire().await?;
         queries::done(&mut conn, &d.refund_no).await?;

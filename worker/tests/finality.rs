@@ -13,54 +13,13 @@ use shared::provider::status::{QueryOutcome, RefundStatus, StatusReport};
 use shared::state::State;
 use shared::store::ops;
 use sqlx::PgPool;
-use testkit::{self, FakeProvider, request_json};
+use testkit::{self, FakeProvider};
 
 const M: &str = "sp1";
-
-async fn publish(
-    config: &shared::config::Config,
-    refund_no: &str,
-    kind: ProviderKind,
-    merchant: &str,
-) {
-    let v = request_json(
-        refund_no,
-        &format!("O{refund_no}"),
-        kind,
-        merchant,
-        1000,
-        400,
-    );
-    testkit::publish_requests(config, &[serde_json::to_vec(&v).unwrap()])
-        .await
-        .unwrap();
-}
-
-async fn wait_state(pool: &PgPool, refund_no: &str, state: State) {
-    testkit::wait_until(
-        Duration::from_secs(30),
-        &format!("{refund_no} {state}"),
-        || {
-            let pool = pool.clone();
-            let no = refund_no.to_owned();
-            async move { Ok(ops::job_state(&pool, &no).await?.map(|s| s.0) == Some(state)) }
-        },
-    )
-    .await
-    .unwrap();
-}
 
 async fn job(pool: &PgPool, refund_no: &str) -> (String, Option<String>, Option<String>) {
     sqlx::query_as("SELECT state, cause, last_code FROM jobs WHERE refund_no = $1")
         .bind(refund_no)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-async fn committed_fee(pool: &PgPool, order_no: &str) -> i64 {
-    sqlx::query_scalar("SELECT committed_fee FROM orders WHERE order_no = $1")
-        .bind(order_no)
         .fetch_one(pool)
         .await
         .unwrap()
@@ -127,13 +86,17 @@ async fn an_accepted_refund_waits_in_accepted_and_is_booked_only_when_the_provid
         ],
     );
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "F1", ProviderKind::Shengpay, M).await;
-    wait_state(&db.pool, "F1", State::Accepted).await;
+    common::publish(&config, "F1", M, ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "F1", State::Accepted)
+        .await
+        .unwrap();
     assert!(
         ledger(&db.pool, "F1").await.is_empty(),
         "booked before the provider said it paid"
     );
-    wait_state(&db.pool, "F1", State::Succeeded).await;
+    common::wait_state(&db.pool, "F1", State::Succeeded)
+        .await
+        .unwrap();
     assert_eq!(
         ledger(&db.pool, "F1").await,
         vec![(350, chrono::NaiveDate::from_ymd_opt(2026, 11, 22).unwrap())],
@@ -164,12 +127,14 @@ async fn a_closed_refund_fails_with_refund_close_and_gives_the_order_amount_back
     let fake = FakeProvider::asynchronous(ProviderKind::Shengpay, M, true);
     fake.script_queries("F2", vec![status("F2", RefundStatus::Closed)]);
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "F2", ProviderKind::Shengpay, M).await;
-    wait_state(&db.pool, "F2", State::Failed).await;
+    common::publish(&config, "F2", M, ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "F2", State::Failed)
+        .await
+        .unwrap();
     let (_, _, code) = job(&db.pool, "F2").await;
     assert_eq!(code.as_deref(), Some("REFUND_CLOSE"));
     assert_eq!(
-        committed_fee(&db.pool, "OF2").await,
+        common::committed_fee(&db.pool, "OF2").await,
         0,
         "the order amount is free again"
     );
@@ -183,8 +148,10 @@ async fn a_refund_the_provider_could_not_credit_is_dead_refund_abnormal_with_its
     let fake = FakeProvider::asynchronous(ProviderKind::Shengpay, M, true);
     fake.script_queries("F3", vec![status("F3", RefundStatus::Change)]);
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "F3", ProviderKind::Shengpay, M).await;
-    wait_state(&db.pool, "F3", State::Dead).await;
+    common::publish(&config, "F3", M, ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "F3", State::Dead)
+        .await
+        .unwrap();
     let (_, cause, code) = job(&db.pool, "F3").await;
     assert_eq!(
         cause.as_deref(),
@@ -192,7 +159,7 @@ async fn a_refund_the_provider_could_not_credit_is_dead_refund_abnormal_with_its
         "not outcome_unknown: the provider said"
     );
     assert_eq!(code.as_deref(), Some("CHANGE"));
-    assert_eq!(committed_fee(&db.pool, "OF3").await, 400);
+    assert_eq!(common::committed_fee(&db.pool, "OF3").await, 400);
     assert!(ledger(&db.pool, "F3").await.is_empty());
     app.stop().await.unwrap();
 }
@@ -209,8 +176,10 @@ async fn an_accepted_refund_with_no_end_within_the_schedule_goes_dead_refund_abn
             .collect(),
     );
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "F4", ProviderKind::Shengpay, M).await;
-    wait_state(&db.pool, "F4", State::Dead).await;
+    common::publish(&config, "F4", M, ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "F4", State::Dead)
+        .await
+        .unwrap();
     let (_, cause, _) = job(&db.pool, "F4").await;
     assert_eq!(cause.as_deref(), Some("refund_abnormal"));
     let asked = fake.queries().get("F4").copied().unwrap_or(0);
@@ -225,7 +194,7 @@ async fn an_accepted_refund_with_no_end_within_the_schedule_goes_dead_refund_abn
         "not asked after giving up"
     );
     assert_eq!(
-        committed_fee(&db.pool, "OF4").await,
+        common::committed_fee(&db.pool, "OF4").await,
         400,
         "the amount stays held"
     );
@@ -247,8 +216,10 @@ async fn an_outcome_unknown_refund_the_provider_never_received_is_sent_again_wit
     );
     // The first query: no such refund (the fake took nothing); after the resend, it paid.
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "F5", ProviderKind::Shengpay, M).await;
-    wait_state(&db.pool, "F5", State::Succeeded).await;
+    common::publish(&config, "F5", M, ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "F5", State::Succeeded)
+        .await
+        .unwrap();
     assert_eq!(
         fake.calls().get("F5"),
         Some(&2),
@@ -286,8 +257,10 @@ async fn an_outcome_unknown_refund_the_provider_paid_is_booked_from_its_query_wi
     );
     fake.script_queries("F6", vec![success("F6", 400, "2026-11-21T10:00:00+08:00")]);
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "F6", ProviderKind::Shengpay, M).await;
-    wait_state(&db.pool, "F6", State::Succeeded).await;
+    common::publish(&config, "F6", M, ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "F6", State::Succeeded)
+        .await
+        .unwrap();
     assert_eq!(fake.calls().get("F6"), Some(&1));
     assert_eq!(
         history(&db.pool, "F6").await,
@@ -309,8 +282,10 @@ async fn a_merchant_that_settles_on_the_call_is_booked_at_once_and_never_queried
     let (config, db) = fast_queries().await;
     let fake = FakeProvider::new(ProviderKind::Shengpay, M, true);
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "F7", ProviderKind::Shengpay, M).await;
-    wait_state(&db.pool, "F7", State::Succeeded).await;
+    common::publish(&config, "F7", M, ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "F7", State::Succeeded)
+        .await
+        .unwrap();
     assert_eq!(
         history(&db.pool, "F7").await,
         ["received", "in_flight", "succeeded"]
@@ -406,8 +381,10 @@ mod notify {
     async fn a_verified_notify_books_the_refund_once_and_a_repeat_or_a_late_processing_changes_nothing()
      {
         let (config, db, sim, app) = start().await;
-        publish(&config, "N1", ProviderKind::Shengpay, SP).await;
-        wait_state(&db.pool, "N1", State::Accepted).await;
+        common::publish(&config, "N1", SP, ProviderKind::Shengpay).await;
+        common::wait_state(&db.pool, "N1", State::Accepted)
+            .await
+            .unwrap();
         let addr = &config.notify.addr;
         assert_eq!(
             post(addr, &notify_body("N1", "SUCCESS", json!({}))).await,
@@ -459,8 +436,10 @@ mod notify {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_notify_that_is_forged_or_about_another_refund_is_refused_and_changes_nothing() {
         let (config, db, sim, app) = start().await;
-        publish(&config, "N2", ProviderKind::Shengpay, SP).await;
-        wait_state(&db.pool, "N2", State::Accepted).await;
+        common::publish(&config, "N2", SP, ProviderKind::Shengpay).await;
+        common::wait_state(&db.pool, "N2", State::Accepted)
+            .await
+            .unwrap();
         let addr = &config.notify.addr;
         let good = notify_body("N2", "SUCCESS", json!({}));
         let cases: Vec<(&str, String, u16)> = vec![

@@ -37,46 +37,6 @@ fn not_sent() -> Outcome {
     }
 }
 
-async fn publish(
-    config: &shared::config::Config,
-    refund_no: &str,
-    merchant: &str,
-    kind: ProviderKind,
-) {
-    let v = request_json(
-        refund_no,
-        &format!("O{refund_no}"),
-        kind,
-        merchant,
-        1000,
-        400,
-    );
-    testkit::publish_requests(config, &[serde_json::to_vec(&v).unwrap()])
-        .await
-        .unwrap();
-}
-
-async fn wait_state(pool: &PgPool, refund_no: &str, state: State) -> anyhow::Result<()> {
-    testkit::wait_until(
-        Duration::from_secs(30),
-        &format!("{refund_no} {state}"),
-        || {
-            let pool = pool.clone();
-            let no = refund_no.to_owned();
-            async move { Ok(ops::job_state(&pool, &no).await?.map(|s| s.0) == Some(state)) }
-        },
-    )
-    .await
-}
-
-async fn committed_fee(pool: &PgPool, order_no: &str) -> i64 {
-    sqlx::query_scalar("SELECT committed_fee FROM orders WHERE order_no = $1")
-        .bind(order_no)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decline_after_an_attempt_that_may_have_paid_keeps_the_order_amount_and_is_outcome_unknown()
 -> anyhow::Result<()> {
@@ -84,12 +44,12 @@ async fn a_decline_after_an_attempt_that_may_have_paid_keeps_the_order_amount_an
     let fake = FakeProvider::new(ProviderKind::Shengpay, "m1", true);
     fake.script("PO-DECL", vec![maybe_delivered(), declined("NOTENOUGH")]);
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "PO-DECL", "m1", ProviderKind::Shengpay).await;
-    wait_state(&db.pool, "PO-DECL", State::Dead).await?;
+    common::publish(&config, "PO-DECL", "m1", ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "PO-DECL", State::Dead).await?;
     let (_, cause) = ops::job_state(&db.pool, "PO-DECL").await?.unwrap();
     assert_eq!(cause.as_deref(), Some("outcome_unknown"));
     // The first attempt may have paid: the order keeps the amount reserved.
-    assert_eq!(committed_fee(&db.pool, "OPO-DECL").await, 400);
+    assert_eq!(common::committed_fee(&db.pool, "OPO-DECL").await, 400);
     assert_eq!(fake.calls().get("PO-DECL"), Some(&2));
     app.stop().await?;
     Ok(())
@@ -103,8 +63,8 @@ async fn a_job_that_may_have_been_paid_dies_outcome_unknown_even_when_its_last_a
     let fake = FakeProvider::new(ProviderKind::Shengpay, "m1", true);
     fake.script("PO-HIST", vec![maybe_delivered(), not_sent(), not_sent()]);
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "PO-HIST", "m1", ProviderKind::Shengpay).await;
-    wait_state(&db.pool, "PO-HIST", State::Dead).await?;
+    common::publish(&config, "PO-HIST", "m1", ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "PO-HIST", State::Dead).await?;
     let (_, cause) = ops::job_state(&db.pool, "PO-HIST").await?.unwrap();
     assert_eq!(cause.as_deref(), Some("outcome_unknown"));
     app.stop().await?;
@@ -130,7 +90,7 @@ async fn a_request_is_sent_only_while_the_lease_covers_the_whole_http_call() -> 
     .await?;
     // Every database round trip now takes ~0.4 s: a claim (two round trips) takes ~0.8 s.
     proxy.set_mode(Mode::Latency(Duration::from_millis(200)));
-    publish(&config, "PO-LEASE", "m1", ProviderKind::Shengpay).await;
+    common::publish(&config, "PO-LEASE", "m1", ProviderKind::Shengpay).await;
     testkit::wait_until(Duration::from_secs(30), "the claim given back", || {
         let pool = db.pool.clone();
         async move {
@@ -150,7 +110,7 @@ async fn a_request_is_sent_only_while_the_lease_covers_the_whole_http_call() -> 
         "sent with too little lease left"
     );
     proxy.set_mode(Mode::Pass);
-    wait_state(&db.pool, "PO-LEASE", State::Succeeded).await?;
+    common::wait_state(&db.pool, "PO-LEASE", State::Succeeded).await?;
     assert_eq!(fake.calls().get("PO-LEASE"), Some(&1));
     app.stop().await?;
     Ok(())
@@ -382,10 +342,10 @@ async fn answers_with_a_nul_or_bytes_that_are_not_utf8_are_recorded_and_decided_
         }],
     );
     let app = common::spawn_app(&config, vec![fake.clone()]);
-    publish(&config, "PO-NUL", "m1", ProviderKind::Shengpay).await;
-    publish(&config, "PO-BIN", "m1", ProviderKind::Shengpay).await;
-    wait_state(&db.pool, "PO-NUL", State::Failed).await?;
-    wait_state(&db.pool, "PO-BIN", State::Succeeded).await?;
+    common::publish(&config, "PO-NUL", "m1", ProviderKind::Shengpay).await;
+    common::publish(&config, "PO-BIN", "m1", ProviderKind::Shengpay).await;
+    common::wait_state(&db.pool, "PO-NUL", State::Failed).await?;
+    common::wait_state(&db.pool, "PO-BIN", State::Succeeded).await?;
     let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
         "SELECT refund_no, outcome, response FROM provider_attempts ORDER BY refund_no, attempt",
     )

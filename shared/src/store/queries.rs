@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Row};
 
-use super::StoreError;
+use super::{StoreError, millis};
 use crate::job::RefundRequest;
 use crate::state::State;
 
@@ -27,10 +27,6 @@ pub struct DueQuery {
     pub state: State,
     pub cause: Option<String>,
     pub request: RefundRequest,
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Takes up to `limit` due queries for `lease`, skipping rows another worker holds; the job's

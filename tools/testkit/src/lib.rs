@@ -540,6 +540,13 @@ impl FakeProvider {
     }
 }
 
+/// The next scripted answer for `refund_no`, taken off its list.
+fn next_scripted<T>(script: &mut HashMap<String, Vec<T>>, refund_no: &str) -> Option<T> {
+    script
+        .get_mut(refund_no)
+        .and_then(|v| (!v.is_empty()).then(|| v.remove(0)))
+}
+
 #[async_trait]
 impl Provider for FakeProvider {
     fn kind(&self) -> ProviderKind {
@@ -561,11 +568,7 @@ impl Provider for FakeProvider {
         let outcome = match self.state.lock() {
             Ok(mut s) => {
                 *s.queries.entry(r.refund_no.clone()).or_default() += 1;
-                let scripted = s
-                    .query_script
-                    .get_mut(&r.refund_no)
-                    .and_then(|v| (!v.is_empty()).then(|| v.remove(0)));
-                match scripted {
+                match next_scripted(&mut s.query_script, &r.refund_no) {
                     Some(o) => o,
                     None if s.paid.contains_key(&r.refund_no) => {
                         QueryOutcome::Status(StatusReport {
@@ -598,11 +601,7 @@ impl Provider for FakeProvider {
         let outcome = match self.state.lock() {
             Ok(mut s) => {
                 *s.calls.entry(r.refund_no.clone()).or_default() += 1;
-                let scripted = s
-                    .script
-                    .get_mut(&r.refund_no)
-                    .and_then(|v| (!v.is_empty()).then(|| v.remove(0)));
-                match scripted {
+                match next_scripted(&mut s.script, &r.refund_no) {
                     Some(o) => o,
                     None => {
                         s.paid.entry(r.refund_no.clone()).or_insert(r.refund_fee);

@@ -77,13 +77,13 @@ pub fn target(state: State, cause: Option<&str>, status: &RefundStatus) -> Optio
 
 /// The job fields a report is checked against and applied to, read under the row lock.
 #[derive(Debug, Clone)]
-pub struct Locked {
-    pub state: State,
-    pub cause: Option<String>,
+struct Locked {
+    state: State,
+    cause: Option<String>,
 }
 
 /// Locks the job of `refund_no` and reads its state; `None` when there is no such job.
-pub async fn lock(conn: &mut PgConnection, refund_no: &str) -> Result<Option<Locked>, StoreError> {
+async fn lock(conn: &mut PgConnection, refund_no: &str) -> Result<Option<Locked>, StoreError> {
     let Some(r) = sqlx::query("SELECT state, cause FROM jobs WHERE refund_no = $1 FOR UPDATE")
         .bind(refund_no)
         .fetch_optional(&mut *conn)

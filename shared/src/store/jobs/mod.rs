@@ -16,7 +16,7 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use crate::events::{EventKind, OutcomeEvent, format_time, new_event_id};
 use crate::state::{self, Cause, State, Trigger};
-use crate::store::StoreError;
+use crate::store::{StoreError, millis};
 
 mod claim;
 mod finality;
@@ -24,7 +24,7 @@ mod manual;
 mod outcome;
 
 pub use claim::{ClaimToken, Claimed, Claims, Unreadable, claim, claimed_by};
-pub use finality::{Effect, Locked, Source, apply_status, give_up, lock, not_at_provider, target};
+pub use finality::{Effect, Source, apply_status, give_up, not_at_provider, target};
 pub use manual::{Operator, Resolution, Verdict, insert_audit, replay, replay_refusal, resolve};
 pub use outcome::{OutcomeToRecord, Recorded, record_outcome, record_outcomes};
 
@@ -85,10 +85,6 @@ pub struct Transitioned {
     pub message: Option<String>,
     /// Why the job is dead, as written (the history may have changed the cause asked for).
     pub cause: Option<String>,
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Applies one allowed transition with its history row; `None` if the job was not in a source
