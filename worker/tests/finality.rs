@@ -385,6 +385,12 @@ mod notify {
         common::wait_state(&db.pool, "N1", State::Accepted)
             .await
             .unwrap();
+        let before = shared::store::operator::job_detail(&db.pool, "N1")
+            .await
+            .unwrap();
+        let schedule = before.status_query.expect("an accepted job is scheduled");
+        assert!(schedule.next_at.is_some());
+        assert_eq!(schedule.queries, 0);
         let addr = &config.notify.addr;
         assert_eq!(
             post(addr, &notify_body("N1", "SUCCESS", json!({}))).await,
@@ -429,6 +435,16 @@ mod notify {
                 ("REFUND_CLOSE".into(), "no_change".into()),
             ]
         );
+        let after = shared::store::operator::job_detail(&db.pool, "N1")
+            .await
+            .unwrap();
+        assert_eq!(after.notifications.len(), 4);
+        assert!(
+            after.notifications[0]
+                .body
+                .contains("\"outRefundNo\":\"N1\"")
+        );
+        assert_eq!(after.status_query, None, "an ended job leaves the schedule");
         app.stop().await.unwrap();
         sim.shutdown().await;
     }

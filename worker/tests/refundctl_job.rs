@@ -164,6 +164,22 @@ async fn job_show_tells_the_whole_story_calls_history_audit_poison_and_discrepan
     .execute(&db.pool)
     .await?;
 
+    // A notify that came for it, and its place in the status query schedule.
+    sqlx::query(
+        "INSERT INTO provider_notifications (provider, merchant, refund_no, status, body,
+             body_sha256, effect)
+         VALUES ('shengpay', 'm1', 'R1', 'PROCESSING', '{\"refundStatus\":\"PROCESSING\"}',
+                 'abc', 'no_change')",
+    )
+    .execute(&db.pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO status_queries (refund_no, provider, merchant, next_at, queries, last_status)
+         VALUES ('R1', 'shengpay', 'm1', now() + interval '5 minutes', 2, 'PROCESSING')",
+    )
+    .execute(&db.pool)
+    .await?;
+
     let show = |json| ShowArgs {
         refund_no: "R1".into(),
         json,
@@ -187,6 +203,11 @@ async fn job_show_tells_the_whole_story_calls_history_audit_poison_and_discrepan
         "Operator audit (1)",
         "replay replayed  by hana  dead -> received",
         "note: INC-42 provider outage over",
+        "Provider notifies (1)",
+        "PROCESSING  no change (a duplicate, or older than what was known)",
+        "body: {\"refundStatus\":\"PROCESSING\"}",
+        "Status queries (2 sent)",
+        "last status  PROCESSING",
         "Poison messages with this refund_no (1)",
         "conflict",
         "Reconciliation discrepancies (1)",
@@ -209,6 +230,9 @@ async fn job_show_tells_the_whole_story_calls_history_audit_poison_and_discrepan
     assert!(v["attempts"][0]["response"].is_string());
     assert_eq!(v["transitions"].as_array().unwrap().len(), 6);
     assert_eq!(v["audit"][0]["operator"], "hana");
+    assert_eq!(v["notifications"][0]["effect"], "no_change");
+    assert_eq!(v["status_query"]["queries"], 2);
+    assert!(v["status_query"]["next_at"].is_string());
     assert_eq!(v["rejections"][0]["kind"], "conflict");
     assert_eq!(v["discrepancies"]["status"], "found");
     assert_eq!(v["discrepancies"]["rows"][0]["kind"], "missing_in_ledger");

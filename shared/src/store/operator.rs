@@ -311,6 +311,30 @@ pub struct AuditRow {
     pub at: DateTime<Utc>,
 }
 
+/// One verified provider notify, as stored when it arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct NotificationRow {
+    pub id: i64,
+    pub received_at: DateTime<Utc>,
+    pub status: String,
+    /// `applied` (it moved the job) or `no_change` (a duplicate, or older than what we knew).
+    pub effect: String,
+    pub body: String,
+}
+
+/// Where the job stands in the status query schedule (accepted jobs, and jobs whose outcome
+/// is unknown at a provider that can be asked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct StatusQueryRow {
+    pub since: DateTime<Utc>,
+    /// `None`: the schedule is over (given up, or the job ended).
+    pub next_at: Option<DateTime<Utc>>,
+    pub queries: i32,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub last_status: Option<String>,
+    pub last_error: Option<String>,
+}
+
 /// Reconciliation findings about one refund, if reconciliation is installed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -333,6 +357,10 @@ pub struct JobDetail {
     pub attempts: Vec<AttemptRow>,
     pub transitions: Vec<TransitionRow>,
     pub audit: Vec<AuditRow>,
+    /// Verified notifies about this refund, in arrival order.
+    pub notifications: Vec<NotificationRow>,
+    /// The status query schedule, while the job has one.
+    pub status_query: Option<StatusQueryRow>,
     /// Rejected or conflicting messages that carried this `refund_no`.
     pub rejections: Vec<PoisonMessage>,
     pub discrepancies: Discrepancies,
@@ -386,6 +414,22 @@ pub async fn job_detail(pool: &PgPool, refund_no: &str) -> Result<JobDetail, Sto
     .bind(refund_no)
     .fetch_all(&mut *tx)
     .await?;
+    let notifications = sqlx::query_as::<_, NotificationRow>(
+        "SELECT id, received_at, status, effect, body
+         FROM provider_notifications WHERE refund_no = $1 ORDER BY id",
+    )
+    .bind(refund_no)
+    .fetch_all(&mut *tx)
+    .await?;
+    // 'infinity' marks a finished schedule; shown as none.
+    let status_query = sqlx::query_as::<_, StatusQueryRow>(
+        "SELECT since, CASE WHEN isfinite(next_at) THEN next_at END AS next_at, queries,
+                lease_until, last_status, last_error
+         FROM status_queries WHERE refund_no = $1",
+    )
+    .bind(refund_no)
+    .fetch_optional(&mut *tx)
+    .await?;
     let rejections = sqlx::query(
         "SELECT id, kind, refund_no, field, reason, occurrences, message_id, first_seen_at,
                 last_seen_at, body
@@ -405,6 +449,8 @@ pub async fn job_detail(pool: &PgPool, refund_no: &str) -> Result<JobDetail, Sto
         attempts,
         transitions,
         audit,
+        notifications,
+        status_query,
         rejections,
         discrepancies,
     })

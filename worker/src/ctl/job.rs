@@ -2,7 +2,7 @@
 //!
 //! `show` reads everything from one snapshot: the job row, each provider call with what was
 //! sent and received (secrets were redacted when the call was recorded), the full transition
-//! history, the operator audit rows, poison messages that carried the same `refund_no`, and
+//! history, the provider's notifies and the status query schedule, the operator audit rows, poison messages that carried the same `refund_no`, and
 //! reconciliation discrepancies when the reconciler's tables exist.
 //!
 //! `resolve` is for a dead job whose outcome an operator has checked with the provider. It
@@ -20,8 +20,9 @@ use super::{Ctl, OperatorArgs, Out, Status};
 
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
-    /// State, cause, attempts, every provider call, the full transition history, audit rows,
-    /// poison messages and reconciliation discrepancies of one refund.
+    /// State, cause, attempts, every provider call, the full transition history, the
+    /// provider's notifies and status query schedule, audit rows, poison messages and
+    /// reconciliation discrepancies of one refund.
     Show(ShowArgs),
     /// Settle a dead job by hand after checking its outcome with the provider (audited).
     ///
@@ -62,6 +63,55 @@ pub async fn show(ctl: &Ctl, args: &ShowArgs, out: &mut Out) -> anyhow::Result<S
         write_detail(ctl, &detail, out)?;
     }
     Ok(Status::Done)
+}
+
+/// The provider's asynchronous end: the notifies that arrived and the status query schedule.
+fn write_finality(d: &JobDetail, tz: chrono_tz::Tz, out: &mut Out) -> anyhow::Result<()> {
+    writeln!(out)?;
+    writeln!(out, "Provider notifies ({})", d.notifications.len())?;
+    for n in &d.notifications {
+        writeln!(
+            out,
+            "  {}  {}  {}",
+            render::time_ms(n.received_at, tz),
+            n.status,
+            if n.effect == "applied" {
+                "applied"
+            } else {
+                "no change (a duplicate, or older than what was known)"
+            }
+        )?;
+        writeln!(out, "    body: {}", render::cut(&n.body, TEXT_MAX))?;
+    }
+    writeln!(out)?;
+    match &d.status_query {
+        None => writeln!(out, "Status queries: none scheduled")?,
+        Some(q) => {
+            writeln!(out, "Status queries ({} sent)", q.queries)?;
+            let rows = [
+                ("since", render::time(q.since, tz)),
+                (
+                    "next",
+                    q.next_at
+                        .map(|t| render::time(t, tz))
+                        .unwrap_or_else(|| "never (schedule over)".into()),
+                ),
+                (
+                    "lease until",
+                    render::opt(q.lease_until.map(|t| render::time(t, tz))),
+                ),
+                ("last status", render::opt(q.last_status.as_deref())),
+                (
+                    "last error",
+                    render::cut(q.last_error.as_deref().unwrap_or("-"), 200),
+                ),
+            ];
+            for (k, v) in rows {
+                writeln!(out, "  {k:<13}{v}")?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Request and response texts are shown up to this many characters.
@@ -212,6 +262,8 @@ fn write_detail(ctl: &Ctl, d: &JobDetail, out: &mut Out) -> anyhow::Result<()> {
             &[2],
         )?;
     }
+
+    write_finality(d, tz, out)?;
 
     writeln!(out)?;
     writeln!(out, "Operator audit ({})", d.audit.len())?;
