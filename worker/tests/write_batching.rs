@@ -419,3 +419,40 @@ async fn a_batch_taken_in_together_has_the_effect_of_taking_each_message_in_turn
         snapshot(&one_by_one.pool).await
     );
 }
+
+#[tokio::test]
+async fn a_dead_outcome_announces_the_cause_the_job_was_given_not_the_one_asked_for() {
+    let db = testkit::test_db().await.unwrap();
+    let pool = &db.pool;
+    new_job(pool, "WB-D1", "m1").await;
+    let claimed = claim_all(pool, &["WB-D1"]).await;
+    // Since the claim, another worker's fenced answer said this refund may have been paid.
+    sqlx::query("UPDATE jobs SET maybe_paid = true WHERE refund_no = 'WB-D1'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let items = [OutcomeToRecord {
+        claimed: claimed[0].clone(),
+        rec: declined(),
+        decision: Decision::Dead {
+            cause: shared::state::Cause::RetriesExhausted,
+        },
+    }];
+    let refs: Vec<&OutcomeToRecord> = items.iter().collect();
+    jobs::record_outcomes(pool, &refs, "test", tz())
+        .await
+        .unwrap();
+    let (job_cause, event_cause): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT j.cause, o.payload->>'cause' FROM jobs j
+         JOIN outbox o ON o.refund_no = j.refund_no AND o.routing_key = 'refund.dead'
+         WHERE j.refund_no = 'WB-D1'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(job_cause.as_deref(), Some("outcome_unknown"));
+    assert_eq!(
+        event_cause, job_cause,
+        "order systems must hear the cause operators see"
+    );
+}

@@ -293,8 +293,13 @@ pub async fn record_outcomes(
              ON CONFLICT (refund_no) DO UPDATE
                  SET since = now(), next_at = EXCLUDED.next_at, queries = 0, lease_until = NULL
          ), ev AS (
+             -- The event says the cause the row got, which `upd` may have changed.
              INSERT INTO outbox (routing_key, refund_no, payload)
-             SELECT event_key, refund_no, payload::jsonb FROM done WHERE event_key IS NOT NULL
+             SELECT event_key, refund_no,
+                    CASE WHEN to_state = 'dead'
+                         THEN jsonb_set(payload::jsonb, '{cause}', to_jsonb(final_cause))
+                         ELSE payload::jsonb END
+             FROM done WHERE event_key IS NOT NULL
          )
          SELECT refund_no, attempt FROM upd",
     )
