@@ -247,8 +247,8 @@ pub async fn test_config() -> anyhow::Result<(Config, TestDb)> {
     c.database.migrate_on_start = false;
     c.database.max_connections = 8;
     c.worker.metrics_addr = "127.0.0.1:0".into();
-    // Tests run side by side: each listener on a port of its own (a test that posts notifies
-    // sets a known free address).
+    // Tests run side by side: each listener on a port of its own (`point_merchants` gives one
+    // a known free address when a simulator sends it notifies).
     c.notify.addr = "127.0.0.1:0".into();
     c.worker.sweep_interval_ms = 200;
     c.worker.orphan_after_ms = 2_000;
@@ -676,14 +676,20 @@ pub fn local_sim_config(
 }
 
 /// Points `c`'s merchants at a simulator at `base_url` (keys made absolute); `wupay_url` gives
-/// a WuPay merchant's service URL.
+/// a WuPay merchant's service URL. ShengPay's notifies come back to this worker: its notify
+/// listener gets a free port if it has none yet, and every merchant's `notify_url` names it.
 pub fn point_merchants(
     c: &mut Config,
     base_url: &str,
     wupay_url: impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<()> {
+    if c.notify.addr.ends_with(":0") {
+        c.notify.addr = free_addr()?;
+    }
+    let notify_url = format!("http://{}/notify/shengpay", c.notify.addr);
     for m in &mut c.shengpay.merchants {
         m.base_url = base_url.to_owned();
+        m.notify_url = notify_url.clone();
         m.private_key_file = absolutise(&m.private_key_file);
         m.platform_public_key_file = absolutise(&m.platform_public_key_file);
     }
