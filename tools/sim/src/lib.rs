@@ -29,11 +29,12 @@ mod wupay;
 
 use serde::{Deserialize, Serialize};
 
-pub use calls::{CallRecord, Outcome};
-pub use config::{ShengPayMerchant, SimConfig, WuPayMerchant};
-pub use faults::{FaultAction, FaultRule};
+pub use calls::{CallRecord, Outcome, QueryRecord};
+pub use config::{ShengPayMerchant, ShengPaySection, SimConfig, WuPayMerchant};
+pub use faults::{FaultAction, FaultRule, Operation};
 pub use ledger::PaidRefund;
 pub use server::{SimHandle, Simulator};
+pub use shengpay::{NotifyKind, NotifyOutcome, NotifyRecord, RefundStatus, ShengPayRefund};
 
 /// The two simulated providers. Serialised as `shengpay` / `wupay`, the names used in the
 /// request message, the statement CSV and the fault rules.
@@ -84,4 +85,7 @@ pub enum SimError {
     Key { path: String, reason: String },
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// A control request named a refund the simulator does not hold (or cannot act on yet).
+    #[error("not found: {0}")]
+    NotFound(String),
 }

@@ -24,10 +24,13 @@ pub fn key_path(name: &str) -> PathBuf {
 }
 
 /// The dev-key configuration of config/sim.toml, on a free port, without coupons, string
-/// amounts or rules, so each test turns on only what it checks.
+/// amounts or rules, so each test turns on only what it checks. ShengPay refunds end as they
+/// are answered (`processing_ms = 0`), so tests of the money rules see them paid at once;
+/// tests of the asynchronous side set a processing time of their own.
 pub fn config() -> SimConfig {
     let mut config = SimConfig::new(key_path("shengpay_platform_private.pem"));
     config.listen = "127.0.0.1:0".parse().expect("valid address");
+    config.shengpay.processing_ms = 0;
     for (merchant, app_id) in [(MCH_ID, APP_ID), ("10000002", "app-10000002")] {
         config.shengpay.merchants.push(ShengPayMerchant {
             merchant: merchant.into(),
