@@ -220,8 +220,8 @@ async fn the_paid_list_and_statement_show_a_refund_only_once_it_succeeded_dated_
             .collect::<Vec<_>>()
     };
     let paid: Vec<_> = sim.paid().into_iter().map(|p| p.refund_no).collect();
-    assert_eq!(paid, [wu_refund.clone()]);
-    assert_eq!(listed(day1), [wu_refund.clone()]);
+    assert_eq!(paid, std::slice::from_ref(&wu_refund));
+    assert_eq!(listed(day1), std::slice::from_ref(&wu_refund));
 
     // It succeeds at 00:00:00.5 on the 22nd: that is its business date.
     sim.set_now(Some(at("2026-11-21T16:00:00.500Z")));
@@ -234,7 +234,7 @@ async fn the_paid_list_and_statement_show_a_refund_only_once_it_succeeded_dated_
     assert!(paid[1].refunded_at >= at("2026-11-21T16:00:00.500Z"));
     assert!(paid[1].refunded_at < at("2026-11-21T16:00:10Z"));
     assert_eq!(listed(day1), [wu_refund]);
-    assert_eq!(listed(day2), [refund.clone()]);
+    assert_eq!(listed(day2), std::slice::from_ref(&refund));
     let csv = sim
         .statement_csv(day2, Some(Provider::ShengPay), None)
         .expect("CSV");
