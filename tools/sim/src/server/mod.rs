@@ -234,7 +234,7 @@ impl Simulator {
             ledger: Mutex::new(Ledger::new()),
             calls: Mutex::new(CallLog::new(config.call_log_capacity)),
             queries: Mutex::new(QueryLog::new(config.call_log_capacity)),
-            notifier: Notifier::new(&config.shengpay, config.call_log_capacity)?,
+            notifier: Notifier::new(&config.shengpay, config.call_log_capacity, config.seed)?,
             faults: Mutex::new(faults),
             clock: Clock::default(),
             open_connections: AtomicUsize::new(0),

@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 use hyper::StatusCode;
 use rand::Rng;
 use rand::distr::Alphanumeric;
+use rand::rngs::StdRng;
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -255,20 +256,23 @@ pub(crate) struct Responder<'a> {
     echo: Vec<(&'static str, String)>,
 }
 
-/// A fresh nonce and the amount-style choices, from the seeded random source.
-pub(crate) fn random_bits(state: &SimState) -> (String, bool, u32) {
-    let mut faults = lock(&state.faults);
-    let rng = faults.rng();
+/// A fresh nonce and the amount-style choices (whether amounts are strings, and which), from
+/// a seeded random source.
+pub(crate) fn random_bits(rng: &mut StdRng, string_amounts_rate: f64) -> (String, bool, u32) {
     let nonce: String = (0..32)
         .map(|_| char::from(rng.sample(Alphanumeric)))
         .collect();
-    let string_amounts = rng.random_bool(state.settings.string_amounts_rate);
+    let string_amounts = rng.random_bool(string_amounts_rate);
     (nonce, string_amounts, rng.random::<u32>())
 }
 
 impl<'a> Responder<'a> {
     pub(crate) fn new(state: &'a SimState, fired: Option<&Fired>) -> Self {
-        let (nonce, string_amounts, coins) = random_bits(state);
+        // The calls' random source, shared with the rule rates: one seed reproduces a run.
+        let (nonce, string_amounts, coins) = random_bits(
+            lock(&state.faults).rng(),
+            state.settings.string_amounts_rate,
+        );
         Responder {
             state,
             nonce,

@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -104,6 +106,10 @@ pub(crate) struct Notifier {
     retry: Vec<Duration>,
     timeout: Duration,
     log: Mutex<NotifyLog>,
+    /// Nonces and amount styles of notify bodies. Not the calls' source: notifies are signed
+    /// whenever their tasks run, and drawing from the calls' source would make which calls a
+    /// rule with a `rate` fires depend on timing rather than on the seed.
+    rng: Mutex<StdRng>,
 }
 
 struct NotifyLog {
@@ -113,7 +119,11 @@ struct NotifyLog {
 }
 
 impl Notifier {
-    pub(crate) fn new(section: &ShengPaySection, log_capacity: usize) -> Result<Self, SimError> {
+    pub(crate) fn new(
+        section: &ShengPaySection,
+        log_capacity: usize,
+        seed: u64,
+    ) -> Result<Self, SimError> {
         let client = reqwest::Client::builder()
             // Each notify names its own receiver; a redirect would send the signed body to
             // somewhere the refund call never named.
@@ -136,6 +146,8 @@ impl Notifier {
                 capacity: log_capacity.max(1),
                 total: 0,
             }),
+            // Derived from the seed, but a stream of its own ("notify" in ASCII).
+            rng: Mutex::new(StdRng::seed_from_u64(seed ^ 0x6e6f_7469_6679)),
         })
     }
 
@@ -422,7 +434,10 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// The signed JSON of one delivery. Signed over exactly what is written, amounts as strings
 /// or numbers by the same `string_amounts_rate` choice as responses.
 fn body(state: &SimState, t: &Tracked, kind: NotifyKind) -> String {
-    let (nonce, string_amounts, coins) = random_bits(state);
+    let (nonce, string_amounts, coins) = random_bits(
+        &mut lock(&state.notifier.rng),
+        state.settings.string_amounts_rate,
+    );
     let mut b = ResponseBuilder::new(string_amounts, coins);
     let own = (
         t.mch_id.as_str(),
