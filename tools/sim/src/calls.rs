@@ -3,6 +3,9 @@
 //! Tests assert on it ("the worker called exactly twice, the first was reset"), so each record
 //! says both the business outcome and the injected fault, if any. The log is capped at
 //! `call_log_capacity` records (oldest dropped) so a long benchmark cannot exhaust memory.
+//!
+//! ShengPay status queries have a log of their own ([`QueryRecord`]), so that counting the
+//! refund calls of a refund number is not disturbed by how often its status was asked.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -16,7 +19,7 @@ use super::faults::FaultAction;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// Paid by this call.
+    /// Paid (WuPay) or accepted (ShengPay, paid when it ends `SUCCESS`) by this call.
     Paid,
     /// Paid before with the same amounts; the first result was served again.
     Replayed,
@@ -160,5 +163,65 @@ impl CallLog {
             }
         }
         summary
+    }
+}
+
+/// One ShengPay status query as the simulator saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueryRecord {
+    /// Arrival order, from 1, since the last reset.
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    /// Our merchant name; `None` when the query named no known account.
+    pub merchant: Option<String>,
+    pub refund_no: Option<String>,
+    /// What it was told: the `refundStatus` (`PROCESSING`, `SUCCESS`, `REFUND_CLOSE`,
+    /// `CHANGE`), `not_found`, `retry_later`, `rejected` (bad request, signature or account),
+    /// or the transport fault that answered instead (`http500`, `reset`, ...).
+    pub answered: String,
+    /// The error code served, if any.
+    pub code: Option<String>,
+    /// The injected fault, if a rule with an action fired.
+    pub fault: Option<FaultAction>,
+    /// Index of the rule that fired, if any.
+    pub rule: Option<usize>,
+}
+
+pub(crate) struct QueryLog {
+    entries: VecDeque<QueryRecord>,
+    capacity: usize,
+    total: u64,
+}
+
+impl QueryLog {
+    pub(crate) fn new(capacity: usize) -> Self {
+        QueryLog {
+            entries: VecDeque::new(),
+            capacity: capacity.max(1),
+            total: 0,
+        }
+    }
+
+    pub(crate) fn push(&mut self, mut record: QueryRecord) {
+        self.total += 1;
+        record.seq = self.total;
+        if self.entries.len() >= self.capacity {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(record);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.total = 0;
+    }
+
+    /// Every record kept, in order, optionally only those of one refund number.
+    pub(crate) fn records(&self, refund_no: Option<&str>) -> Vec<QueryRecord> {
+        self.entries
+            .iter()
+            .filter(|r| refund_no.is_none_or(|want| r.refund_no.as_deref() == Some(want)))
+            .cloned()
+            .collect()
     }
 }

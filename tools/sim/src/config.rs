@@ -60,11 +60,47 @@ pub struct SimConfig {
     pub rules: Vec<FaultRule>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// ShengPay's accounts and its asynchronous side: how long a refund processes, where the
+/// status query is served and how notifies are delivered.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShengPaySection {
     #[serde(default)]
     pub merchants: Vec<ShengPayMerchant>,
+    /// How long an accepted refund stays `PROCESSING` before it ends; 0 ends it as the refund
+    /// call is answered.
+    #[serde(default = "default_processing_ms")]
+    pub processing_ms: u64,
+    /// Path of the status query, e.g. `/api/v3/payment/refundquery`.
+    #[serde(default = "default_query_path")]
+    pub query_path: String,
+    /// Waits before each notify retry; after the last one, delivery gives up.
+    #[serde(default = "default_notify_retry_ms")]
+    pub notify_retry_ms: Vec<u64>,
+    /// Time limit of one notify delivery attempt.
+    #[serde(default = "default_notify_timeout_ms")]
+    pub notify_timeout_ms: u64,
+    /// Notify deliveries in flight at once (more wait for a slot).
+    #[serde(default = "default_notify_concurrency")]
+    pub notify_concurrency: usize,
+    /// Notifies not yet delivered or given up, beyond which new ones are dropped (recorded as
+    /// `dropped_overflow`), so a receiver that never answers cannot exhaust memory.
+    #[serde(default = "default_notify_max_pending")]
+    pub notify_max_pending: usize,
+}
+
+impl Default for ShengPaySection {
+    fn default() -> Self {
+        ShengPaySection {
+            merchants: Vec::new(),
+            processing_ms: default_processing_ms(),
+            query_path: default_query_path(),
+            notify_retry_ms: default_notify_retry_ms(),
+            notify_timeout_ms: default_notify_timeout_ms(),
+            notify_concurrency: default_notify_concurrency(),
+            notify_max_pending: default_notify_max_pending(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -114,13 +150,36 @@ fn default_max_connections() -> usize {
 fn default_max_body_bytes() -> usize {
     64 * 1024
 }
+fn default_processing_ms() -> u64 {
+    2000
+}
+fn default_query_path() -> String {
+    "/api/v3/payment/refundquery".to_owned()
+}
+fn default_notify_retry_ms() -> Vec<u64> {
+    vec![1000, 2000, 5000, 10_000, 30_000, 60_000]
+}
+fn default_notify_timeout_ms() -> u64 {
+    5000
+}
+fn default_notify_concurrency() -> usize {
+    16
+}
+fn default_notify_max_pending() -> usize {
+    100_000
+}
+/// A day: more than any test or benchmark waits, and keeps deadlines far from overflow.
+const MAX_DELAY_MS: u64 = 86_400_000;
 fn default_call_log_capacity() -> usize {
     // A record is a few hundred bytes: this keeps the log well under 100 MB.
     200_000
 }
 
+/// The ShengPay refund endpoint.
+pub(crate) const SHENGPAY_REFUND_PATH: &str = "/api/v1/payment/refund";
+
 /// Paths the provider APIs may not take because the simulator's own endpoints live there.
-const RESERVED_PREFIXES: [&str; 2] = ["/_sim", "/api/v1/payment/refund"];
+const RESERVED_PREFIXES: [&str; 2] = ["/_sim", SHENGPAY_REFUND_PATH];
 
 impl SimConfig {
     /// A configuration with defaults, no merchants and no rules.
@@ -180,6 +239,7 @@ impl SimConfig {
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes must be at least 1024".into());
         }
+        self.shengpay.validate()?;
         let mut names = HashSet::new();
         let mut accounts = HashSet::new();
         for m in &self.shengpay.merchants {
@@ -212,7 +272,11 @@ impl SimConfig {
                     "wupay path {path:?} must start with '/', not end with '/', and have no query"
                 ));
             }
-            if RESERVED_PREFIXES.iter().any(|p| path.starts_with(p)) {
+            let query_path = self.shengpay.query_path.as_str();
+            if RESERVED_PREFIXES.iter().any(|p| path.starts_with(p))
+                || path == query_path
+                || format!("{path}/Refund") == query_path
+            {
                 return invalid(format!(
                     "wupay path {path:?} collides with a simulator endpoint"
                 ));
@@ -223,7 +287,7 @@ impl SimConfig {
         }
         for (i, rule) in self.rules.iter().enumerate() {
             rule.validate()
-                .map_err(|e| SimError::Invalid(format!("rules[{i}]: {e}")))?;
+                .map_err(|e| SimError::Invalid(format!("{}: {e}", rule.label(i))))?;
         }
         Ok(())
     }
@@ -233,5 +297,42 @@ impl SimConfig {
         self.timezone
             .parse()
             .map_err(|_| SimError::Invalid(format!("unknown timezone {:?}", self.timezone)))
+    }
+}
+
+impl ShengPaySection {
+    fn validate(&self) -> Result<(), SimError> {
+        let invalid = |msg: String| Err(SimError::Invalid(format!("shengpay.{msg}")));
+        let path = self.query_path.as_str();
+        if !path.starts_with('/') || path.len() < 2 || path.contains(['?', '#']) {
+            return invalid(format!(
+                "query_path {path:?} must start with '/' and have no query"
+            ));
+        }
+        if path == SHENGPAY_REFUND_PATH || path == "/_sim" || path.starts_with("/_sim/") {
+            return invalid(format!(
+                "query_path {path:?} collides with the refund endpoint or /_sim"
+            ));
+        }
+        if self.processing_ms > MAX_DELAY_MS {
+            return invalid(format!("processing_ms must be at most {MAX_DELAY_MS}"));
+        }
+        if self.notify_retry_ms.iter().any(|ms| *ms > MAX_DELAY_MS) {
+            return invalid(format!(
+                "notify_retry_ms entries must be at most {MAX_DELAY_MS}"
+            ));
+        }
+        if !(1..=MAX_DELAY_MS).contains(&self.notify_timeout_ms) {
+            return invalid(format!(
+                "notify_timeout_ms must be between 1 and {MAX_DELAY_MS}"
+            ));
+        }
+        if self.notify_concurrency == 0 {
+            return invalid("notify_concurrency must be at least 1".into());
+        }
+        if self.notify_max_pending == 0 {
+            return invalid("notify_max_pending must be at least 1".into());
+        }
+        Ok(())
     }
 }

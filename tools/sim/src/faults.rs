@@ -7,6 +7,12 @@
 //! Rules are checked in order; the first rule that matches *and* fires decides the call (its
 //! latency and its action). A matching rule that does not fire (rate roll lost, `times` used
 //! up) lets the next rules be checked.
+//!
+//! Each rule applies to one [`Operation`]: a refund call, a ShengPay status query, or a
+//! ShengPay notify (matched when the refund ends, independently of the rule that decided the
+//! refund call). The default follows the action, so rules written before queries and notifies
+//! existed keep their meaning; an action that cannot happen in its operation is refused when
+//! the rules are loaded rather than silently never firing.
 
 use std::collections::HashMap;
 
@@ -41,6 +47,25 @@ pub enum FaultAction {
     /// "Try again later" (default code `SYSTEMERROR`): ShengPay `resultCode FAIL`, WuPay SOAP
     /// Server/Receiver fault or HTTP 500; nothing paid.
     RetryLater,
+    /// ShengPay only: the refund call is accepted as usual, but the refund ends `REFUND_CLOSE`
+    /// and its amount is released (the order can be refunded again).
+    RefundClose,
+    /// ShengPay only: the refund call is accepted as usual, but the refund ends `CHANGE` (the
+    /// money left the merchant but did not reach the card); its amount stays taken.
+    Change,
+    /// The refund's notify is never sent.
+    NotifyDrop,
+    /// The first notify delivery waits the rule's `latency_ms`.
+    NotifyDelay,
+    /// The final notify is delivered twice, the second after the first got its answer.
+    NotifyDuplicate,
+    /// A stale `PROCESSING` notify is delivered after the final one.
+    NotifyReorder,
+    /// The first delivery of the final notify has a corrupted `sign`; retries are signed right.
+    NotifyBadSign,
+    /// Before the real notify, one correctly signed by the platform but naming another refund
+    /// number and another `mchId`, as a replayed foreign notify would.
+    NotifyForeign,
 }
 
 impl FaultAction {
@@ -54,6 +79,74 @@ impl FaultAction {
             FaultAction::BadSignature => "bad_signature",
             FaultAction::Decline => "decline",
             FaultAction::RetryLater => "retry_later",
+            FaultAction::RefundClose => "refund_close",
+            FaultAction::Change => "change",
+            FaultAction::NotifyDrop => "notify_drop",
+            FaultAction::NotifyDelay => "notify_delay",
+            FaultAction::NotifyDuplicate => "notify_duplicate",
+            FaultAction::NotifyReorder => "notify_reorder",
+            FaultAction::NotifyBadSign => "notify_bad_sign",
+            FaultAction::NotifyForeign => "notify_foreign",
+        }
+    }
+}
+
+impl FaultAction {
+    /// Whether this action can happen in `operation`.
+    fn fits(self, operation: Operation) -> bool {
+        use FaultAction::*;
+        let transport = matches!(
+            self,
+            Http500 | BinaryBody | Reset | Hang | DropResponse | BadSignature | RetryLater
+        );
+        let notify = matches!(
+            self,
+            NotifyDrop
+                | NotifyDelay
+                | NotifyDuplicate
+                | NotifyReorder
+                | NotifyBadSign
+                | NotifyForeign
+        );
+        match operation {
+            Operation::Refund => !notify,
+            Operation::Query | Operation::Any => transport,
+            Operation::Notify => notify,
+        }
+    }
+
+    /// The operation a rule with this action applies to when it names none.
+    fn default_operation(self) -> Operation {
+        if self.fits(Operation::Notify) {
+            Operation::Notify
+        } else {
+            Operation::Refund
+        }
+    }
+}
+
+/// What a rule applies to. `any` means refund calls and status queries alike (notifies are not
+/// calls to the simulator, so their rules always say `notify`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// A refund call (both providers).
+    Refund,
+    /// A ShengPay status query.
+    Query,
+    /// The notify ShengPay sends when a refund ends.
+    Notify,
+    /// Refund calls and status queries.
+    Any,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Refund => "refund",
+            Operation::Query => "query",
+            Operation::Notify => "notify",
+            Operation::Any => "any",
         }
     }
 }
@@ -95,6 +188,9 @@ pub struct FaultRule {
     /// Error message for `decline` and `retry_later`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What the rule applies to; default `notify` for `notify_*` actions, else `refund`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
 }
 
 impl FaultRule {
@@ -159,6 +255,27 @@ impl FaultRule {
         self
     }
 
+    pub fn operation(mut self, operation: Operation) -> Self {
+        self.operation = Some(operation);
+        self
+    }
+
+    /// The operation the rule applies to, its default filled in.
+    pub fn effective_operation(&self) -> Operation {
+        self.operation.unwrap_or_else(|| {
+            self.action
+                .map_or(Operation::Refund, FaultAction::default_operation)
+        })
+    }
+
+    /// `rules[i]`, with the rule's name when it has one: how errors name a rule.
+    pub(crate) fn label(&self, index: usize) -> String {
+        match &self.name {
+            Some(name) => format!("rules[{index}] ({name:?})"),
+            None => format!("rules[{index}]"),
+        }
+    }
+
     /// Checks the rule; the error names what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         self.compile().map(|_| ())
@@ -205,7 +322,42 @@ impl FaultRule {
         if self.action.is_none() && self.latency_ms.is_none() {
             return Err("a rule needs an action, a latency_ms, or both".into());
         }
+        let operation = self.effective_operation();
+        match self.action {
+            Some(action) if !action.fits(operation) => {
+                return Err(format!(
+                    "action {} does not apply to operation {}",
+                    action.as_str(),
+                    operation.as_str()
+                ));
+            }
+            None if operation == Operation::Notify => {
+                return Err("a notify rule needs a notify_* action".into());
+            }
+            _ => {}
+        }
+        if operation == Operation::Notify
+            && self.latency_ms.is_some()
+            && self.action != Some(FaultAction::NotifyDelay)
+        {
+            return Err("latency_ms on a notify rule applies only to notify_delay".into());
+        }
+        if self.action == Some(FaultAction::NotifyDelay) && self.latency_ms.is_none() {
+            return Err("notify_delay needs latency_ms (how long the first delivery waits)".into());
+        }
+        let shengpay_only = matches!(operation, Operation::Query | Operation::Notify)
+            || matches!(
+                self.action,
+                Some(FaultAction::RefundClose | FaultAction::Change)
+            );
+        if shengpay_only && self.provider == Some(Provider::WuPay) {
+            return Err(
+                "wupay is synchronous: it has no status query, notify, refund_close or change"
+                    .into(),
+            );
+        }
         Ok(CompiledRule {
+            operation,
             rule: self.clone(),
             order_no: regex("order_no", &self.order_no)?,
             refund_no: regex("refund_no", &self.refund_no)?,
@@ -215,6 +367,7 @@ impl FaultRule {
 }
 
 struct CompiledRule {
+    operation: Operation,
     rule: FaultRule,
     order_no: Option<Regex>,
     refund_no: Option<Regex>,
@@ -224,7 +377,10 @@ struct CompiledRule {
 impl CompiledRule {
     fn matches(&self, call: &CallKey<'_>) -> bool {
         let rule = &self.rule;
-        rule.provider.is_none_or(|p| p == call.provider)
+        let operation = self.operation == call.operation
+            || (self.operation == Operation::Any && call.operation != Operation::Notify);
+        operation
+            && rule.provider.is_none_or(|p| p == call.provider)
             && rule
                 .merchant
                 .as_deref()
@@ -240,9 +396,11 @@ impl CompiledRule {
     }
 }
 
-/// What identifies a call for rule matching.
+/// What identifies a call (or a notify) for rule matching.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CallKey<'a> {
+    /// Never [`Operation::Any`]: a call is one thing.
+    pub operation: Operation,
     pub provider: Provider,
     pub merchant: Option<&'a str>,
     pub refund_no: Option<&'a str>,
@@ -284,7 +442,7 @@ impl FaultEngine {
         let compiled = rules
             .iter()
             .enumerate()
-            .map(|(i, r)| r.compile().map_err(|e| format!("rules[{i}]: {e}")))
+            .map(|(i, r)| r.compile().map_err(|e| format!("{}: {e}", r.label(i))))
             .collect::<Result<Vec<_>, _>>()?;
         self.rules = compiled;
         self.counts.clear();
@@ -380,6 +538,7 @@ mod tests {
 
     fn call<'a>(order_no: &'a str, refund_no: &'a str) -> CallKey<'a> {
         CallKey {
+            operation: Operation::Refund,
             provider: Provider::ShengPay,
             merchant: Some("m"),
             refund_no: Some(refund_no),
@@ -436,5 +595,54 @@ mod tests {
                 .is_err()
         );
         assert!(FaultRule::default().validate().is_err());
+    }
+
+    #[test]
+    fn an_action_outside_its_operation_is_refused_naming_the_rule() {
+        let rule = FaultRule {
+            name: Some("lost notifies".into()),
+            ..FaultRule::new(FaultAction::NotifyDrop).operation(Operation::Query)
+        };
+        let error = FaultEngine::new(&[rule], 1).err().unwrap_or_default();
+        assert!(error.contains("rules[0] (\"lost notifies\")"), "{error}");
+        assert!(error.contains("notify_drop"), "{error}");
+        for bad in [
+            FaultRule::new(FaultAction::Decline).operation(Operation::Query),
+            FaultRule::new(FaultAction::Http500).operation(Operation::Notify),
+            FaultRule::new(FaultAction::RefundClose).operation(Operation::Any),
+            FaultRule::new(FaultAction::NotifyDelay),
+            FaultRule::new(FaultAction::Change).provider(Provider::WuPay),
+            FaultRule::latency(5).operation(Operation::Notify),
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        for good in [
+            FaultRule::new(FaultAction::Reset).operation(Operation::Query),
+            FaultRule::new(FaultAction::Http500).operation(Operation::Any),
+            FaultRule::new(FaultAction::NotifyDelay).with_latency(10),
+            FaultRule::new(FaultAction::RefundClose),
+        ] {
+            assert!(good.validate().is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn rules_fire_only_for_their_operation_and_any_covers_refunds_and_queries() {
+        let rules = [
+            FaultRule::new(FaultAction::NotifyDrop),
+            FaultRule::new(FaultAction::Reset).operation(Operation::Query),
+            FaultRule::new(FaultAction::Http500).operation(Operation::Any),
+        ];
+        let mut engine = FaultEngine::new(&rules, 1).expect("valid rules");
+        let mut fired = |operation| {
+            let key = CallKey {
+                operation,
+                ..call("O", "R")
+            };
+            engine.select(&key).and_then(|f| f.action)
+        };
+        assert_eq!(fired(Operation::Refund), Some(FaultAction::Http500));
+        assert_eq!(fired(Operation::Query), Some(FaultAction::Reset));
+        assert_eq!(fired(Operation::Notify), Some(FaultAction::NotifyDrop));
     }
 }

@@ -4,6 +4,12 @@
 //! once and never more than an order's total; this module is where that holds, for both
 //! providers alike, inside one lock so concurrent retries of one refund cannot both pay.
 //! Money is integer fen (`i64`) with checked arithmetic, never floats.
+//!
+//! Accepting a refund reserves its amount against the order at once; whether it is *paid* (in
+//! [`Ledger::paid`] and the statement) is a second step. WuPay is synchronous, so both happen
+//! in one call. A ShengPay refund is settled when it ends `SUCCESS`, released when it ends
+//! `REFUND_CLOSE` (the order can be refunded again), and stays reserved but unpaid when it ends
+//! `CHANGE` (the money left the merchant but never reached the card).
 
 use std::collections::HashMap;
 
@@ -16,7 +22,7 @@ use super::Provider;
 /// The upper bound on any amount, as in the request message contract.
 pub const MAX_FEE: i64 = 100_000_000_000;
 
-/// One refund the simulator paid.
+/// One refund the simulator accepted; in the paid list once settled.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PaidRefund {
     pub provider: Provider,
@@ -34,6 +40,8 @@ pub struct PaidRefund {
     pub coupon_refund_fee: i64,
     /// Present when `coupon_refund_fee > 0`.
     pub coupon_refund_id: Option<String>,
+    /// When it was paid: the call for WuPay, the `SUCCESS` end for ShengPay (until then, the
+    /// acceptance time).
     #[serde(serialize_with = "rfc3339")]
     pub refunded_at: DateTime<Utc>,
 }
@@ -58,7 +66,7 @@ pub(crate) struct RefundAttempt {
 /// What the ledger decided.
 #[derive(Clone, Debug)]
 pub(crate) enum Decision {
-    /// Paid now.
+    /// Accepted now (and paid, if settled at once).
     Paid(PaidRefund),
     /// Paid before with the same amounts: the first result again, nothing paid now.
     Replayed(PaidRefund),
@@ -76,8 +84,18 @@ struct OrderState {
     transaction_id: String,
 }
 
+/// An accepted refund and how far it got.
+struct Entry {
+    refund: PaidRefund,
+    settled: bool,
+    released: bool,
+}
+
 pub(crate) struct Ledger {
-    paid: Vec<PaidRefund>,
+    /// Every accepted refund, in acceptance order.
+    entries: Vec<Entry>,
+    /// Indexes into `entries` of the settled ones, in settlement order.
+    paid: Vec<usize>,
     by_refund: HashMap<RefundKey, usize>,
     orders: HashMap<RefundKey, OrderState>,
     /// Id sequences survive [`Ledger::clear`] and start from the wall clock, so ids stay unique
@@ -91,6 +109,7 @@ impl Ledger {
     pub(crate) fn new() -> Self {
         let start = u64::try_from(Utc::now().timestamp_micros()).unwrap_or(0);
         Ledger {
+            entries: Vec::new(),
             paid: Vec::new(),
             by_refund: HashMap::new(),
             orders: HashMap::new(),
@@ -101,24 +120,39 @@ impl Ledger {
     }
 
     pub(crate) fn clear(&mut self) {
+        self.entries.clear();
         self.paid.clear();
         self.by_refund.clear();
         self.orders.clear();
     }
 
-    pub(crate) fn paid(&self) -> &[PaidRefund] {
-        &self.paid
+    /// Every settled refund, in settlement order.
+    pub(crate) fn paid(&self) -> Vec<PaidRefund> {
+        self.paid
+            .iter()
+            .map(|&i| self.entries[i].refund.clone())
+            .collect()
     }
 
-    /// Pays `attempt` unless that would pay a refund number twice or exceed the order.
-    pub(crate) fn apply(&mut self, attempt: &RefundAttempt, now: DateTime<Utc>) -> Decision {
+    pub(crate) fn paid_count(&self) -> usize {
+        self.paid.len()
+    }
+
+    /// Accepts `attempt` unless that would pay a refund number twice or exceed the order;
+    /// `settle` pays it at once (`now` is then its `refunded_at`).
+    pub(crate) fn apply(
+        &mut self,
+        attempt: &RefundAttempt,
+        now: DateTime<Utc>,
+        settle: bool,
+    ) -> Decision {
         let key = (
             attempt.provider,
             attempt.merchant.clone(),
             attempt.refund_no.clone(),
         );
         if let Some(&index) = self.by_refund.get(&key) {
-            let first = &self.paid[index];
+            let first = &self.entries[index].refund;
             let same = first.order_no == attempt.order_no
                 && first.total_fee == attempt.total_fee
                 && first.refund_fee == attempt.refund_fee;
@@ -205,9 +239,65 @@ impl Ledger {
             coupon_refund_id,
             refunded_at: now,
         };
-        self.by_refund.insert(key, self.paid.len());
-        self.paid.push(paid.clone());
+        let index = self.entries.len();
+        self.by_refund.insert(key, index);
+        self.entries.push(Entry {
+            refund: paid.clone(),
+            settled: settle,
+            released: false,
+        });
+        if settle {
+            self.paid.push(index);
+        }
         Decision::Paid(paid)
+    }
+
+    /// Pays an accepted refund at `at`; false when it is unknown, already paid or released.
+    pub(crate) fn settle(
+        &mut self,
+        provider: Provider,
+        merchant: &str,
+        refund_no: &str,
+        at: DateTime<Utc>,
+    ) -> bool {
+        let key = (provider, merchant.to_owned(), refund_no.to_owned());
+        let Some(&index) = self.by_refund.get(&key) else {
+            return false;
+        };
+        let entry = &mut self.entries[index];
+        if entry.settled || entry.released {
+            return false;
+        }
+        entry.settled = true;
+        entry.refund.refunded_at = at;
+        self.paid.push(index);
+        true
+    }
+
+    /// Gives an accepted, unpaid refund's amount back to its order; false when it is unknown,
+    /// paid or released already. The refund number stays taken: a repeat replays the first
+    /// answer.
+    pub(crate) fn release(&mut self, provider: Provider, merchant: &str, refund_no: &str) -> bool {
+        let key = (provider, merchant.to_owned(), refund_no.to_owned());
+        let Some(&index) = self.by_refund.get(&key) else {
+            return false;
+        };
+        let entry = &mut self.entries[index];
+        if entry.settled || entry.released {
+            return false;
+        }
+        entry.released = true;
+        let order_key = (provider, merchant.to_owned(), entry.refund.order_no.clone());
+        if let Some(order) = self.orders.get_mut(&order_key) {
+            // Never below zero even if an invariant broke: the order total is what protects
+            // against paying twice.
+            order.refunded = order
+                .refunded
+                .checked_sub(entry.refund.refund_fee)
+                .unwrap_or(0)
+                .max(0);
+        }
+        true
     }
 
     /// Refunds paid on `date` in time zone `tz`, optionally of one provider, in payment order.
@@ -219,6 +309,7 @@ impl Ledger {
     ) -> Vec<PaidRefund> {
         self.paid
             .iter()
+            .map(|&i| &self.entries[i].refund)
             .filter(|p| provider.is_none_or(|want| p.provider == want))
             .filter(|p| p.refunded_at.with_timezone(&tz).date_naive() == date)
             .cloned()
@@ -302,19 +393,64 @@ mod tests {
         }
     }
 
+    impl Ledger {
+        fn apply_now(&mut self, attempt: &RefundAttempt, now: DateTime<Utc>) -> Decision {
+            self.apply(attempt, now, true)
+        }
+    }
+
+    #[test]
+    fn an_unsettled_refund_holds_the_order_but_is_paid_only_when_settled() {
+        let mut ledger = Ledger::new();
+        let accepted = Utc::now();
+        assert!(matches!(
+            ledger.apply(&attempt("R1", "O1", 100, 100), accepted, false),
+            Decision::Paid(_)
+        ));
+        assert!(ledger.paid().is_empty());
+        assert!(matches!(
+            ledger.apply(&attempt("R2", "O1", 100, 1), accepted, false),
+            Decision::Declined { .. }
+        ));
+        let later = accepted + chrono::TimeDelta::seconds(2);
+        assert!(ledger.settle(Provider::ShengPay, "m", "R1", later));
+        assert!(!ledger.settle(Provider::ShengPay, "m", "R1", later));
+        assert!(!ledger.release(Provider::ShengPay, "m", "R1"));
+        assert_eq!(ledger.paid().len(), 1);
+        assert_eq!(ledger.paid()[0].refunded_at, later);
+    }
+
+    #[test]
+    fn a_released_refund_frees_the_order_and_its_number_still_replays() {
+        let mut ledger = Ledger::new();
+        let now = Utc::now();
+        ledger.apply(&attempt("R1", "O1", 100, 100), now, false);
+        assert!(ledger.release(Provider::ShengPay, "m", "R1"));
+        assert!(!ledger.settle(Provider::ShengPay, "m", "R1", now));
+        assert!(matches!(
+            ledger.apply(&attempt("R1", "O1", 100, 100), now, false),
+            Decision::Replayed(_)
+        ));
+        assert!(matches!(
+            ledger.apply(&attempt("R2", "O1", 100, 100), now, false),
+            Decision::Paid(_)
+        ));
+        assert!(ledger.paid().is_empty());
+    }
+
     #[test]
     fn a_refund_number_is_paid_once_and_replayed_after() {
         let mut ledger = Ledger::new();
         let now = Utc::now();
-        let Decision::Paid(first) = ledger.apply(&attempt("R1", "O1", 100, 10), now) else {
+        let Decision::Paid(first) = ledger.apply_now(&attempt("R1", "O1", 100, 10), now) else {
             panic!("first attempt must pay");
         };
-        let Decision::Replayed(again) = ledger.apply(&attempt("R1", "O1", 100, 10), now) else {
+        let Decision::Replayed(again) = ledger.apply_now(&attempt("R1", "O1", 100, 10), now) else {
             panic!("repeat must replay");
         };
         assert_eq!(first, again);
         assert!(matches!(
-            ledger.apply(&attempt("R1", "O1", 100, 11), now),
+            ledger.apply_now(&attempt("R1", "O1", 100, 11), now),
             Decision::Conflict
         ));
         assert_eq!(ledger.paid().len(), 1);
@@ -325,25 +461,25 @@ mod tests {
         let mut ledger = Ledger::new();
         let now = Utc::now();
         assert!(matches!(
-            ledger.apply(&attempt("R1", "O1", 100, 60), now),
+            ledger.apply_now(&attempt("R1", "O1", 100, 60), now),
             Decision::Paid(_)
         ));
         assert!(matches!(
-            ledger.apply(&attempt("R2", "O1", 100, 41), now),
+            ledger.apply_now(&attempt("R2", "O1", 100, 41), now),
             Decision::Declined {
                 code: "REFUND_AMOUNT_ERROR",
                 ..
             }
         ));
         assert!(matches!(
-            ledger.apply(&attempt("R3", "O1", 200, 10), now),
+            ledger.apply_now(&attempt("R3", "O1", 200, 10), now),
             Decision::Declined {
                 code: "REFUND_AMOUNT_ERROR",
                 ..
             }
         ));
         assert!(matches!(
-            ledger.apply(&attempt("R4", "O1", 100, 40), now),
+            ledger.apply_now(&attempt("R4", "O1", 100, 40), now),
             Decision::Paid(_)
         ));
     }

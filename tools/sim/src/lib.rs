@@ -8,10 +8,20 @@
 //! What it owns:
 //! - money: every `outRefundNo` / `refund_id` is paid at most once per provider and merchant,
 //!   repeats replay the first result, and per-order totals are never exceeded ([`ledger`]);
-//! - fault injection by rule: latency, HTTP 500, connection reset, hang, pay-then-drop, bad
-//!   signature, decline, retry-later ([`faults`]);
-//! - the evidence tests and the reconciler need: a paid list, a call log and a provider
-//!   statement CSV (DESIGN.md §7), all exposed under `/_sim/` and on [`SimHandle`].
+//! - ShengPay's asynchronous result, as the real service behaves: an accepted refund is
+//!   `PROCESSING` for `[shengpay] processing_ms`, then a background task owned by the simulator
+//!   ends it `SUCCESS` (paid), `REFUND_CLOSE` (amount released) or `CHANGE` (amount kept,
+//!   unpaid), POSTs a signed notify to its `notifyUrl` with retries until answered 2xx
+//!   `SUCCESS`, and the status query answers how it stands. WuPay stays synchronous;
+//! - fault injection by rule, per operation (refund call, status query, notify): latency,
+//!   HTTP 500, connection reset, hang, pay-then-drop, bad signature, decline, retry-later,
+//!   refund_close, change, and notifies dropped, delayed, duplicated, reordered, badly signed
+//!   or preceded by a foreign one ([`faults`]);
+//! - the evidence tests and the reconciler need: a paid list (ShengPay refunds once they
+//!   succeeded), the ShengPay refunds with their status, call, query and notify logs and a
+//!   provider statement CSV (DESIGN.md §7), all exposed under `/_sim/` and on [`SimHandle`],
+//!   which also ends every processing refund at once ([`SimHandle::finish`]) and resends
+//!   notifies ([`SimHandle::send_notify`]).
 //!
 //! Use it in-process with [`Simulator::start`], or run the `refund-sim` binary. The demo, the
 //! integration and fault tests (through `testkit`) and the benchmarks pay against it; nothing
@@ -29,11 +39,12 @@ mod wupay;
 
 use serde::{Deserialize, Serialize};
 
-pub use calls::{CallRecord, Outcome};
-pub use config::{ShengPayMerchant, SimConfig, WuPayMerchant};
-pub use faults::{FaultAction, FaultRule};
+pub use calls::{CallRecord, Outcome, QueryRecord};
+pub use config::{ShengPayMerchant, ShengPaySection, SimConfig, WuPayMerchant};
+pub use faults::{FaultAction, FaultRule, Operation};
 pub use ledger::PaidRefund;
 pub use server::{SimHandle, Simulator};
+pub use shengpay::{NotifyKind, NotifyOutcome, NotifyRecord, RefundStatus, ShengPayRefund};
 
 /// The two simulated providers. Serialised as `shengpay` / `wupay`, the names used in the
 /// request message, the statement CSV and the fault rules.
@@ -84,4 +95,7 @@ pub enum SimError {
     Key { path: String, reason: String },
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// A control request named a refund the simulator does not hold (or cannot act on yet).
+    #[error("not found: {0}")]
+    NotFound(String),
 }

@@ -23,6 +23,12 @@ with real RSA signatures. It pays each refund number at most once, injects fault
 (latency, http500, reset, hang, drop_response, bad_signature, decline, retry_later) and exports
 what it paid as a provider statement CSV.
 
+ShengPay is asynchronous: an accepted refund is PROCESSING for [shengpay] processing_ms, then
+ends SUCCESS (or REFUND_CLOSE / CHANGE by rule), is notified to its notifyUrl (signed JSON,
+retried until answered 2xx SUCCESS; rules notify_drop, notify_delay, notify_duplicate,
+notify_reorder, notify_bad_sign, notify_foreign) and answered by the status query at
+[shengpay] query_path (default /api/v3/payment/refundquery; rules with operation = query).
+
 Control API (JSON unless noted):
   GET  /_sim/health                      liveness and counters
   GET  /_sim/paid                        every refund paid
@@ -30,7 +36,12 @@ Control API (JSON unless noted):
   GET  /_sim/statement?date=YYYY-MM-DD[&provider=P][&tz=Asia/Shanghai]   statement CSV
   GET  /_sim/rules | POST /_sim/rules    fault rules (POST replaces all: a JSON array)
   GET  /_sim/clock | POST /_sim/clock    {\"now\": RFC 3339 or null} shifts the clock
-  POST /_sim/reset                       forget payments, calls and rule counters
+  GET  /_sim/refunds[?refund_no=R]       ShengPay refunds and their status
+  GET  /_sim/notifies[?refund_no=R]      every notify delivery attempt
+  GET  /_sim/queries[?refund_no=R]       every ShengPay status query and what it answered
+  POST /_sim/finish                      end every PROCESSING refund now ({\"ended\": n})
+  POST /_sim/notify                      {\"refund_no\": R, \"merchant\"?: M} resend its final notify
+  POST /_sim/reset                       forget payments, refunds, calls, queries, notifies, counters
 
 Key and rfkey paths in the config resolve against the working directory. Logs are JSON lines on
 stdout; RUST_LOG sets the level (default info; debug logs every provider call).";

@@ -391,7 +391,7 @@ pub(crate) fn process(
         refund_fee,
         coupon_rate: 0.0,
     };
-    let decision = lock(&state.ledger).apply(&attempt, state.clock.now());
+    let decision = lock(&state.ledger).apply(&attempt, state.clock.now(), true);
     match decision {
         Decision::Paid(_) => result(binding, "SUCCESS", Outcome::Paid, None, corrupt),
         Decision::Replayed(_) => result(binding, "SUCCESS", Outcome::Replayed, None, corrupt),
@@ -434,6 +434,8 @@ fn result(
         body,
         outcome,
         code: code.map(str::to_owned),
+        accepted: None,
+        detail: None,
     }
 }
 
@@ -472,6 +474,8 @@ fn error_reply(
         body,
         outcome,
         code: Some(code.to_owned()),
+        accepted: None,
+        detail: None,
     }
 }
 

@@ -269,47 +269,6 @@ async fn concurrent_retries_of_one_refund_pay_it_once() {
     sim.shutdown().await;
 }
 
-/// Our ShengPay client (the `shared` crate) for the simulator's first dev merchant.
-fn our_client(sim: &refund_sim::SimHandle) -> shared::provider::shengpay::ShengpayClient {
-    use shared::config::{HttpConfig, ShengpayMerchant, SignType};
-    let merchant = ShengpayMerchant {
-        merchant: "m1".into(),
-        base_url: sim.base_url(),
-        app_id: APP_ID.into(),
-        mch_id: MCH_ID.into(),
-        sign_type: SignType::Rsa,
-        private_key_file: key_path("shengpay_merchant_private.pem"),
-        platform_public_key_file: key_path("shengpay_platform_public.pem"),
-        notify_url: "https://example.invalid/notify".into(),
-        idempotent: true,
-        query_path: "/api/v3/payment/refundquery".into(),
-        final_on_accept: false,
-    };
-    let http_config = HttpConfig::default();
-    shared::provider::shengpay::ShengpayClient::new(
-        &merchant,
-        "shengpay.merchants[0]",
-        shared::provider::http::build_client(&http_config).expect("HTTP client"),
-        &http_config,
-        shared::provider::codes::CodeTable::shengpay_default(),
-    )
-    .expect("client for the dev merchant")
-}
-
-fn refund_request(order_no: &str, refund_no: &str) -> shared::job::RefundRequest {
-    let body = serde_json::json!({
-        "version": 1,
-        "refund_no": refund_no,
-        "order_no": order_no,
-        "provider": "shengpay",
-        "merchant": "m1",
-        "total_fee": 1000,
-        "refund_fee": 100,
-        "reason": "customer returned goods",
-    });
-    shared::job::parse_request(body.to_string().as_bytes()).expect("a valid request")
-}
-
 #[tokio::test]
 async fn every_fail_answer_names_the_refund_merchant_and_app_it_answers() {
     let sim = start(config()).await;

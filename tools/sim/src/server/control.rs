@@ -1,7 +1,9 @@
-//! The `/_sim/` control API: fault rules, the simulated clock, the paid list, the call log
-//! and the provider statement CSV that tests and the reconciler read.
+//! The `/_sim/` control API: fault rules, the simulated clock, the paid list, the ShengPay
+//! refunds, the call, query and notify logs, finishing refunds and resending notifies, and the
+//! provider statement CSV that tests and the reconciler read.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -12,6 +14,7 @@ use serde::Deserialize;
 use crate::Provider;
 use crate::faults::FaultRule;
 use crate::ledger::{self};
+use crate::shengpay::{self, Which};
 
 use super::*;
 
@@ -22,8 +25,17 @@ struct ClockRequest {
     now: Option<DateTime<Utc>>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotifyRequest {
+    refund_no: String,
+    /// Our merchant name; absent: the first refund of that number.
+    #[serde(default)]
+    merchant: Option<String>,
+}
+
 pub(super) async fn control(
-    state: &SimState,
+    state: &Arc<SimState>,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, Abort> {
     let method = req.method().clone();
@@ -38,10 +50,43 @@ pub(super) async fn control(
             StatusCode::OK,
             &serde_json::json!({
                 "status": "ok",
-                "paid": lock(&state.ledger).paid().len(),
+                "paid": lock(&state.ledger).paid_count(),
                 "calls": lock(&state.calls).summary(None, false).total,
+                "processing": lock(&state.refunds).processing(),
+                "notifies_pending": state.notifier.pending(),
             }),
         ),
+        (&Method::GET, "/_sim/refunds") => json(
+            StatusCode::OK,
+            &lock(&state.refunds).list(query.get("refund_no").map(String::as_str)),
+        ),
+        (&Method::GET, "/_sim/queries") => json(
+            StatusCode::OK,
+            &lock(&state.queries).records(query.get("refund_no").map(String::as_str)),
+        ),
+        (&Method::GET, "/_sim/notifies") => json(
+            StatusCode::OK,
+            &state
+                .notifier
+                .records(query.get("refund_no").map(String::as_str)),
+        ),
+        (&Method::POST, "/_sim/finish") => {
+            let ended = shengpay::end_refunds(state, Which::All);
+            json(StatusCode::OK, &serde_json::json!({ "ended": ended }))
+        }
+        (&Method::POST, "/_sim/notify") => match serde_json::from_slice::<NotifyRequest>(&body) {
+            Ok(request) => {
+                match shengpay::resend(state, request.merchant.as_deref(), &request.refund_no).await
+                {
+                    Ok(record) => json(StatusCode::OK, &record),
+                    Err(e) => error_json(StatusCode::NOT_FOUND, &e.to_string()),
+                }
+            }
+            Err(e) => error_json(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"refund_no\": \"...\", \"merchant\"?: \"...\"}}: {e}"),
+            ),
+        },
         (&Method::GET, "/_sim/paid") => json(StatusCode::OK, &lock(&state.ledger).paid()),
         (&Method::GET, "/_sim/calls") => {
             let full = matches!(query.get("full").map(String::as_str), Some("1" | "true"));

@@ -5,18 +5,23 @@
 //! hyper closes the connection without writing any response, which is how `reset` (plus
 //! `SO_LINGER 0`, so the peer sees a TCP RST), `drop_response` and a timed-out `hang` are done.
 //!
-//! Order of work for a provider call: read the body (capped) → parse enough to identify
-//! provider, merchant, refund and order numbers → pick the fault rule → sleep the latency →
-//! apply a transport fault, or hand over to the provider module (which applies decline,
-//! retry_later and bad_signature itself) → log the call → answer, or drop the answer.
+//! Order of work for a provider call (a refund call or a ShengPay status query): read the body
+//! (capped) → parse enough to identify provider, merchant, refund and order numbers → pick the
+//! fault rule for that operation → sleep the latency → apply a transport fault, or hand over to
+//! the provider module (which applies decline, retry_later, bad_signature, refund_close and
+//! change itself) → log the call → answer, or drop the answer.
 //!
-//! Here: the listener, connections and routing; [`provider`] parses and answers provider calls,
-//! [`control`] serves the `/_sim/` API.
+//! Besides connections, the simulator owns one background task, the ShengPay ticker that ends
+//! refunds when their processing time is up (and so starts their notifies); it and every
+//! notify delivery stop when the handle is shut down or dropped.
+//!
+//! Here: the listener, connections, routing and the [`SimHandle`]; [`provider`] parses and
+//! answers provider calls, [`control`] serves the `/_sim/` API.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -38,12 +43,13 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::calls::{CallLog, CallRecord, Outcome};
+use crate::calls::{CallLog, CallRecord, Outcome, QueryLog, QueryRecord};
 use crate::clock::Clock;
-use crate::config::SimConfig;
+use crate::config::{SHENGPAY_REFUND_PATH, SimConfig};
 use crate::crypto::{self, MerchantKey, PlatformKey};
 use crate::faults::{FaultEngine, FaultRule};
 use crate::ledger::{self, Ledger, PaidRefund};
+use crate::shengpay::{self, Book, Notifier, NotifyRecord, ShengPayRefund, Which};
 use crate::wupay::Binding;
 use crate::{Provider, SimError};
 
@@ -55,7 +61,6 @@ use provider::{Route, provider_call, soap_version};
 
 /// How long connections get to finish in-flight requests when the simulator shuts down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-const SHENGPAY_PATH: &str = "/api/v1/payment/refund";
 
 pub(crate) struct ShengPayAccount {
     pub name: String,
@@ -89,6 +94,9 @@ pub(crate) struct Settings {
     pub latency_ms: u64,
     pub hang_max: Duration,
     pub max_body_bytes: usize,
+    /// How long an accepted ShengPay refund stays `PROCESSING`.
+    pub processing: Duration,
+    pub query_path: String,
     pub shengpay: Vec<ShengPayAccount>,
     pub wupay: Vec<WuPayAccount>,
     wupay_routes: HashMap<String, (usize, WuEndpoint)>,
@@ -139,6 +147,8 @@ impl Settings {
             latency_ms: config.latency_ms,
             hang_max: Duration::from_millis(config.hang_max_ms),
             max_body_bytes: config.max_body_bytes,
+            processing: Duration::from_millis(config.shengpay.processing_ms),
+            query_path: config.shengpay.query_path.clone(),
             shengpay,
             wupay,
             wupay_routes,
@@ -146,14 +156,33 @@ impl Settings {
     }
 }
 
-/// Everything the request handlers share.
+/// Everything the request handlers and background tasks share.
 pub(crate) struct SimState {
     pub settings: Settings,
+    /// Every accepted ShengPay refund and its status. Lock order: `refunds`, then `ledger`.
+    pub refunds: Mutex<Book>,
     pub ledger: Mutex<Ledger>,
     pub calls: Mutex<CallLog>,
+    pub queries: Mutex<QueryLog>,
+    pub notifier: Notifier,
     pub faults: Mutex<FaultEngine>,
     pub clock: Clock,
     pub open_connections: AtomicUsize,
+    /// Wakes the ticker when a refund is accepted (it may be due before the one it waits for).
+    pub wake: tokio::sync::Notify,
+    /// Bumped by every reset, so notifies of forgotten refunds stop.
+    epoch: AtomicU64,
+    /// Becomes true (or its sender goes away) when the simulator shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// The runtime the simulator started on: background work is spawned there even when a
+    /// handle method is called from outside it.
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl SimState {
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
 }
 
 /// Locks a mutex even if a panicking thread poisoned it: every critical section leaves its
@@ -169,6 +198,10 @@ pub(crate) struct Reply {
     pub body: String,
     pub outcome: Outcome,
     pub code: Option<String>,
+    /// A ShengPay refund this call accepted: (merchant, refund number).
+    pub accepted: Option<(String, String)>,
+    /// Status queries: what the query log records as answered.
+    pub detail: Option<String>,
 }
 
 /// Returned by the service to make hyper close the connection without a response.
@@ -194,19 +227,30 @@ impl Simulator {
     pub async fn start(config: SimConfig) -> Result<SimHandle, SimError> {
         let settings = Settings::load(&config)?;
         let faults = FaultEngine::new(&config.rules, config.seed).map_err(SimError::Invalid)?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
         let state = Arc::new(SimState {
             settings,
+            refunds: Mutex::new(Book::default()),
             ledger: Mutex::new(Ledger::new()),
             calls: Mutex::new(CallLog::new(config.call_log_capacity)),
+            queries: Mutex::new(QueryLog::new(config.call_log_capacity)),
+            notifier: Notifier::new(&config.shengpay, config.call_log_capacity, config.seed)?,
             faults: Mutex::new(faults),
             clock: Clock::default(),
             open_connections: AtomicUsize::new(0),
+            wake: tokio::sync::Notify::new(),
+            epoch: AtomicU64::new(0),
+            shutdown: shutdown_rx.clone(),
+            runtime: tokio::runtime::Handle::current(),
         });
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let max_connections = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
         let permits = Arc::new(Semaphore::new(max_connections as usize));
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let ticker = tokio::spawn(shengpay::run_ticker(
+            Arc::clone(&state),
+            shutdown_rx.clone(),
+        ));
         let accept = tokio::spawn(accept_loop(
             listener,
             Arc::clone(&state),
@@ -225,19 +269,22 @@ impl Simulator {
             state,
             shutdown,
             accept: Some(accept),
+            ticker: Some(ticker),
             permits,
             max_connections,
         })
     }
 }
 
-/// A running simulator: its address, its evidence (paid list, call log, statement) and its
-/// controls (rules, clock, reset). Dropping it stops the server too.
+/// A running simulator: its address, its evidence (paid list, ShengPay refunds, call, query and
+/// notify logs, statement) and its controls (rules, clock, finish, resend, reset). Dropping it
+/// stops the server, the ticker and every notify delivery too.
 pub struct SimHandle {
     addr: SocketAddr,
     state: Arc<SimState>,
     shutdown: watch::Sender<bool>,
     accept: Option<JoinHandle<()>>,
+    ticker: Option<JoinHandle<()>>,
     permits: Arc<Semaphore>,
     max_connections: u32,
 }
@@ -254,7 +301,12 @@ impl SimHandle {
 
     /// The ShengPay refund endpoint.
     pub fn shengpay_url(&self) -> String {
-        format!("{}{SHENGPAY_PATH}", self.base_url())
+        format!("{}{SHENGPAY_REFUND_PATH}", self.base_url())
+    }
+
+    /// The ShengPay status query endpoint (`[shengpay] query_path`).
+    pub fn shengpay_query_url(&self) -> String {
+        format!("{}{}", self.base_url(), self.state.settings.query_path)
     }
 
     /// The `.asmx` service address of a WuPay merchant (by our merchant name).
@@ -267,9 +319,53 @@ impl SimHandle {
             .map(|m| format!("{}{}", self.base_url(), m.path))
     }
 
-    /// Every refund paid, in payment order.
+    /// Every refund paid, in payment order: WuPay refunds at their call, ShengPay refunds once
+    /// they ended `SUCCESS` (at their success time).
     pub fn paid(&self) -> Vec<PaidRefund> {
-        lock(&self.state.ledger).paid().to_vec()
+        lock(&self.state.ledger).paid()
+    }
+
+    /// Every ShengPay refund accepted, in acceptance order, whatever its status.
+    pub fn refunds(&self) -> Vec<ShengPayRefund> {
+        lock(&self.state.refunds).list(None)
+    }
+
+    /// The ShengPay refunds of one refund number (one per merchant).
+    pub fn refunds_for(&self, refund_no: &str) -> Vec<ShengPayRefund> {
+        lock(&self.state.refunds).list(Some(refund_no))
+    }
+
+    /// Ends every `PROCESSING` ShengPay refund now (each with its planned status) and starts
+    /// their notifies; returns how many ended.
+    pub fn finish(&self) -> usize {
+        shengpay::end_refunds(&self.state, Which::All)
+    }
+
+    /// Every notify delivery attempt (and notify never sent), in order.
+    pub fn notifies(&self) -> Vec<NotifyRecord> {
+        self.state.notifier.records(None)
+    }
+
+    /// The notify records of one refund number.
+    pub fn notifies_for(&self, refund_no: &str) -> Vec<NotifyRecord> {
+        self.state.notifier.records(Some(refund_no))
+    }
+
+    /// Sends the final notify of an ended ShengPay refund once more, now, and returns the
+    /// record of that attempt. [`SimError::NotFound`] if there is no such refund, it is still
+    /// processing, or it named no `notifyUrl`.
+    pub async fn send_notify(&self, refund_no: &str) -> Result<NotifyRecord, SimError> {
+        shengpay::resend(&self.state, None, refund_no).await
+    }
+
+    /// Every ShengPay status query received (up to `call_log_capacity`), in order.
+    pub fn queries(&self) -> Vec<QueryRecord> {
+        lock(&self.state.queries).records(None)
+    }
+
+    /// The status queries for one refund number.
+    pub fn queries_for(&self, refund_no: &str) -> Vec<QueryRecord> {
+        lock(&self.state.queries).records(Some(refund_no))
     }
 
     /// Every provider call received (up to `call_log_capacity`, oldest dropped), in order.
@@ -305,7 +401,8 @@ impl SimHandle {
         self.state.clock.now()
     }
 
-    /// Forgets every payment, order, call and `times` counter; keeps rules and clock.
+    /// Forgets every payment, order, ShengPay refund (and its pending end), call, query,
+    /// notify record and `times` counter, and stops notifies under way; keeps rules and clock.
     pub fn reset(&self) {
         reset(&self.state);
     }
@@ -334,6 +431,9 @@ impl SimHandle {
         if let Some(accept) = self.accept.take() {
             let _ = accept.await;
         }
+        if let Some(ticker) = self.ticker.take() {
+            let _ = ticker.await;
+        }
         // Every connection holds a permit until its task ends; all permits back = all closed.
         let all = self.permits.acquire_many(self.max_connections);
         let _ = tokio::time::timeout(SHUTDOWN_GRACE * 3, all).await;
@@ -347,12 +447,21 @@ impl Drop for SimHandle {
 }
 
 fn reset(state: &SimState) {
-    lock(&state.ledger).clear();
+    // Bumped first: a notify that checks it after this point stops instead of logging about a
+    // refund that no longer exists.
+    state.epoch.fetch_add(1, Ordering::SeqCst);
+    {
+        let mut book = lock(&state.refunds);
+        lock(&state.ledger).clear();
+        book.clear();
+    }
     lock(&state.calls).clear();
+    lock(&state.queries).clear();
+    state.notifier.clear();
     lock(&state.faults).clear_counts();
 }
 
-async fn wait_for_shutdown(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn wait_for_shutdown(rx: &mut watch::Receiver<bool>) {
     // A dropped sender (the handle is gone) also means shut down.
     let _ = rx.wait_for(|stop| *stop).await;
 }
@@ -534,11 +643,16 @@ async fn route(
     if path == "/_sim" || path.starts_with("/_sim/") {
         return control(&state, req).await;
     }
-    if path == SHENGPAY_PATH {
+    if path == SHENGPAY_REFUND_PATH || path == state.settings.query_path {
         if req.method() != Method::POST {
             return Ok(method_not_allowed());
         }
-        return provider_call(state, reset_flag, req, Route::ShengPay).await;
+        let route = if path == SHENGPAY_REFUND_PATH {
+            Route::ShengPay
+        } else {
+            Route::ShengPayQuery
+        };
+        return provider_call(state, reset_flag, req, route).await;
     }
     let Some(&(merchant, endpoint)) = state.settings.wupay_routes.get(&path) else {
         return Ok(respond(

@@ -1,5 +1,6 @@
-//! Provider calls: what a request is (provider, binding, merchant, refund and order numbers)
-//! as far as fault rules need it, the fault applied, and the provider module's answer.
+//! Provider calls: what a request is (provider, operation, binding, merchant, refund and order
+//! numbers) as far as fault rules need it, the fault applied, and the provider module's answer.
+//! Refund calls are logged in the call log, ShengPay status queries in the query log.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,8 @@ use hyper::{Request, StatusCode};
 use tracing::debug;
 
 use crate::calls::{CallRecord, Outcome};
-use crate::faults::{CallKey, FaultAction};
+use crate::faults::{CallKey, FaultAction, Operation};
+use crate::shengpay::Which;
 use crate::wupay::{self, Binding, WuParams};
 use crate::{Provider, shengpay};
 
@@ -68,6 +70,7 @@ fn check_soap_action(headers: &HeaderMap, binding: Binding) -> Result<(), String
 #[derive(Clone, Copy)]
 pub(super) enum Route {
     ShengPay,
+    ShengPayQuery,
     WuPay { merchant: usize, binding: Binding },
 }
 
@@ -75,6 +78,7 @@ enum Parsed {
     ShengPay {
         request: Result<shengpay::SpRequest, String>,
         merchant: Option<usize>,
+        query: bool,
     },
     WuPay {
         merchant: usize,
@@ -91,6 +95,13 @@ impl Parsed {
         }
     }
 
+    fn operation(&self) -> Operation {
+        match self {
+            Parsed::ShengPay { query: true, .. } => Operation::Query,
+            _ => Operation::Refund,
+        }
+    }
+
     fn binding(&self) -> &'static str {
         match self {
             Parsed::ShengPay { .. } => "json",
@@ -104,7 +115,9 @@ impl Parsed {
         state: &'a SimState,
     ) -> (Option<&'a str>, Option<&'a str>, Option<&'a str>) {
         match self {
-            Parsed::ShengPay { request, merchant } => {
+            Parsed::ShengPay {
+                request, merchant, ..
+            } => {
                 let merchant = merchant
                     .and_then(|i| state.settings.shengpay.get(i))
                     .map(|m| m.name.as_str());
@@ -145,13 +158,17 @@ pub(super) async fn provider_call(
         },
     };
     let parsed = match route {
-        Route::ShengPay => {
+        Route::ShengPay | Route::ShengPayQuery => {
             let request = shengpay::parse(&body);
             let merchant = request
                 .as_ref()
                 .ok()
                 .and_then(|r| shengpay::find_merchant(&state, r));
-            Parsed::ShengPay { request, merchant }
+            Parsed::ShengPay {
+                request,
+                merchant,
+                query: matches!(route, Route::ShengPayQuery),
+            }
         }
         Route::WuPay { merchant, binding } => {
             let params = match binding {
@@ -183,7 +200,9 @@ pub(super) async fn provider_call(
     };
 
     let (merchant, refund_no, order_no) = parsed.identity(&state);
+    let operation = parsed.operation();
     let key = CallKey {
+        operation,
         provider: parsed.provider(),
         merchant,
         refund_no,
@@ -217,7 +236,7 @@ pub(super) async fn provider_call(
 
     match record.fault {
         Some(FaultAction::Http500) => {
-            lock(&state.calls).push(record);
+            log(&state, operation, record, None);
             return Ok(respond(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "text/plain; charset=utf-8",
@@ -225,7 +244,7 @@ pub(super) async fn provider_call(
             ));
         }
         Some(FaultAction::BinaryBody) => {
-            lock(&state.calls).push(record);
+            log(&state, operation, record, None);
             return Ok(respond(
                 StatusCode::BAD_GATEWAY,
                 "application/octet-stream",
@@ -233,12 +252,12 @@ pub(super) async fn provider_call(
             ));
         }
         Some(FaultAction::Reset) => {
-            lock(&state.calls).push(record);
+            log(&state, operation, record, None);
             reset_flag.store(true, Ordering::Relaxed);
             return Err(Abort("reset fault"));
         }
         Some(FaultAction::Hang) => {
-            lock(&state.calls).push(record);
+            log(&state, operation, record, None);
             // Hold the request until the client gives up; past hang_max, close unanswered so
             // abandoned hangs cannot pile up.
             tokio::time::sleep(state.settings.hang_max).await;
@@ -248,12 +267,21 @@ pub(super) async fn provider_call(
     }
 
     let reply = match parsed {
-        Parsed::ShengPay { request, merchant } => {
+        Parsed::ShengPay {
+            request,
+            merchant,
+            query,
+        } => {
             // Signing is CPU work (slow in debug builds): keep it off the async workers.
             let worker_state = Arc::clone(&state);
             let fired_for_worker = fired.clone();
             tokio::task::spawn_blocking(move || {
-                shengpay::process(&worker_state, &request, merchant, fired_for_worker.as_ref())
+                let handle = if query {
+                    shengpay::process_query
+                } else {
+                    shengpay::process
+                };
+                handle(&worker_state, &request, merchant, fired_for_worker.as_ref())
             })
             .await
             .map_err(|_| Abort("provider handler failed"))?
@@ -267,9 +295,46 @@ pub(super) async fn provider_call(
     record.outcome = reply.outcome;
     record.code = reply.code.clone();
     let drop_response = record.fault == Some(FaultAction::DropResponse);
-    lock(&state.calls).push(record);
+    log(&state, operation, record, reply.detail.clone());
+    if let Some(key) = reply.accepted.clone()
+        && state.settings.processing.is_zero()
+    {
+        // processing_ms = 0: the refund ends as its answer goes out, so a client that has
+        // the answer finds it paid (the ticker would also end it, a moment later).
+        shengpay::end_refunds(&state, Which::One(key));
+    }
     if drop_response {
         return Err(Abort("drop_response fault"));
     }
     Ok(respond(reply.status, reply.content_type, reply.body))
+}
+
+/// Logs a refund call in the call log, a status query in the query log. `detail` is what the
+/// query answered, when the provider module got to answer it.
+fn log(state: &SimState, operation: Operation, record: CallRecord, detail: Option<String>) {
+    if operation != Operation::Query {
+        lock(&state.calls).push(record);
+        return;
+    }
+    let transport = matches!(
+        record.fault,
+        Some(
+            FaultAction::Http500 | FaultAction::BinaryBody | FaultAction::Reset | FaultAction::Hang
+        )
+    );
+    let answered = match (transport, record.fault, detail) {
+        (true, Some(fault), _) => fault.as_str().to_owned(),
+        (_, _, Some(detail)) => detail,
+        _ => "rejected".to_owned(),
+    };
+    lock(&state.queries).push(QueryRecord {
+        seq: 0,
+        at: record.at,
+        merchant: record.merchant,
+        refund_no: record.refund_no,
+        answered,
+        code: record.code,
+        fault: record.fault,
+        rule: record.rule,
+    });
 }

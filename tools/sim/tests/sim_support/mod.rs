@@ -24,10 +24,13 @@ pub fn key_path(name: &str) -> PathBuf {
 }
 
 /// The dev-key configuration of config/sim.toml, on a free port, without coupons, string
-/// amounts or rules, so each test turns on only what it checks.
+/// amounts or rules, so each test turns on only what it checks. ShengPay refunds end as they
+/// are answered (`processing_ms = 0`), so tests of the money rules see them paid at once;
+/// tests of the asynchronous side set a processing time of their own.
 pub fn config() -> SimConfig {
     let mut config = SimConfig::new(key_path("shengpay_platform_private.pem"));
     config.listen = "127.0.0.1:0".parse().expect("valid address");
+    config.shengpay.processing_ms = 0;
     for (merchant, app_id) in [(MCH_ID, APP_ID), ("10000002", "app-10000002")] {
         config.shengpay.merchants.push(ShengPayMerchant {
             merchant: merchant.into(),
@@ -351,5 +354,278 @@ pub fn xml_text(body: &str, local: &str) -> Option<String> {
             Event::Eof => return None,
             _ => {}
         }
+    }
+}
+
+// ---- Our client (the `shared` crate), to show the worker's side reads what the sim sends ----
+
+/// Our ShengPay client (the `shared` crate) for the simulator's first dev merchant.
+pub fn our_client(sim: &SimHandle) -> shared::provider::shengpay::ShengpayClient {
+    our_client_notified_at(sim, "https://example.invalid/notify")
+}
+
+/// [`our_client`], naming `notify_url` in its refund calls.
+pub fn our_client_notified_at(
+    sim: &SimHandle,
+    notify_url: &str,
+) -> shared::provider::shengpay::ShengpayClient {
+    use shared::config::{HttpConfig, ShengpayMerchant, SignType};
+    let merchant = ShengpayMerchant {
+        merchant: "m1".into(),
+        base_url: sim.base_url(),
+        app_id: APP_ID.into(),
+        mch_id: MCH_ID.into(),
+        sign_type: SignType::Rsa,
+        private_key_file: key_path("shengpay_merchant_private.pem"),
+        platform_public_key_file: key_path("shengpay_platform_public.pem"),
+        notify_url: notify_url.into(),
+        idempotent: true,
+        query_path: "/api/v3/payment/refundquery".into(),
+        final_on_accept: false,
+    };
+    let http_config = HttpConfig::default();
+    shared::provider::shengpay::ShengpayClient::new(
+        &merchant,
+        "shengpay.merchants[0]",
+        shared::provider::http::build_client(&http_config).expect("HTTP client"),
+        &http_config,
+        shared::provider::codes::CodeTable::shengpay_default(),
+    )
+    .expect("client for the dev merchant")
+}
+
+/// A refund request message of merchant `m1` (our client's) for 100 of an order of 1000.
+pub fn refund_request(order_no: &str, refund_no: &str) -> shared::job::RefundRequest {
+    let body = serde_json::json!({
+        "version": 1,
+        "refund_no": refund_no,
+        "order_no": order_no,
+        "provider": "shengpay",
+        "merchant": "m1",
+        "total_fee": 1000,
+        "refund_fee": 100,
+        "reason": "customer returned goods",
+    });
+    shared::job::parse_request(body.to_string().as_bytes()).expect("a valid request")
+}
+
+// ---- ShengPay status query --------------------------------------------------------------------
+
+/// Signed status query fields for `refund_no` at the first dev merchant (unsigned map).
+pub fn query_fields(refund_no: &str) -> Map<String, Value> {
+    let Value::Object(map) = json!({
+        "appId": APP_ID,
+        "mchId": MCH_ID,
+        "outRefundNo": refund_no,
+        "nonceStr": unique("nonce"),
+        "signType": "RSA",
+    }) else {
+        unreachable!("a JSON object literal")
+    };
+    map
+}
+
+pub async fn post_query(
+    client: &reqwest::Client,
+    sim: &SimHandle,
+    body: String,
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .post(sim.shengpay_query_url())
+        .header("content-type", "application/json; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+}
+
+/// Sends a signed status query and returns the parsed answer (asserting HTTP 200).
+pub async fn shengpay_query(
+    client: &reqwest::Client,
+    sim: &SimHandle,
+    fields: Map<String, Value>,
+) -> Map<String, Value> {
+    let response = post_query(client, sim, signed(fields))
+        .await
+        .expect("HTTP response");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("JSON object")
+}
+
+// ---- Verification with the rsa crate ------------------------------------------------------
+
+/// True when `sign` verifies with the platform PUBLIC key, checked with the `rsa` crate over
+/// the canonical string of the parsed fields (a second check beside openssl's [`verifies`]).
+pub fn verifies_rsa(fields: &Map<String, Value>) -> bool {
+    use rsa::pkcs1v15::{Signature, VerifyingKey};
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::signature::Verifier as _;
+    let Some(sign) = fields.get("sign").and_then(Value::as_str) else {
+        return false;
+    };
+    let pem = std::fs::read_to_string(key_path("shengpay_platform_public.pem")).expect("key");
+    let key = rsa::RsaPublicKey::from_public_key_pem(&pem).expect("SPKI PEM public key");
+    let Ok(bytes) = BASE64.decode(sign) else {
+        return false;
+    };
+    let Ok(signature) = Signature::try_from(bytes.as_slice()) else {
+        return false;
+    };
+    let message = canonical(fields);
+    match fields.get("signType").and_then(Value::as_str) {
+        Some("RSA2") => VerifyingKey::<sha2::Sha256>::new(key)
+            .verify(message.as_bytes(), &signature)
+            .is_ok(),
+        _ => VerifyingKey::<sha1::Sha1>::new(key)
+            .verify(message.as_bytes(), &signature)
+            .is_ok(),
+    }
+}
+
+// ---- A notify receiver ----------------------------------------------------------------------
+
+/// One notify as the receiver got it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub content_type: String,
+    pub body: String,
+    pub fields: Map<String, Value>,
+    /// Whether `sign` verified (rsa crate, platform public key).
+    pub verified: bool,
+    /// The HTTP status the receiver answered.
+    pub answered: u16,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    received: Vec<Received>,
+    /// Answers for the next verified notifies, in order; then 200 `SUCCESS`.
+    script: std::collections::VecDeque<(u16, String)>,
+}
+
+/// A notify receiver on a free port, like the worker's: a notify whose signature does not
+/// verify is answered 401; a verified one gets the next scripted answer, else 200 `SUCCESS`.
+pub struct Receiver {
+    pub url: String,
+    state: std::sync::Arc<std::sync::Mutex<ReceiverState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        Receiver::scripted(Vec::new()).await
+    }
+
+    /// A receiver that answers its first verified notifies with `answers`.
+    pub async fn scripted(answers: Vec<(u16, &str)>) -> Receiver {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode};
+        type Shared = std::sync::Arc<std::sync::Mutex<ReceiverState>>;
+        async fn notify(
+            State(state): State<Shared>,
+            headers: HeaderMap,
+            body: String,
+        ) -> (StatusCode, String) {
+            let fields: Map<String, Value> = serde_json::from_str(&body).unwrap_or_default();
+            let verified = verifies_rsa(&fields);
+            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+            let (status, answer) = if !verified {
+                (401, "FAIL: bad sign".to_owned())
+            } else {
+                state
+                    .script
+                    .pop_front()
+                    .unwrap_or((200, "SUCCESS".to_owned()))
+            };
+            state.received.push(Received {
+                content_type: headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned(),
+                body,
+                fields,
+                verified,
+                answered: status,
+            });
+            (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                answer,
+            )
+        }
+        let state: Shared = std::sync::Arc::new(std::sync::Mutex::new(ReceiverState {
+            received: Vec::new(),
+            script: answers
+                .into_iter()
+                .map(|(s, a)| (s, a.to_owned()))
+                .collect(),
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("receiver binds");
+        let addr = listener.local_addr().expect("receiver address");
+        let app = axum::Router::new()
+            .route("/notify/shengpay", axum::routing::post(notify))
+            .with_state(std::sync::Arc::clone(&state));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver {
+            url: format!("http://{addr}/notify/shengpay"),
+            state,
+            task,
+        }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .received
+            .clone()
+    }
+
+    /// Waits until at least `n` notifies arrived (panics after 10 s) and returns them all.
+    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let received = self.received();
+            if received.len() >= n {
+                return received;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {n} notifies, got {}: {received:#?}",
+                received.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Refund fields whose `notifyUrl` is `receiver`'s.
+pub fn refund_fields_to(
+    receiver: &Receiver,
+    order_no: &str,
+    refund_no: &str,
+    total: i64,
+    refund: i64,
+) -> Map<String, Value> {
+    let mut fields = refund_fields(order_no, refund_no, total, refund);
+    fields.insert("notifyUrl".into(), receiver.url.clone().into());
+    fields
+}
+
+/// Waits until `check` holds for the simulator (panics after 10 s).
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

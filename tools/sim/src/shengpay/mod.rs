@@ -1,4 +1,6 @@
-//! The simulated ShengPay refund API: `POST /api/v1/payment/refund`, signed JSON both ways.
+//! The simulated ShengPay: the refund call (`POST /api/v1/payment/refund`, here), the refund's
+//! asynchronous end ([`lifecycle`]), the notify it sends ([`notify`]) and the status query
+//! ([`query`]), all signed JSON.
 //!
 //! The signature rule (DESIGN.md §5) is implemented here independently of our client: every
 //! field except `sign`, nulls and empty values dropped, keys sorted by ASCII, `k=v` joined with
@@ -12,16 +14,27 @@ use std::fmt::Write as _;
 use hyper::StatusCode;
 use rand::Rng;
 use rand::distr::Alphanumeric;
+use rand::rngs::StdRng;
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::Provider;
-use super::calls::Outcome;
-use super::crypto::{self, SignType};
-use super::faults::{FaultAction, Fired, fault_code};
-use super::ledger::{Decision, MAX_FEE, PaidRefund, RefundAttempt};
-use super::server::{Reply, SimState, lock};
+use crate::Provider;
+use crate::calls::Outcome;
+use crate::crypto::{self, SignType};
+use crate::faults::{FaultAction, Fired, fault_code};
+use crate::ledger::{Decision, MAX_FEE, PaidRefund, RefundAttempt};
+use crate::server::{Reply, ShengPayAccount, SimState, lock};
+
+mod lifecycle;
+mod notify;
+mod query;
+
+pub(crate) use lifecycle::{Book, Tracked, Which, end_refunds, run_ticker};
+pub use lifecycle::{RefundStatus, ShengPayRefund};
+pub(crate) use notify::{Notifier, resend};
+pub use notify::{NotifyKind, NotifyOutcome, NotifyRecord};
+pub(crate) use query::process_query;
 
 /// A request field's value, kept as it was written.
 #[derive(Clone, Debug, PartialEq)]
@@ -144,13 +157,14 @@ pub(crate) fn find_merchant(state: &SimState, req: &SpRequest) -> Option<usize> 
 }
 
 /// A response field as it will be written: a JSON string or a JSON integer.
-enum Out {
+pub(crate) enum Out {
     Str(String),
     Num(i64),
 }
 
-/// Builds a response in the order fields are added, then signs exactly what it writes.
-struct ResponseBuilder {
+/// Builds a response (or notify) in the order fields are added, then signs exactly what it
+/// writes.
+pub(crate) struct ResponseBuilder {
     fields: Vec<(&'static str, Out)>,
     /// Whether this response writes amounts as JSON strings (see `string_amounts_rate`).
     string_amounts: bool,
@@ -160,7 +174,7 @@ struct ResponseBuilder {
 }
 
 impl ResponseBuilder {
-    fn new(string_amounts: bool, amount_coins: u32) -> Self {
+    pub(crate) fn new(string_amounts: bool, amount_coins: u32) -> Self {
         ResponseBuilder {
             fields: Vec::new(),
             string_amounts,
@@ -168,12 +182,12 @@ impl ResponseBuilder {
         }
     }
 
-    fn str(&mut self, key: &'static str, value: impl Into<String>) -> &mut Self {
+    pub(crate) fn str(&mut self, key: &'static str, value: impl Into<String>) -> &mut Self {
         self.fields.push((key, Out::Str(value.into())));
         self
     }
 
-    fn amount(&mut self, key: &'static str, value: i64) -> &mut Self {
+    pub(crate) fn amount(&mut self, key: &'static str, value: i64) -> &mut Self {
         let bit = self.fields.len() % 32;
         let as_string =
             self.string_amounts && (key == "refundFee" || self.amount_coins & (1 << bit) != 0);
@@ -186,7 +200,7 @@ impl ResponseBuilder {
         self
     }
 
-    fn finish(self, state: &SimState, sign_type: SignType, corrupt: bool) -> String {
+    pub(crate) fn finish(self, state: &SimState, sign_type: SignType, corrupt: bool) -> String {
         let texts: Vec<(&str, String)> = self
             .fields
             .iter()
@@ -230,38 +244,104 @@ fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
-/// Handles one refund call after fault selection. `fired` is the rule that fired, if any; only
-/// its decline, retry_later and bad_signature actions matter here.
-pub(crate) fn process(
-    state: &SimState,
-    req: &Result<SpRequest, String>,
-    merchant: Option<usize>,
-    fired: Option<&Fired>,
-) -> Reply {
-    let corrupt = fired.is_some_and(|f| f.action == Some(FaultAction::BadSignature));
-    let (nonce, string_amounts, coins) = {
-        let mut faults = lock(&state.faults);
-        let rng = faults.rng();
-        let nonce: String = (0..32)
-            .map(|_| char::from(rng.sample(Alphanumeric)))
-            .collect();
-        let string_amounts = rng.random_bool(state.settings.string_amounts_rate);
-        (nonce, string_amounts, rng.random::<u32>())
-    };
-    let respond = |builder: ResponseBuilder, sign_type: SignType, outcome: Outcome, code: &str| {
-        let mut builder = builder;
-        builder
-            .str("nonceStr", nonce.clone())
-            .str("signType", sign_type.as_str());
+/// What every answer to one call shares: its nonce, how it writes amounts, how it is signed
+/// and which request fields it echoes (every answer names the refund it answers).
+pub(crate) struct Responder<'a> {
+    state: &'a SimState,
+    nonce: String,
+    string_amounts: bool,
+    coins: u32,
+    corrupt: bool,
+    sign_type: SignType,
+    echo: Vec<(&'static str, String)>,
+}
+
+/// A fresh nonce and the amount-style choices (whether amounts are strings, and which), from
+/// a seeded random source.
+pub(crate) fn random_bits(rng: &mut StdRng, string_amounts_rate: f64) -> (String, bool, u32) {
+    let nonce: String = (0..32)
+        .map(|_| char::from(rng.sample(Alphanumeric)))
+        .collect();
+    let string_amounts = rng.random_bool(string_amounts_rate);
+    (nonce, string_amounts, rng.random::<u32>())
+}
+
+impl<'a> Responder<'a> {
+    pub(crate) fn new(state: &'a SimState, fired: Option<&Fired>) -> Self {
+        // The calls' random source, shared with the rule rates: one seed reproduces a run.
+        let (nonce, string_amounts, coins) = random_bits(
+            lock(&state.faults).rng(),
+            state.settings.string_amounts_rate,
+        );
+        Responder {
+            state,
+            nonce,
+            string_amounts,
+            coins,
+            corrupt: fired.is_some_and(|f| f.action == Some(FaultAction::BadSignature)),
+            // FAIL responses are signed too; with no usable signType, the seed's default.
+            sign_type: SignType::Rsa,
+            echo: Vec::new(),
+        }
+    }
+
+    /// A builder that writes amounts the way this answer does.
+    pub(crate) fn builder(&self) -> ResponseBuilder {
+        ResponseBuilder::new(self.string_amounts, self.coins)
+    }
+
+    pub(crate) fn reply(&self, mut b: ResponseBuilder, outcome: Outcome, code: &str) -> Reply {
+        b.str("nonceStr", self.nonce.clone())
+            .str("signType", self.sign_type.as_str());
         Reply {
             status: StatusCode::OK,
             content_type: "application/json;charset=UTF-8",
-            body: builder.finish(state, sign_type, corrupt),
+            body: b.finish(self.state, self.sign_type, self.corrupt),
             outcome,
             code: (!code.is_empty()).then(|| code.to_owned()),
+            accepted: None,
+            detail: None,
         }
-    };
+    }
 
+    fn echo(&self, b: &mut ResponseBuilder) {
+        for (key, value) in &self.echo {
+            b.str(key, value.clone());
+        }
+    }
+
+    /// A request the provider refuses before it reaches business logic: `returnCode FAIL`.
+    pub(crate) fn return_fail(&self, code: &str, msg: &str) -> Reply {
+        let mut b = ResponseBuilder::new(false, 0);
+        b.str("returnCode", "FAIL")
+            .str("returnMsg", msg)
+            .str("errorCode", code)
+            .str("errorCodeDes", msg);
+        self.echo(&mut b);
+        self.reply(b, Outcome::Rejected, code)
+    }
+
+    /// A business FAIL: `returnCode SUCCESS`, `resultCode FAIL`.
+    pub(crate) fn result_fail(&self, code: &str, msg: &str, outcome: Outcome) -> Reply {
+        let mut b = ResponseBuilder::new(false, 0);
+        b.str("returnCode", "SUCCESS")
+            .str("returnMsg", "OK")
+            .str("resultCode", "FAIL")
+            .str("errorCode", code)
+            .str("errorCodeDes", msg);
+        self.echo(&mut b);
+        self.reply(b, outcome, code)
+    }
+}
+
+/// What refund calls and status queries check alike: a readable request from a known account,
+/// signed by it. Sets the answer's sign type and echoed fields on the way.
+pub(crate) fn authenticate<'r, 's>(
+    r: &mut Responder<'s>,
+    req: &'r Result<SpRequest, String>,
+    merchant: Option<usize>,
+    echo: &[&'static str],
+) -> Result<(&'r SpRequest, &'s ShengPayAccount), Box<Reply>> {
     let req = match req {
         Ok(req) => req,
         Err(reason) => {
@@ -269,65 +349,75 @@ pub(crate) fn process(
             b.str("returnCode", "FAIL")
                 .str("returnMsg", reason.clone())
                 .str("errorCode", "PARAMS_ERROR");
-            return respond(b, SignType::Rsa, Outcome::Rejected, "PARAMS_ERROR");
+            return Err(Box::new(r.reply(b, Outcome::Rejected, "PARAMS_ERROR")));
         }
     };
-    let requested_sign_type = req.text("signType").map(SignType::parse);
-    // FAIL responses are signed too; with no usable signType, the seed's default.
-    let sign_type = requested_sign_type.flatten().unwrap_or(SignType::Rsa);
-    let echo = |b: &mut ResponseBuilder| {
-        for key in ["mchId", "appId", "outTradeNo", "outRefundNo"] {
-            if let Some(v) = req.text(key) {
-                b.str(key, v);
-            }
-        }
-    };
-    // A request the provider refuses before it reaches business logic: `returnCode FAIL`.
-    let return_fail = |code: &str, msg: &str| {
-        let mut b = ResponseBuilder::new(false, 0);
-        b.str("returnCode", "FAIL")
-            .str("returnMsg", msg)
-            .str("errorCode", code)
-            .str("errorCodeDes", msg);
-        echo(&mut b);
-        respond(b, sign_type, Outcome::Rejected, code)
-    };
-    // A business FAIL: `returnCode SUCCESS`, `resultCode FAIL`.
-    let result_fail = |code: &str, msg: &str, outcome: Outcome| {
-        let mut b = ResponseBuilder::new(false, 0);
-        b.str("returnCode", "SUCCESS")
-            .str("returnMsg", "OK")
-            .str("resultCode", "FAIL")
-            .str("errorCode", code)
-            .str("errorCodeDes", msg);
-        echo(&mut b);
-        respond(b, sign_type, outcome, code)
-    };
-
+    if let Some(sign_type) = req.text("signType").and_then(SignType::parse) {
+        r.sign_type = sign_type;
+    }
+    r.echo = echo
+        .iter()
+        .filter_map(|key| req.text(key).map(|v| (*key, v.to_owned())))
+        .collect();
     for key in ["mchId", "appId"] {
         if req.text(key).is_none() {
-            return result_fail("LACK_PARAMS", &format!("missing {key}"), Outcome::Rejected);
+            return Err(Box::new(r.result_fail(
+                "LACK_PARAMS",
+                &format!("missing {key}"),
+                Outcome::Rejected,
+            )));
         }
     }
-    let Some(merchant) = merchant.and_then(|i| state.settings.shengpay.get(i)) else {
-        return return_fail("MCH_NOT_FOUND", "merchant not found");
+    let state = r.state;
+    let Some(account) = merchant.and_then(|i| state.settings.shengpay.get(i)) else {
+        return Err(Box::new(
+            r.return_fail("MCH_NOT_FOUND", "merchant not found"),
+        ));
     };
     let (Some(sign), Some(sign_type_text)) = (req.text("sign"), req.text("signType")) else {
-        return result_fail("LACK_PARAMS", "missing sign or signType", Outcome::Rejected);
+        return Err(Box::new(r.result_fail(
+            "LACK_PARAMS",
+            "missing sign or signType",
+            Outcome::Rejected,
+        )));
     };
     let Some(request_sign_type) = SignType::parse(sign_type_text) else {
-        return result_fail(
+        return Err(Box::new(r.result_fail(
             "PARAMS_ERROR",
             &format!("unsupported signType {sign_type_text}"),
             Outcome::Rejected,
-        );
+        )));
     };
-    if !merchant
+    if !account
         .key
         .verify(request_sign_type, req.canonical().as_bytes(), sign)
     {
-        return return_fail("SIGN_ERROR", "sign error");
+        return Err(Box::new(r.return_fail("SIGN_ERROR", "sign error")));
     }
+    Ok((req, account))
+}
+
+/// Handles one refund call after fault selection. `fired` is the rule that fired, if any; only
+/// its decline, retry_later, bad_signature, refund_close and change actions matter here.
+///
+/// Acceptance reserves the amount and starts the refund's `PROCESSING` time; the call itself
+/// answers as ShengPay does, with no status: how the refund ends comes by notify and query.
+pub(crate) fn process(
+    state: &SimState,
+    req: &Result<SpRequest, String>,
+    merchant: Option<usize>,
+    fired: Option<&Fired>,
+) -> Reply {
+    let mut r = Responder::new(state, fired);
+    let (req, merchant) = match authenticate(
+        &mut r,
+        req,
+        merchant,
+        &["mchId", "appId", "outTradeNo", "outRefundNo"],
+    ) {
+        Ok(found) => found,
+        Err(reply) => return *reply,
+    };
     for key in [
         "outTradeNo",
         "outRefundNo",
@@ -337,24 +427,27 @@ pub(crate) fn process(
         "notifyUrl",
     ] {
         if req.text(key).is_none() {
-            return result_fail("LACK_PARAMS", &format!("missing {key}"), Outcome::Rejected);
+            return r.result_fail("LACK_PARAMS", &format!("missing {key}"), Outcome::Rejected);
         }
     }
     let params = match validate(req) {
         Ok(p) => p,
-        Err(msg) => return result_fail("PARAMS_ERROR", &msg, Outcome::Rejected),
+        Err(msg) => return r.result_fail("PARAMS_ERROR", &msg, Outcome::Rejected),
     };
 
+    let mut ends = RefundStatus::Success;
     if let Some(fired) = fired {
         match fired.action {
             Some(FaultAction::Decline) => {
                 let (code, msg) = fault_code(fired);
-                return result_fail(&code, &msg, Outcome::Declined);
+                return r.result_fail(&code, &msg, Outcome::Declined);
             }
             Some(FaultAction::RetryLater) => {
                 let (code, msg) = fault_code(fired);
-                return result_fail(&code, &msg, Outcome::RetryLater);
+                return r.result_fail(&code, &msg, Outcome::RetryLater);
             }
+            Some(FaultAction::RefundClose) => ends = RefundStatus::RefundClose,
+            Some(FaultAction::Change) => ends = RefundStatus::Change,
             _ => {}
         }
     }
@@ -368,33 +461,46 @@ pub(crate) fn process(
         refund_fee: params.refund_fee,
         coupon_rate: state.settings.coupon_rate,
     };
-    let decision = lock(&state.ledger).apply(&attempt, state.clock.now());
+    let now = state.clock.now();
+    // The book is locked around the ledger so that a query never sees a refund the ledger
+    // accepted but the book does not know yet (lock order everywhere: refunds, then ledger).
+    let decision = {
+        let mut book = lock(&state.refunds);
+        let decision = lock(&state.ledger).apply(&attempt, now, false);
+        if let Decision::Paid(paid) = &decision {
+            book.register(Tracked::new(
+                paid,
+                merchant,
+                r.sign_type,
+                req.text("notifyUrl"),
+                ends,
+                now,
+                state.settings.processing,
+            ));
+        }
+        decision
+    };
     let (paid, outcome) = match decision {
         Decision::Paid(p) => (p, Outcome::Paid),
         Decision::Replayed(p) => (p, Outcome::Replayed),
         Decision::Conflict => {
-            return result_fail(
+            return r.result_fail(
                 "PARAMS_ERROR",
                 "outRefundNo reused with different parameters",
                 Outcome::Rejected,
             );
         }
         Decision::Declined { code, message } => {
-            return result_fail(code, &message, Outcome::Declined);
+            return r.result_fail(code, &message, Outcome::Declined);
         }
     };
-    respond(
-        success(
-            &paid,
-            &merchant.app_id,
-            &merchant.mch_id,
-            string_amounts,
-            coins,
-        ),
-        sign_type,
-        outcome,
-        "",
-    )
+    let b = success(&paid, &merchant.app_id, &merchant.mch_id, r.builder());
+    let mut reply = r.reply(b, outcome, "");
+    if outcome == Outcome::Paid {
+        reply.accepted = Some((merchant.name.clone(), paid.refund_no.clone()));
+        state.wake.notify_one();
+    }
+    reply
 }
 
 struct Params<'a> {
@@ -456,10 +562,8 @@ fn success(
     paid: &PaidRefund,
     app_id: &str,
     mch_id: &str,
-    string_amounts: bool,
-    coins: u32,
+    mut b: ResponseBuilder,
 ) -> ResponseBuilder {
-    let mut b = ResponseBuilder::new(string_amounts, coins);
     b.str("returnCode", "SUCCESS")
         .str("returnMsg", "OK")
         .str("resultCode", "SUCCESS")
