@@ -361,7 +361,15 @@ mod notify {
         common::App,
     ) {
         let (base, db) = testkit::test_config().await.unwrap();
-        let sim = testkit::start_sim(vec![], 0.0).await.unwrap();
+        // The simulator's own notifies are dropped: these tests send theirs.
+        let sim = testkit::start_sim(
+            vec![refund_sim::FaultRule::new(
+                refund_sim::FaultAction::NotifyDrop,
+            )],
+            0.0,
+        )
+        .await
+        .unwrap();
         let mut config = testkit::with_sim_merchants(&base, &sim).unwrap();
         for m in &mut config.shengpay.merchants {
             m.final_on_accept = false;

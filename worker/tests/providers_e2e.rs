@@ -156,7 +156,11 @@ async fn a_response_whose_signature_does_not_verify_never_produces_succeeded_or_
 -> anyhow::Result<()> {
     // Every ShengPay answer for these orders carries a corrupted signature (the refund is paid
     // at the provider all the same): the worker must keep treating the outcome as unknown.
-    let rules = vec![FaultRule::new(FaultAction::BadSignature).order_no("^S")];
+    // Its notifies are dropped too: a verified notify would rightly book it.
+    let rules = vec![
+        FaultRule::new(FaultAction::BadSignature).order_no("^S"),
+        FaultRule::new(FaultAction::NotifyDrop),
+    ];
     let sim = testkit::start_sim(rules, 0.0).await?;
     let (mut base, db) = testkit::test_config().await?;
     base.worker.retry.max_attempts = 3;

@@ -657,7 +657,9 @@ pub fn absolutise(path: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// `config/sim.toml`'s merchants and keys (paths made absolute) with these fault rules in place
-/// of the demo's and this share of coupon refunds.
+/// of the demo's and this share of coupon refunds. ShengPay refunds end (and their notifies go
+/// out) as they are accepted, not after the file's processing time: tests wait on ends, and a
+/// test that needs a refund to stay `PROCESSING` sets `shengpay.processing_ms` itself.
 pub fn local_sim_config(
     rules: Vec<refund_sim::FaultRule>,
     coupon_rate: f64,
@@ -672,6 +674,7 @@ pub fn local_sim_config(
     }
     c.rules = rules;
     c.coupon_rate = coupon_rate;
+    c.shengpay.processing_ms = 0;
     Ok(c)
 }
 
