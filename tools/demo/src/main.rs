@@ -386,6 +386,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bar.finish();
+    // ShengPay's day holds a refund only once it has ended: wait for the simulator to finish
+    // processing what it accepted before taking its statement.
+    while sim
+        .refunds()
+        .iter()
+        .any(|r| r.status == refund_sim::RefundStatus::Processing)
+    {
+        if started.elapsed() > Duration::from_secs(args.timeout_secs) {
+            bail!(
+                "the simulator still processes refunds after {} s",
+                args.timeout_secs
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Let the relay publish the last events.
     tokio::time::sleep(Duration::from_millis(800)).await;
 
