@@ -1,17 +1,27 @@
 # syntax=docker/dockerfile:1
 #
-# One image for every binary: refund-worker (default command), refundctl, refund-reconciler and
-# refund-sim. Build from the workspace root:
+# Two images from one file. The default (last) stage, `runtime`, is the production image: the
+# production binaries only, refund-worker (default command), refundctl and refund-reconciler
+# (DESIGN §2: worker/ and reconciler/). The development tools (the provider simulator
+# refund-sim, the fault proxy, the benchmarks, the demo) are built in a stage of their own and
+# shipped only in the `dev` image, so production never holds a fake provider that answers
+# "paid" to anything. Build from the workspace root:
 #
-#   docker build -t refunds:dev .
-#   docker run --rm refunds:dev refundctl --help
+#   docker build -t refunds:0.1.0 .                    # production
+#   docker build --target dev -t refunds-dev:0.1.0 .   # production + development tools
+#   docker run --rm refunds:0.1.0 refundctl --help
+#
+# `scripts/check-image.py` (run by `just lint`) checks that the production stage copies exactly
+# the workspace's production binaries and nothing else.
 #
 # The build stage compiles with the toolchain the workspace is tested with (rust-version in
 # Cargo.toml is the minimum) against libssl-dev; the runtime stage is Debian slim with only
-# libssl3 (lapin's TLS), CA certificates (https providers, amqps), tzdata (the reconciler
-# CronJob computes "yesterday" in the business time zone) and tini (PID 1: forwards SIGTERM,
-# reaps children). It runs as an unprivileged user and holds no configuration and no secrets:
-# refunds.toml, keys and URLs are mounted or set at run time (docs/operations.md).
+# libssl3 (the one TLS stack: PostgreSQL, AMQP and https providers), CA certificates (https
+# providers, amqps, the database's CA when public), tzdata (the reconciler CronJob computes
+# "yesterday" in the business time zone) and tini (PID 1: forwards SIGTERM, reaps children). It
+# runs as an unprivileged user and holds no configuration and no secrets: refunds.toml, keys and
+# URLs are mounted or set at run time (docs/operations.md). The dev image holds no keys or
+# config either (.dockerignore keeps keys/ and config/ out of the build context): mount them.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
@@ -29,12 +39,26 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked \
-        --bin refund-worker --bin refundctl --bin refund-reconciler --bin refund-sim \
+        --bin refund-worker --bin refundctl --bin refund-reconciler \
  && mkdir -p /out \
  && cp target/release/refund-worker target/release/refundctl \
-       target/release/refund-reconciler target/release/refund-sim /out/
+       target/release/refund-reconciler /out/
 
-FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+# The development tools, on top of the production build (same cache, so shared crates are
+# compiled once).
+FROM build AS build-dev
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo build --release --locked \
+        --bin refund-sim --bin fault-proxy --bin refund-demo \
+        --bin refund-bench --bin reconcile-bench --bin dlq-bench \
+ && mkdir -p /out-dev \
+ && cp target/release/refund-sim target/release/fault-proxy target/release/refund-demo \
+       target/release/refund-bench target/release/reconcile-bench target/release/dlq-bench \
+       /out-dev/
+
+FROM debian:${DEBIAN_RELEASE}-slim AS runtime-base
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libssl3 tzdata tini \
@@ -43,10 +67,6 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid refunds --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin refunds \
  && mkdir -p /etc/refunds
-COPY --from=build /out/ /usr/local/bin/
-LABEL org.opencontainers.image.title="refunds" \
-      org.opencontainers.image.description="Refund processor: refund-worker, refundctl, refund-reconciler, refund-sim" \
-      org.opencontainers.image.licenses="Apache-2.0"
 # Config files are looked up here: --config / REFUNDS_CONFIG, or ./refunds.toml.
 WORKDIR /etc/refunds
 ENV RUST_LOG=info
@@ -57,3 +77,18 @@ EXPOSE 9464 9465
 # In Kubernetes, set `args` (not `command`) so that tini stays PID 1.
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["refund-worker"]
+
+# The development image: the production binaries and the development tools.
+FROM runtime-base AS dev
+COPY --from=build /out/refund-worker /out/refundctl /out/refund-reconciler /usr/local/bin/
+COPY --from=build-dev /out-dev/ /usr/local/bin/
+LABEL org.opencontainers.image.title="refunds-dev" \
+      org.opencontainers.image.description="Refund processor with development tools: refund-sim, fault-proxy, refund-demo, benches; never for production" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# The production image (the default target): production binaries only.
+FROM runtime-base AS runtime
+COPY --from=build /out/refund-worker /out/refundctl /out/refund-reconciler /usr/local/bin/
+LABEL org.opencontainers.image.title="refunds" \
+      org.opencontainers.image.description="Refund processor: refund-worker, refundctl, refund-reconciler" \
+      org.opencontainers.image.licenses="Apache-2.0"

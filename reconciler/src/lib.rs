@@ -18,9 +18,13 @@
 
 pub mod cli;
 pub mod day;
+pub mod fetch;
+pub mod plain;
 pub mod progress;
+pub mod repair;
 pub mod report;
 pub mod run;
+pub mod runs;
 pub mod schedule;
 pub mod statement;
 
@@ -28,12 +32,14 @@ pub use report::Format;
 pub use run::{RunError, RunOutcome, RunRequest, Status};
 
 /// The discrepancy kinds of DESIGN §7, as stored and reported.
-pub const KINDS: [&str; 5] = [
+pub const KINDS: [&str; 7] = [
     "amount_mismatch",
     "missing_at_provider",
     "missing_in_ledger",
     "duplicate_at_provider",
     "pending",
+    "invalid_at_provider",
+    "statement_missing",
 ];
 
 /// Providers a statement row or `--provider` may name.

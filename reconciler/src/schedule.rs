@@ -2,14 +2,20 @@
 //! `reconciler.schedule` (seconds first, as the `cron` crate reads it; default `0 30 2 * * *`),
 //! evaluated in the configured time zone.
 //!
-//! Each firing at local time T runs the date before T's date, against the provider results
-//! recorded per attempt (a schedule has no statement files; finance reruns a day with the
-//! provider's statement when it arrives, which supersedes the scheduled run). Each run and its
-//! outcome is logged (JSON lines): `info` when balanced, `warn` with the counts when there are
-//! discrepancies, `error` when the run could not be done; the loop carries on either way.
-//! A firing missed while the process was down is not caught up. SIGTERM or Ctrl-C stops the
-//! loop, abandoning a run in progress (its transaction rolls back; nothing half-stored).
-//! In Kubernetes the CronJob runs `refund-reconciler run --date ...` instead of this loop.
+//! Each firing at local time T runs the date before T's date. With `[reconciler.statements]`
+//! configured it first gathers that day's statements ([`crate::fetch`]), waiting for those not
+//! there yet: up to `reconciler.statement_wait_attempts` looks,
+//! `reconciler.statement_wait_interval_secs` apart, each logged; then it reconciles against
+//! them, a statement still missing being `statement_missing` (the day is not balanced, logged
+//! at `warn`). Without statements configured it compares against the provider results recorded
+//! per attempt, which is not an independent comparison (finance reruns the day with the
+//! provider's statement, which supersedes it). Each run and its outcome is logged (JSON lines):
+//! `info` when balanced, `warn` with the counts when there are discrepancies, `error` when the
+//! run could not be done; the loop carries on either way. A firing missed while the process was
+//! down (or while it waited for statements) is not caught up. SIGTERM or Ctrl-C stops the
+//! loop, abandoning a wait or a run in progress (its transaction rolls back; nothing
+//! half-stored). In Kubernetes the CronJob runs `refund-reconciler run --date yesterday --wait`
+//! instead of this loop.
 
 use std::future::Future;
 
@@ -71,12 +77,29 @@ pub async fn run_schedule(
         }
         let started = std::time::Instant::now();
         tracing::info!(date = %date, "reconciliation started");
-        let request = RunRequest::new(date);
         let progress = Progress::hidden();
+        let attempt = async {
+            let mut request = RunRequest::new(date);
+            // Kept until the run is stored: it owns the downloaded statements.
+            let _fetcher = crate::fetch::prepare(&config, &mut request, true)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let outcome = crate::run::run(&pool, &config, &request, &progress).await?;
+            if !request.missing.is_empty() {
+                tracing::warn!(
+                    date = %date, missing = request.missing.len(),
+                    "configured statements still not there: the day is not balanced"
+                );
+            }
+            Ok::<_, anyhow::Error>(outcome)
+        };
         let result = tokio::select! {
-            r = crate::run::run(&pool, &config, &request, &progress) => r,
+            r = attempt => r,
             () = &mut shutdown => {
-                tracing::warn!(date = %date, "stopped during a run; the run was not stored");
+                tracing::warn!(
+                    date = %date,
+                    "stopped while waiting for statements or during a run; the run was not stored"
+                );
                 return Ok(());
             }
         };

@@ -12,13 +12,18 @@
 //! | `refund_no` | 1–32 characters of `[0-9A-Za-z_-]` (the request contract's rule) |
 //! | `provider_refund_id` | empty (the provider gave none) or at most 128 characters, no control characters |
 //! | `refund_fee` | an integer of fen, ASCII digits only (no sign, decimal point, exponent or space), `1 ..= 100_000_000_000` |
-//! | `settlement_refund_fee` | the same, `0 ..= refund_fee` |
+//! | `settlement_refund_fee` | the same, `0 ..= MAX_FEE` (above `refund_fee`: see below) |
 //! | `refunded_at` | RFC 3339 with an offset (`2026-11-21T23:59:59.500+08:00`, `...Z`) |
 //!
 //! Anything else (a different header, a missing or extra field, invalid UTF-8, `12.5`, `1e3`,
 //! ` 7`, a timestamp without offset) stops the run before anything is stored, with an error
 //! naming the file, the line, and the column and field. Fields may be quoted, lines may end in
 //! CRLF, and a leading UTF-8 byte order mark (spreadsheet exports) is ignored.
+//!
+//! A row that keeps the contract but cannot be right, its settlement above its refund_fee
+//! (settlement is the refund minus non-cash coupons), is read and flagged ([`Row::invalid`]):
+//! the run reports it as `invalid_at_provider` and reconciles the rest of the day, rather than
+//! one impossible row stopping everything.
 //!
 //! A row's business date is `refunded_at` in the configured time zone. A statement may hold
 //! rows of several days; only rows that can matter for the run's date are staged: rows of the
@@ -75,6 +80,16 @@ pub enum StatementError {
         line: u64,
         message: String,
     },
+    #[error(
+        "statement {path} has no row dated {date} ({found}): the statement of another day? \
+         Give the statement of {date}; the next or previous day's statement is accepted beside it"
+    )]
+    WrongDay {
+        path: String,
+        date: NaiveDate,
+        /// What the file holds instead.
+        found: String,
+    },
     #[error("statement {path} line {line}, column {column} ({field}): {message}")]
     Field {
         path: String,
@@ -107,6 +122,8 @@ pub struct Row<'a> {
     pub refund_fee: i64,
     pub settlement_refund_fee: i64,
     pub refunded_at: DateTime<FixedOffset>,
+    /// The settlement is above the refund_fee: the provider's account of it cannot be right.
+    pub invalid: bool,
 }
 
 /// Reads a statement row by row, reusing one record buffer.
@@ -119,7 +136,11 @@ pub struct StatementReader<R: Read> {
 impl StatementReader<BufReader<File>> {
     /// Opens a statement file and checks its header.
     pub fn open(path: &std::path::Path) -> Result<Self, StatementError> {
-        let name = path.display().to_string();
+        Self::open_named(path, path.display().to_string())
+    }
+
+    /// Opens a statement file named `name` in errors (the URL it was fetched from).
+    pub fn open_named(path: &std::path::Path, name: String) -> Result<Self, StatementError> {
         let file = File::open(path).map_err(|source| StatementError::Io {
             path: name.clone(),
             source,
@@ -151,17 +172,36 @@ impl<R: Read> StatementReader<R> {
         if record.iter().eq(HEADER.iter().map(|h| h.as_bytes())) {
             return Ok(StatementReader { path, csv, record });
         }
+        // Both whole, on lines of their own, so that a difference of one character shows;
+        // control characters escaped (they would redraw a terminal), and a "header" longer
+        // than any real one (a binary file) cut at 1,000 characters.
         let found = record
             .iter()
             .map(|f| String::from_utf8_lossy(f).into_owned())
             .collect::<Vec<_>>()
             .join(",");
+        let mut shown: String = found
+            .chars()
+            .take(1000)
+            .flat_map(|c| {
+                if c.is_control() {
+                    c.escape_default().collect::<Vec<_>>()
+                } else {
+                    vec![c]
+                }
+            })
+            .collect();
+        if found.chars().count() > 1000 {
+            shown.push_str(&format!(
+                "... ({} characters in all)",
+                found.chars().count()
+            ));
+        }
         Err(StatementError::Line {
             path,
             line: 1,
             message: format!(
-                "the header must be exactly `{expected}`, found `{}`",
-                shorten(&found)
+                "the header is not the statement contract's\n  expected: {expected}\n  found:    {shown}"
             ),
         })
     }
@@ -262,13 +302,10 @@ impl<R: Read> StatementReader<R> {
             ));
         }
         let settlement_refund_fee = fen(settlement).map_err(|m| fail(5, m))?;
-        if settlement_refund_fee > refund_fee {
+        if settlement_refund_fee > MAX_FEE {
             return Err(fail(
                 5,
-                format!(
-                    "{settlement_refund_fee} is more than the refund_fee {refund_fee} \
-                     (settlement is the refund minus non-cash coupons)"
-                ),
+                format!("{settlement_refund_fee} is outside 0..={MAX_FEE} fen"),
             ));
         }
         let refunded_at = DateTime::parse_from_rfc3339(at).map_err(|e| {
@@ -290,6 +327,7 @@ impl<R: Read> StatementReader<R> {
             refund_fee,
             settlement_refund_fee,
             refunded_at,
+            invalid: settlement_refund_fee > refund_fee,
         }))
     }
 }
@@ -397,6 +435,38 @@ pub struct FileSummary {
     pub near_cutoff: u64,
     /// Rows of other dates, or of other providers than `--provider`.
     pub ignored: u64,
+    /// The earliest and latest business date of its rows (of the run's providers).
+    pub dates: Option<(NaiveDate, NaiveDate)>,
+    /// The providers ([`crate::PROVIDERS`]) it has rows of dated the run's date.
+    pub providers_on_date: Vec<String>,
+    /// The providers it has rows of dated the day before or after the run's date.
+    pub providers_next_to_date: Vec<String>,
+    /// The provider it was fetched for ([`Input::fetched_for`]).
+    pub fetched_for: Option<String>,
+}
+
+/// One statement to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    pub path: PathBuf,
+    /// How errors and the stored run name it (a file path, or the URL it was fetched from).
+    pub name: String,
+    /// The provider whose configured statement of the run's date it is (fetched from
+    /// `[reconciler.statements]`); `None` for a file handed in. A fetched statement with no
+    /// rows at all (the header only) says the provider paid nothing that day: it is accepted,
+    /// where a file handed in without a row of the date is refused as another day's.
+    pub fetched_for: Option<String>,
+}
+
+impl Input {
+    /// A file handed in (`--statement`), named by its path.
+    pub fn file(path: PathBuf) -> Self {
+        Input {
+            name: path.display().to_string(),
+            path,
+            fetched_for: None,
+        }
+    }
 }
 
 /// What loading found in every file.
@@ -419,25 +489,26 @@ pub const STAGING_DDL: &str = "CREATE TEMP TABLE IF NOT EXISTS recon_statement (
     business_date         date NOT NULL,
     edge                  boolean NOT NULL,
     file                  smallint NOT NULL,
-    line                  bigint NOT NULL
+    line                  bigint NOT NULL,
+    invalid               boolean NOT NULL
 )";
 
 const COPY_SQL: &str = "COPY pg_temp.recon_statement (provider, merchant, refund_no, \
     provider_refund_id, refund_fee, settlement_refund_fee, refunded_at, business_date, edge, \
-    file, line) FROM STDIN WITH (FORMAT binary)";
+    file, line, invalid) FROM STDIN WITH (FORMAT binary)";
 
 /// Loads `files` into the session's staging table (`recon_statement`), keeping only the rows
 /// that matter for `day` (and for `provider`, if given).
 pub async fn load(
     conn: &mut PgConnection,
-    files: &[PathBuf],
+    files: &[Input],
     day: &Day,
     provider: Option<&str>,
     bar: &ProgressBar,
 ) -> Result<LoadSummary, LoadError> {
     if files.len() > usize::from(u16::MAX >> 1) {
         return Err(StatementError::Line {
-            path: files[0].display().to_string(),
+            path: files[0].name.clone(),
             line: 0,
             message: "too many statement files".into(),
         }
@@ -504,7 +575,7 @@ pub async fn load(
 
 /// Parses every file into binary COPY chunks; `None` if the receiver went away.
 fn parse_all(
-    files: &[PathBuf],
+    files: &[Input],
     day: &Day,
     provider: Option<&str>,
     bar: &ProgressBar,
@@ -515,9 +586,9 @@ fn parse_all(
     buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
     buf.extend_from_slice(&0i32.to_be_bytes());
     buf.extend_from_slice(&0i32.to_be_bytes());
-    for (index, path) in files.iter().enumerate() {
+    for (index, input) in files.iter().enumerate() {
         let file_index = i16::try_from(index).unwrap_or(i16::MAX);
-        let mut reader = match StatementReader::open(path) {
+        let mut reader = match StatementReader::open_named(&input.path, input.name.clone()) {
             Ok(r) => r,
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));
@@ -526,9 +597,14 @@ fn parse_all(
         };
         let mut fs = FileSummary {
             path: reader.path().to_owned(),
+            fetched_for: input.fetched_for.clone(),
             ..FileSummary::default()
         };
         let mut last_progress = 0u64;
+        // Per provider of crate::PROVIDERS: rows on the date, rows on a neighbouring date.
+        let mut on_date = [false; 2];
+        let mut next_to_date = [false; 2];
+        let (before, after) = (day.date.pred_opt(), day.date.succ_opt());
         loop {
             let row = match reader.next_row() {
                 Ok(Some(row)) => row,
@@ -546,6 +622,16 @@ fn parse_all(
             let at = row.refunded_at.with_timezone(&Utc);
             let date = day.business_date_of(at);
             summary.coverage.see(row.provider, date);
+            let p = usize::from(row.provider != crate::PROVIDERS[0]);
+            if date == day.date {
+                on_date[p] = true;
+            } else if Some(date) == before || Some(date) == after {
+                next_to_date[p] = true;
+            }
+            fs.dates = Some(match fs.dates {
+                Some((first, last)) => (first.min(date), last.max(date)),
+                None => (date, date),
+            });
             let edge = match day.place(at) {
                 Placement::OnDay => {
                     fs.on_date += 1;
@@ -572,13 +658,58 @@ fn parse_all(
             }
         }
         bar.inc(reader.bytes_read().saturating_sub(last_progress));
+        let named = |flags: [bool; 2]| {
+            crate::PROVIDERS
+                .iter()
+                .zip(flags)
+                .filter(|(_, f)| *f)
+                .map(|(p, _)| (*p).to_owned())
+                .collect::<Vec<_>>()
+        };
+        fs.providers_on_date = named(on_date);
+        fs.providers_next_to_date = named(next_to_date);
         summary.files.push(fs);
+    }
+    if let Some(e) = wrong_day(&summary, day.date) {
+        let _ = tx.blocking_send(Err(e));
+        return None;
     }
     buf.extend_from_slice(&(-1i16).to_be_bytes());
     if tx.blocking_send(Ok(buf)).is_err() {
         return None;
     }
     Some(summary)
+}
+
+/// The first file that holds no row of `date` and is not a neighbouring day's statement given
+/// beside one of `date` (rows of the day before or after, of a provider another file has rows
+/// of `date` of). Such a file is a wrong day's statement: reconciled, every refund of the date
+/// would look unpaid, and the run would replace a good one.
+fn wrong_day(summary: &LoadSummary, date: NaiveDate) -> Option<StatementError> {
+    let on_date = |p: &String, except: usize| {
+        summary
+            .files
+            .iter()
+            .enumerate()
+            .any(|(i, f)| i != except && f.providers_on_date.contains(p))
+    };
+    let (_, f) = summary.files.iter().enumerate().find(|(i, f)| {
+        f.on_date == 0
+            && !f.providers_next_to_date.iter().any(|p| on_date(p, *i))
+            // The configured statement of the date, empty: nothing paid that day.
+            && !(f.rows == 0 && f.fetched_for.is_some())
+    })?;
+    let found = match f.dates {
+        None if f.rows == 0 => "it has no rows".to_owned(),
+        None => format!("none of its {} rows is of the providers reconciled", f.rows),
+        Some((first, last)) if first == last => format!("its {} rows are dated {first}", f.rows),
+        Some((first, last)) => format!("its {} rows are dated {first} to {last}", f.rows),
+    };
+    Some(StatementError::WrongDay {
+        path: f.path.clone(),
+        date,
+        found,
+    })
 }
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
@@ -603,7 +734,7 @@ fn encode_row(
         buf.extend_from_slice(&8i32.to_be_bytes());
         buf.extend_from_slice(&v.to_be_bytes());
     }
-    buf.extend_from_slice(&11i16.to_be_bytes());
+    buf.extend_from_slice(&12i16.to_be_bytes());
     text(buf, row.provider);
     text(buf, row.merchant);
     text(buf, row.refund_no);
@@ -621,6 +752,8 @@ fn encode_row(
     buf.extend_from_slice(&2i32.to_be_bytes());
     buf.extend_from_slice(&file.to_be_bytes());
     int8(buf, i64::try_from(row.line).unwrap_or(i64::MAX));
+    buf.extend_from_slice(&1i32.to_be_bytes());
+    buf.push(u8::from(row.invalid));
 }
 
 #[cfg(test)]
@@ -700,6 +833,16 @@ mod tests {
         assert!(e.to_string().contains("empty"), "{e}");
         let e = read_all(H.to_uppercase().as_bytes()).unwrap_err();
         assert!(e.to_string().contains("header"), "{e}");
+        // Both headers whole, one above the other, however long.
+        let long = "provider,merchant,refund_no,provider_refund_id,refund_fee,settlement_refund_fee,refunded_at,extra_column";
+        let e = read_all(format!("{long}\n").as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("expected: {}\n", HEADER.join(",")))
+                && e.contains(&format!("found:    {long}")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -716,13 +859,12 @@ mod tests {
             "settlement_refund_fee",
         );
         assert!(s.contains("not an integer"), "{s}");
-        let s = field_error(
-            &with_row("shengpay,m1,R2,RO2,100,101,2026-11-21T10:00:00+08:00"),
+        field_error(
+            &with_row("shengpay,m1,R2,RO2,100,100000000001,2026-11-21T10:00:00+08:00"),
             3,
             6,
             "settlement_refund_fee",
         );
-        assert!(s.contains("more than the refund_fee"), "{s}");
         field_error(
             &with_row("shengpay,m1,R2,RO2,0,0,2026-11-21T10:00:00+08:00"),
             3,
@@ -740,6 +882,18 @@ mod tests {
             3,
             5,
             "refund_fee",
+        );
+    }
+
+    #[test]
+    fn a_settlement_above_the_refund_is_read_and_flagged_invalid() {
+        let text = with_row("shengpay,m1,R2,RO2,100,101,2026-11-21T10:00:00+08:00");
+        let mut r = StatementReader::new("s.csv", text.as_slice()).unwrap();
+        assert!(!r.next_row().unwrap().unwrap().invalid);
+        let row = r.next_row().unwrap().unwrap();
+        assert_eq!(
+            (row.refund_fee, row.settlement_refund_fee, row.invalid),
+            (100, 101, true)
         );
     }
 

@@ -27,7 +27,8 @@ async fn small_day(env: &Env) -> std::path::PathBuf {
         local("2026-11-10 12:00:00"),
     )
     .await;
-    job(pool, "J-EXTRA", "wupay", "m2", 100, "dead").await;
+    // Failed on our side (a dead, unknown one would be settled by the repair loop).
+    job(pool, "J-EXTRA", "wupay", "m2", 100, "failed").await;
     append(
         &statement,
         &[row(
@@ -63,7 +64,38 @@ async fn the_json_report_has_exactly_the_contract_shape() {
         k.sort();
         k
     };
-    assert_eq!(keys(&v), ["date", "discrepancies", "status", "totals"]);
+    // The contract's four fields, and the ones added after them.
+    assert_eq!(
+        keys(&v),
+        [
+            "by_kind",
+            "date",
+            "discrepancies",
+            "independent",
+            "kept_current",
+            "nothing_to_reconcile",
+            "run_id",
+            "source",
+            "status",
+            "supersedes",
+            "totals"
+        ]
+    );
+    assert_eq!(v["source"], "statement");
+    assert_eq!(v["independent"], true);
+    let counted: i64 = v["by_kind"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["count"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        counted,
+        v["discrepancies"].as_array().unwrap().len() as i64,
+        "{}",
+        v["by_kind"]
+    );
+    assert_eq!(v["nothing_to_reconcile"], false);
     assert_eq!(v["date"], DAY);
     assert_eq!(v["status"], "discrepancies");
     let totals = v["totals"].as_array().unwrap();
@@ -137,7 +169,7 @@ async fn the_table_explains_each_discrepancy_and_points_at_its_job() {
         "{table}"
     );
     assert!(table.contains("see: refundctl job show J-EXTRA"), "{table}");
-    assert!(table.contains("job dead (outcome_unknown)"), "{table}");
+    assert!(table.contains("job failed"), "{table}");
     assert!(
         table.contains("s.csv:"),
         "the statement line is named: {table}"
@@ -263,6 +295,8 @@ async fn schedule_reconciles_the_previous_business_day_and_logs_the_outcome() {
     let env = env().await;
     let yesterday =
         (chrono::Utc::now().with_timezone(&TZ).date_naive() - chrono::Days::new(1)).to_string();
+    // Something to compare: a day with nothing on either side is not balanced.
+    seed_day(env.pool(), "Y", date(&yesterday), 20, true).await;
     let config = env.path("every-second.toml");
     std::fs::write(
         &config,

@@ -41,6 +41,10 @@ pub enum EventKind {
     Dead,
     #[serde(rename = "refund.resolved")]
     Resolved,
+    /// An operator corrected a final refund's booking after the fact, with the provider's
+    /// evidence: it now stands as `state` says.
+    #[serde(rename = "refund.corrected")]
+    Corrected,
     /// A request message that did not create a job (see the module docs).
     #[serde(rename = "request.refused")]
     Refused,
@@ -48,13 +52,14 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, for tests and docs.
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Accepted,
         EventKind::Succeeded,
         EventKind::Failed,
         EventKind::Rejected,
         EventKind::Dead,
         EventKind::Resolved,
+        EventKind::Corrected,
         EventKind::Refused,
     ];
 
@@ -66,6 +71,7 @@ impl EventKind {
             EventKind::Rejected => "refund.rejected",
             EventKind::Dead => "refund.dead",
             EventKind::Resolved => "refund.resolved",
+            EventKind::Corrected => "refund.corrected",
             EventKind::Refused => "request.refused",
         }
     }
@@ -101,7 +107,7 @@ pub struct OutcomeEvent {
     pub refund_fee: Option<i64>,
     pub settlement_refund_fee: Option<i64>,
     pub provider_refund_id: Option<String>,
-    /// On a job's events the provider's code (or ours: `LEASE_EXPIRED`, `MANUAL`); on
+    /// On a job's events the provider's code (or ours: `LEASE_EXPIRED`, `MANUAL`, `CORRECTED`); on
     /// `refund.rejected` and `request.refused` one of [`crate::job::ErrorCode`].
     pub error_code: Option<String>,
     pub error_message: Option<String>,

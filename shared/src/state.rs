@@ -144,6 +144,10 @@ pub enum Trigger {
     Replay,
     /// An operator settled a dead job by hand after checking with the provider.
     Resolve,
+    /// An operator corrected a final job that was booked wrongly (the provider paid a refund
+    /// we hold failed, did not pay one we hold succeeded, or paid another settlement). No
+    /// provider call follows: the correction only changes what we booked.
+    Correct,
 }
 
 /// One allowed transition.
@@ -203,6 +207,10 @@ pub const TRANSITIONS: &[Transition] = &[
     t(Dead, Received, Replay),
     t(Dead, Succeeded, Resolve),
     t(Dead, Failed, Resolve),
+    // The only way out of a final state, and never towards one that calls the provider.
+    t(Failed, Succeeded, Correct),
+    t(Succeeded, Failed, Correct),
+    t(Succeeded, Succeeded, Correct),
 ];
 
 /// The states a trigger may start from towards `to`.
@@ -226,9 +234,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn no_transition_leaves_a_final_state() {
-        for tr in TRANSITIONS {
-            assert!(!tr.from.is_final(), "{tr:?} leaves a final state");
+    fn only_an_operators_correction_leaves_a_final_state_and_only_for_another_final_one() {
+        for tr in TRANSITIONS.iter().filter(|tr| tr.from.is_final()) {
+            assert_eq!(tr.trigger, Correct, "{tr:?} leaves a final state");
+            assert!(tr.to.is_final(), "{tr:?}");
+        }
+        for tr in TRANSITIONS.iter().filter(|tr| tr.trigger == Correct) {
+            assert!(tr.from.is_final() && tr.to.is_final(), "{tr:?}");
+            assert!(
+                tr.from != Rejected && tr.to != Rejected,
+                "a rejected request never reached a provider: nothing to correct ({tr:?})"
+            );
         }
     }
 

@@ -229,13 +229,17 @@ async fn sigterm_stops_consuming_finishes_in_flight_refunds_exits_cleanly_and_a_
         "recorded {recorded} + queued {queued}"
     );
     // A call the provider answered too late for its timeout is parked for a retry, not lost;
-    // one whose retry wait the shutdown cut short stays `retry_wait`. Nothing else is paid.
+    // one whose retry wait the shutdown cut short stays `retry_wait`; one ShengPay accepted
+    // waits `accepted` for its notify or status query (the listener stopped with the worker).
+    // Nothing else is paid.
     let at = |s: State| counts.get(&s).copied().unwrap_or(0);
     assert!(
-        sim.paid().len() as i64 <= at(State::Succeeded) + at(State::RetryWait),
-        "paid {} but succeeded {} + retry_wait {}",
+        sim.paid().len() as i64
+            <= at(State::Succeeded) + at(State::Accepted) + at(State::RetryWait),
+        "paid {} but succeeded {} + accepted {} + retry_wait {}",
         sim.paid().len(),
         at(State::Succeeded),
+        at(State::Accepted),
         at(State::RetryWait)
     );
     // The next worker finishes everything: each refund paid once and booked once.

@@ -250,7 +250,7 @@ async fn every_event_carries_a_distinct_uuid_event_id_and_a_millisecond_occurred
 async fn an_event_relayed_again_after_a_crash_keeps_its_event_id() -> anyhow::Result<()> {
     let (mut config, db) = testkit::test_config().await?;
     config.worker.metrics_addr = testkit::free_addr()?;
-    with_dev_merchants(&mut config)?;
+    testkit::with_dev_merchants(&mut config)?;
     let file = testkit::toml_file("refund-worker-events-", &config)?;
     let events = EventQueue::bind(&config).await?;
     let start = |failpoint: Option<&str>| {
@@ -394,23 +394,11 @@ struct Case {
     field: Option<&'static str>,
 }
 
-/// `config` with the merchants of config/refunds.toml, pointed at a port nobody listens on
-/// (the tests that use them never pay).
-fn with_dev_merchants(config: &mut Config) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(testkit::workspace_root().join("config/refunds.toml"))?;
-    let dev = Config::from_toml(&text)?;
-    config.shengpay = dev.shengpay;
-    config.wupay = dev.wupay;
-    testkit::point_merchants(config, "http://127.0.0.1:9", |m| {
-        Some(format!("http://127.0.0.1:9/{m}/WuPay.asmx"))
-    })
-}
-
 /// The real clients of config/refunds.toml's merchants, as the worker builds them (their
 /// protocol checks are rules too).
 fn dev_registry() -> shared::provider::Registry {
     let mut config = Config::default();
-    with_dev_merchants(&mut config).expect("the dev merchants");
+    testkit::with_dev_merchants(&mut config).expect("the dev merchants");
     worker::app::build_registry(&config).expect("the dev registry")
 }
 

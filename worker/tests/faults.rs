@@ -4,7 +4,10 @@
 //! promise: the simulator paid each refund at most once, the ledger matches what it paid, every
 //! job is final or dead with a cause, no declined job was called again, no maybe-delivered
 //! request was resent to a non-idempotent merchant, and every published request is accounted
-//! for. A per-scenario table is printed at the end (run with `--nocapture` to see it).
+//! for. ShengPay refunds end asynchronously, as the simulator's do: accepted, then a notify
+//! (which the notify scenarios drop, repeat, reorder and forge) or a status query; every
+//! scenario plants refunds the provider closes or cannot credit, and every accepted job must
+//! end. A per-scenario table is printed at the end (run with `--nocapture` to see it).
 
 mod common;
 
@@ -15,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use refund_sim::{FaultAction, FaultRule, Outcome as SimOutcome, Provider, SimHandle};
+use refund_sim::{
+    FaultAction, FaultRule, NotifyKind, Operation, Outcome as SimOutcome, Provider, SimHandle,
+};
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
@@ -135,8 +140,34 @@ struct Tally {
     seconds: f64,
 }
 
-/// Each published refund: its provider and whether a decline was planted for it.
-type Planted = BTreeMap<String, (ProviderKind, bool)>;
+/// How the provider is made to end a refund (fault rules on its order number's first letter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// Paid, unless the scenario's injuries get in the way.
+    Normal,
+    /// A definitive FAIL on the call (`D…`).
+    Declined,
+    /// ShengPay accepts it, then closes it unpaid (`C…`).
+    Closed,
+    /// ShengPay accepts it, then cannot credit the card (`X…`).
+    Change,
+}
+
+/// Each published refund: its provider and how the provider was made to end it.
+type Planted = BTreeMap<String, (ProviderKind, End)>;
+
+/// The rules that plant the asynchronous ends. The simulator matches them apart from the rule
+/// that takes the call, so these refunds meet the scenario's transport faults too.
+fn async_end_rules() -> Vec<FaultRule> {
+    vec![
+        FaultRule::new(FaultAction::RefundClose)
+            .provider(Provider::ShengPay)
+            .order_no("^C"),
+        FaultRule::new(FaultAction::Change)
+            .provider(Provider::ShengPay)
+            .order_no("^X"),
+    ]
+}
 
 /// Messages PostgreSQL cannot store as they came: a U+0000 in a value echoed into the reason,
 /// in a field name, in the provider name and in the refund number, and a body over the limit.
@@ -176,9 +207,21 @@ fn workload(n: usize) -> (Vec<Vec<u8>>, Planted) {
         } else {
             (ProviderKind::Wupay, WUPAY[(i / 2) % 4])
         };
-        let declined = i % 10 == 3;
+        // Even numbers are ShengPay: 4 and 8 of every 20 end closed and not credited.
+        let end = match (i % 10, i % 20) {
+            (3, _) => End::Declined,
+            (_, 4) => End::Closed,
+            (_, 8) => End::Change,
+            _ => End::Normal,
+        };
         let refund_no = format!("F{i:05}");
-        let order_no = format!("{}{i:05}", if declined { "D" } else { "N" });
+        let letter = match end {
+            End::Normal => "N",
+            End::Declined => "D",
+            End::Closed => "C",
+            End::Change => "X",
+        };
+        let order_no = format!("{letter}{i:05}");
         bodies.push(
             serde_json::to_vec(&request_json(
                 &refund_no,
@@ -190,17 +233,22 @@ fn workload(n: usize) -> (Vec<Vec<u8>>, Planted) {
             ))
             .unwrap(),
         );
-        meta.insert(refund_no, (kind, declined));
+        meta.insert(refund_no, (kind, end));
     }
     (bodies, meta)
 }
 
 async fn open_jobs(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
     let c = ops::counts_by_state(pool).await?;
-    Ok([State::Received, State::InFlight, State::RetryWait]
-        .iter()
-        .map(|s| c.get(s).copied().unwrap_or(0))
-        .sum())
+    Ok([
+        State::Received,
+        State::InFlight,
+        State::RetryWait,
+        State::Accepted,
+    ]
+    .iter()
+    .map(|s| c.get(s).copied().unwrap_or(0))
+    .sum())
 }
 
 /// Checks the promise after a scenario; every violation is named in `problems`.
@@ -222,12 +270,14 @@ async fn audit(
             by_refund.entry(no.clone()).or_default().push(c);
         }
     }
-    let rows = sqlx::query("SELECT refund_no, state, cause FROM jobs")
+    let rows = sqlx::query("SELECT refund_no, state, cause, last_code FROM jobs")
         .fetch_all(pool)
         .await?;
     let mut jobs: HashMap<String, (String, Option<String>)> = HashMap::new();
+    let mut codes: HashMap<String, Option<String>> = HashMap::new();
     for r in rows {
         jobs.insert(r.get("refund_no"), (r.get("state"), r.get("cause")));
+        codes.insert(r.get("refund_no"), r.get("last_code"));
     }
     let ledger: HashMap<String, (i64, i64)> = ops::ledger(pool)
         .await?
@@ -239,7 +289,8 @@ async fn audit(
         .into_iter()
         .map(|p| (p.refund_no, (p.refund_fee, p.settlement_refund_fee)))
         .collect();
-    for (no, (kind, declined)) in meta {
+    for (no, (kind, end)) in meta {
+        let declined = *end == End::Declined;
         let mine = by_refund.get(no).map(Vec::as_slice).unwrap_or(&[]);
         let paid_calls = mine
             .iter()
@@ -274,9 +325,19 @@ async fn audit(
                     .push(format!("{no}: succeeded but paid {p:?} vs booked {l:?}"));
             }
             ("failed", None, None) => {
-                if !declined {
+                let code = codes.get(no).cloned().flatten();
+                match end {
+                    End::Declined => {}
+                    End::Closed if code.as_deref() == Some("REFUND_CLOSE") => {}
+                    _ => t
+                        .problems
+                        .push(format!("{no}: failed ({code:?}) but planted {end:?}")),
+                }
+            }
+            ("dead", None, None) if cause.as_deref() == Some("refund_abnormal") => {
+                if *end != End::Change {
                     t.problems
-                        .push(format!("{no}: failed without a planted decline"));
+                        .push(format!("{no}: dead refund_abnormal but planted {end:?}"));
                 }
             }
             ("dead", p, None) => {
@@ -300,9 +361,21 @@ async fn audit(
                 ));
             }
         }
-        if *declined && state != "failed" && !(state == "dead" && *kind == ProviderKind::Wupay) {
+        if declined && state != "failed" && !(state == "dead" && *kind == ProviderKind::Wupay) {
             t.problems
                 .push(format!("{no}: planted decline ended {state}"));
+        }
+        // Closed and uncredited refunds end so whatever the transport did on the way, unless
+        // a maybe-delivered call left them unknown.
+        let unknown = state == "dead" && cause.as_deref() == Some("outcome_unknown");
+        match end {
+            End::Closed if state != "failed" && !unknown => t
+                .problems
+                .push(format!("{no}: planted close ended {state} ({cause:?})")),
+            End::Change if cause.as_deref() != Some("refund_abnormal") && !unknown => t
+                .problems
+                .push(format!("{no}: planted change ended {state} ({cause:?})")),
+            _ => {}
         }
     }
     for no in ledger.keys() {
@@ -310,12 +383,29 @@ async fn audit(
             t.problems.push(format!("{no}: booked but never paid"));
         }
     }
+    // A forged notify (bad signature, or another account's refund) is never acknowledged.
+    for n in sim.notifies() {
+        if n.delivered && matches!(n.kind, NotifyKind::BadSign | NotifyKind::Foreign) {
+            t.problems.push(format!(
+                "{}: a {:?} notify was acknowledged ({:?})",
+                n.refund_no, n.kind, n.http_status
+            ));
+        }
+    }
     Ok(t)
 }
 
 async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     let started = Instant::now();
-    let sim = testkit::start_sim(s.rules.clone(), 0.2).await?;
+    let mut rules = s.rules.clone();
+    rules.extend(async_end_rules());
+    let mut sim_config = testkit::local_sim_config(rules, 0.2)?;
+    sim_config.listen = "127.0.0.1:0".parse()?;
+    // Long enough for most notifies to come after the call's answer is recorded, as with the
+    // real provider; some still overtake it.
+    sim_config.shengpay.processing_ms = 300;
+    sim_config.shengpay.notify_retry_ms = vec![300, 600, 1_000, 2_000, 3_000, 5_000];
+    let sim = refund_sim::Simulator::start(sim_config).await?;
     let (mut base, db) = testkit::test_config().await?;
     base.worker.metrics_addr = testkit::free_addr()?;
     // Servers of the scenario's own, and proxies, where the injury needs them.
@@ -345,6 +435,11 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     base.http.timeout_ms = 2_000;
     base.worker.retry.max_attempts = s.max_attempts;
     base.worker.concurrency = 16;
+    // Status queries every second, so that a refund whose notify never comes ends in the run.
+    base.worker.query.delays_ms = vec![1_000];
+    base.worker.query.then_every_ms = 1_000;
+    base.worker.query.poll_ms = 200;
+    base.worker.query.lease_ms = 3_000;
     let mut config = testkit::with_sim_merchants(&base, &sim)?;
     let proxy = match &s.injury {
         Injury::Network {
@@ -656,6 +751,61 @@ fn scenarios() -> Vec<Scenario> {
             idempotent_all_succeed: true,
             poison: false,
             every_call_recorded: false,
+        },
+        Scenario {
+            name: "notifies dropped, repeated, reordered, forged",
+            rules: vec![
+                FaultRule::new(FaultAction::Decline).order_no("^D"),
+                FaultRule::new(FaultAction::NotifyDrop).rate(0.2),
+                FaultRule::new(FaultAction::NotifyDuplicate).rate(0.25),
+                FaultRule::new(FaultAction::NotifyReorder).rate(0.3),
+                FaultRule::new(FaultAction::NotifyBadSign).rate(0.4),
+                FaultRule::new(FaultAction::NotifyForeign).rate(0.5),
+            ],
+            injury: Injury::None,
+            jobs: 200,
+            max_attempts: 8,
+            idempotent_all_succeed: true,
+            poison: false,
+            every_call_recorded: true,
+        },
+        Scenario {
+            name: "kill -9 between a notify's commit and its answer",
+            rules: vec![
+                FaultRule::new(FaultAction::Decline).order_no("^D"),
+                FaultRule::latency(15),
+            ],
+            injury: Injury::Crash("notify_committed:5"),
+            jobs: 120,
+            max_attempts: 8,
+            idempotent_all_succeed: true,
+            poison: false,
+            every_call_recorded: false,
+        },
+        Scenario {
+            name: "no notifies; status queries with transport faults",
+            rules: vec![
+                FaultRule::new(FaultAction::Decline).order_no("^D"),
+                FaultRule::new(FaultAction::NotifyDrop),
+                FaultRule::new(FaultAction::Http500)
+                    .operation(Operation::Query)
+                    .rate(0.2),
+                FaultRule::new(FaultAction::Reset)
+                    .operation(Operation::Query)
+                    .rate(0.2),
+                FaultRule::new(FaultAction::DropResponse)
+                    .operation(Operation::Query)
+                    .rate(0.2),
+                FaultRule::new(FaultAction::BadSignature)
+                    .operation(Operation::Query)
+                    .rate(0.2),
+            ],
+            injury: Injury::None,
+            jobs: 120,
+            max_attempts: 8,
+            idempotent_all_succeed: true,
+            poison: false,
+            every_call_recorded: true,
         },
         Scenario {
             name: "NUL and oversized messages among 300 valid ones",

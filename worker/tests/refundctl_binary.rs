@@ -64,6 +64,12 @@ fn every_command_has_help_and_usage_errors_exit_2() {
         vec!["job", "--help"],
         vec!["job", "show", "--help"],
         vec!["job", "resolve", "--help"],
+        vec!["job", "correct", "--help"],
+        vec!["approvals", "list", "--help"],
+        vec!["approvals", "approve", "--help"],
+        vec!["approvals", "reject", "--help"],
+        vec!["case", "list", "--help"],
+        vec!["case", "explain", "--help"],
         vec!["dlq", "--help"],
         vec!["dlq", "list", "--help"],
         vec!["dlq", "replay", "--help"],
@@ -129,6 +135,19 @@ fn every_command_has_help_and_usage_errors_exit_2() {
             "b",
         ],
         vec!["dlq", "list", "--provider", "paypal"],
+        vec!["case", "list", "--state", "closed"],
+        vec![
+            "job",
+            "correct",
+            "R1",
+            "--as",
+            "succeeded",
+            "--evidence",
+            "e",
+            "--operator",
+            "a",
+        ],
+        vec!["approvals", "approve", "7"],
     ] {
         let o = refundctl(None, &args);
         assert_eq!(code(&o), 2, "{args:?}: {}", show(&o));

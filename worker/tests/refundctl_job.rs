@@ -14,7 +14,8 @@ use worker::ctl::job::{self, ResolveAs, ShowArgs};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolving_a_dead_job_as_succeeded_books_a_manual_ledger_entry_an_event_and_an_audit_row()
 -> anyhow::Result<()> {
-    let (config, db) = testkit::test_config().await?;
+    // The one-person path: resolution applies at once.
+    let (config, db) = rc::one_person(testkit::test_config().await?);
     rc::dead_job(
         &db.pool,
         "R1",
@@ -87,7 +88,8 @@ async fn resolving_a_dead_job_as_succeeded_books_a_manual_ledger_entry_an_event_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolving_as_failed_releases_the_order_amount_and_bad_input_is_refused()
 -> anyhow::Result<()> {
-    let (config, db) = testkit::test_config().await?;
+    // The one-person path: resolution applies at once.
+    let (config, db) = rc::one_person(testkit::test_config().await?);
     rc::exhausted_job(&db.pool, "R1", "m1", "SYSTEMERROR").await;
     rc::exhausted_job(&db.pool, "R2", "m1", "SYSTEMERROR").await;
     let ctl = rc::ctl(&config, &db.pool);
@@ -284,7 +286,8 @@ async fn job_show_of_an_unknown_refund_is_not_found_and_of_a_rejected_one_shows_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolving_as_failed_is_refused_when_an_attempt_was_accepted_or_unrecognised()
 -> anyhow::Result<()> {
-    let (config, db) = testkit::test_config().await?;
+    // The one-person path: resolution applies at once.
+    let (config, db) = rc::one_person(testkit::test_config().await?);
     // An accepted answer (here on a job an operator must look at anyway) and an opaque one.
     rc::dead_job(
         &db.pool,
@@ -339,7 +342,8 @@ async fn resolving_as_failed_is_refused_when_an_attempt_was_accepted_or_unrecogn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolving_waits_until_a_stalled_worker_can_no_longer_send() -> anyhow::Result<()> {
-    let (config, db) = testkit::test_config().await?;
+    // The one-person path: resolution applies at once.
+    let (config, db) = rc::one_person(testkit::test_config().await?);
     // The worker of attempt 1 stalled: its lease ran out with no answer recorded, and the
     // sweeper sent the job (at a merchant that does not deduplicate) to the dead letters.
     rc::new_job(&db.pool, "S1", "w1").await;

@@ -49,7 +49,8 @@ async fn wait_for_state(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replay_all_re_enqueues_only_jobs_still_dead_and_safe_refuses_the_rest_and_pays_nothing_twice()
 -> anyhow::Result<()> {
-    let (mut config, db) = testkit::test_config().await?;
+    // carol's resolution applies at once (one person).
+    let (mut config, db) = rc::one_person(testkit::test_config().await?);
     config.worker.retry.max_attempts = 2;
     let sp = FakeProvider::new(ProviderKind::Shengpay, "m1", true);
     let wu = FakeProvider::new(ProviderKind::Wupay, "w1", false);
@@ -248,8 +249,12 @@ async fn two_replays_started_at_the_same_moment_enqueue_each_eligible_job_exactl
         "each eligible job replayed by exactly one of the two"
     );
     for r in &reports {
-        // Each saw every dead job; what the other took first it refuses as no longer dead.
-        assert_eq!(r.jobs.len(), 45);
+        // Each saw the jobs still dead when it looked (the other may have taken some by then:
+        // the two are simultaneous, not in step), always the 5 it must refuse; what the other
+        // took between its look and its turn it refuses as no longer dead.
+        let unknown = r.jobs.iter().filter(|j| j.refund_no.starts_with('U'));
+        assert_eq!(unknown.count(), 5);
+        assert!(r.jobs.len() <= 45, "{} jobs", r.jobs.len());
         for j in &r.jobs {
             if let ReplayOutcome::Refused { reason, .. } = &j.outcome
                 && j.refund_no.starts_with('X')

@@ -312,7 +312,8 @@ async fn the_worker_cannot_change_history_ledger_or_audit() -> anyhow::Result<()
 }
 
 #[tokio::test]
-async fn the_reconciler_reads_but_cannot_write_jobs_or_ledger() -> anyhow::Result<()> {
+async fn the_reconciler_moves_jobs_only_as_the_repair_loop_does_and_changes_no_history()
+-> anyhow::Result<()> {
     let db = testkit::test_db().await?;
     insert_job(&db, "R1", "succeeded", None).await?;
     let mut c = connect_as(&db.url, RECONCILER).await?;
@@ -327,19 +328,27 @@ async fn the_reconciler_reads_but_cannot_write_jobs_or_ledger() -> anyhow::Resul
         "INSERT INTO jobs (refund_no, order_no, provider, merchant, total_fee, refund_fee,
              request, content_hash, state)
          VALUES ('X1', 'OX1', 'shengpay', 'm1', 1000, 100, '{}', '\\x00', 'received')",
-        "UPDATE jobs SET state = 'failed'",
         "DELETE FROM jobs",
-        "INSERT INTO ledger (refund_no, entry_kind, provider, merchant, refund_fee,
-             settlement_refund_fee, business_date, source)
-         VALUES ('R1', 'refund', 'shengpay', 'm1', 100, 100, current_date, 'manual')",
-        "INSERT INTO job_transitions (refund_no, to_state, attempt, actor)
-         VALUES ('R1', 'failed', 1, 'reconciler')",
-        "UPDATE orders SET committed_fee = 0",
-        "INSERT INTO outbox (routing_key, refund_no, payload) VALUES ('x', 'R1', '{}')",
+        "UPDATE ledger SET settlement_refund_fee = 0",
+        "DELETE FROM ledger",
+        "UPDATE job_transitions SET actor = 'x'",
+        "DELETE FROM outbox",
         "SELECT * FROM operator_audit",
         "TRUNCATE ledger",
+        "UPDATE statement_verdicts SET verdict = 'paid'",
+        "DELETE FROM statement_absences",
     ] {
         denied(&mut c, RECONCILER, sql).await?;
+    }
+    // The repair loop (migration 0040) settles WuPay's unknown outcomes from statements
+    // through the job's state machine, as the worker does for a provider's report: it moves
+    // the job, books the ledger, appends history and the event. What it writes stays
+    // append-only (the tables' triggers), which the denials above check.
+    for sql in [
+        "UPDATE jobs SET updated_at = updated_at WHERE refund_no = 'R1'",
+        "INSERT INTO outbox (routing_key, refund_no, payload) VALUES ('x', 'R1', '{}')",
+    ] {
+        allowed(&mut c, RECONCILER, sql).await?;
     }
     // Its own tables: it records runs and marks superseded ones, and deletes nothing; its
     // statement staging lives in temporary tables.
@@ -348,14 +357,14 @@ async fn the_reconciler_reads_but_cannot_write_jobs_or_ledger() -> anyhow::Resul
         RECONCILER,
         "INSERT INTO reconciliation_runs (business_date, source, timezone, grace_minutes, status,
              started_at)
-         VALUES (current_date, 'attempts', 'Asia/Shanghai', 30, 'balanced', now());
+         VALUES (current_date, 'attempts', 'Asia/Shanghai', 30, 'running', now());
          INSERT INTO reconciliation_totals (run_id, provider, merchant, ledger_total, ledger_count,
              provider_total, provider_count, diff)
          SELECT max(id), 'shengpay', 'm1', 100, 1, 100, 1, 0 FROM reconciliation_runs;
          INSERT INTO reconciliation_discrepancies (run_id, kind, provider, merchant, refund_no,
              ledger_amount, provider_amount, detail)
          SELECT max(id), 'pending', 'shengpay', 'm1', 'R1', 100, NULL, 'test' FROM reconciliation_runs;
-         UPDATE reconciliation_runs SET finished_at = now();
+         UPDATE reconciliation_runs SET status = 'balanced', finished_at = now();
          SELECT * FROM reconciliation_current_totals;
          SELECT * FROM reconciliation_current_discrepancies;
          CREATE TEMP TABLE recon_statement (refund_no text);
@@ -363,9 +372,36 @@ async fn the_reconciler_reads_but_cannot_write_jobs_or_ledger() -> anyhow::Resul
     )
     .await?;
     denied(&mut c, RECONCILER, "DELETE FROM reconciliation_runs").await?;
+    // A finished run is history: it can be superseded, once, and nothing else changes.
+    let rewrite = sqlx::raw_sql("UPDATE reconciliation_runs SET status = 'discrepancies'")
+        .execute(&mut c)
+        .await;
+    match rewrite {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23514") => {}
+        other => anyhow::bail!("a finished run was rewritten: {other:?}"),
+    }
+    denied(
+        &mut c,
+        RECONCILER,
+        "UPDATE reconciliation_totals SET diff = 5",
+    )
+    .await?;
+    denied(
+        &mut c,
+        RECONCILER,
+        "UPDATE reconciliation_discrepancies SET detail = 'x'",
+    )
+    .await?;
     denied(&mut c, RECONCILER, "TRUNCATE reconciliation_discrepancies").await?;
     // The same holds for every table and view of the family, whatever a later migration adds.
-    for privilege in ["SELECT", "INSERT", "UPDATE"] {
+    let no_update =
+        relations_without(&mut c, RECONCILER, "UPDATE", "reconciliation%", false).await?;
+    assert_eq!(
+        no_update,
+        ["reconciliation_discrepancies", "reconciliation_totals"],
+        "{RECONCILER} updates only runs (to supersede them) and cases"
+    );
+    for privilege in ["SELECT", "INSERT"] {
         let missing =
             relations_without(&mut c, RECONCILER, privilege, "reconciliation%", false).await?;
         assert!(
@@ -442,9 +478,35 @@ async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> a
         "UPDATE job_transitions SET actor = 'someone else'",
         "INSERT INTO rejected_messages (kind, field, reason, body, body_sha256)
          VALUES ('rejected', 'x', 'y', '\\x00', '\\x00')",
+        // Only through the database's operator functions, never around them and their audit.
+        "UPDATE jobs SET state = 'received' WHERE refund_no = 'D2'",
+        "UPDATE jobs SET last_message = 'x' WHERE refund_no = 'D2'",
+        "UPDATE orders SET committed_fee = 0",
+        "INSERT INTO ledger (refund_no, entry_kind, provider, merchant, refund_fee,
+             settlement_refund_fee, business_date, source)
+         VALUES ('D2', 'refund', 'shengpay', 'm1', 100, 100, current_date, 'manual')",
+        "INSERT INTO outbox (routing_key, refund_no, payload) VALUES ('refund.succeeded', 'D2', '{}')",
+        "INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
+         VALUES ('D2', 'failed', 'succeeded', 1, 'x')",
+        "INSERT INTO operator_audit (action, result, operator, note) VALUES ('a', 'b', 'c', 'd')",
+        "UPDATE reconciliation_cases SET state = 'explained'",
+        "UPDATE approval_requests SET state = 'rejected'",
+        "DELETE FROM status_queries",
+        "SELECT operator_step_audit('D2', 'a', 'b', 'c', 'd', NULL, NULL, NULL, NULL)",
+        "SELECT operator_step_transition('D2', 'failed', 'succeeded', 'x', NULL, NULL, NULL, NULL)",
     ] {
         denied(&mut c, OPERATOR, sql).await?;
     }
+    // Every audit row names who logged in to the database beside the operator's own name.
+    let session: String = sqlx::query_scalar("SELECT session_user::text")
+        .fetch_one(&mut c)
+        .await?;
+    let db_users: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT db_user FROM operator_audit ORDER BY id")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(db_users, vec![Some(session.clone()); 4]);
+    assert_ne!(session, OPERATOR, "session_user is the login, not the role");
     denied(
         &mut c,
         OPERATOR,
@@ -480,6 +542,53 @@ async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> a
             "{OPERATOR} cannot read {unreadable:?}: grant SELECT in the migration that creates them"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_state_change_outside_the_state_machine_is_refused_even_for_the_schema_owner()
+-> anyhow::Result<()> {
+    let db = testkit::test_db().await?;
+    insert_job(&db, "S1", "succeeded", None).await?;
+    // db.pool is the owner (it ran the migrations).
+    for (to, allowed_now) in [("in_flight", false), ("received", false), ("failed", true)] {
+        let r = sqlx::query("UPDATE jobs SET state = $1 WHERE refund_no = 'S1'")
+            .bind(to)
+            .execute(&db.pool)
+            .await;
+        match (r, allowed_now) {
+            (Ok(_), true) => {}
+            (Err(sqlx::Error::Database(e)), false) if e.code().as_deref() == Some("23514") => {
+                assert!(e.message().contains("not a transition"), "{}", e.message());
+            }
+            (r, _) => anyhow::bail!("succeeded -> {to}: {r:?}"),
+        }
+    }
+    assert_eq!(
+        ops::job_state(&db.pool, "S1").await?.map(|s| s.0),
+        Some(State::Failed)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_databases_list_of_transitions_is_the_state_machines() -> anyhow::Result<()> {
+    let db = testkit::test_db().await?;
+    let stored: std::collections::BTreeSet<(String, String)> =
+        sqlx::query_as("SELECT from_state, to_state FROM job_state_transitions")
+            .fetch_all(&db.pool)
+            .await?
+            .into_iter()
+            .collect();
+    let rust: std::collections::BTreeSet<(String, String)> = shared::state::TRANSITIONS
+        .iter()
+        .map(|t| (t.from.as_str().to_owned(), t.to.as_str().to_owned()))
+        .collect();
+    assert_eq!(
+        stored, rust,
+        "job_state_transitions (migration 20261204000050) and state::TRANSITIONS differ: \
+         a new transition needs a migration that lists it"
+    );
     Ok(())
 }
 

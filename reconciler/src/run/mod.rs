@@ -16,7 +16,8 @@
 //!   stale worker's accepted call is still evidence of a payment). Within the day one payment
 //!   is one distinct (`refund_no`, `provider_refund_id`): an idempotent provider answering a
 //!   retry with its first result again is the same payment. An accepted call without a
-//!   provider refund id (WuPay returns none) is a payment of its own. Its time is
+//!   provider refund id of the provider's own (WuPay has none: its outcome carries our
+//!   `refund_no` there) is a payment of its own, one per attempt ([`PAYMENT_KEY`]). Its time is
 //!   `recorded_at`. A payment re-reported on a later day counts on each day it was reported:
 //!   attempts are what we heard each day; a statement is the provider's own account.
 //!
@@ -33,8 +34,9 @@
 //!
 //! | kind | when | `ledger_amount` | `provider_amount` |
 //! |---|---|---|---|
+//! | `invalid_at_provider` | a statement row of the refund on D cannot be right (settlement above its refund_fee) | net, or null if not booked | sum of the payments |
 //! | `duplicate_at_provider` | the provider has the refund more than once on D (two statement rows, or two different provider refund ids) | net, or null if not booked | sum of the payments |
-//! | `amount_mismatch` | both sides have it once and the settlement amounts differ | net | amount |
+//! | `amount_mismatch` | both sides have it once and the settlement amounts differ, or (against statements) the refund_fee amounts do; the detail names the amount | net | amount |
 //! | `pending` | one side only, near a cut-off (below) | one side | the other: null |
 //! | `missing_at_provider` | booked on D, not paid on D | net | null |
 //! | `missing_in_ledger` | paid on D, not booked on D | null | amount |
@@ -58,9 +60,32 @@
 //! Rerunning the day later with the neighbouring statement settles case 2. A refund paid twice
 //! is `duplicate_at_provider` even near a cut-off.
 //!
+//! A partner across midnight (case 1) counts only if it is unmatched on its own day and agrees
+//! in amount; otherwise the one-sided refund is not pending:
+//!
+//! - booked on D, and the provider paid it more than once across the cut-off:
+//!   `duplicate_at_provider`; paid once, another amount: `amount_mismatch` (the other day's
+//!   amount in the detail, `provider_amount` null: amounts are as counted on D);
+//! - paid on D, and the booking across the cut-off was also paid there (a payment of it in the
+//!   same window): this payment is a second one, `duplicate_at_provider`; booked another
+//!   amount: `amount_mismatch` (`ledger_amount` null).
+//!
+//! "Its own day" is seen through the same grace window: a statement holds only those rows of
+//! the neighbouring days.
+//!
+//! **Statement missing.** Against statements, a provider with ledger entries on D and no
+//! statement row dated D in any file given has no statement: each of its (provider, merchant)
+//! pairs is one `statement_missing` (`refund_no` empty, `ledger_amount` the pair's ledger
+//! total, `provider_amount` null) instead of a `missing_at_provider` per refund. A file with
+//! no row dated D is refused (exit 2, [`crate::statement`]) unless it is the neighbouring
+//! day's statement beside one of D.
+//!
 //! **Status**: `balanced` when there are no discrepancies other than `pending` (pending refunds
-//! are reported, and explain their part of `diff`, but do not fail the day); otherwise
-//! `discrepancies`. The process exits 0 for `balanced`, 1 for `discrepancies`.
+//! are reported, and explain their part of `diff`, but do not fail the day) and something was
+//! compared; `nothing_to_reconcile` when neither side has anything on D (no totals at all:
+//! the wrong database or date, far more often than a day without refunds); otherwise
+//! `discrepancies`. The process exits 0 for `balanced` only, 1 for the others. A run that
+//! found nothing to reconcile supersedes nothing.
 //!
 //! # How it runs
 //!
@@ -87,6 +112,10 @@
 //!      deduplication) and the `bit_xor` of theirs: attempts in bucket order of the day's
 //!      business date in Asia/Shanghai (for one provider, or in another time zone, the planner's
 //!      choice and a hash aggregate), statements from their temporary table.
+//!
+//!    Against statements the fingerprints of both sides are hashed with the row's refund_fee
+//!    ([`fee_fp`]; the ledger's read from `ledger_reconcile_fees`, migration 0020), so that a
+//!    statement row whose refund_fee alone differs makes its bucket differ.
 //!
 //!    A bucket is the same on both sides when the ledger has no reversal in it and the counts
 //!    and the xors agree: the ledger's refund entries are distinct rows (one per `refund_no`),
@@ -147,8 +176,15 @@ pub struct RunRequest {
     pub date: NaiveDate,
     /// Only this provider (`shengpay` or `wupay`).
     pub provider: Option<String>,
-    /// Statement files; none: the provider side is the recorded provider attempts.
+    /// Statement files handed in (`--statement`).
     pub statements: Vec<PathBuf>,
+    /// Statements fetched from `[reconciler.statements]` ([`crate::fetch`]).
+    pub fetched: Vec<crate::fetch::Fetched>,
+    /// Configured statements of the date that were not there: each is a `statement_missing`
+    /// discrepancy (its provider's, or its merchant's, refunds are not compared one by one).
+    /// With no statement at all, handed in or fetched, and none missing, the provider side is
+    /// the recorded provider attempts.
+    pub missing: Vec<crate::fetch::Missing>,
     /// Drill down into every refund instead of only where fingerprints differ.
     pub exhaustive: bool,
     /// The instant the run reasons as of (whether grace windows have closed); default: the
@@ -162,9 +198,36 @@ impl RunRequest {
             date,
             provider: None,
             statements: Vec::new(),
+            fetched: Vec::new(),
+            missing: Vec::new(),
             exhaustive: false,
             as_of: None,
         }
+    }
+
+    /// Whether the provider side is statements (handed in, fetched, or configured and
+    /// missing) rather than the recorded provider attempts.
+    pub fn against_statements(&self) -> bool {
+        !self.statements.is_empty() || !self.fetched.is_empty() || !self.missing.is_empty()
+    }
+
+    /// The statements to load, in order: those handed in, then those fetched.
+    pub fn inputs(&self) -> Vec<crate::statement::Input> {
+        self.statements
+            .iter()
+            .cloned()
+            .map(crate::statement::Input::file)
+            .chain(self.fetched.iter().map(|f| crate::statement::Input {
+                path: f.path.clone(),
+                name: f.name.clone(),
+                fetched_for: Some(f.provider.clone()),
+            }))
+            .collect()
+    }
+
+    /// How the stored run names its statements: files by path, fetched ones by URL.
+    pub fn statement_names(&self) -> Vec<String> {
+        self.inputs().into_iter().map(|i| i.name).collect()
     }
 }
 
@@ -173,6 +236,9 @@ impl RunRequest {
 pub enum Status {
     Balanced,
     Discrepancies,
+    /// Neither side has anything on the day (no totals): not balanced, since nothing was
+    /// compared; most likely the wrong database or date. Exit status 1.
+    NothingToReconcile,
 }
 
 impl Status {
@@ -180,6 +246,7 @@ impl Status {
         match self {
             Status::Balanced => "balanced",
             Status::Discrepancies => "discrepancies",
+            Status::NothingToReconcile => "nothing_to_reconcile",
         }
     }
 }
@@ -235,8 +302,26 @@ pub struct RunOutcome {
     pub drilled_refunds: u64,
     pub statements: Option<LoadSummary>,
     pub superseded: Vec<i64>,
+    /// Earlier runs against statements that stay the day's result over this one (a run
+    /// against recorded answers does not replace them); empty when this run is current.
+    pub kept_current: Vec<i64>,
+    /// What the statement settled of unknown WuPay outcomes before the comparison.
+    pub repairs: crate::repair::Repairs,
+    /// What a person should know about the run (a provider without a statement, a configured
+    /// statement that was not there), one sentence each; also logged.
+    pub warnings: Vec<String>,
     pub timings: Timings,
 }
+
+/// The earlier runs against statements that stay the result of run $1's date and scope over
+/// it, because $1 is a run against recorded answers (DESIGN §7): not superseded, finished,
+/// and covering a provider that $1 covers.
+pub const KEPT_CURRENT: &str = "SELECT o.id FROM reconciliation_runs r
+     JOIN reconciliation_runs o ON o.business_date = r.business_date AND o.id < r.id
+     WHERE r.id = $1 AND r.source = 'attempts' AND o.source = 'statement'
+       AND o.superseded_by IS NULL AND o.status IN ('balanced', 'discrepancies')
+       AND (o.provider IS NULL OR r.provider IS NULL OR o.provider = r.provider)
+     ORDER BY o.id";
 
 /// Why a run could not be done (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +334,8 @@ pub enum RunError {
     Db(#[from] sqlx::Error),
     #[error("amounts out of range: {0}")]
     Overflow(String),
+    #[error("settling unknown outcomes from the statement: {0}")]
+    Repair(#[from] shared::store::StoreError),
 }
 
 impl From<LoadError> for RunError {
@@ -335,11 +422,7 @@ async fn insert_failure(
     error: &RunError,
 ) -> Result<(), sqlx::Error> {
     let mut conn: sqlx::pool::PoolConnection<sqlx::Postgres> = pool.acquire().await?;
-    let files: Vec<String> = req
-        .statements
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
+    let files = req.statement_names();
     sqlx::query(
         "INSERT INTO reconciliation_runs (business_date, provider, source, statement_files,
              timezone, grace_minutes, status, error, started_at, finished_at)
@@ -347,10 +430,10 @@ async fn insert_failure(
     )
     .bind(req.date)
     .bind(req.provider.as_deref())
-    .bind(if req.statements.is_empty() {
-        "attempts"
-    } else {
+    .bind(if req.against_statements() {
         "statement"
+    } else {
+        "attempts"
     })
     .bind(&files)
     .bind(&config.timezone)

@@ -30,11 +30,12 @@ pub(super) async fn run_inner(
             "--provider {p:?}: expected shengpay or wupay"
         )));
     }
-    let source = if req.statements.is_empty() {
-        Source::Attempts
-    } else {
+    let source = if req.against_statements() {
         Source::Statement
+    } else {
+        Source::Attempts
     };
+    let inputs = req.inputs();
     // Connections of its own: the run's temporary tables and session lock must not outlive
     // it in a pool.
     let Connections {
@@ -50,20 +51,14 @@ pub(super) async fn run_inner(
             sqlx::query("SET temp_buffers = '128MB'")
                 .execute(&mut conn)
                 .await?;
-            let total = req
-                .statements
+            let total = inputs
                 .iter()
-                .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                .map(|i| std::fs::metadata(&i.path).map(|m| m.len()).unwrap_or(0))
                 .sum();
             let bar = progress.bytes(total, "loading statements");
-            let summary = crate::statement::load(
-                &mut conn,
-                &req.statements,
-                &day,
-                req.provider.as_deref(),
-                &bar,
-            )
-            .await?;
+            let summary =
+                crate::statement::load(&mut conn, &inputs, &day, req.provider.as_deref(), &bar)
+                    .await?;
             bar.finish_and_clear();
             for f in &summary.files {
                 tracing::info!(
@@ -96,6 +91,15 @@ pub(super) async fn run_inner(
             .execute(&mut conn)
             .await?;
     }
+    // The repair loop first, in a transaction of its own, so that the run's snapshot sees
+    // what the statement settled (unknown WuPay outcomes booked or shown unpaid).
+    let repairs = match (&statements, req.provider.as_deref()) {
+        (Some(_), None | Some("wupay")) => {
+            let files = req.statement_names();
+            crate::repair::from_statement(&mut conn, req.date, tz, &files).await?
+        }
+        _ => crate::repair::Repairs::default(),
+    };
     let day_sql = if tz.name() == INDEXED_TZ {
         DaySql::Indexed
     } else {
@@ -137,11 +141,7 @@ pub(super) async fn run_inner(
     let (snapshot, as_of): (String, DateTime<Utc>) =
         (head.try_get("snapshot")?, head.try_get("as_of")?);
     timings.lock_ms = ms_since(step);
-    let files: Vec<String> = req
-        .statements
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
+    let files = req.statement_names();
     let params = Params {
         date: req.date,
         start: day.start,
@@ -187,7 +187,7 @@ pub(super) async fn run_inner(
             pass.add_reversals(row)?;
         }
         while let Some((p, m)) = pairs.take() {
-            let rows = sqlx::query(LEDGER_PASS)
+            let rows = sqlx::query(source.ledger_pass())
                 .bind(req.date)
                 .bind(p)
                 .bind(m)
@@ -238,7 +238,7 @@ pub(super) async fn run_inner(
             }
             let mut next = Some(first);
             while let Some((p, m)) = next {
-                let rows = sqlx::query(LEDGER_PASS)
+                let rows = sqlx::query(source.ledger_pass())
                     .bind(req.date)
                     .bind(p)
                     .bind(m)
@@ -318,21 +318,73 @@ pub(super) async fn run_inner(
         .unzip();
     timings.buckets_ms = ms_since(step);
 
+    // Against statements, a provider with ledger entries on the day but no statement row of
+    // the day in any file: its statement is missing. Its refunds are not listed one by one
+    // (thousands of missing_at_provider saying one thing); each of its (provider, merchant)
+    // gets one statement_missing instead, stored after the drill-down. So does a configured
+    // statement that was not there (`req.missing`): the provider's, or one merchant's, even
+    // with nothing booked, since the day cannot be called balanced without it.
+    let mut warnings: Vec<String> = Vec::new();
+    // (provider, merchant or "" for all of its merchants, why when it was configured).
+    let mut unstated: Vec<(String, String, Option<String>)> = Vec::new();
     if let Some(summary) = &statements {
-        let mut uncovered: Vec<&str> = totals
-            .iter()
-            .filter(|t| t.ledger_count > 0 && !summary.coverage.dates.contains_key(&t.provider))
-            .map(|t| t.provider.as_str())
-            .collect();
-        uncovered.dedup();
-        for provider in uncovered {
-            tracing::warn!(
-                provider,
-                "the statements have no row of this provider, so each of its refunds is \
-                 missing_at_provider; give its statement, or --provider for the other"
+        let covered = |p: &str| {
+            summary.files.iter().any(|f| {
+                f.providers_on_date.iter().any(|x| x == p)
+                    || (f.rows == 0 && f.fetched_for.as_deref() == Some(p))
+            })
+        };
+        for t in &totals {
+            if (t.ledger_count > 0 || t.ledger_total != 0)
+                && !covered(&t.provider)
+                && !unstated.iter().any(|u| u.0 == t.provider)
+            {
+                unstated.push((t.provider.clone(), String::new(), None));
+                warnings.push(format!(
+                    "the statements have no row of {} dated {}: each of its merchants is                      statement_missing; give its statement, or --provider for the other",
+                    t.provider, req.date
+                ));
+            }
+        }
+        for m in &req.missing {
+            let merchant = m.merchant.clone().unwrap_or_default();
+            let why = format!(
+                "the statement of {} was not there after {} look{}: {}",
+                req.date,
+                m.looks,
+                if m.looks == 1 { "" } else { "s" },
+                m.source
             );
+            warnings.push(format!(
+                "{}{}: {why}",
+                m.provider,
+                m.merchant
+                    .as_deref()
+                    .map(|x| format!(" merchant {x}"))
+                    .unwrap_or_default()
+            ));
+            match unstated
+                .iter_mut()
+                .find(|u| u.0 == m.provider && u.1 == merchant)
+            {
+                Some(u) => u.2 = Some(why),
+                None => unstated.push((m.provider.clone(), merchant, Some(why))),
+            }
         }
     }
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let uncovered: Vec<String> = unstated
+        .iter()
+        .map(|(p, m, _)| {
+            if m.is_empty() {
+                p.clone()
+            } else {
+                format!("{p}\u{1f}{m}")
+            }
+        })
+        .collect();
 
     let drilled_buckets = i64::try_from(drilled.len()).unwrap_or(i64::MAX);
     let mut drilled_pairs = 0;
@@ -388,6 +440,7 @@ pub(super) async fn run_inner(
             .bind(&previous_known)
             .bind(day.next_window_closed(as_of))
             .bind(day.previous_window_closed(as_of))
+            .bind(&uncovered)
             .fetch_all(&mut *tx)
             .await?;
         drilled_pairs = corrections.len();
@@ -462,6 +515,42 @@ pub(super) async fn run_inner(
     .execute(&mut *tx)
     .await?;
 
+    if !unstated.is_empty() {
+        // One per (provider, merchant): a merchant of a provider without any statement and
+        // with a configured statement of its own that was missing is one discrepancy, which
+        // says what was looked for.
+        sqlx::query(
+            "INSERT INTO reconciliation_discrepancies (run_id, kind, provider, merchant,
+                 refund_no, ledger_amount, provider_amount, detail)
+             SELECT DISTINCT ON (provider, merchant) $1, 'statement_missing', provider,
+                    merchant, '', ledger_amount, NULL, detail
+             FROM (
+                 SELECT u.provider, coalesce(t.merchant, u.merchant) AS merchant,
+                        coalesce(t.ledger_total, 0) AS ledger_amount,
+                        coalesce(u.why, 'no statement row of ' || u.provider || ' dated ' || $2
+                                 || ' in the statements given')
+                        || ': ' || coalesce(t.ledger_count, 0)
+                        || ' refunds booked, none compared; give its statement of the day'
+                        AS detail,
+                        u.why IS NULL AS implicit
+                 FROM unnest($3::text[], $4::text[], $5::text[]) u (provider, merchant, why)
+                 LEFT JOIN reconciliation_totals t
+                   ON t.run_id = $1 AND t.provider = u.provider
+                  AND (u.merchant = '' OR t.merchant = u.merchant)
+                  AND (t.ledger_count > 0 OR t.ledger_total <> 0)
+                 WHERE t.provider IS NOT NULL OR u.why IS NOT NULL
+             ) x
+             ORDER BY provider, merchant, implicit",
+        )
+        .bind(run_id)
+        .bind(req.date.to_string())
+        .bind(unstated.iter().map(|u| u.0.clone()).collect::<Vec<_>>())
+        .bind(unstated.iter().map(|u| u.1.clone()).collect::<Vec<_>>())
+        .bind(unstated.iter().map(|u| u.2.clone()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+
     let counts = sqlx::query(
         "SELECT count(*) FILTER (WHERE kind <> 'pending') AS d,
                 count(*) FILTER (WHERE kind = 'pending') AS p
@@ -471,7 +560,10 @@ pub(super) async fn run_inner(
     .fetch_one(&mut *tx)
     .await?;
     let (discrepancies, pending): (i64, i64) = (counts.try_get("d")?, counts.try_get("p")?);
-    let status = if discrepancies == 0 {
+    // Nothing on either side is not a balanced day: more likely the wrong database or date.
+    let status = if totals.is_empty() && discrepancies == 0 && pending == 0 {
+        Status::NothingToReconcile
+    } else if discrepancies == 0 {
         Status::Balanced
     } else {
         Status::Discrepancies
@@ -489,19 +581,31 @@ pub(super) async fn run_inner(
     .await?;
     // A run for every provider supersedes every earlier run of the date; a run for one
     // provider supersedes the earlier runs for that provider (an earlier run for every
-    // provider stays current for the others: see the reconciliation_current_* views).
+    // provider stays current for the others: see the reconciliation_current_* views). A run
+    // against our own recorded answers never supersedes one against statements: it is not an
+    // independent account, so what a statement found stays the day's result.
+    // A run that found nothing to reconcile replaces nothing.
     let superseded: Vec<i64> = sqlx::query_scalar(
         "UPDATE reconciliation_runs SET superseded_by = $1
-         WHERE business_date = $2 AND id <> $1 AND superseded_by IS NULL
+         WHERE business_date = $2 AND id <> $1 AND superseded_by IS NULL AND $5
            AND status IN ('balanced', 'discrepancies')
            AND ($3::text IS NULL OR provider = $3)
+           AND ($4 = 'statement' OR source = 'attempts')
          RETURNING id",
     )
     .bind(run_id)
     .bind(req.date)
     .bind(req.provider.as_deref())
+    .bind(source.as_str())
+    .bind(status != Status::NothingToReconcile)
     .fetch_all(&mut *tx)
     .await?;
+    // Cases follow the runs: after superseded_by is set, which tells them what a rerun replaced.
+    shared::store::cases::open_from_run(&mut tx, run_id).await?;
+    let kept_current: Vec<i64> = sqlx::query_scalar(KEPT_CURRENT)
+        .bind(run_id)
+        .fetch_all(&mut *tx)
+        .await?;
     tx.commit().await?;
     sqlx::query("SELECT pg_advisory_unlock($1, $2)")
         .bind(class)
@@ -531,6 +635,9 @@ pub(super) async fn run_inner(
         drilled_refunds,
         statements,
         superseded,
+        kept_current,
+        repairs,
+        warnings,
         timings,
     };
     Ok((outcome, conn))

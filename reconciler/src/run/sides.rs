@@ -14,6 +14,15 @@ pub(super) enum Source {
 }
 
 impl Source {
+    /// Step 1, ledger side, per (provider, merchant): [`LEDGER_PASS_FEES`] against
+    /// statements, [`LEDGER_PASS`] against attempts.
+    pub(super) fn ledger_pass(self) -> &'static str {
+        match self {
+            Source::Statement => LEDGER_PASS_FEES,
+            Source::Attempts => LEDGER_PASS,
+        }
+    }
+
     pub(super) fn as_str(self) -> &'static str {
         match self {
             Source::Statement => "statement",
@@ -34,11 +43,19 @@ impl Source {
             ""
         };
         match (self, day) {
-            (Source::Statement, _) => format!(
-                "SELECT {BUCKET} AS bucket, count(*) AS n, bit_xor({FP_STATEMENT}) AS fp
-                 FROM pg_temp.recon_statement WHERE NOT edge
-                 GROUP BY 1"
-            ),
+            (Source::Statement, _) => {
+                // An invalid row's fingerprint is its own (file and line): no ledger row has
+                // it, and no other invalid row cancels it, so its bucket is drilled into.
+                let fp = fee_fp(FP_STATEMENT);
+                format!(
+                    "SELECT {BUCKET} AS bucket, count(*) AS n,
+                            bit_xor(CASE WHEN invalid
+                                         THEN hashtextextended('invalid/' || file || '/' || line, 0)
+                                         ELSE {fp} END) AS fp
+                     FROM pg_temp.recon_statement WHERE NOT edge
+                     GROUP BY 1"
+                )
+            }
             (Source::Attempts, DaySql::Indexed) => format!(
                 "SELECT recon_bucket AS bucket, count(*) AS n, bit_xor(recon_fp) AS fp
                  FROM provider_attempts
@@ -61,7 +78,8 @@ impl Source {
         match self {
             Source::Statement => format!(
                 "SELECT s.provider, s.merchant, s.refund_no,
-                        s.settlement_refund_fee AS amount, s.refunded_at AS at,
+                        s.settlement_refund_fee AS amount, s.refund_fee AS fee,
+                        s.invalid, s.refunded_at AS at,
                         coalesce(($6::text[])[s.file + 1], 'statement') || ':' || s.line
                           || coalesce(' ' || s.provider_refund_id, '') AS source
                  FROM pg_temp.recon_statement s
@@ -70,10 +88,11 @@ impl Source {
                 drill.refunds("s")
             ),
             Source::Attempts => format!(
-                "SELECT DISTINCT ON (a.provider, a.merchant, a.refund_no,
-                                     coalesce(a.provider_refund_id, '#' || a.id))
+                "SELECT DISTINCT ON (a.provider, a.merchant, a.refund_no, {PAYMENT_KEY})
                         a.provider, a.merchant, a.refund_no,
-                        coalesce(a.settlement_refund_fee, 0) AS amount, a.recorded_at AS at,
+                        coalesce(a.settlement_refund_fee, 0) AS amount,
+                        -- An answer's refund_fee is not compared: not a provider's account.
+                        NULL::bigint AS fee, false AS invalid, a.recorded_at AS at,
                         'attempt ' || a.attempt
                           || CASE WHEN a.fenced THEN ' (fenced)' ELSE '' END
                           || coalesce(' ' || a.provider_refund_id, '') AS source
@@ -81,8 +100,7 @@ impl Source {
                  WHERE a.outcome = 'accepted' AND a.recon_bucket = ANY ($7::int[]) {refunds}
                    AND {day}
                    AND ($4::text IS NULL OR a.provider = $4)
-                 ORDER BY a.provider, a.merchant, a.refund_no,
-                          coalesce(a.provider_refund_id, '#' || a.id), a.recorded_at, a.id",
+                 ORDER BY a.provider, a.merchant, a.refund_no, {PAYMENT_KEY}, a.recorded_at, a.id",
                 refunds = drill.refunds("a"),
                 day = match day {
                     DaySql::Indexed => "a.recon_day = $1",
@@ -93,20 +111,31 @@ impl Source {
     }
 
     /// Payments of the neighbouring days near the cut-offs, looked up by refund_no: provider,
-    /// merchant, refund_no, at.
-    pub(super) fn neighbours(self) -> &'static str {
+    /// merchant, refund_no, at, amount, and `payment` (rows with one are one payment).
+    pub(super) fn neighbours(self) -> String {
         match self {
-            Source::Statement => {
-                "SELECT provider, merchant, refund_no, refunded_at AS at
+            Source::Statement => "SELECT provider, merchant, refund_no, refunded_at AS at,
+                        settlement_refund_fee AS amount, file || ':' || line AS payment
                  FROM pg_temp.recon_statement WHERE edge"
-            }
-            Source::Attempts => {
-                "SELECT provider, merchant, refund_no, recorded_at AS at
-                 FROM provider_attempts WHERE outcome = 'accepted'"
-            }
+                .to_owned(),
+            Source::Attempts => format!(
+                "SELECT a.provider, a.merchant, a.refund_no, a.recorded_at AS at,
+                        coalesce(a.settlement_refund_fee, 0) AS amount, {PAYMENT_KEY} AS payment
+                 FROM provider_attempts a WHERE a.outcome = 'accepted'"
+            ),
         }
     }
 }
+
+/// Which payment an accepted attempt (alias `a`) reports, for deduplication: the provider's
+/// own refund id when it has one (an idempotent provider answering a retry with its first
+/// result is the same payment), else the attempt itself. WuPay has no id of its own: its
+/// accepted outcome carries our `refund_no` as `provider_refund_id`, so that pair says nothing
+/// about which payment it was, and two accepted WuPay calls are two payments; only a repeat
+/// of one attempt's answer is the same one.
+pub(super) const PAYMENT_KEY: &str = "CASE WHEN a.provider_refund_id IS NULL
+              OR a.provider_refund_id = a.refund_no THEN '#' || a.attempt
+         ELSE a.provider_refund_id END";
 
 /// One bucket of the ledger side.
 #[derive(Debug, Clone, Copy, Default)]

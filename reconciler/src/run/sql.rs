@@ -55,12 +55,15 @@ pub const FP_STATEMENT: &str = "hashtextextended(refund_no, settlement_refund_fe
                             # hashtextextended(provider || '/' || merchant, 0))";
 
 /// Step 1, ledger side, for some (provider, merchant) pairs ($2, $3), one row each: per
-/// bucket, the refund entries and the bit_xor of their fingerprints, as arrays, and the pair's
-/// total (a bigint that raises an error on overflow).
-/// Per pair an index-only scan of `ledger_reconcile` in bucket order feeding a sorted
-/// aggregate: bucket and fingerprint are stored columns, read from the index, and the sums stay
-/// bigint (`recon_sum`, migration 0007).
-pub(super) const LEDGER_PASS: &str = "SELECT pm.provider, pm.merchant, g.*
+/// bucket, the refund entries and the bit_xor of their fingerprints (the expression `$fp`), as
+/// arrays, and the pair's total (a bigint that raises an error on overflow).
+/// Per pair an index-only scan in bucket order feeding a sorted aggregate: bucket and
+/// fingerprint are stored columns, read from the index, and the sums stay bigint
+/// (`recon_sum`, migration 0007).
+macro_rules! ledger_pass {
+    ($fp:literal) => {
+        concat!(
+            "SELECT pm.provider, pm.merchant, g.*
          FROM unnest($2::text[], $3::text[]) pm(provider, merchant)
          CROSS JOIN LATERAL (
              SELECT coalesce(array_agg(bucket), '{}') AS buckets,
@@ -68,13 +71,34 @@ pub(super) const LEDGER_PASS: &str = "SELECT pm.provider, pm.merchant, g.*
                     coalesce(recon_sum(total), 0) AS total
              FROM (
                  SELECT recon_bucket AS bucket, count(*) AS n,
-                        recon_sum(settlement_refund_fee) AS total, bit_xor(recon_fp) AS fp
+                        recon_sum(settlement_refund_fee) AS total, bit_xor(",
+            $fp,
+            ") AS fp
                  FROM ledger
                  WHERE business_date = $1 AND refund_fee > 0
                    AND recon_pair = hashtextextended(pm.provider || '/' || pm.merchant, 0)
                  GROUP BY 1
              ) b
-         ) g";
+         ) g"
+        )
+    };
+}
+
+/// [`ledger_pass!`] against attempts: the stored fingerprint, from `ledger_reconcile`.
+pub(super) const LEDGER_PASS: &str = ledger_pass!("recon_fp");
+
+/// [`ledger_pass!`] against statements, which carry the refund_fee too: the fingerprint
+/// hashed with the refund_fee ([`FEE_FP`]), from `ledger_reconcile_fees` (migration 0020,
+/// the same index with the refund_fee included), so that a row whose refund_fee differs
+/// makes its bucket differ. Attempts keep the narrower index and the stored fingerprint:
+/// what a provider answered a call is compared on the settlement only.
+pub(super) const LEDGER_PASS_FEES: &str = ledger_pass!("hashint8extended(recon_fp, refund_fee)");
+
+/// A row's fingerprint with its refund_fee, from its fingerprint `fp`: against statements
+/// both sides' rows are fingerprinted so.
+pub fn fee_fp(fp: &str) -> String {
+    format!("hashint8extended({fp}, refund_fee)")
+}
 
 /// The (provider, merchant) pairs with refund entries on the day, as two arrays: a skip scan
 /// of `ledger_reconcile`, one index descent and one row per pair. The provider is filtered
@@ -188,7 +212,7 @@ pub(super) fn refunds_sql(source: Source, day: DaySql, drill: Drill) -> String {
     format!(
         "WITH l AS (
              SELECT e.provider, e.merchant, e.refund_no,
-                    sum(e.settlement_refund_fee) AS amount,
+                    sum(e.settlement_refund_fee) AS amount, sum(e.refund_fee) AS fee,
                     min(e.booked_at) FILTER (WHERE e.entry_kind = 'refund') AS booked_at,
                     bool_or(e.source = 'manual') AS manual
              FROM ({ledger}) e
@@ -196,7 +220,8 @@ pub(super) fn refunds_sql(source: Source, day: DaySql, drill: Drill) -> String {
              GROUP BY e.provider, e.merchant, e.refund_no
              HAVING sum(e.refund_fee) <> 0 OR sum(e.settlement_refund_fee) <> 0
          ), p AS (
-             SELECT provider, merchant, refund_no, sum(amount) AS amount, count(*) AS n,
+             SELECT provider, merchant, refund_no, sum(amount) AS amount, sum(fee) AS fee,
+                    bool_or(invalid) AS invalid, count(*) AS n,
                     min(at) AS at, string_agg(source, ', ' ORDER BY at, source) AS sources
              FROM ({payments}) x
              GROUP BY provider, merchant, refund_no
@@ -204,9 +229,9 @@ pub(super) fn refunds_sql(source: Source, day: DaySql, drill: Drill) -> String {
          SELECT coalesce(l.provider, p.provider) AS provider,
                 coalesce(l.merchant, p.merchant) AS merchant,
                 coalesce(l.refund_no, p.refund_no) AS refund_no,
-                l.amount::bigint AS ledger_amount, l.booked_at, l.manual,
-                p.amount::bigint AS provider_amount, coalesce(p.n, 0) AS provider_n,
-                p.at AS provider_at, p.sources
+                l.amount::bigint AS ledger_amount, l.fee::bigint AS ledger_fee, l.booked_at,
+                l.manual, p.amount::bigint AS provider_amount, p.fee::bigint AS provider_fee, coalesce(p.n, 0) AS provider_n,
+                p.at AS provider_at, p.sources, coalesce(p.invalid, false) AS invalid
          FROM l FULL JOIN p
            ON p.provider = l.provider AND p.merchant = l.merchant AND p.refund_no = l.refund_no",
         ledger = drill.ledger(),
@@ -240,7 +265,7 @@ pub(super) fn drill_sql(source: Source, day: DaySql, drill: Drill) -> String {
 /// Step 2b: classify and store, from `recon_refunds`. Extra parameters: $11 run id, $12 grace
 /// minutes, $13 time zone, $14 providers whose next day is known, $15 providers whose previous
 /// day is known, $16 whether the ledger's next window is closed, $17 whether its previous
-/// window is closed.
+/// window is closed, $18 providers (or `provider U+001F merchant`) without a statement of the day.
 pub(super) fn discrepancies_sql(source: Source) -> String {
     format!(
         "INSERT INTO reconciliation_discrepancies (run_id, kind, provider, merchant, refund_no,
@@ -266,7 +291,9 @@ pub(super) fn discrepancies_sql(source: Source) -> String {
              OFFSET 0
          ) c
          LEFT JOIN LATERAL (
-             SELECT min(x.at) AS at FROM ({neighbours}) x
+             SELECT min(x.at) AS at, count(DISTINCT x.payment) AS n, min(x.amount) AS lo,
+                    max(x.amount) AS hi
+             FROM ({neighbours}) x
              WHERE r.provider_amount IS NULL AND c.cut IS NOT NULL
                AND x.refund_no = r.refund_no AND x.provider = r.provider
                AND x.merchant = r.merchant
@@ -274,13 +301,24 @@ pub(super) fn discrepancies_sql(source: Source) -> String {
                AND x.at < CASE WHEN c.cut = $3 THEN $3 + gi.g ELSE $2 END
          ) pp ON true
          LEFT JOIN LATERAL (
-             SELECT min(x.booked_at) AS at FROM ledger x
+             SELECT min(x.booked_at) AS at, min(x.settlement_refund_fee) AS amount FROM ledger x
              WHERE r.ledger_amount IS NULL AND c.cut IS NOT NULL
                AND x.refund_no = r.refund_no AND x.entry_kind = 'refund'
                AND x.provider = r.provider AND x.merchant = r.merchant
                AND x.booked_at >= CASE WHEN c.cut = $3 THEN $3 ELSE $2 - gi.g END
                AND x.booked_at < CASE WHEN c.cut = $3 THEN $3 + gi.g ELSE $2 END
          ) lp ON true
+         -- Whether that booking across midnight was paid on its own day (in the same window):
+         -- then it is not this payment's partner, and this payment is a second one.
+         LEFT JOIN LATERAL (
+             SELECT true AS matched FROM ({neighbours}) x
+             WHERE lp.at IS NOT NULL
+               AND x.refund_no = r.refund_no AND x.provider = r.provider
+               AND x.merchant = r.merchant
+               AND x.at >= CASE WHEN c.cut = $3 THEN $3 ELSE $2 - gi.g END
+               AND x.at < CASE WHEN c.cut = $3 THEN $3 + gi.g ELSE $2 END
+             LIMIT 1
+         ) lm ON true
          CROSS JOIN LATERAL (
              SELECT CASE WHEN c.cut = $3 THEN r.provider = ANY($14::text[])
                          ELSE r.provider = ANY($15::text[]) END AS provider_known,
@@ -297,25 +335,70 @@ pub(super) fn discrepancies_sql(source: Source) -> String {
          ) f
          CROSS JOIN LATERAL (
              SELECT CASE
+                 -- A provider row that cannot be right says nothing we could match on.
+                 WHEN r.invalid THEN 'invalid_at_provider'
                  WHEN r.ledger_amount IS NOT NULL AND r.provider_amount IS NOT NULL THEN
                      CASE WHEN r.provider_n > 1 THEN 'duplicate_at_provider'
-                          WHEN r.ledger_amount <> r.provider_amount THEN 'amount_mismatch'
+                          -- The refund_fee only where the provider side has it (statements).
+                          WHEN r.ledger_amount <> r.provider_amount
+                               OR r.ledger_fee <> r.provider_fee THEN 'amount_mismatch'
                      END
+                 -- Near a cut-off a partner across midnight makes the refund pending only if
+                 -- it is one payment (or booking) unmatched on its own day and agrees in
+                 -- amount. A booking has one refund entry (ledger_one_refund_entry), so a
+                 -- payment across midnight of a refund booked on D is never matched on its own
+                 -- day; a booking across midnight of a payment on D may be.
                  WHEN r.provider_amount IS NULL THEN
-                     CASE WHEN c.cut IS NOT NULL AND (pp.at IS NOT NULL OR NOT n.provider_known)
-                          THEN 'pending' ELSE 'missing_at_provider' END
+                     CASE WHEN c.cut IS NULL THEN 'missing_at_provider'
+                          WHEN pp.n > 1 THEN 'duplicate_at_provider'
+                          WHEN pp.n = 1 AND (pp.lo <> r.ledger_amount OR pp.hi <> r.ledger_amount)
+                          THEN 'amount_mismatch'
+                          WHEN pp.n = 1 OR NOT n.provider_known THEN 'pending'
+                          ELSE 'missing_at_provider' END
                  ELSE
                      CASE WHEN r.provider_n > 1 THEN 'duplicate_at_provider'
-                          WHEN c.cut IS NOT NULL AND (lp.at IS NOT NULL OR NOT n.ledger_known)
-                          THEN 'pending' ELSE 'missing_in_ledger' END
+                          WHEN c.cut IS NULL THEN 'missing_in_ledger'
+                          WHEN lp.at IS NOT NULL AND lm.matched THEN 'duplicate_at_provider'
+                          WHEN lp.at IS NOT NULL AND lp.amount <> r.provider_amount
+                          THEN 'amount_mismatch'
+                          WHEN lp.at IS NOT NULL OR NOT n.ledger_known THEN 'pending'
+                          ELSE 'missing_in_ledger' END
              END AS kind
          ) k0
          CROSS JOIN LATERAL (
              SELECT k0.kind, CASE k0.kind
-                 WHEN 'duplicate_at_provider' THEN
-                     'provider has it ' || r.provider_n || ' times: ' || r.sources
+                 WHEN 'invalid_at_provider' THEN
+                     'the statement says settlement ' || r.provider_amount
+                     || ' above the refund_fee ' || r.provider_fee || ': ' || r.sources
                      || CASE WHEN r.ledger_amount IS NULL THEN '; not in the ledger' ELSE '' END
-                 WHEN 'amount_mismatch' THEN 'provider: ' || r.sources
+                 WHEN 'duplicate_at_provider' THEN
+                     CASE WHEN r.provider_amount IS NULL THEN
+                         'booked ' || f.booked || ', within ' || $12 || ' min ' || n.side
+                         || ' the cut-off; the provider paid it ' || pp.n
+                         || ' times across it, first at ' || f.partner_paid
+                     WHEN r.provider_n = 1 THEN
+                         'provider: ' || r.sources || ' at ' || f.paid || ', a second payment: '
+                         || 'booked at ' || f.partner_booked || ' across the cut-off and paid '
+                         || 'there too'
+                     ELSE
+                         'provider has it ' || r.provider_n || ' times: ' || r.sources
+                         || CASE WHEN r.ledger_amount IS NULL THEN '; not in the ledger' ELSE '' END
+                     END
+                 WHEN 'amount_mismatch' THEN
+                     CASE WHEN r.provider_amount IS NULL THEN
+                         'booked ' || f.booked || '; the provider paid ' || pp.lo || ' at '
+                         || f.partner_paid || ' across the cut-off'
+                     WHEN r.ledger_amount IS NULL THEN
+                         'provider: ' || r.sources || ' at ' || f.paid || '; booked '
+                         || lp.amount || ' at ' || f.partner_booked || ' across the cut-off'
+                     ELSE concat_ws('; ',
+                         CASE WHEN r.ledger_amount <> r.provider_amount
+                              THEN 'settlement_refund_fee: ledger ' || r.ledger_amount
+                                   || ', provider ' || r.provider_amount END,
+                         CASE WHEN r.ledger_fee <> r.provider_fee
+                              THEN 'refund_fee: ledger ' || r.ledger_fee || ', provider '
+                                   || r.provider_fee END,
+                         'provider: ' || r.sources) END
                  WHEN 'missing_in_ledger' THEN
                      'provider: ' || r.sources || ' at ' || f.paid
                  WHEN 'missing_at_provider' THEN
@@ -336,7 +419,10 @@ pub(super) fn discrepancies_sql(source: Source) -> String {
              END AS why
          ) k
          LEFT JOIN jobs j ON j.refund_no = r.refund_no
-         WHERE k.kind IS NOT NULL",
+         -- $18: providers (and provider U+001F merchant pairs) without a statement of the day,
+         -- reported per merchant instead.
+         WHERE k.kind IS NOT NULL AND NOT (r.provider = ANY ($18::text[])
+                                           OR r.provider || chr(31) || r.merchant = ANY ($18::text[]))",
         neighbours = source.neighbours()
     )
 }

@@ -51,7 +51,9 @@ pub fn bin(args: &[&str]) -> Output {
 pub fn toml(url: &str, grace: u32) -> String {
     format!(
         "database_url = \"{url}\"\ntimezone = \"Asia/Shanghai\"\n\n[database]\n\
-         migrate_on_start = false\nmax_connections = 4\n\n[reconciler]\ngrace_minutes = {grace}\n"
+         migrate_on_start = false\nmax_connections = 4\n\n\
+         # The tests serve statements from a local plain-http server.\n\
+         [http]\nallow_plain_http = true\n\n[reconciler]\ngrace_minutes = {grace}\n"
     )
 }
 

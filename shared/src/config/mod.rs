@@ -18,8 +18,12 @@ use serde::{Deserialize, Serialize};
 use crate::provider::CodeClass;
 
 mod finality;
+mod operator;
+mod reconciler;
 
 pub use finality::{NotifyConfig, QueryConfig};
+pub use operator::OperatorConfig;
+pub use reconciler::{ReconcilerConfig, StatementSource, fill as fill_statement_template};
 
 /// The environment variable prefix; `REFUNDS__WORKER__PREFETCH=64` sets `worker.prefetch`.
 pub const ENV_PREFIX: &str = "REFUNDS__";
@@ -102,6 +106,7 @@ pub struct Config {
     pub wupay: WupayConfig,
     pub reconciler: ReconcilerConfig,
     pub notify: NotifyConfig,
+    pub operator: OperatorConfig,
 }
 
 impl Default for Config {
@@ -118,6 +123,7 @@ impl Default for Config {
             wupay: WupayConfig::default(),
             reconciler: ReconcilerConfig::default(),
             notify: NotifyConfig::default(),
+            operator: OperatorConfig::default(),
         }
     }
 }
@@ -159,6 +165,11 @@ pub struct DatabaseConfig {
     pub acquire_timeout_ms: u64,
     /// Apply migrations at start (the worker); `refundctl migrate` does it explicitly.
     pub migrate_on_start: bool,
+    /// PEM file of the CA(s) that sign the database server's certificate, for
+    /// `sslmode=verify-full` (or `verify-ca`) in `database_url`. Unset: the system's CA store.
+    /// Read at every new connection, so a rotated CA file is picked up without a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssl_root_cert: Option<PathBuf>,
 }
 
 impl Default for DatabaseConfig {
@@ -167,7 +178,50 @@ impl Default for DatabaseConfig {
             max_connections: 16,
             acquire_timeout_ms: 5_000,
             migrate_on_start: true,
+            ssl_root_cert: None,
         }
+    }
+}
+
+impl DatabaseConfig {
+    /// A CA file must hold at least one PEM certificate, and `database_url` must ask for the
+    /// server's certificate to be checked: with `sslmode=prefer` or `require` the CA would be
+    /// loaded and then ignored, which looks safe and is not.
+    fn validate(&self, database_url: &str) -> Result<(), ConfigError> {
+        const KEY: &str = "database.ssl_root_cert";
+        let Some(path) = &self.ssl_root_cert else {
+            return Ok(());
+        };
+        let pem = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
+            key: KEY.to_owned(),
+            path: path.clone(),
+            source,
+        })?;
+        if openssl::x509::X509::stack_from_pem(&pem).map_or(true, |certs| certs.is_empty()) {
+            return Err(ConfigError::invalid(
+                KEY,
+                format!("{} holds no PEM certificate", path.display()),
+            ));
+        }
+        let mode = database_url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| ConfigError::invalid("database_url", e.to_string()))?
+            .get_ssl_mode();
+        use sqlx::postgres::PgSslMode;
+        let unchecked = match mode {
+            PgSslMode::VerifyFull | PgSslMode::VerifyCa => return Ok(()),
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer",
+            PgSslMode::Require => "require",
+        };
+        Err(ConfigError::invalid(
+            KEY,
+            format!(
+                "is set, but database_url's sslmode is {unchecked}, which does not check the \
+                 server's certificate: add sslmode=verify-full to database_url"
+            ),
+        ))
     }
 }
 
@@ -281,12 +335,46 @@ pub struct HttpConfig {
     /// Responses larger than this are not read (and the attempt is "maybe delivered").
     pub max_response_bytes: usize,
     pub pool_max_idle_per_host: usize,
+    /// Accept `http://` provider URLs. For the local simulator and tests only: see
+    /// [`HttpConfig::check_url`].
+    pub allow_plain_http: bool,
 }
 
 impl HttpConfig {
     /// The whole-request timeout.
     pub fn timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The https rule (DESIGN §5): a URL the system sends refunds to or takes payment evidence
+    /// from must be `https://`, unless `[http] allow_plain_http = true`. Every such key is
+    /// checked with this one function, so that the rule and its message are the same
+    /// everywhere: the merchants' `base_url` today, statement URLs as they are added.
+    ///
+    /// Why it is not a recommendation: WuPay's answers are not signed, so on plain http anyone
+    /// on the path can book a refund as paid or failed; ShengPay's are signed, but its requests
+    /// and the refund amounts would still travel in clear text. `key` names the setting in the
+    /// error (`wupay.merchants[2].base_url`).
+    pub fn check_url(&self, key: &str, url: &str) -> Result<(), ConfigError> {
+        let parsed = reqwest::Url::parse(url)
+            .ok()
+            .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()));
+        match parsed.as_ref().map(reqwest::Url::scheme) {
+            Some("https") => Ok(()),
+            Some("http") if self.allow_plain_http => Ok(()),
+            Some("http") => Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{url:?} is plain http: provider URLs must be https:// (answers on plain \
+                     http can be forged by anyone on the path); set [http] allow_plain_http = \
+                     true only for a local simulator or tests"
+                ),
+            )),
+            _ => Err(ConfigError::invalid(
+                key,
+                format!("{url:?} must be an https:// URL with a host"),
+            )),
+        }
     }
 }
 
@@ -297,6 +385,7 @@ impl Default for HttpConfig {
             timeout_ms: 10_000,
             max_response_bytes: 256 * 1024,
             pool_max_idle_per_host: 128,
+            allow_plain_http: false,
         }
     }
 }
@@ -422,25 +511,6 @@ fn default_failure_prefixes() -> Vec<String> {
     vec!["FAIL".into()]
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReconcilerConfig {
-    /// Cron expression (seconds first, as the `cron` crate reads it) for `schedule`.
-    pub schedule: String,
-    /// Refunds within this many minutes before the day's cut-off may still be in flight at the
-    /// provider: a difference there is `pending`, not a discrepancy.
-    pub grace_minutes: u32,
-}
-
-impl Default for ReconcilerConfig {
-    fn default() -> Self {
-        Self {
-            schedule: "0 30 2 * * *".into(),
-            grace_minutes: 30,
-        }
-    }
-}
-
 impl Config {
     /// Loads defaults, then `file` (or `refunds.toml` if present), then the environment, and
     /// validates the result.
@@ -506,6 +576,7 @@ impl Config {
                 "must start with postgres:// or postgresql://",
             ));
         }
+        self.database.validate(&self.database_url)?;
         if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
             return Err(ConfigError::invalid(
                 "amqp_url",
@@ -586,6 +657,7 @@ impl Config {
         }
         w.query.validate(self.http.timeout_ms)?;
         self.notify.validate(&w.metrics_addr)?;
+        self.operator.validate()?;
         let r = &w.retry;
         if r.max_attempts < 1 {
             return Err(ConfigError::invalid(
@@ -617,7 +689,7 @@ impl Config {
                     format!("merchant {:?} is configured twice", m.merchant),
                 ));
             }
-            check_url(&key("base_url"), &m.base_url)?;
+            self.http.check_url(&key("base_url"), &m.base_url)?;
             for (k, v) in [
                 ("app_id", &m.app_id),
                 ("mch_id", &m.mch_id),
@@ -645,7 +717,7 @@ impl Config {
                     format!("merchant {:?} is configured twice", m.merchant),
                 ));
             }
-            check_url(&key("base_url"), &m.base_url)?;
+            self.http.check_url(&key("base_url"), &m.base_url)?;
             if m.success_results.is_empty() {
                 return Err(ConfigError::invalid(
                     key("success_results"),
@@ -659,6 +731,12 @@ impl Config {
                 ));
             }
         }
+        self.reconciler
+            .validate(&self.http, |provider| match provider {
+                "shengpay" => self.shengpay.merchants.len(),
+                "wupay" => self.wupay.merchants.len(),
+                _ => 0,
+            })?;
         if self.reconciler.schedule.parse::<cron::Schedule>().is_err() {
             return Err(ConfigError::invalid(
                 "reconciler.schedule",
@@ -680,16 +758,6 @@ impl Config {
     pub fn amqp_url_redacted(&self) -> String {
         redact_url(&self.amqp_url)
     }
-}
-
-fn check_url(key: &str, v: &str) -> Result<(), ConfigError> {
-    if !(v.starts_with("http://") || v.starts_with("https://")) {
-        return Err(ConfigError::invalid(
-            key,
-            format!("{v:?} must be an http:// or https:// URL"),
-        ));
-    }
-    Ok(())
 }
 
 /// Replaces the password in `scheme://user:password@host/...` with `***`.
@@ -738,6 +806,64 @@ mod tests {
             e.to_string().contains("worker.full_sweep_interval_ms"),
             "{e}"
         );
+    }
+
+    fn wupay_merchant(name: &str, base_url: &str) -> String {
+        format!(
+            "[[wupay.merchants]]\nmerchant='{name}'\nbase_url='{base_url}'\ncpn_id='c'\n\
+             area='a'\nrfkey_file='k'\n"
+        )
+    }
+
+    #[test]
+    fn a_plain_http_provider_url_is_refused_naming_the_key_unless_allowed() {
+        let merchants = [
+            wupay_merchant("w0", "https://wupay.example/WuPay.asmx"),
+            wupay_merchant("w1", "https://wupay.example/WuPay.asmx"),
+            wupay_merchant("w2", "http://wupay.example/WuPay.asmx"),
+        ]
+        .concat();
+        let e = Config::from_toml(&merchants).unwrap_err().to_string();
+        assert!(e.contains("wupay.merchants[2].base_url"), "{e}");
+        assert!(e.contains("allow_plain_http"), "{e}");
+
+        let shengpay = "[[shengpay.merchants]]\nmerchant='s'\nbase_url='http://127.0.0.1:1'\n\
+                        app_id='a'\nmch_id='m'\nprivate_key_file='k'\n\
+                        platform_public_key_file='p'\nnotify_url='http://n/'\n";
+        let e = Config::from_toml(shengpay).unwrap_err().to_string();
+        assert!(e.contains("shengpay.merchants[0].base_url"), "{e}");
+
+        let allowed = format!("[http]\nallow_plain_http = true\n{merchants}{shengpay}");
+        let c = Config::from_toml(&allowed).unwrap();
+        assert!(c.http.allow_plain_http);
+        // Allowing http does not allow anything else.
+        let e = Config::from_toml(&format!(
+            "[http]\nallow_plain_http = true\n{}",
+            wupay_merchant("w", "https://")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("wupay.merchants[0].base_url"), "{e}");
+    }
+
+    #[test]
+    fn https_provider_urls_need_no_flag_and_the_flag_is_off_by_default() {
+        assert!(!HttpConfig::default().allow_plain_http);
+        let c = Config::from_toml(&wupay_merchant(
+            "w",
+            "HTTPS://WuPay.Example:8443/WuPay.asmx",
+        ))
+        .unwrap();
+        assert_eq!(c.wupay.merchants.len(), 1);
+        let h = HttpConfig::default();
+        assert!(
+            h.check_url("k", "https://statements.example/2026-12-03.csv")
+                .is_ok()
+        );
+        let e = h
+            .check_url("reconciler.statements.x", "http://s/")
+            .unwrap_err();
+        assert!(e.to_string().contains("reconciler.statements.x"), "{e}");
     }
 
     #[test]

@@ -27,9 +27,15 @@ pub struct HttpReply {
     pub body: Vec<u8>,
 }
 
-/// Builds the shared client: keep-alive pool, connect and total timeouts, TCP_NODELAY.
+/// Builds the shared client: keep-alive pool, connect and total timeouts, TCP_NODELAY, TLS 1.2
+/// or newer, no redirects. Which URLs it may be pointed at is the configuration's rule
+/// ([`HttpConfig::check_url`]: https only, unless `allow_plain_http`).
 pub fn build_client(cfg: &HttpConfig) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
+        // Set here rather than left to the system's OpenSSL configuration, which differs
+        // between images and may still allow TLS 1.0 and 1.1 (broken, and refused by the
+        // payment industry's rules since 2018).
+        .tls_version_min(reqwest::tls::Version::TLS_1_2)
         .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
         .timeout(Duration::from_millis(cfg.timeout_ms))
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
@@ -110,5 +116,59 @@ mod tests {
         let err = client.get("https://127.0.0.1:9/").send().await.unwrap_err();
         assert!(err.is_connect(), "{err:?}");
         assert!(matches!(classify(&err), TransportError::NotSent(_)));
+    }
+
+    /// Accepts connections on 127.0.0.1 and counts them; each gets `reply` and is closed.
+    async fn server(reply: String) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock.write_all(reply.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        (port, hits)
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_returned_as_it_is_and_never_followed() {
+        use std::sync::atomic::Ordering;
+        let (target, target_hits) =
+            server("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".into()).await;
+        for status in [
+            "301 Moved Permanently",
+            "302 Found",
+            "307 Temporary Redirect",
+        ] {
+            let (port, hits) = server(format!(
+                "HTTP/1.1 {status}\r\nLocation: http://127.0.0.1:{target}/elsewhere\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            ))
+            .await;
+            let client = build_client(&HttpConfig::default()).unwrap();
+            let reply = send(
+                client
+                    .post(format!("http://127.0.0.1:{port}/refund"))
+                    .body("signed"),
+                1024,
+            )
+            .await
+            .unwrap();
+            assert_eq!(reply.status.to_string(), status[..3], "{status}");
+            assert_eq!(hits.load(Ordering::SeqCst), 1);
+        }
+        assert_eq!(
+            target_hits.load(Ordering::SeqCst),
+            0,
+            "a redirect was followed"
+        );
     }
 }

@@ -7,9 +7,9 @@
 //! the bare base64 body of the DER with the armour lines stripped, wrapped at any width. Accepting
 //! all of these here keeps operators from hand-converting keys, which is where keys leak.
 //!
-//! Errors name the configuration key (for example `shengpay.merchants[0].private_key_file`) and
-//! the shape that was expected, and never any part of the key text: a log line about a bad key
-//! must not become the leak.
+//! Errors name the configuration key (for example `shengpay.merchants[0].private_key_file`), the
+//! file when there is one, and the shape that was expected, and never any part of the key text: a
+//! log line about a bad key must not become the leak.
 
 use std::path::Path;
 
@@ -22,8 +22,10 @@ use openssl::x509::X509;
 
 use crate::config::{ConfigError, Secret};
 
-/// Smaller RSA keys are refused: they are factorable, so signatures made with them prove nothing.
-pub const MIN_RSA_BITS: u32 = 1024;
+/// Smaller RSA keys are refused at start: 1024-bit moduli are within reach of a well-funded
+/// attacker, so signatures made with them would not prove who sent a refund or its answer
+/// (NIST SP 800-131A has disallowed them for signatures since 2013).
+pub const MIN_RSA_BITS: u32 = 2048;
 
 /// Key bodies copied out of web consoles lose their padding as often as not.
 const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
@@ -35,13 +37,24 @@ const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
 pub fn private_key_from_file(key: &str, path: &Path) -> Result<PKey<Private>, ConfigError> {
     // Read through `Secret` so the text is never in a value whose Debug would print it.
     let text = Secret::read_file(key, path)?;
-    private_key_from_text(key, text.expose())
+    private_key_from_text(key, text.expose()).map_err(|e| naming_file(e, path))
 }
 
 /// Reads and parses an RSA public key from the file named by config key `key`.
 pub fn public_key_from_file(key: &str, path: &Path) -> Result<PKey<Public>, ConfigError> {
     let text = Secret::read_file(key, path)?;
-    public_key_from_text(key, text.expose())
+    public_key_from_text(key, text.expose()).map_err(|e| naming_file(e, path))
+}
+
+/// Adds the file to a key error, so that the message says which file to replace.
+fn naming_file(e: ConfigError, path: &Path) -> ConfigError {
+    match e {
+        ConfigError::Invalid { key, reason } => ConfigError::Invalid {
+            key,
+            reason: format!("{}: {reason}", path.display()),
+        },
+        other => other,
+    }
 }
 
 /// Parses an RSA private key: PKCS#8 or PKCS#1 PEM, or bare base64 DER (PKCS#8, then PKCS#1).
@@ -368,6 +381,37 @@ mod tests {
         );
         let e = public_key_from_file(KEY, Path::new("/nonexistent/key.pem")).unwrap_err();
         assert!(matches!(e, ConfigError::SecretFile { .. }), "{e}");
+    }
+
+    #[test]
+    fn keys_under_2048_bits_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = Rsa::generate(1024).unwrap();
+        let private = dir.path().join("merchant-1024.pem");
+        std::fs::write(&private, small.private_key_to_pem().unwrap()).unwrap();
+        let public = dir.path().join("platform-1024.pem");
+        std::fs::write(&public, small.public_key_to_pem().unwrap()).unwrap();
+
+        let e = private_key_from_file(KEY, &private)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(KEY), "{e}");
+        assert!(e.contains(&private.display().to_string()), "{e}");
+        assert!(
+            e.contains("1024 bits") && e.contains("2048-bit minimum"),
+            "{e}"
+        );
+        let e = public_key_from_file(KEY, &public).unwrap_err().to_string();
+        assert!(e.contains(&public.display().to_string()), "{e}");
+        assert!(
+            e.contains("1024 bits") && e.contains("2048-bit minimum"),
+            "{e}"
+        );
+
+        // The boundary itself is accepted.
+        let ok = Rsa::generate(2048).unwrap();
+        std::fs::write(&private, ok.private_key_to_pem().unwrap()).unwrap();
+        assert!(private_key_from_file(KEY, &private).is_ok());
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! doc, grouped by the part of the system that needs them: [`intake`] (turning messages into
 //! jobs, duplicates, conflicts and rejections), [`jobs`] (claims with leases and fencing, and
 //! recording outcomes with ledger and outbox in one transaction), [`sweep`] (expired leases,
-//! due retries, orphans, stuck jobs), [`outbox`] (the relay's reads and deletes) and [`ops`]
-//! (what operators read and do). Every state change goes through [`jobs::transition`], which
+//! due retries, orphans, stuck jobs), [`outbox`] (the relay's reads and deletes), [`ops`]
+//! (what operators read and do), [`approvals`] (four-eyes requests for resolutions and
+//! corrections) and [`cases`] (reconciliation cases). Every state change goes through [`jobs::transition`], which
 //! checks it against [`crate::state::TRANSITIONS`] and appends the history row in the same
 //! transaction.
 
+pub mod approvals;
+pub mod cases;
 pub mod intake;
 pub mod jobs;
 pub mod operator;
@@ -76,12 +79,17 @@ impl StoreError {
     }
 }
 
-/// How to connect to `database_url`, for a pool or a connection of its own.
+/// How to connect to `database_url`, for a pool or a connection of its own: its `sslmode`, and
+/// the CA of `database.ssl_root_cert` when set.
 pub fn connect_options(config: &Config) -> Result<PgConnectOptions, StoreError> {
-    Ok(config
+    let options = config
         .database_url
         .parse::<PgConnectOptions>()?
-        .application_name("refunds"))
+        .application_name("refunds");
+    Ok(match &config.database.ssl_root_cert {
+        Some(ca) => options.ssl_root_cert(ca),
+        None => options,
+    })
 }
 
 /// The pool's settings: the configured limits.

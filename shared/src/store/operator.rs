@@ -2,8 +2,8 @@
 //! counts behind `stats`.
 //!
 //! This module owns the operator's read queries. The writes an operator makes (replay, manual
-//! resolution) are in [`super::jobs`], where the state checks live; nothing here changes a
-//! job. Every query reads the hot `jobs` row through the indexes it already has (primary key,
+//! resolution, correction) are database functions called from [`super::jobs`]; nothing here
+//! changes a job. Every query reads the hot `jobs` row through the indexes it already has (primary key,
 //! `created_at`) or by a sequential scan: the team keeps `jobs` free of indexes on columns that
 //! change on every transition so that transitions stay HOT updates, and a scan of a few hundred
 //! thousand rows answers well inside the CLI's one-second budget (`dlq-bench` measures it).
@@ -527,8 +527,8 @@ pub async fn job_request(
     )
 }
 
-/// What a replay would need to decide about a job without touching it: state, cause and
-/// where it is paid.
+/// What a replay would decide about a job, read without touching it: state, cause, where it
+/// is paid, and the refusal.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ReplayFacts {
     pub state: String,
@@ -537,6 +537,11 @@ pub struct ReplayFacts {
     pub merchant: String,
     /// As recorded on the job at intake; false when it was not recorded.
     pub idempotent: bool,
+    /// The provider's statements showed its current attempts unpaid.
+    pub not_paid_per_statement: bool,
+    /// Why a replay would be refused now (`operator_replay_refusal`, the rule the replay
+    /// itself applies under the row lock), if it would.
+    pub refusal: Option<String>,
 }
 
 /// Reads a job's state, cause, provider, merchant and recorded idempotence without locking
@@ -546,8 +551,14 @@ pub async fn replay_facts(
     refund_no: &str,
 ) -> Result<Option<ReplayFacts>, StoreError> {
     Ok(sqlx::query_as::<_, ReplayFacts>(
-        "SELECT state, cause, provider, merchant, COALESCE(idempotent, false) AS idempotent
-         FROM jobs WHERE refund_no = $1",
+        "SELECT f.*, operator_replay_refusal(f.state, f.cause, f.idempotent,
+                                             f.not_paid_per_statement) AS refusal
+         FROM (SELECT state, cause, provider, merchant,
+                      COALESCE(idempotent, false) AS idempotent,
+                      EXISTS (SELECT 1 FROM statement_verdicts v
+                              WHERE v.refund_no = jobs.refund_no AND v.verdict = 'not_paid'
+                                AND v.attempt = jobs.attempt) AS not_paid_per_statement
+               FROM jobs WHERE refund_no = $1) f",
     )
     .bind(refund_no)
     .fetch_optional(pool)

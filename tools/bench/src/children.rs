@@ -105,6 +105,9 @@ pub async fn start_sim(bin_dir: &Path, rules: Vec<FaultRule>) -> anyhow::Result<
     // The bench's backlog is larger than the default call log; keep the log small, nothing
     // here reads it.
     c.call_log_capacity = 1_000;
+    // ShengPay ends a refund (and sends its notify) a moment after accepting it, so that the
+    // usual order holds: the call's answer is recorded, then the notify books it.
+    c.shengpay.processing_ms = 50;
     let wupay_paths = c
         .wupay
         .merchants

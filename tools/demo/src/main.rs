@@ -2,8 +2,10 @@
 //!
 //! Recreates the `refunds_demo` database, starts the provider simulator (in this process, with
 //! `config/sim.toml`) and a `refund-worker` (a child process, `config/refunds.toml` pointed at
-//! the demo database and demo queues), publishes a mixed batch — both providers, all four WuPay
-//! bindings, declines, transport faults, duplicates, a conflict, a bad message — waits until
+//! the demo database and demo queues, its notify listener named in the ShengPay merchants'
+//! `notify_url`), publishes a mixed batch — both providers, all four WuPay bindings, declines,
+//! transport faults, ShengPay's asynchronous ends (by notify, by status query after a lost
+//! notify, closed, not credited), duplicates, a conflict, a bad message — waits until
 //! every job is final or dead, reads the worker's `/metrics` and `/readyz`, runs the day's
 //! reconciliation against the simulator's statement, prints a summary, and stops what it started.
 
@@ -199,7 +201,33 @@ fn batch() -> Vec<(Vec<u8>, &'static str)> {
         ProviderKind::Wupay,
         wu[2],
         470,
-        "dead: paid but answer lost (not idempotent)",
+        "dead: paid but answer lost (not idempotent); the statement settles it",
+    );
+    // ShengPay's asynchronous end: every ShengPay refund above is accepted, then booked when
+    // its notify arrives; these three end otherwise (rules in config/sim.toml).
+    push(
+        "DEMO-QUERY".into(),
+        "NOTIFYDROP-1".into(),
+        ProviderKind::Shengpay,
+        sp[0],
+        480,
+        "paid; notify lost, booked from the status query",
+    );
+    push(
+        "DEMO-CLOSE".into(),
+        "CLOSE-1".into(),
+        ProviderKind::Shengpay,
+        sp[1],
+        490,
+        "failed: the provider closed the refund",
+    );
+    push(
+        "DEMO-CHANGE".into(),
+        "CHANGE-1".into(),
+        ProviderKind::Shengpay,
+        sp[0],
+        500,
+        "dead: card not credited (refund_abnormal)",
     );
     // Duplicates (same content again), a conflict (same refund_no, other amount), a bad message.
     for i in 0..3 {
@@ -297,14 +325,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sim_cfg = refund_sim::SimConfig::load(&args.sim_config)?;
     sim_cfg.listen = "127.0.0.1:0".parse()?;
     let sim = refund_sim::Simulator::start(sim_cfg).await?;
-    for m in &mut config.shengpay.merchants {
-        m.base_url = sim.base_url();
-    }
-    for m in &mut config.wupay.merchants {
-        m.base_url = sim
-            .wupay_url(&m.merchant)
-            .with_context(|| format!("simulator has no WuPay merchant {}", m.merchant))?;
-    }
+    // ShengPay's notifies come to the demo worker's own listener, on a free port.
+    config.notify.addr = "127.0.0.1:0".into();
+    testkit::point_merchants(&mut config, &sim.base_url(), |m| sim.wupay_url(m))?;
+    // A refund whose notify was lost is asked about after 3 s, not the production minute.
+    config.worker.query.delays_ms = vec![3_000];
+    config.worker.query.then_every_ms = 3_000;
+    config.worker.query.poll_ms = 500;
     println!(
         "simulator   {} (ShengPay + WuPay, fault rules from {})",
         sim.base_url(),
@@ -322,10 +349,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .spawn()?,
     );
     println!(
-        "worker      pid {} (log: {}), metrics on http://{}",
+        "worker      pid {} (log: {}), metrics on http://{}, notifies on http://{}/notify/shengpay",
         worker.0.id(),
         worker_log.display(),
-        config.worker.metrics_addr
+        config.worker.metrics_addr,
+        config.notify.addr
     );
     wait_ready(&config.worker.metrics_addr, true, Duration::from_secs(30))
         .await
@@ -437,6 +465,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ops::count_rejected(&pool, "rejected").await?,
         ops::count_rejected(&pool, "conflict").await?
     );
+    println!("\n== ShengPay's asynchronous end (accepted, then the provider's word) ==");
+    let ends: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT detail->>'source', to_state, count(*) FROM job_transitions
+         WHERE from_state = 'accepted' AND detail ? 'source'
+         GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for (source, to, n) in ends {
+        println!("  accepted -> {to:<10} by {source:<7} {n}");
+    }
+    let (notifies, applied): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE effect = 'applied') FROM provider_notifications",
+    )
+    .fetch_one(&pool)
+    .await?;
+    println!(
+        "  notifies received and verified: {notifies} ({applied} applied, {} repeats changed nothing)",
+        notifies - applied
+    );
     println!("\n== Each refund against what the demo planted ==");
     let mut by_what: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (body, what) in &batch {
@@ -481,7 +529,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         paid.iter().filter(|p| !s.insert(&p.refund_no)).count()
     });
 
-    for no in ["DEMO-BUSY1", "DEMO-DROPW"] {
+    for no in ["DEMO-S000", "DEMO-QUERY", "DEMO-BUSY1", "DEMO-DROPW"] {
         println!("\n== Timeline of {no} (refundctl job show {no}) ==");
         match bin("refundctl") {
             Ok(ctl) => {
@@ -504,10 +552,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         print!("{}", String::from_utf8_lossy(&recon.stderr));
     }
     println!(
-        "  (DEMO-DROPW was paid by WuPay but its answer was lost: the job is dead/outcome_unknown and"
+        "  (DEMO-DROPW was paid by WuPay but its answer was lost: the job went dead/outcome_unknown,"
     );
     println!(
-        "   reconciliation reports it; an SRE checks with the provider and runs `refundctl job resolve`.)"
+        "   and the run booked it from WuPay's statement row before comparing: see its timeline.)"
     );
 
     println!("\n== Metrics (excerpt of /metrics) ==");
@@ -519,6 +567,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "refunds_retries_total",
             "refunds_outbox_published_total",
             "refunds_intake_total",
+            "refunds_notifies_total",
+            "refunds_status_queries_total",
         ]
         .iter()
         .any(|m| line.starts_with(m))

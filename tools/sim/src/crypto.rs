@@ -12,6 +12,7 @@ use rsa::pkcs1::{DecodeRsaPrivateKey, DecodeRsaPublicKey};
 use rsa::pkcs1v15::{Signature, SigningKey, VerifyingKey};
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey};
 use rsa::signature::{SignatureEncoding, Signer, Verifier};
+use rsa::traits::PublicKeyParts;
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use sha1::Sha1;
 use sha2::Sha256;
@@ -119,8 +120,30 @@ fn bare_der(path: &Path, text: &str) -> Result<Vec<u8>, SimError> {
         .map_err(|_| key_error(path, "neither PEM nor base64 DER"))
 }
 
-/// Loads a private key: PEM PKCS#8, PEM PKCS#1, or bare base64 DER of either.
+/// The same floor as the worker's (`shared::provider::keys::MIN_RSA_BITS`): a simulator that
+/// took a key the worker refuses would let a test pass on a setup production cannot have.
+pub(crate) const MIN_RSA_BITS: usize = 2048;
+
+fn check_size(path: &Path, key: &impl PublicKeyParts) -> Result<(), SimError> {
+    let bits = key.n().bits();
+    if bits < MIN_RSA_BITS {
+        return Err(key_error(
+            path,
+            format!("RSA key of {bits} bits is below the {MIN_RSA_BITS}-bit minimum"),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads a private key (PEM PKCS#8, PEM PKCS#1, or bare base64 DER of either) of at least
+/// [`MIN_RSA_BITS`].
 pub(crate) fn load_private_key(path: &Path) -> Result<RsaPrivateKey, SimError> {
+    let key = parse_private_key(path)?;
+    check_size(path, &key)?;
+    Ok(key)
+}
+
+fn parse_private_key(path: &Path) -> Result<RsaPrivateKey, SimError> {
     let text = read_text(path)?;
     let text = text.trim();
     if text.starts_with("-----BEGIN PRIVATE KEY-----") {
@@ -143,8 +166,15 @@ pub(crate) fn load_private_key(path: &Path) -> Result<RsaPrivateKey, SimError> {
         })
 }
 
-/// Loads a public key: PEM SPKI, PEM PKCS#1, or bare base64 DER of either.
+/// Loads a public key (PEM SPKI, PEM PKCS#1, or bare base64 DER of either) of at least
+/// [`MIN_RSA_BITS`].
 pub(crate) fn load_public_key(path: &Path) -> Result<RsaPublicKey, SimError> {
+    let key = parse_public_key(path)?;
+    check_size(path, &key)?;
+    Ok(key)
+}
+
+fn parse_public_key(path: &Path) -> Result<RsaPublicKey, SimError> {
     let text = read_text(path)?;
     let text = text.trim();
     if text.starts_with("-----BEGIN PUBLIC KEY-----") {
@@ -170,4 +200,30 @@ pub(crate) fn load_secret(path: &Path) -> Result<String, SimError> {
         return Err(key_error(path, "secret file is empty"));
     }
     Ok(secret.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_under_2048_bits_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = openssl::rsa::Rsa::generate(1024).unwrap();
+        let private = dir.path().join("platform-1024.pem");
+        std::fs::write(&private, small.private_key_to_pem().unwrap()).unwrap();
+        let public = dir.path().join("merchant-1024.pem");
+        std::fs::write(&public, small.public_key_to_pem().unwrap()).unwrap();
+
+        let e = load_private_key(&private).err().unwrap().to_string();
+        assert!(e.contains(&private.display().to_string()), "{e}");
+        assert!(e.contains("1024 bits is below the 2048-bit minimum"), "{e}");
+        let e = load_public_key(&public).err().unwrap().to_string();
+        assert!(e.contains(&public.display().to_string()), "{e}");
+        assert!(e.contains("1024 bits is below the 2048-bit minimum"), "{e}");
+
+        let dev = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../keys/dev");
+        assert!(load_private_key(&dev.join("shengpay_platform_private.pem")).is_ok());
+        assert!(load_public_key(&dev.join("shengpay_merchant_public.pem")).is_ok());
+    }
 }

@@ -10,7 +10,10 @@
 //!
 //! Each rule applies to one [`Operation`]: a refund call, a ShengPay status query, or a
 //! ShengPay notify (matched when the refund ends, independently of the rule that decided the
-//! refund call). The default follows the action, so rules written before queries and notifies
+//! refund call). How an accepted ShengPay refund ends (`refund_close`, `change`) is the
+//! provider's fate, not the call's: those rules are matched on their own too
+//! ([`FaultEngine::select_end`]), so a refund planted to close closes whatever transport fault
+//! or latency rule took its call. The default follows the action, so rules written before queries and notifies
 //! existed keep their meaning; an action that cannot happen in its operation is refused when
 //! the rules are loaded rather than silently never firing.
 
@@ -92,6 +95,11 @@ impl FaultAction {
 }
 
 impl FaultAction {
+    /// Whether this action says how an accepted refund ends rather than what its call meets.
+    fn is_end(self) -> bool {
+        matches!(self, FaultAction::RefundClose | FaultAction::Change)
+    }
+
     /// Whether this action can happen in `operation`.
     fn fits(self, operation: Operation) -> bool {
         use FaultAction::*;
@@ -463,10 +471,23 @@ impl FaultEngine {
         &mut self.rng
     }
 
-    /// Finds the first rule that matches `call` and fires.
+    /// Finds the first rule that matches `call` and fires, among those that decide a call (all
+    /// but `refund_close` and `change`).
     pub(crate) fn select(&mut self, call: &CallKey<'_>) -> Option<Fired> {
+        self.first_firing(call, false)
+    }
+
+    /// How an accepted refund is to end: the first `refund_close` or `change` rule that
+    /// matches `call` and fires, whichever rule decided the call itself.
+    pub(crate) fn select_end(&mut self, call: &CallKey<'_>) -> Option<FaultAction> {
+        self.first_firing(call, true).and_then(|f| f.action)
+    }
+
+    /// The first rule among the end rules (`ends`) or the others that matches `call` and fires.
+    fn first_firing(&mut self, call: &CallKey<'_>, ends: bool) -> Option<Fired> {
         for (index, compiled) in self.rules.iter().enumerate() {
-            if !compiled.matches(call) {
+            let end_rule = compiled.rule.action.is_some_and(FaultAction::is_end);
+            if end_rule != ends || !compiled.matches(call) {
                 continue;
             }
             if let Some(times) = compiled.rule.times {
@@ -624,6 +645,29 @@ mod tests {
         ] {
             assert!(good.validate().is_ok(), "{good:?}");
         }
+    }
+
+    #[test]
+    fn how_a_refund_ends_is_chosen_apart_from_the_rule_that_takes_its_call() {
+        let rules = [
+            FaultRule::latency(5),
+            FaultRule::new(FaultAction::DropResponse).order_no("^C2"),
+            FaultRule::new(FaultAction::RefundClose).order_no("^C"),
+            FaultRule::new(FaultAction::Change).order_no("^X"),
+        ];
+        let mut engine = FaultEngine::new(&rules, 1).expect("valid rules");
+        let taken = |e: &mut FaultEngine, o| e.select(&call(o, "R")).map(|f| f.index);
+        assert_eq!(taken(&mut engine, "C1"), Some(0));
+        assert_eq!(taken(&mut engine, "C2"), Some(0));
+        assert_eq!(
+            engine.select_end(&call("C2", "R")),
+            Some(FaultAction::RefundClose)
+        );
+        assert_eq!(
+            engine.select_end(&call("X1", "R")),
+            Some(FaultAction::Change)
+        );
+        assert_eq!(engine.select_end(&call("N1", "R")), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod faultproxy;
 pub mod private;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -256,6 +257,8 @@ pub async fn test_config() -> anyhow::Result<(Config, TestDb)> {
     c.worker.lease_margin_ms = 500;
     c.http.timeout_ms = 2_000;
     c.http.connect_timeout_ms = 500;
+    // The simulator and the tests' fake providers speak plain http on 127.0.0.1.
+    c.http.allow_plain_http = true;
     c.worker.retry.initial_delay_ms = 20;
     c.worker.retry.max_delay_ms = 200;
     c.worker.shutdown_grace_ms = 5_000;
@@ -690,6 +693,8 @@ pub fn point_merchants(
         c.notify.addr = free_addr()?;
     }
     let notify_url = format!("http://{}/notify/shengpay", c.notify.addr);
+    // The simulator speaks plain http on 127.0.0.1 (DESIGN §5 allows it only by this flag).
+    c.http.allow_plain_http = true;
     for m in &mut c.shengpay.merchants {
         m.base_url = base_url.to_owned();
         m.notify_url = notify_url.clone();
@@ -715,6 +720,18 @@ pub async fn start_sim(
     Ok(refund_sim::Simulator::start(c).await?)
 }
 
+/// `config` with the merchants of `config/refunds.toml`, pointed at an address where nothing
+/// listens (127.0.0.1:9): for tests of a worker that must start but never reach a provider.
+pub fn with_dev_merchants(config: &mut Config) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(workspace_root().join("config/refunds.toml"))?;
+    let dev = Config::from_toml(&text)?;
+    config.shengpay = dev.shengpay;
+    config.wupay = dev.wupay;
+    point_merchants(config, "http://127.0.0.1:9", |m| {
+        Some(format!("http://127.0.0.1:9/{m}/WuPay.asmx"))
+    })
+}
+
 /// `base` with the merchants of `config/refunds.toml`, pointed at a running simulator.
 pub fn with_sim_merchants(base: &Config, sim: &refund_sim::SimHandle) -> anyhow::Result<Config> {
     let text = std::fs::read_to_string(workspace_root().join("config/refunds.toml"))?;
@@ -724,4 +741,31 @@ pub fn with_sim_merchants(base: &Config, sim: &refund_sim::SimHandle) -> anyhow:
     c.wupay = dev.wupay;
     point_merchants(&mut c, &sim.base_url(), |m| sim.wupay_url(m))?;
     Ok(c)
+}
+
+/// A child process of a test (the real binary) that is killed when dropped, so a test that
+/// fails half-way leaves no process running into the next ones.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Asks it to stop (SIGTERM), as an orchestrator would, and waits for it.
+    pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(self.0.wait()?)
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

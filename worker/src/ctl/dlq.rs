@@ -13,7 +13,7 @@
 //! `received` job up after `worker.orphan_after_ms`: nothing is lost, and nothing is sent
 //! twice, because a second replay of the same job finds it no longer dead and is refused.
 //!
-//! A dry run makes the same checks ([`jobs::replay_refusal`]) without locking or writing
+//! A dry run asks the same rule (the database's `operator_replay_refusal`) without locking or writing
 //! anything — no audit row either: the audit records what operators did to jobs, and a dry run
 //! does nothing to them.
 
@@ -462,15 +462,13 @@ async fn dry_run_one(ctl: &Ctl, refund_no: &str) -> anyhow::Result<ReplayOutcome
         });
     };
     let state: State = f.state.parse().map_err(anyhow::Error::msg)?;
-    Ok(
-        match jobs::replay_refusal(state, f.cause.as_deref(), f.idempotent) {
-            Some(reason) => ReplayOutcome::WouldRefuse {
-                prior: Some(state),
-                reason,
-            },
-            None => ReplayOutcome::WouldReplay { prior: state },
+    Ok(match f.refusal {
+        Some(reason) => ReplayOutcome::WouldRefuse {
+            prior: Some(state),
+            reason,
         },
-    )
+        None => ReplayOutcome::WouldReplay { prior: state },
+    })
 }
 
 /// One job: re-check, transition and audit in one transaction; publish after the commit.

@@ -1,4 +1,5 @@
-//! `job show` (a job's whole story) and `job resolve` (settling a dead job by hand).
+//! `job show` (a job's whole story), `job resolve` (settling a dead job by hand) and
+//! `job correct` (putting a final job's booking right after the fact).
 //!
 //! `show` reads everything from one snapshot: the job row, each provider call with what was
 //! sent and received (secrets were redacted when the call was recorded), the full transition
@@ -9,14 +10,23 @@
 //! goes through [`jobs::resolve`], which re-checks the state under the row lock and writes the
 //! ledger entry (source `manual`) or the order release, the `refund.resolved` event and the
 //! audit row in one transaction; a refusal is audited too.
+//!
+//! `correct` is for a final job booked wrongly, with the provider's evidence: it goes through
+//! [`jobs::correct`] (new ledger entries only, the order's reserved amount moved, the
+//! `refund.corrected` event, the refund's open cases closed as `corrected`, audited).
+//!
+//! Both take effect when a second operator approves them, or at once with `[operator]
+//! approvals_required = 1` ([`super::approvals::submit`]).
 
 use clap::{Args, Subcommand, ValueEnum};
 use shared::state::State;
-use shared::store::jobs::{self, Resolution, Verdict};
+use shared::store::approvals::Action;
+use shared::store::jobs::{Correction, Operator, Resolution, Verdict};
 use shared::store::operator::{self, Discrepancies, JobDetail};
 
+use super::approvals::{ActionReport, filed_line, submit};
 use super::render;
-use super::{Ctl, OperatorArgs, Out, Status};
+use super::{Ctl, OperatorArgs, Out, Status, non_empty, os_user};
 
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
@@ -28,8 +38,20 @@ pub enum JobCommand {
     ///
     /// `--as succeeded` books a ledger entry (source manual) with the settlement fee the
     /// provider reports; `--as failed` gives the amount back to the order. Both publish
-    /// `refund.resolved`. Only dead jobs can be resolved.
+    /// `refund.resolved`. Only dead jobs can be resolved. With `[operator]
+    /// approvals_required = 2` (the default) this files a request that a second operator
+    /// approves (`refundctl approvals`), and prints its ID.
     Resolve(ResolveArgs),
+    /// Correct a final job's booking with the provider's evidence (audited; approved).
+    ///
+    /// A failed job the provider paid: `--as succeeded` books it (source manual) and reserves
+    /// its amount on the order again. A succeeded job the provider did not pay: `--as failed`
+    /// reverses its booking and releases the amount. A succeeded job booked with the wrong
+    /// settlement: `--as succeeded --settlement-fee N` reverses the booking and books N. The
+    /// ledger only ever gets new entries. Publishes `refund.corrected` and closes the refund's
+    /// open reconciliation cases as corrected. Like `resolve`, it files a request for a second
+    /// operator unless `[operator] approvals_required = 1`.
+    Correct(CorrectArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -365,25 +387,8 @@ pub struct ResolveArgs {
     pub who: OperatorArgs,
 }
 
-/// What a resolution did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolveReport {
-    pub refund_no: String,
-    pub verdict: Verdict,
-}
-
-impl ResolveReport {
-    pub fn status(&self) -> Status {
-        Status::from_ok(matches!(self.verdict, Verdict::Done { .. }))
-    }
-}
-
 /// Resolves a dead job (see [`JobCommand::Resolve`]).
-pub async fn resolve(
-    ctl: &Ctl,
-    args: &ResolveArgs,
-    out: &mut Out,
-) -> anyhow::Result<ResolveReport> {
+pub async fn resolve(ctl: &Ctl, args: &ResolveArgs, out: &mut Out) -> anyhow::Result<ActionReport> {
     let resolution = match (args.to, args.settlement_fee) {
         (ResolveAs::Succeeded, Some(fee)) => Resolution::Succeeded {
             settlement_refund_fee: fee,
@@ -396,21 +401,16 @@ pub async fn resolve(
             anyhow::bail!("--settlement-fee applies only to --as succeeded")
         }
     };
-    let mut tx = ctl.pool.begin().await?;
-    let verdict = jobs::resolve(
-        &mut tx,
-        &args.refund_no,
-        resolution,
-        ctl.config.resolve_quiet(),
-        args.who.as_operator(),
-        ctl.tz,
-    )
-    .await?;
-    tx.commit().await?;
+    let action = Action::Resolve(resolution);
+    let report = submit(ctl, &args.refund_no, action, args.who.as_operator()).await?;
     let no = &args.refund_no;
-    match (&verdict, resolution) {
+    match (&report.verdict, report.requested, resolution) {
+        (Verdict::Done { prior }, Some(id), _) => {
+            writeln!(out, "{}", filed_line(no, id, action, *prior))?
+        }
         (
             Verdict::Done { prior },
+            None,
             Resolution::Succeeded {
                 settlement_refund_fee,
             },
@@ -420,16 +420,73 @@ pub async fn resolve(
              {settlement_refund_fee} fen; event refund.resolved queued)",
             State::Succeeded
         )?,
-        (Verdict::Done { prior }, Resolution::Failed) => writeln!(
+        (Verdict::Done { prior }, None, Resolution::Failed) => writeln!(
             out,
             "{no}  resolved: {prior} -> {} (amount released to the order; event \
              refund.resolved queued)",
             State::Failed
         )?,
+        (Verdict::Refused { reason, .. }, _, _) => writeln!(out, "{no}  refused: {reason}")?,
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CorrectArgs {
+    /// The final job's refund_no.
+    #[arg(value_name = "REFUND_NO")]
+    pub refund_no: String,
+    /// What the provider's evidence says happened.
+    #[arg(long = "as", value_name = "OUTCOME", value_enum)]
+    pub to: ResolveAs,
+    /// The settlement refund fee the provider paid, in fen (required with --as succeeded).
+    #[arg(
+        long,
+        value_name = "N",
+        required_if_eq("to", "succeeded"),
+        value_parser = clap::value_parser!(i64).range(0..)
+    )]
+    pub settlement_fee: Option<i64>,
+    /// The provider's evidence: statement file and line, ticket, query answer (audited).
+    #[arg(long, value_name = "TEXT", value_parser = non_empty)]
+    pub evidence: String,
+    /// Who you are (stored in the audit row).
+    #[arg(long, value_name = "WHO", value_parser = non_empty, default_value_t = os_user())]
+    pub operator: String,
+}
+
+/// Corrects a final job's booking (see [`JobCommand::Correct`]).
+pub async fn correct(ctl: &Ctl, args: &CorrectArgs, out: &mut Out) -> anyhow::Result<ActionReport> {
+    let correction = match (args.to, args.settlement_fee) {
+        (ResolveAs::Succeeded, Some(fee)) => Correction::Succeeded {
+            settlement_refund_fee: fee,
+        },
+        (ResolveAs::Succeeded, None) => {
+            anyhow::bail!("--settlement-fee is required with --as succeeded")
+        }
+        (ResolveAs::Failed, None) => Correction::Failed,
+        (ResolveAs::Failed, Some(_)) => {
+            anyhow::bail!("--settlement-fee applies only to --as succeeded")
+        }
+    };
+    let action = Action::Correct(correction);
+    let op = Operator {
+        name: &args.operator,
+        note: &args.evidence,
+    };
+    let report = submit(ctl, &args.refund_no, action, op).await?;
+    let no = &args.refund_no;
+    match (&report.verdict, report.requested) {
+        (Verdict::Done { prior }, Some(id)) => {
+            writeln!(out, "{}", filed_line(no, id, action, *prior))?
+        }
+        (Verdict::Done { prior }, None) => writeln!(
+            out,
+            "{no}  corrected: {prior} -> {} (new ledger entries booked; event refund.corrected \
+             queued; open cases closed as corrected)",
+            correction.state()
+        )?,
         (Verdict::Refused { reason, .. }, _) => writeln!(out, "{no}  refused: {reason}")?,
     }
-    Ok(ResolveReport {
-        refund_no: args.refund_no.clone(),
-        verdict,
-    })
+    Ok(report)
 }

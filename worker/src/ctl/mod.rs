@@ -1,5 +1,6 @@
 //! `refundctl`, the operator CLI (DESIGN §8): what is dead and why, safe audited replay, manual
-//! resolution, a job's whole timeline, enqueueing requests from a file, and counts.
+//! resolution and corrections (approved by a second operator), reconciliation cases, a job's
+//! whole timeline, enqueueing requests from a file, and counts.
 //!
 //! The binary is a thin shell: it parses [`Cli`] and calls [`main`]. Every command is an async
 //! function over a [`Ctl`] (configuration, pool, which merchants are idempotent) that writes its
@@ -13,6 +14,8 @@
 //! Exit status: 0 done, 1 some items refused or not found, 2 could not run (usage, config,
 //! database or broker unreachable).
 
+pub mod approvals;
+pub mod case;
 pub mod dlq;
 pub mod enqueue;
 pub mod job;
@@ -90,9 +93,15 @@ pub enum Command {
     /// it twice is safe: the worker recognises a repeated refund_no with the same content as a
     /// duplicate.
     Enqueue(enqueue::EnqueueArgs),
-    /// Look at one job, or settle a dead one by hand.
+    /// Look at one job, settle a dead one by hand, or correct a final one's booking.
     #[command(subcommand)]
     Job(job::JobCommand),
+    /// Four-eyes: resolutions and corrections waiting for a second operator.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
+    /// Reconciliation cases: one per discrepancy, open until explained or corrected.
+    #[command(subcommand)]
+    Case(case::CaseCommand),
     /// The dead-letter set: dead jobs and poison messages.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -105,8 +114,8 @@ pub enum Command {
 /// Who does an audited action, and why. Both are required and stored in `operator_audit`.
 #[derive(Debug, Clone, Args)]
 pub struct OperatorArgs {
-    /// Who you are (stored in the audit row).
-    #[arg(long, value_name = "WHO", value_parser = non_empty)]
+    /// Who you are (stored in the audit row; default: the operating-system user).
+    #[arg(long, value_name = "WHO", value_parser = non_empty, default_value_t = os_user())]
     pub operator: String,
     /// Why you do it: ticket, provider confirmation, ... (stored in the audit row).
     #[arg(long, value_name = "WHY", value_parser = non_empty)]
@@ -122,7 +131,16 @@ impl OperatorArgs {
     }
 }
 
-fn non_empty(s: &str) -> Result<String, String> {
+/// The operating-system user running refundctl: `--operator`'s default (DESIGN §8). Empty
+/// when the environment names none, which `non_empty` then refuses, so `--operator` is needed.
+pub(crate) fn os_user() -> String {
+    ["USER", "LOGNAME", "USERNAME"]
+        .into_iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+        .unwrap_or_default()
+}
+
+pub(crate) fn non_empty(s: &str) -> Result<String, String> {
     let t = s.trim();
     if t.is_empty() {
         return Err("must not be empty".into());
@@ -255,7 +273,9 @@ impl Ctl {
 
 /// Runs a parsed command line and returns the process exit code; errors are printed to stderr.
 pub async fn main(cli: Cli) -> ExitCode {
-    let mut out = std::io::stdout();
+    // Provider strings reach a terminal: every command's output shows control characters
+    // escaped.
+    let mut out = render::Escaped::new(std::io::stdout());
     let code = match run(cli, &mut out).await {
         Ok(status) => status.code(),
         Err(e) => {
@@ -284,6 +304,18 @@ pub async fn execute(ctl: &Ctl, command: Command, out: &mut Out) -> anyhow::Resu
         Command::Enqueue(a) => Ok(enqueue::enqueue(ctl, &a, out).await?.status()),
         Command::Job(job::JobCommand::Show(a)) => job::show(ctl, &a, out).await,
         Command::Job(job::JobCommand::Resolve(a)) => Ok(job::resolve(ctl, &a, out).await?.status()),
+        Command::Job(job::JobCommand::Correct(a)) => Ok(job::correct(ctl, &a, out).await?.status()),
+        Command::Approvals(approvals::ApprovalsCommand::List(a)) => {
+            approvals::list(ctl, &a, out).await
+        }
+        Command::Approvals(approvals::ApprovalsCommand::Approve(a)) => {
+            approvals::approve(ctl, &a, out).await
+        }
+        Command::Approvals(approvals::ApprovalsCommand::Reject(a)) => {
+            approvals::reject(ctl, &a, out).await
+        }
+        Command::Case(case::CaseCommand::List(a)) => case::list(ctl, &a, out).await,
+        Command::Case(case::CaseCommand::Explain(a)) => case::explain(ctl, &a, out).await,
         Command::Dlq(dlq::DlqCommand::List(a)) => {
             dlq::list(ctl, &a, out).await?;
             Ok(Status::Done)

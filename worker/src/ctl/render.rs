@@ -6,6 +6,60 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// Whether a byte is a terminal control character to show escaped: C0 controls but newline
+/// and tab, and DEL. Provider strings (messages, codes, ids) reach the operator's terminal,
+/// and ESC, CR or BEL there could clear the screen, hide a line or retitle the window. These
+/// bytes never occur inside a multi-byte UTF-8 character, so escaping them byte by byte keeps
+/// the rest of the text intact.
+fn is_terminal_control(b: u8) -> bool {
+    (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7f
+}
+
+/// `text` with terminal control characters shown as `\u{1b}` escapes: the one rule every
+/// text renderer's output goes through ([`Escaped`]).
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match u8::try_from(c) {
+            Ok(b) if is_terminal_control(b) => out.push_str(&format!("\\u{{{b:x}}}")),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// A writer that passes everything through [`escape_controls`]'s rule: refundctl's output
+/// goes through it, so no renderer can print a provider's control characters raw. JSON output
+/// is unchanged by it (serde_json already writes control characters as `\u001b`).
+pub struct Escaped<W> {
+    inner: W,
+}
+
+impl<W: Write> Escaped<W> {
+    pub fn new(inner: W) -> Self {
+        Self { inner }
+    }
+}
+
+impl<W: Write> Write for Escaped<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut start = 0;
+        for (i, &b) in buf.iter().enumerate() {
+            if is_terminal_control(b) {
+                self.inner.write_all(&buf[start..i])?;
+                write!(self.inner, "\\u{{{b:x}}}")?;
+                start = i + 1;
+            }
+        }
+        self.inner.write_all(&buf[start..])?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// `2026-11-21 10:00:03 +08:00` in the business time zone.
 pub fn time(at: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
     at.with_timezone(&tz)
@@ -158,6 +212,24 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_control_characters_are_shown_escaped_and_text_is_kept() {
+        assert_eq!(
+            escape_controls("a\x1b[2Jb\r\x07\x7f"),
+            "a\\u{1b}[2Jb\\u{d}\\u{7}\\u{7f}"
+        );
+        assert_eq!(
+            escape_controls("line\n\tnext ünïcode"),
+            "line\n\tnext ünïcode"
+        );
+        let mut buf: Vec<u8> = Vec::new();
+        {
+            let mut w = Escaped::new(&mut buf);
+            write!(w, "msg: \x1b[2J ünï\n").unwrap();
+        }
+        assert_eq!(String::from_utf8(buf).unwrap(), "msg: \\u{1b}[2J ünï\n");
+    }
 
     #[test]
     fn ages_are_compact() {

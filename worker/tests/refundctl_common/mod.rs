@@ -15,7 +15,7 @@ use shared::workflow::Decision;
 use sqlx::PgPool;
 use testkit::request_json;
 use worker::ctl::dlq::ReplayArgs;
-use worker::ctl::job::{ResolveArgs, ResolveAs};
+use worker::ctl::job::{CorrectArgs, ResolveArgs, ResolveAs};
 use worker::ctl::{Ctl, Idempotency, OperatorArgs};
 
 /// ShengPay merchant `m1` deduplicates on refund_no; WuPay merchant `w1` does not.
@@ -27,6 +27,13 @@ pub fn idempotency() -> Idempotency {
 
 pub fn ctl(config: &Config, pool: &PgPool) -> Ctl {
     Ctl::new(config.clone(), pool.clone(), idempotency()).expect("test config is valid")
+}
+
+/// The config with `[operator] approvals_required = 1`: resolutions and corrections apply at
+/// once, as in development.
+pub fn one_person((mut config, db): (Config, testkit::TestDb)) -> (Config, testkit::TestDb) {
+    config.operator.approvals_required = 1;
+    (config, db)
 }
 
 pub fn tz() -> chrono_tz::Tz {
@@ -194,6 +201,139 @@ pub async fn exhausted_job(pool: &PgPool, refund_no: &str, merchant: &str, code:
         },
     )
     .await;
+}
+
+pub fn declined(code: &str) -> Outcome {
+    Outcome::Declined {
+        code: code.into(),
+        message: format!("{code} from the provider"),
+        raw: "{}".into(),
+    }
+}
+
+/// A job the provider paid at once: succeeded, booked 100 fen with settlement 100.
+pub async fn succeeded_job(pool: &PgPool, refund_no: &str, merchant: &str) {
+    new_job(pool, refund_no, merchant).await;
+    call(pool, refund_no, accepted(refund_no), Decision::Succeed).await;
+}
+
+/// A job the provider declined: failed, its amount given back to the order.
+pub async fn failed_job(pool: &PgPool, refund_no: &str, merchant: &str) {
+    new_job(pool, refund_no, merchant).await;
+    call(pool, refund_no, declined("NOTENOUGH"), Decision::Fail).await;
+}
+
+pub fn correct_args(refund_no: &str, to: ResolveAs, fee: Option<i64>, by: &str) -> CorrectArgs {
+    CorrectArgs {
+        refund_no: refund_no.into(),
+        to,
+        settlement_fee: fee,
+        evidence: "ShengPay statement 2026-11-10, line 7".into(),
+        operator: by.into(),
+    }
+}
+
+/// (id, entry_kind, refund_fee, settlement_refund_fee, reverses, rebooks) of a refund's ledger
+/// entries, in order.
+pub async fn ledger_rows(
+    pool: &PgPool,
+    refund_no: &str,
+) -> Vec<(i64, String, i64, i64, Option<i64>, Option<i64>)> {
+    sqlx::query_as(
+        "SELECT id, entry_kind, refund_fee, settlement_refund_fee, reverses, rebooks FROM ledger
+         WHERE refund_no = $1 ORDER BY id",
+    )
+    .bind(refund_no)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// The committed refund amount of an order.
+pub async fn committed(pool: &PgPool, order_no: &str) -> i64 {
+    sqlx::query_scalar("SELECT committed_fee FROM orders WHERE order_no = $1")
+        .bind(order_no)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The payloads of a refund's outbox events with this routing key, in order.
+pub async fn events(pool: &PgPool, refund_no: &str, key: &str) -> Vec<serde_json::Value> {
+    sqlx::query_scalar(
+        "SELECT payload FROM outbox WHERE refund_no = $1 AND routing_key = $2 ORDER BY id",
+    )
+    .bind(refund_no)
+    .bind(key)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// A planted discrepancy: (kind, provider, merchant, refund_no, ledger, provider).
+pub type Found<'a> = (&'a str, &'a str, &'a str, &'a str, Option<i64>, Option<i64>);
+
+/// A stored reconciliation run of `date` (finished, with discrepancies) for every provider,
+/// superseding the earlier runs of the date as the reconciler does, with one discrepancy per
+/// (kind, provider, merchant, refund_no, ledger, provider); its cases opened. Returns the
+/// run's id.
+pub async fn stored_run(pool: &PgPool, date: &str, found: &[Found<'_>]) -> i64 {
+    let mut tx = pool.begin().await.unwrap();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO reconciliation_runs (business_date, source, timezone, grace_minutes, status,
+             discrepancy_count, started_at, locked_at, finished_at)
+         VALUES ($1::date, 'statement', 'Asia/Shanghai', 30, 'discrepancies', $2, now(), now(),
+                 now())
+         RETURNING id",
+    )
+    .bind(date)
+    .bind(found.len() as i64)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE reconciliation_runs SET superseded_by = $1
+         WHERE business_date = $2::date AND id <> $1 AND superseded_by IS NULL",
+    )
+    .bind(id)
+    .bind(date)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    for (kind, provider, merchant, refund_no, l, p) in found {
+        sqlx::query(
+            "INSERT INTO reconciliation_discrepancies (run_id, kind, provider, merchant,
+                 refund_no, ledger_amount, provider_amount, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'planted by the test')",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(provider)
+        .bind(merchant)
+        .bind(refund_no)
+        .bind(l)
+        .bind(p)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    shared::store::cases::open_from_run(&mut tx, id)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+/// (state, closed_by) of the case of (refund_no, kind).
+pub async fn case_state(pool: &PgPool, refund_no: &str, kind: &str) -> (String, Option<String>) {
+    sqlx::query_as(
+        "SELECT state, closed_by FROM reconciliation_cases WHERE refund_no = $1 AND kind = $2",
+    )
+    .bind(refund_no)
+    .bind(kind)
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 pub fn replay_all(by: &str) -> ReplayArgs {

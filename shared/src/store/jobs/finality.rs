@@ -24,6 +24,9 @@ use super::{Change, Transitioned, insert_event, release_order_amount, transition
 pub enum Source {
     Notify,
     Query,
+    /// A row of the provider's statement (the reconciler's repair of an unknown outcome); the
+    /// report's `raw` names the file and line, kept as the transition's evidence.
+    Statement,
 }
 
 impl Source {
@@ -31,6 +34,7 @@ impl Source {
         match self {
             Source::Notify => "notify",
             Source::Query => "query",
+            Source::Statement => "statement",
         }
     }
 }
@@ -120,7 +124,10 @@ pub async fn apply_status(
     let Some(to) = target(job.state, job.cause.as_deref(), &report.status) else {
         return Ok(Effect::NoChange { state: job.state });
     };
-    let detail = json!({ "source": source.as_str(), "status": report.status.as_str() });
+    let mut detail = json!({ "source": source.as_str(), "status": report.status.as_str() });
+    if source == Source::Statement {
+        detail["evidence"] = json!(report.raw);
+    }
     let (code, cause, prid, settle) = match &report.status {
         RefundStatus::Success {
             provider_refund_id,

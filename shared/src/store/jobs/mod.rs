@@ -5,9 +5,11 @@
 //! later write for that attempt is conditional on the attempt still being the job's, so a
 //! worker that stalled past its lease cannot overwrite a newer attempt's result; its provider
 //! call is still kept in `provider_attempts` (marked `fenced`), because a paid refund must never
-//! go unrecorded ([`outcome`]). Operators' replays and resolutions re-check the job under its
-//! row lock and are audited ([`manual`]). Every state change goes through [`transition`] (here),
-//! checked against [`state::TRANSITIONS`].
+//! go unrecorded ([`outcome`]). Operators' replays and resolutions ([`manual`]) and corrections of
+//! a final job's booking ([`correct`]) are the database's functions, which re-check the job
+//! under its row lock and audit. Every other state change goes through [`transition`] (here),
+//! checked against [`state::TRANSITIONS`]; the database's trigger refuses any change of state
+//! that list does not have, whoever makes it.
 
 use std::time::Duration;
 
@@ -19,13 +21,16 @@ use crate::state::{self, Cause, State, Trigger};
 use crate::store::{StoreError, millis};
 
 mod claim;
+mod correct;
 mod finality;
 mod manual;
 mod outcome;
 
 pub use claim::{ClaimToken, Claimed, Claims, Unreadable, claim, claimed_by};
+pub use correct::{Correction, correct};
 pub use finality::{Effect, Source, apply_status, give_up, not_at_provider, target};
-pub use manual::{Operator, Resolution, Verdict, insert_audit, replay, replay_refusal, resolve};
+pub(crate) use manual::parse_state;
+pub use manual::{Operator, Resolution, Verdict, not_paid_per_statement, replay, resolve};
 pub use outcome::{OutcomeToRecord, Recorded, record_outcome, record_outcomes};
 
 /// A state change to make, checked against [`state::TRANSITIONS`].

@@ -208,7 +208,15 @@ pub(super) async fn provider_call(
         refund_no,
         order_no,
     };
-    let fired = lock(&state.faults).select(&key);
+    let (fired, ends) = {
+        let mut faults = lock(&state.faults);
+        let fired = faults.select(&key);
+        // How the refund ends is matched on its own (see `faults`); only a refund call has one.
+        let ends = (operation == Operation::Refund)
+            .then(|| faults.select_end(&key))
+            .flatten();
+        (fired, ends)
+    };
     let mut record = CallRecord {
         seq: 0,
         at: arrived,
@@ -276,12 +284,12 @@ pub(super) async fn provider_call(
             let worker_state = Arc::clone(&state);
             let fired_for_worker = fired.clone();
             tokio::task::spawn_blocking(move || {
-                let handle = if query {
-                    shengpay::process_query
+                let fired = fired_for_worker.as_ref();
+                if query {
+                    shengpay::process_query(&worker_state, &request, merchant, fired)
                 } else {
-                    shengpay::process
-                };
-                handle(&worker_state, &request, merchant, fired_for_worker.as_ref())
+                    shengpay::process(&worker_state, &request, merchant, fired, ends)
+                }
             })
             .await
             .map_err(|_| Abort("provider handler failed"))?

@@ -398,7 +398,8 @@ pub(crate) fn authenticate<'r, 's>(
 }
 
 /// Handles one refund call after fault selection. `fired` is the rule that fired, if any; only
-/// its decline, retry_later, bad_signature, refund_close and change actions matter here.
+/// its decline, retry_later and bad_signature actions matter here. `ends` is how an accepted
+/// refund ends (`refund_close` or `change`; none: `SUCCESS`), chosen apart from `fired`.
 ///
 /// Acceptance reserves the amount and starts the refund's `PROCESSING` time; the call itself
 /// answers as ShengPay does, with no status: how the refund ends comes by notify and query.
@@ -407,6 +408,7 @@ pub(crate) fn process(
     req: &Result<SpRequest, String>,
     merchant: Option<usize>,
     fired: Option<&Fired>,
+    ends: Option<FaultAction>,
 ) -> Reply {
     let mut r = Responder::new(state, fired);
     let (req, merchant) = match authenticate(
@@ -435,7 +437,6 @@ pub(crate) fn process(
         Err(msg) => return r.result_fail("PARAMS_ERROR", &msg, Outcome::Rejected),
     };
 
-    let mut ends = RefundStatus::Success;
     if let Some(fired) = fired {
         match fired.action {
             Some(FaultAction::Decline) => {
@@ -446,11 +447,14 @@ pub(crate) fn process(
                 let (code, msg) = fault_code(fired);
                 return r.result_fail(&code, &msg, Outcome::RetryLater);
             }
-            Some(FaultAction::RefundClose) => ends = RefundStatus::RefundClose,
-            Some(FaultAction::Change) => ends = RefundStatus::Change,
             _ => {}
         }
     }
+    let ends = match ends {
+        Some(FaultAction::RefundClose) => RefundStatus::RefundClose,
+        Some(FaultAction::Change) => RefundStatus::Change,
+        _ => RefundStatus::Success,
+    };
 
     let attempt = RefundAttempt {
         provider: Provider::ShengPay,

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::Signal;
 
 use super::*;
+use crate::tls::ServerCert;
 
 /// A private PostgreSQL server on 127.0.0.1 and a port of its own; user `postgres`, trust
 /// authentication. Dropping it shuts the server down (immediate mode) and removes its folder.
@@ -26,6 +27,7 @@ pub struct PrivatePostgres {
     user: Option<RunAs>,
     server: Server,
     op: tokio::sync::Mutex<()>,
+    tls: Option<ServerCert>,
 }
 
 /// The newest `/usr/lib/postgresql/VERSION/bin` with `initdb` and `postgres`.
@@ -57,6 +59,16 @@ fn postgres_bin_dir() -> Result<PathBuf> {
 impl PrivatePostgres {
     /// Creates a cluster in a fresh folder and starts it; ready for connections on return.
     pub async fn start() -> Result<PrivatePostgres> {
+        Self::start_with(None).await
+    }
+
+    /// Like [`PrivatePostgres::start`], with `ssl = on` and this certificate: clients may then
+    /// connect with TLS (plain connections are still accepted, as `trust` allows them).
+    pub async fn start_tls(cert: ServerCert) -> Result<PrivatePostgres> {
+        Self::start_with(Some(cert)).await
+    }
+
+    async fn start_with(tls: Option<ServerCert>) -> Result<PrivatePostgres> {
         reap_orphans();
         let bin = postgres_bin_dir()?;
         let user = run_as("postgres")?;
@@ -71,6 +83,7 @@ impl PrivatePostgres {
             user,
             server: Server::default(),
             op: tokio::sync::Mutex::new(()),
+            tls,
         };
         pg.initdb().await?;
         let mut last = None;
@@ -112,6 +125,21 @@ impl PrivatePostgres {
              shared_buffers = 32MB\n",
             self.dir.display()
         ));
+        if let Some(tls) = &self.tls {
+            // In the data folder, owned by the server's user: PostgreSQL refuses a key file
+            // that others may read.
+            let cert = self.data.join("server.crt");
+            let key = self.data.join("server.key");
+            write_file(&cert, &tls.cert_pem, self.user.as_ref())?;
+            write_file(&key, &tls.key_pem, self.user.as_ref())?;
+            fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot restrict {}", key.display()))?;
+            text.push_str(
+                "ssl = on\n\
+                 ssl_cert_file = 'server.crt'\n\
+                 ssl_key_file = 'server.key'\n",
+            );
+        }
         write_file(&conf, &text, self.user.as_ref())
     }
 
