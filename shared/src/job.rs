@@ -560,8 +560,18 @@ pub struct Readable {
     pub refund_fee: Option<i64>,
 }
 
-/// A JSON object's top-level entries as they came, repeated keys kept (a map would keep one of
-/// them silently).
+/// The top-level keys [`read_what_parses`] reads.
+const READ_KEYS: [&str; 5] = [
+    "refund_no",
+    "order_no",
+    "provider",
+    "merchant",
+    "refund_fee",
+];
+
+/// A JSON object's top-level entries of [`READ_KEYS`] as they came, repeated keys kept (a map
+/// would keep one of them silently). Every other value is skipped unread, so reading an
+/// oversized body for its `refund_no` builds no copy of its bulk.
 struct Entries(Vec<(String, serde_json::Value)>);
 
 impl<'de> Deserialize<'de> for Entries {
@@ -577,8 +587,12 @@ impl<'de> Deserialize<'de> for Entries {
                 mut m: A,
             ) -> Result<Entries, A::Error> {
                 let mut out = Vec::new();
-                while let Some(entry) = m.next_entry::<String, serde_json::Value>()? {
-                    out.push(entry);
+                while let Some(key) = m.next_key::<String>()? {
+                    if READ_KEYS.contains(&key.as_str()) {
+                        out.push((key, m.next_value::<serde_json::Value>()?));
+                    } else {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                    }
                 }
                 Ok(Entries(out))
             }

@@ -20,14 +20,17 @@ use super::StoreError;
 use super::text::{bounded, storable, storable_opt};
 use crate::events::{EventKind, OutcomeEvent};
 use crate::job::{
-    ErrorCode, RefundRequest, Rejection, WHOLE_MESSAGE, content_hash_of, parse_request,
-    read_what_parses,
+    ErrorCode, MAX_MESSAGE_BYTES, RefundRequest, Rejection, WHOLE_MESSAGE, content_hash_of,
+    parse_request, read_what_parses,
 };
 use crate::provider::Admission;
 use crate::state::State;
 
-/// The most of a rejected message's body that is stored (its SHA-256 is of the whole body).
-pub const MAX_STORED_BODY: usize = 1024 * 1024;
+/// How much of a body over [`MAX_MESSAGE_BYTES`] is stored: enough to see what sent it
+/// (its SHA-256 and length are of the whole body). A rejected body within the limit is stored
+/// whole, so an SRE can read exactly what was refused; an oversized one is not, or a stream
+/// of them would fill the database with what the limit exists to keep out.
+pub const OVERSIZED_PREFIX_BYTES: usize = 4096;
 
 /// Decides whether a request may be taken in (its merchant is configured and its protocol can
 /// carry it) and what is recorded of the merchant with the job.
@@ -456,8 +459,9 @@ async fn job_exists(conn: &mut PgConnection, refund_no: &str) -> Result<bool, St
         .is_some())
 }
 
-/// Stores a rejected or conflicting message with its raw bytes (the first
-/// [`MAX_STORED_BODY`] of them, and the SHA-256 and length of all), its error code, and every
+/// Stores a rejected or conflicting message with its raw bytes (all of them within
+/// [`MAX_MESSAGE_BYTES`], else the first [`OVERSIZED_PREFIX_BYTES`]; the SHA-256 and length
+/// of all), its error code, and every
 /// text escaped as PostgreSQL can store it; true the first time these bytes are seen. A
 /// redelivery updates `last_seen_at` only; a new publish of identical bytes also counts an
 /// occurrence.
@@ -469,7 +473,12 @@ async fn store_rejection(
     rejection: &Rejection,
 ) -> Result<bool, StoreError> {
     let sha: [u8; 32] = Sha256::digest(msg.body).into();
-    let (body, _) = bounded(msg.body, MAX_STORED_BODY);
+    let keep = if msg.body.len() > MAX_MESSAGE_BYTES {
+        OVERSIZED_PREFIX_BYTES
+    } else {
+        MAX_MESSAGE_BYTES
+    };
+    let (body, _) = bounded(msg.body, keep);
     let row = sqlx::query(
         "INSERT INTO rejected_messages (kind, refund_no, field, reason, body, body_sha256,
              message_id, body_bytes, error_code)
