@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use refund_sim::{FaultAction, FaultRule, Provider};
+use refund_sim::{FaultAction, FaultRule, Operation, Provider};
 use shared::job::ProviderKind;
 use shared::state::State;
 use shared::store::ops;
@@ -154,16 +154,27 @@ async fn mixed_jobs_end_in_the_state_the_simulator_dictates_and_the_ledger_equal
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_whose_signature_does_not_verify_never_produces_succeeded_or_failed()
 -> anyhow::Result<()> {
-    // Every ShengPay answer for these orders carries a corrupted signature (the refund is paid
-    // at the provider all the same): the worker must keep treating the outcome as unknown.
-    // Its notifies are dropped too: a verified notify would rightly book it.
+    // Every ShengPay answer for these refunds, to the refund call and to the status query,
+    // carries a corrupted signature (the refund is paid at the provider all the same): the
+    // worker must keep treating the outcome as unknown. Matched on the refund number, which
+    // both calls carry (a query names no order), one rule per operation: a verified query
+    // answer would rightly book it, as would a verified notify, which is why the notifies are
+    // dropped too.
     let rules = vec![
-        FaultRule::new(FaultAction::BadSignature).order_no("^S"),
+        FaultRule::new(FaultAction::BadSignature).refund_no("^SIG"),
+        FaultRule::new(FaultAction::BadSignature)
+            .refund_no("^SIG")
+            .operation(Operation::Query),
         FaultRule::new(FaultAction::NotifyDrop),
     ];
     let sim = testkit::start_sim(rules, 0.0).await?;
     let (mut base, db) = testkit::test_config().await?;
     base.worker.retry.max_attempts = 3;
+    // Queries soon and often, so that the test sees them answered.
+    base.worker.query.delays_ms = vec![200];
+    base.worker.query.then_every_ms = 300;
+    // A dead job is enrolled for queries by the full sweep: often, so that it is soon.
+    base.worker.full_sweep_interval_ms = 500;
     let config = testkit::with_sim_merchants(&base, &sim)?;
     let registry = worker::app::build_registry(&config)?;
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -182,6 +193,15 @@ async fn a_response_whose_signature_does_not_verify_never_produces_succeeded_or_
         })
         .collect();
     testkit::publish_requests(&config, &bodies).await?;
+    settle(&db.pool, 10, 60).await?;
+    // Dead with outcome_unknown, a ShengPay job is queried: let every one be asked (and told
+    // with a bad signature) twice before looking at how they stand.
+    testkit::wait_until(
+        Duration::from_secs(60),
+        "two queries of every job",
+        || async { Ok((0..10).all(|i| sim.queries_for(&format!("SIG{i}")).len() >= 2)) },
+    )
+    .await?;
     let counts = settle(&db.pool, 10, 60).await?;
     assert_eq!(counts.get(&State::Dead).copied(), Some(10), "{counts:?}");
     assert_eq!(counts.get(&State::Succeeded), None);
