@@ -40,6 +40,9 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// (error_code, body_bytes, stored length, stored body, body_sha256) of a rejected message.
+type StoredRejection = (String, i64, i32, Vec<u8>, Vec<u8>);
+
 async fn stored(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM rejected_messages")
         .fetch_one(pool)
@@ -83,7 +86,7 @@ async fn a_one_mebibyte_message_is_refused_with_its_size_hash_and_a_prefix_and_n
     }
     let (rss, peak) = memory_kib(worker.id());
 
-    let rows: Vec<(String, i64, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+    let rows: Vec<StoredRejection> = sqlx::query_as(
         "SELECT error_code, body_bytes, octet_length(body), body, body_sha256
          FROM rejected_messages ORDER BY id",
     )
@@ -116,7 +119,7 @@ async fn a_one_mebibyte_message_is_refused_with_its_size_hash_and_a_prefix_and_n
         peak <= after_warmup + 24 * 1024,
         "peak resident memory {peak} KiB against {after_warmup} KiB after the warm-up"
     );
-    assert!(MAX_MESSAGE_BYTES < MIB);
+    const { assert!(MAX_MESSAGE_BYTES < MIB) };
 
     worker.terminate()?;
     Ok(())

@@ -226,7 +226,7 @@ mod tests {
         let mut buf: Vec<u8> = Vec::new();
         {
             let mut w = Escaped::new(&mut buf);
-            write!(w, "msg: \x1b[2J ünï\n").unwrap();
+            writeln!(w, "msg: \x1b[2J ünï").unwrap();
         }
         assert_eq!(String::from_utf8(buf).unwrap(), "msg: \\u{1b}[2J ünï\n");
     }
