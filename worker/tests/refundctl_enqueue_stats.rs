@@ -135,7 +135,7 @@ async fn stats_counts_jobs_by_state_names_the_oldest_non_final_job_and_the_dlq_d
     stats::stats(&ctl, &StatsArgs { json: false }, &mut out).await?;
     let printed = rc::text(&out);
     assert!(
-        printed.contains("DLQ depth: 3 (2 dead jobs + 1 poison messages)"),
+        printed.contains("DLQ depth: 3 (2 dead jobs + 1 poison messages; 0 discarded"),
         "{printed}"
     );
     assert!(

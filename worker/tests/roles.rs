@@ -418,11 +418,13 @@ async fn the_reconciler_moves_jobs_only_as_the_repair_loop_does_and_changes_no_h
 const QUIET: std::time::Duration = std::time::Duration::from_secs(12);
 
 #[tokio::test]
-async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> anyhow::Result<()> {
+async fn the_operator_resolves_replays_and_discards_dead_jobs_and_reads_everything()
+-> anyhow::Result<()> {
     let db = testkit::test_db().await?;
     insert_job(&db, "D1", "dead", Some("outcome_unknown")).await?;
     insert_job(&db, "D2", "dead", Some("retries_exhausted")).await?;
     insert_job(&db, "D3", "dead", Some("retries_exhausted")).await?;
+    insert_job(&db, "D4", "dead", Some("retries_exhausted")).await?;
     let mut c = connect_as(&db.url, OPERATOR).await?;
     let op = Operator {
         name: "alice",
@@ -446,7 +448,9 @@ async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> a
     let failed = jobs::resolve(&mut tx, "D2", Resolution::Failed, QUIET, op, tz).await?;
     let replayed = jobs::replay(&mut tx, "D3", op).await?;
     let refused = jobs::replay(&mut tx, "NOPE", op).await?;
+    let discarded = jobs::discard(&mut tx, "D4", op).await?;
     tx.commit().await?;
+    assert_eq!(discarded, Verdict::Done { prior: State::Dead });
     assert_eq!(paid, Verdict::Done { prior: State::Dead });
     assert_eq!(failed, Verdict::Done { prior: State::Dead });
     assert_eq!(replayed, Verdict::Done { prior: State::Dead });
@@ -462,7 +466,7 @@ async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> a
     let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM operator_audit")
         .fetch_one(&db.pool)
         .await?;
-    assert_eq!(audit, 4);
+    assert_eq!(audit, 5);
 
     for sql in [
         "DELETE FROM ledger",
@@ -494,6 +498,8 @@ async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> a
         "DELETE FROM status_queries",
         "SELECT operator_step_audit('D2', 'a', 'b', 'c', 'd', NULL, NULL, NULL, NULL)",
         "SELECT operator_step_transition('D2', 'failed', 'succeeded', 'x', NULL, NULL, NULL, NULL)",
+        "INSERT INTO dlq_discards (refund_no, operator, note) VALUES ('D2', 'x', 'y')",
+        "DELETE FROM dlq_discards",
     ] {
         denied(&mut c, OPERATOR, sql).await?;
     }
@@ -505,7 +511,7 @@ async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> a
         sqlx::query_scalar("SELECT db_user FROM operator_audit ORDER BY id")
             .fetch_all(&db.pool)
             .await?;
-    assert_eq!(db_users, vec![Some(session.clone()); 4]);
+    assert_eq!(db_users, vec![Some(session.clone()); 5]);
     assert_ne!(session, OPERATOR, "session_user is the login, not the role");
     denied(
         &mut c,
@@ -528,6 +534,7 @@ async fn the_operator_resolves_and_replays_dead_jobs_and_reads_everything() -> a
     operator::poison_groups(&pool, None).await?;
     operator::poison_messages(&pool, None).await?;
     operator::poison_totals(&pool).await?;
+    operator::discarded_totals(&pool).await?;
     operator::replay_facts(&pool, "D3").await?;
     operator::oldest_in(&pool, &[State::Dead, State::Received]).await?;
     assert!(!operator::applied_migrations(&pool).await?.is_empty());

@@ -58,6 +58,7 @@ pub async fn dead_groups(pool: &PgPool, filter: &DeadFilter) -> Result<Vec<DeadG
          FROM jobs
          WHERE state = 'dead' AND ($1::text IS NULL OR cause = $1)
            AND ($2::text IS NULL OR provider = $2)
+           AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.refund_no = jobs.refund_no)
          GROUP BY cause, provider, last_code
          ORDER BY count(*) DESC, cause, provider, last_code NULLS FIRST",
     )
@@ -95,6 +96,7 @@ pub fn dead_jobs(
          FROM jobs
          WHERE state = 'dead' AND ($1::text IS NULL OR cause = $1)
            AND ($2::text IS NULL OR provider = $2)
+           AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.refund_no = jobs.refund_no)
          ORDER BY updated_at, refund_no",
     )
     .bind(filter.cause)
@@ -112,6 +114,7 @@ pub async fn dead_refund_nos(
     Ok(sqlx::query_scalar(
         "SELECT refund_no FROM jobs
          WHERE state = 'dead' AND ($1::text IS NULL OR cause = $1)
+           AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.refund_no = jobs.refund_no)
          ORDER BY updated_at, refund_no",
     )
     .bind(cause)
@@ -147,7 +150,7 @@ pub async fn poison_groups(
                 min(first_seen_at) AS oldest, max(last_seen_at) AS newest,
                 (array_agg(reason ORDER BY last_seen_at DESC, id DESC))[1] AS sample_reason
          FROM rejected_messages
-         WHERE ($1::text IS NULL OR kind = $1)
+         WHERE ($1::text IS NULL OR kind = $1) AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.poison_id = rejected_messages.id)
          GROUP BY kind, field
          ORDER BY count(*) DESC, kind, field",
     )
@@ -213,7 +216,8 @@ pub async fn poison_messages(
     sqlx::query(
         "SELECT id, kind, refund_no, field, reason, occurrences, message_id, first_seen_at,
                 last_seen_at, body
-         FROM rejected_messages WHERE ($1::text IS NULL OR kind = $1)
+         FROM rejected_messages
+         WHERE ($1::text IS NULL OR kind = $1) AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.poison_id = rejected_messages.id)
          ORDER BY first_seen_at, id",
     )
     .bind(kind)
@@ -539,6 +543,8 @@ pub struct ReplayFacts {
     pub idempotent: bool,
     /// The provider's statements showed its current attempts unpaid.
     pub not_paid_per_statement: bool,
+    /// An operator discarded it from the dead letters (`dlq discard`).
+    pub discarded: bool,
     /// Why a replay would be refused now (`operator_replay_refusal`, the rule the replay
     /// itself applies under the row lock), if it would.
     pub refusal: Option<String>,
@@ -552,12 +558,14 @@ pub async fn replay_facts(
 ) -> Result<Option<ReplayFacts>, StoreError> {
     Ok(sqlx::query_as::<_, ReplayFacts>(
         "SELECT f.*, operator_replay_refusal(f.state, f.cause, f.idempotent,
-                                             f.not_paid_per_statement) AS refusal
+                                             f.not_paid_per_statement, f.discarded) AS refusal
          FROM (SELECT state, cause, provider, merchant,
                       COALESCE(idempotent, false) AS idempotent,
                       EXISTS (SELECT 1 FROM statement_verdicts v
                               WHERE v.refund_no = jobs.refund_no AND v.verdict = 'not_paid'
-                                AND v.attempt = jobs.attempt) AS not_paid_per_statement
+                                AND v.attempt = jobs.attempt) AS not_paid_per_statement,
+                      EXISTS (SELECT 1 FROM dlq_discards d
+                              WHERE d.refund_no = jobs.refund_no) AS discarded
                FROM jobs WHERE refund_no = $1) f",
     )
     .bind(refund_no)
@@ -587,15 +595,25 @@ pub async fn oldest_in(pool: &PgPool, states: &[State]) -> Result<Option<OldestJ
     .await?)
 }
 
-/// Stored poison messages: distinct bodies and total arrivals.
+/// Stored poison messages not discarded: distinct bodies and total arrivals.
 pub async fn poison_totals(pool: &PgPool) -> Result<(i64, i64), StoreError> {
     let r = sqlx::query(
         "SELECT count(*) AS messages, COALESCE(sum(occurrences), 0)::bigint AS occurrences
-         FROM rejected_messages",
+         FROM rejected_messages WHERE NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.poison_id = rejected_messages.id)",
     )
     .fetch_one(pool)
     .await?;
     Ok((r.try_get("messages")?, r.try_get("occurrences")?))
+}
+
+/// Dead-letter items discarded by operators (`dlq discard`): dead jobs, poison messages.
+pub async fn discarded_totals(pool: &PgPool) -> Result<(i64, i64), StoreError> {
+    let r = sqlx::query(
+        "SELECT count(refund_no) AS jobs, count(poison_id) AS poison FROM dlq_discards",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.try_get("jobs")?, r.try_get("poison")?))
 }
 
 /// Applied migrations: (version, description), in order.

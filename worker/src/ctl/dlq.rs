@@ -1,4 +1,5 @@
-//! `dlq list` and `dlq replay`: the dead-letter set grouped by cause, and audited replay.
+//! `dlq list` and `dlq replay`: the dead-letter set grouped by cause, and audited replay
+//! (`dlq discard` is [`super::discard`]).
 //!
 //! The dead-letter set is every `dead` job plus every poison message (a request refused at
 //! intake, or a conflicting reuse of a `refund_no`), which the worker stored with its reason
@@ -46,6 +47,14 @@ pub enum DlqCommand {
     /// job resolve`. Every replayed or refused job gets an audit row (operator, note, prior
     /// state, time).
     Replay(ReplayArgs),
+    /// Take dead jobs or poison messages that will never be paid out of the dead letters
+    /// (archived and audited; their history stays).
+    ///
+    /// A discarded job stays dead with its history and its order amount committed (to release
+    /// it, `job resolve --as failed`); it leaves `dlq list`, the DLQ depth and `replay --all`,
+    /// and a replay of it is refused. Refused for a job that is not dead, and for one whose
+    /// provider may hold the money (outcome_unknown, refund_abnormal): resolve those.
+    Discard(super::discard::DiscardArgs),
 }
 
 #[derive(Debug, Clone, Args)]

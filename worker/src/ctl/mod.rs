@@ -16,6 +16,7 @@
 
 pub mod approvals;
 pub mod case;
+pub mod discard;
 pub mod dlq;
 pub mod enqueue;
 pub mod job;
@@ -321,6 +322,9 @@ pub async fn execute(ctl: &Ctl, command: Command, out: &mut Out) -> anyhow::Resu
             Ok(Status::Done)
         }
         Command::Dlq(dlq::DlqCommand::Replay(a)) => Ok(dlq::replay(ctl, &a, out).await?.status()),
+        Command::Dlq(dlq::DlqCommand::Discard(a)) => {
+            Ok(discard::discard(ctl, &a, out).await?.status())
+        }
         Command::Stats(a) => {
             stats::stats(ctl, &a, out).await?;
             Ok(Status::Done)

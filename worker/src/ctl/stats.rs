@@ -29,9 +29,13 @@ pub struct StatsArgs {
 /// Dead-letter depth.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DlqDepth {
+    /// Dead jobs not discarded.
     pub dead_jobs: i64,
-    /// Distinct stored poison messages.
+    /// Distinct stored poison messages not discarded.
     pub poison_messages: i64,
+    /// Dead jobs and poison messages operators discarded (`dlq discard`): archived, out of
+    /// the depth.
+    pub discarded: i64,
     /// `dead_jobs + poison_messages`.
     pub depth: i64,
     /// Messages in the broker's dead-letter queue, when it answered.
@@ -70,7 +74,8 @@ pub async fn stats(
     let oldest_non_final = operator::oldest_in(&ctl.pool, &non_final).await?;
     let oldest_in_progress = operator::oldest_in(&ctl.pool, &in_progress).await?;
     let (poison_messages, _) = operator::poison_totals(&ctl.pool).await?;
-    let dead_jobs = by_state.get(&State::Dead).copied().unwrap_or(0);
+    let (discarded_jobs, discarded_poison) = operator::discarded_totals(&ctl.pool).await?;
+    let dead_jobs = by_state.get(&State::Dead).copied().unwrap_or(0) - discarded_jobs;
     let (broker_messages, broker_error) = match broker_dead_letters(&ctl.config).await {
         Ok(n) => (Some(n), None),
         Err(e) => (None, Some(shared::telemetry::error_chain(e.as_ref()))),
@@ -83,6 +88,7 @@ pub async fn stats(
         dlq: DlqDepth {
             dead_jobs,
             poison_messages,
+            discarded: discarded_jobs + discarded_poison,
             depth: dead_jobs + poison_messages,
             broker_queue: ctl.config.amqp.dead_letter_queue.clone(),
             broker_messages,
@@ -137,8 +143,8 @@ fn write_stats(ctl: &Ctl, s: &Stats, out: &mut Out) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "DLQ depth: {} ({} dead jobs + {} poison messages)",
-        s.dlq.depth, s.dlq.dead_jobs, s.dlq.poison_messages
+        "DLQ depth: {} ({} dead jobs + {} poison messages; {} discarded, not counted)",
+        s.dlq.depth, s.dlq.dead_jobs, s.dlq.poison_messages, s.dlq.discarded
     )?;
     match (&s.dlq.broker_messages, &s.dlq.broker_error) {
         (Some(n), _) => writeln!(

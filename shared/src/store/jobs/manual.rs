@@ -1,4 +1,5 @@
-//! What operators do to a job by hand: replay a dead job, resolve it after checking with the
+//! What operators do to a job by hand: replay a dead job, discard one (or a poison message)
+//! from the dead letters, resolve it after checking with the
 //! provider. The rules and the writes are the database's (migration 20261204000050,
 //! `operator_replay`, `operator_resolve`): each function re-checks the job under its row lock,
 //! in the transaction that writes its audit row, so a refusal is audited too and two operators
@@ -85,6 +86,47 @@ pub async fn replay(
         .fetch_one(&mut *conn)
         .await?;
     verdict_of(&row)
+}
+
+/// Discards a dead job from the dead letters (archived, still `dead`, no money moved):
+/// refused (and audited) for a job that is not dead, already discarded, or whose provider may
+/// hold the money (`outcome_unknown`, `refund_abnormal`: those are resolved, not archived).
+pub async fn discard(
+    conn: &mut PgConnection,
+    refund_no: &str,
+    op: Operator<'_>,
+) -> Result<Verdict, StoreError> {
+    let row = sqlx::query("SELECT verdict, prior, reason FROM operator_discard_job($1, $2, $3)")
+        .bind(refund_no)
+        .bind(op.name)
+        .bind(op.note)
+        .fetch_one(&mut *conn)
+        .await?;
+    verdict_of(&row)
+}
+
+/// Discards a stored poison message from the dead letters: `None` when done, else why it was
+/// refused (no such message, already discarded; audited either way).
+pub async fn discard_poison(
+    conn: &mut PgConnection,
+    id: i64,
+    op: Operator<'_>,
+) -> Result<Option<String>, StoreError> {
+    let row = sqlx::query("SELECT verdict, reason FROM operator_discard_poison($1, $2, $3)")
+        .bind(id)
+        .bind(op.name)
+        .bind(op.note)
+        .fetch_one(&mut *conn)
+        .await?;
+    let verdict: String = row.try_get("verdict")?;
+    let reason: Option<String> = row.try_get("reason")?;
+    match (verdict.as_str(), reason) {
+        ("done", None) => Ok(None),
+        ("refused", Some(reason)) => Ok(Some(reason)),
+        (v, r) => Err(StoreError::Corrupt(format!(
+            "operator_discard_poison answered {v} (reason {r:?})"
+        ))),
+    }
 }
 
 /// How an operator settles a dead job after checking with the provider.

@@ -30,7 +30,9 @@ pub use claim::{ClaimToken, Claimed, Claims, Unreadable, claim, claimed_by};
 pub use correct::{Correction, correct};
 pub use finality::{Effect, Source, apply_status, give_up, not_at_provider, target};
 pub(crate) use manual::parse_state;
-pub use manual::{Operator, Resolution, Verdict, not_paid_per_statement, replay, resolve};
+pub use manual::{
+    Operator, Resolution, Verdict, discard, discard_poison, not_paid_per_statement, replay, resolve,
+};
 pub use outcome::{OutcomeToRecord, Recorded, record_outcome, record_outcomes};
 
 /// A state change to make, checked against [`state::TRANSITIONS`].
