@@ -10,7 +10,7 @@
 //! `info`).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use chrono::NaiveDate;
@@ -37,8 +37,18 @@ use crate::run::{RunRequest, Status};
 /// Exit status: 0 balanced, 1 discrepancies found, 2 could not run. A day with nothing on
 /// either side is not balanced: "nothing to reconcile", exit status 1.
 #[derive(Debug, Parser)]
-#[command(name = "refund-reconciler", version)]
+#[command(
+    name = "refund-reconciler",
+    version,
+    after_help = "Examples:\n  \
+        refund-reconciler --config refunds.toml run --date yesterday\n  \
+        refund-reconciler run --date 2026-11-21 --statement shengpay.csv --statement wupay.csv\n  \
+        refund-reconciler runs --date yesterday"
+)]
 pub struct Cli {
+    /// Configuration file (TOML), before or after the subcommand.
+    #[arg(long, global = true, env = "REFUNDS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -130,9 +140,6 @@ pub struct RunArgs {
     /// Write the report to this file instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
-    /// Configuration file (TOML).
-    #[arg(long, env = "REFUNDS_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// Compare every refund one by one instead of only where the per-merchant fingerprints
     /// differ (slower; same answer).
     #[arg(long)]
@@ -147,11 +154,10 @@ pub struct RunArgs {
 /// so the day is not balanced. Without, it compares against the provider results recorded per
 /// attempt. Stops on SIGTERM or Ctrl-C. (In Kubernetes, the CronJob runs `run --wait`.)
 #[derive(Debug, Args)]
-pub struct ScheduleArgs {
-    /// Configuration file (TOML).
-    #[arg(long, env = "REFUNDS_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-}
+#[command(after_help = "Examples:\n  \
+    refund-reconciler schedule --config refunds.toml\n  \
+    REFUNDS__RECONCILER__SCHEDULE='0 30 2 * * *' refund-reconciler schedule")]
+pub struct ScheduleArgs {}
 
 /// Lists stored runs, newest first: id, date, scope, source (statement, or attempts: our own
 /// recorded answers), status, discrepancies, pending, totals, and the run that superseded it.
@@ -169,9 +175,6 @@ pub struct RunsArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = crate::runs::RunsFormat::Text)]
     pub format: crate::runs::RunsFormat,
-    /// Configuration file (TOML).
-    #[arg(long, env = "REFUNDS_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
 }
 
 fn parse_date(s: &str) -> Result<DateArg, String> {
@@ -193,7 +196,7 @@ pub async fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             init_stderr_logging();
-            match run_command(args).await {
+            match run_command(args, cli.config.as_deref()).await {
                 Ok(Status::Balanced) => ExitCode::SUCCESS,
                 // Nothing compared is not balanced: someone should look (wrong database?).
                 Ok(Status::Discrepancies | Status::NothingToReconcile) => ExitCode::from(1),
@@ -204,7 +207,7 @@ pub async fn main() -> ExitCode {
         }
         Command::Runs(args) => {
             init_stderr_logging();
-            match crate::runs::runs_command(args).await {
+            match crate::runs::runs_command(args, cli.config.as_deref()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => shared::telemetry::fail(
                     "refund-reconciler",
@@ -215,7 +218,7 @@ pub async fn main() -> ExitCode {
         }
         Command::Schedule(args) => {
             shared::telemetry::init();
-            match schedule_command(args).await {
+            match schedule_command(args, cli.config.as_deref()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => shared::telemetry::fail(
                     "refund-reconciler",
@@ -241,8 +244,8 @@ fn init_stderr_logging() {
         .try_init();
 }
 
-async fn run_command(args: RunArgs) -> anyhow::Result<Status> {
-    let config = Config::load(args.config.as_deref())?;
+async fn run_command(args: RunArgs, config: Option<&Path>) -> anyhow::Result<Status> {
+    let config = Config::load(config)?;
     for s in &args.statements {
         if !s.is_file() {
             anyhow::bail!("--statement {}: no such file", s.display());
@@ -371,8 +374,8 @@ async fn run_command(args: RunArgs) -> anyhow::Result<Status> {
     Ok(outcome.status)
 }
 
-async fn schedule_command(args: ScheduleArgs) -> anyhow::Result<()> {
-    let config = Config::load(args.config.as_deref())?;
+async fn schedule_command(_args: ScheduleArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
     let pool = crate::run::connect(&config).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot use the database at {}: {e}",

@@ -154,8 +154,11 @@ pub fn write<W: Write>(runs: &[RunRow], format: RunsFormat, out: &mut W) -> std:
 }
 
 /// `refund-reconciler runs`.
-pub async fn runs_command(args: crate::cli::RunsArgs) -> anyhow::Result<()> {
-    let config = Config::load(args.config.as_deref())?;
+pub async fn runs_command(
+    args: crate::cli::RunsArgs,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
     let date = args
         .date
         .map(|d| config.tz().map(|tz| d.resolve(tz, Utc::now())))

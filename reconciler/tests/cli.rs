@@ -182,6 +182,19 @@ async fn the_table_explains_each_discrepancy_and_points_at_its_job() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_config_is_taken_before_or_after_the_subcommand() {
+    let env = env().await;
+    let config = env.config_path.to_str().unwrap();
+    for args in [
+        vec!["--config", config, "runs"],
+        vec!["runs", "--config", config],
+    ] {
+        let out = bin(&args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn anything_that_keeps_a_run_from_happening_exits_2() {
     let env = env().await;
     let config = env.config_path.to_str().unwrap();
@@ -270,6 +283,25 @@ async fn anything_that_keeps_a_run_from_happening_exits_2() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn every_help_shows_examples_of_its_command() {
+    for (args, example) in [
+        (
+            vec!["--help"],
+            "refund-reconciler --config refunds.toml run",
+        ),
+        (vec!["run", "--help"], "refund-reconciler run --date"),
+        (vec!["runs", "--help"], "refund-reconciler runs"),
+        (vec!["schedule", "--help"], "refund-reconciler schedule"),
+    ] {
+        let out = bin(&args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        let text = stdout(&out);
+        let examples = text.split_once("Examples:").map(|(_, e)| e).unwrap_or("");
+        assert!(examples.contains(example), "{args:?}: {text}");
+    }
 }
 
 #[test]

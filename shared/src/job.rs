@@ -268,6 +268,19 @@ impl Rejection {
         }
     }
 
+    /// The request's merchant has no client for its provider (the worker's intake and
+    /// `refundctl enqueue` refuse it with the same words).
+    pub fn unknown_merchant(request: &RefundRequest) -> Self {
+        Self::new(
+            ErrorCode::UnknownMerchant,
+            "merchant",
+            format!(
+                "merchant {:?} is not configured for provider {}",
+                request.merchant, request.provider
+            ),
+        )
+    }
+
     /// The field as events name it: `None` for the message as a whole.
     pub fn json_field(&self) -> Option<&str> {
         (self.field != WHOLE_MESSAGE).then_some(self.field.as_str())

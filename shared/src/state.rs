@@ -94,6 +94,16 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every cause.
+    pub const ALL: [Cause; 6] = [
+        Cause::RetriesExhausted,
+        Cause::OutcomeUnknown,
+        Cause::ProviderRejectedRequest,
+        Cause::MerchantNotConfigured,
+        Cause::UnreadableJob,
+        Cause::RefundAbnormal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::RetriesExhausted => "retries_exhausted",

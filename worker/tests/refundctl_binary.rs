@@ -3,58 +3,8 @@
 
 mod refundctl_common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 use refundctl_common as rc;
-use shared::config::Config;
-
-fn write_config(config: &Config) -> PathBuf {
-    let path =
-        std::env::temp_dir().join(format!("refundctl-{}.toml", uuid::Uuid::new_v4().simple()));
-    std::fs::write(&path, toml_of(config)).unwrap();
-    path
-}
-
-fn toml_of(c: &Config) -> String {
-    let a = &c.amqp;
-    format!(
-        "database_url = {:?}\namqp_url = {:?}\n\n[amqp]\nexchange = {:?}\nqueue = {:?}\n\
-         routing_key = {:?}\ndead_letter_exchange = {:?}\ndead_letter_queue = {:?}\n\
-         events_exchange = {:?}\nqueue_type = {:?}\n",
-        c.database_url,
-        c.amqp_url,
-        a.exchange,
-        a.queue,
-        a.routing_key,
-        a.dead_letter_exchange,
-        a.dead_letter_queue,
-        a.events_exchange,
-        a.queue_type
-    )
-}
-
-fn refundctl(config: Option<&Path>, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_refundctl"));
-    cmd.env_remove("REFUNDS_CONFIG");
-    if let Some(c) = config {
-        cmd.arg("--config").arg(c);
-    }
-    cmd.args(args).output().expect("refundctl runs")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited, not killed")
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use refundctl_common::{code, refundctl, show, write_config};
 
 #[test]
 fn every_command_has_help_and_usage_errors_exit_2() {
@@ -264,7 +214,10 @@ async fn exit_status_is_0_when_done_1_when_refused_or_not_found_and_2_when_it_ca
     assert_eq!(code(&o), 1, "{}", show(&o));
 
     // Could not run: a missing config file, an unreachable database.
-    let o = refundctl(Some(Path::new("/nonexistent/refunds.toml")), &["stats"]);
+    let o = refundctl(
+        Some(std::path::Path::new("/nonexistent/refunds.toml")),
+        &["stats"],
+    );
     assert_eq!(code(&o), 2, "{}", show(&o));
     let mut unreachable = config.clone();
     unreachable.database_url = "postgres://postgres@127.0.0.1:1/nothing".into();

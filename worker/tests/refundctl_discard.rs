@@ -26,6 +26,7 @@ fn list_all() -> ListArgs {
         cause: None,
         provider: None,
         json: false,
+        ..Default::default()
     }
 }
 

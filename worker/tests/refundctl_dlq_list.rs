@@ -13,6 +13,7 @@ fn args(cause: Option<&str>, provider: Option<&str>, json: bool) -> ListArgs {
         cause: cause.map(str::to_owned),
         provider: provider.map(str::to_owned),
         json,
+        ..Default::default()
     }
 }
 

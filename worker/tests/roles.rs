@@ -531,8 +531,8 @@ async fn the_operator_resolves_replays_and_discards_dead_jobs_and_reads_everythi
     assert!(detail.found());
     operator::dead_groups(&pool, &operator::DeadFilter::default()).await?;
     operator::dead_refund_nos(&pool, None).await?;
-    operator::poison_groups(&pool, None).await?;
-    operator::poison_messages(&pool, None).await?;
+    operator::poison_groups(&pool, None, None, None).await?;
+    operator::poison_messages(&pool, None, None, None).await?;
     operator::poison_totals(&pool).await?;
     operator::discarded_totals(&pool).await?;
     operator::replay_facts(&pool, "D3").await?;

@@ -231,14 +231,7 @@ impl Registry {
     /// can carry it. What intake records of the merchant with the job comes back with it.
     pub fn admit(&self, request: &RefundRequest) -> Result<Admission, crate::job::Rejection> {
         let Some(client) = self.get(request.provider, &request.merchant) else {
-            return Err(crate::job::Rejection::new(
-                crate::job::ErrorCode::UnknownMerchant,
-                "merchant",
-                format!(
-                    "merchant {:?} is not configured for provider {}",
-                    request.merchant, request.provider
-                ),
-            ));
+            return Err(crate::job::Rejection::unknown_merchant(request));
         };
         client.admit(request)?;
         Ok(Admission {

@@ -23,8 +23,8 @@ pub mod text;
 
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 
 use crate::config::Config;
 
@@ -101,9 +101,20 @@ fn pool_options(config: &Config) -> PgPoolOptions {
 
 /// Opens a pool on `database_url` with the configured limits.
 pub async fn connect(config: &Config) -> Result<PgPool, StoreError> {
-    Ok(pool_options(config)
-        .connect_with(connect_options(config)?)
-        .await?)
+    let options = connect_options(config)?;
+    match pool_options(config).connect_with(options.clone()).await {
+        // The pool retries until its acquire timeout and then names only the timeout; one
+        // direct attempt says why (connection refused, no such host, a TLS or password
+        // failure).
+        Err(sqlx::Error::PoolTimedOut) => match options.connect().await {
+            Err(cause) => Err(cause.into()),
+            Ok(conn) => {
+                let _ = conn.close().await;
+                Err(sqlx::Error::PoolTimedOut.into())
+            }
+        },
+        pool => Ok(pool?),
+    }
 }
 
 /// A pool like [`connect`]'s that connects on first use, for a process that needs it only

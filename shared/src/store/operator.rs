@@ -25,13 +25,40 @@ use crate::state::State;
 pub const BODY_PREVIEW_BYTES: usize = 4096;
 
 /// Which dead jobs to list or replay. `cause` also selects poison messages by kind
-/// (`rejected`, `conflict`); poison messages belong to no provider, so a `provider` filter
-/// leaves them out.
+/// (`rejected`, `conflict`); poison messages belong to no provider or merchant and carry no
+/// provider code, so a `provider`, `merchant` or `code` filter leaves them out. `since` is
+/// when a job died (its `updated_at`) or a poison message last arrived; `limit` caps the dead
+/// jobs (and poison messages) listed, or the groups.
 #[derive(Debug, Clone, Default)]
 pub struct DeadFilter {
     pub cause: Option<String>,
     pub provider: Option<String>,
+    pub merchant: Option<String>,
+    pub code: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub limit: Option<i64>,
 }
+
+impl DeadFilter {
+    /// Whether poison messages can match (they have no provider, merchant or code).
+    pub fn admits_poison(&self) -> bool {
+        self.provider.is_none() && self.merchant.is_none() && self.code.is_none()
+    }
+}
+
+/// The dead-letter conditions on `jobs` for a [`DeadFilter`] bound as $1..$5 (cause, provider,
+/// merchant, code, since): one text so the grouped and the per-job listing agree.
+const DEAD_WHERE: &str = "state = 'dead' AND ($1::text IS NULL OR cause = $1)
+           AND ($2::text IS NULL OR provider = $2)
+           AND ($3::text IS NULL OR merchant = $3)
+           AND ($4::text IS NULL OR last_code = $4)
+           AND ($5::timestamptz IS NULL OR updated_at >= $5)
+           AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.refund_no = jobs.refund_no)";
+
+/// The poison-message conditions for a kind and a `since`, bound as $1, $2.
+const POISON_WHERE: &str = "($1::text IS NULL OR kind = $1)
+           AND ($2::timestamptz IS NULL OR last_seen_at >= $2)
+           AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.poison_id = rejected_messages.id)";
 
 /// One fingerprint of the dead-letter set: dead jobs with the same cause, provider and last
 /// provider code.
@@ -51,21 +78,25 @@ pub struct DeadGroup {
 
 /// Dead jobs grouped by fingerprint (cause, provider, last code), largest group first.
 pub async fn dead_groups(pool: &PgPool, filter: &DeadFilter) -> Result<Vec<DeadGroup>, StoreError> {
-    Ok(sqlx::query_as::<_, DeadGroup>(
+    let sql = format!(
         "SELECT cause, provider, last_code AS code, count(*) AS count,
                 min(updated_at) AS oldest, max(updated_at) AS newest,
                 max(last_message) AS sample_message
          FROM jobs
-         WHERE state = 'dead' AND ($1::text IS NULL OR cause = $1)
-           AND ($2::text IS NULL OR provider = $2)
-           AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.refund_no = jobs.refund_no)
+         WHERE {DEAD_WHERE}
          GROUP BY cause, provider, last_code
-         ORDER BY count(*) DESC, cause, provider, last_code NULLS FIRST",
-    )
-    .bind(filter.cause.as_deref())
-    .bind(filter.provider.as_deref())
-    .fetch_all(pool)
-    .await?)
+         ORDER BY count(*) DESC, cause, provider, last_code NULLS FIRST
+         LIMIT $6"
+    );
+    Ok(sqlx::query_as::<_, DeadGroup>(sqlx::AssertSqlSafe(sql))
+        .bind(filter.cause.as_deref())
+        .bind(filter.provider.as_deref())
+        .bind(filter.merchant.as_deref())
+        .bind(filter.code.as_deref())
+        .bind(filter.since)
+        .bind(filter.limit)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// One dead job, as `dlq list --json` prints it.
@@ -89,20 +120,24 @@ pub fn dead_jobs(
     pool: &PgPool,
     filter: DeadFilter,
 ) -> impl Stream<Item = Result<DeadJob, StoreError>> + Send + '_ {
-    sqlx::query_as::<_, DeadJob>(
+    let sql = format!(
         "SELECT refund_no, order_no, provider, merchant, cause, last_code AS code,
                 last_message AS message, attempt AS attempts, refund_fee, created_at,
                 updated_at AS died_at
          FROM jobs
-         WHERE state = 'dead' AND ($1::text IS NULL OR cause = $1)
-           AND ($2::text IS NULL OR provider = $2)
-           AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.refund_no = jobs.refund_no)
-         ORDER BY updated_at, refund_no",
-    )
-    .bind(filter.cause)
-    .bind(filter.provider)
-    .fetch(pool)
-    .map(|r| r.map_err(StoreError::from))
+         WHERE {DEAD_WHERE}
+         ORDER BY updated_at, refund_no
+         LIMIT $6"
+    );
+    sqlx::query_as::<_, DeadJob>(sqlx::AssertSqlSafe(sql))
+        .bind(filter.cause)
+        .bind(filter.provider)
+        .bind(filter.merchant)
+        .bind(filter.code)
+        .bind(filter.since)
+        .bind(filter.limit)
+        .fetch(pool)
+        .map(|r| r.map_err(StoreError::from))
 }
 
 /// The `refund_no`s of dead jobs (all, or of one cause), longest dead first: what
@@ -140,23 +175,30 @@ pub struct PoisonGroup {
     pub sample_reason: String,
 }
 
-/// Poison messages grouped by kind and field, largest group first.
+/// Poison messages grouped by kind and field, largest group first (see [`DeadFilter`] for
+/// `since` and `limit`).
 pub async fn poison_groups(
     pool: &PgPool,
     kind: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    limit: Option<i64>,
 ) -> Result<Vec<PoisonGroup>, StoreError> {
-    Ok(sqlx::query_as::<_, PoisonGroup>(
+    let sql = format!(
         "SELECT kind, field, count(*) AS messages, sum(occurrences)::bigint AS occurrences,
                 min(first_seen_at) AS oldest, max(last_seen_at) AS newest,
                 (array_agg(reason ORDER BY last_seen_at DESC, id DESC))[1] AS sample_reason
          FROM rejected_messages
-         WHERE ($1::text IS NULL OR kind = $1) AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.poison_id = rejected_messages.id)
+         WHERE {POISON_WHERE}
          GROUP BY kind, field
-         ORDER BY count(*) DESC, kind, field",
-    )
-    .bind(kind)
-    .fetch_all(pool)
-    .await?)
+         ORDER BY count(*) DESC, kind, field
+         LIMIT $3"
+    );
+    Ok(sqlx::query_as::<_, PoisonGroup>(sqlx::AssertSqlSafe(sql))
+        .bind(kind)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// One stored poison message.
@@ -208,24 +250,56 @@ fn preview(body: &[u8]) -> String {
     text
 }
 
-/// Every poison message (of one kind), oldest first.
+/// Every poison message (of one kind, arrived since), oldest first, at most `limit`.
 pub async fn poison_messages(
     pool: &PgPool,
     kind: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    limit: Option<i64>,
 ) -> Result<Vec<PoisonMessage>, StoreError> {
-    sqlx::query(
+    let sql = format!(
         "SELECT id, kind, refund_no, field, reason, occurrences, message_id, first_seen_at,
                 last_seen_at, body
          FROM rejected_messages
-         WHERE ($1::text IS NULL OR kind = $1) AND NOT EXISTS (SELECT 1 FROM dlq_discards d WHERE d.poison_id = rejected_messages.id)
-         ORDER BY first_seen_at, id",
+         WHERE {POISON_WHERE}
+         ORDER BY first_seen_at, id
+         LIMIT $3"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(kind)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(poison_from_row)
+        .collect()
+}
+
+/// A job found by another of its keys than `refund_no`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct JobMatch {
+    pub refund_no: String,
+    pub state: String,
+    /// `order_no` or `provider_refund_id`: which key matched.
+    pub matched: String,
+}
+
+/// The jobs whose `order_no` (by index) or provider refund id (the job's, or any attempt's:
+/// a scan, as `job show` runs it once) is `key`, oldest first.
+pub async fn jobs_by_other_key(pool: &PgPool, key: &str) -> Result<Vec<JobMatch>, StoreError> {
+    Ok(sqlx::query_as::<_, JobMatch>(
+        "SELECT refund_no, state, 'order_no' AS matched, created_at FROM jobs WHERE order_no = $1
+         UNION
+         SELECT j.refund_no, j.state, 'provider_refund_id', j.created_at FROM jobs j
+         WHERE j.provider_refund_id = $1
+            OR j.refund_no IN (SELECT refund_no FROM provider_attempts
+                               WHERE provider_refund_id = $1)
+         ORDER BY created_at, refund_no",
     )
-    .bind(kind)
+    .bind(key)
     .fetch_all(pool)
-    .await?
-    .into_iter()
-    .map(poison_from_row)
-    .collect()
+    .await?)
 }
 
 /// The job row, everything an operator needs to judge it.

@@ -24,6 +24,9 @@ pub enum ApprovalsCommand {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl approvals list\n  \
+    refundctl approvals list --all --json")]
 pub struct ListArgs {
     /// Decided requests too (applied, refused, rejected).
     #[arg(long)]
@@ -34,6 +37,9 @@ pub struct ListArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl approvals approve 7 --operator bob\n  \
+    refundctl approvals approve 7        # as the operating-system user")]
 pub struct ApproveArgs {
     /// The request's ID (from `approvals list`, or as `job resolve` / `job correct` printed it).
     #[arg(value_name = "ID")]
@@ -44,6 +50,8 @@ pub struct ApproveArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl approvals reject 7 --operator bob --note \"statement line is another refund's\"")]
 pub struct RejectArgs {
     /// The request's ID.
     #[arg(value_name = "ID")]

@@ -42,6 +42,10 @@ impl From<StateArg> for CaseState {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl case list\n  \
+    refundctl case list --date 2026-11-21 --state open\n  \
+    refundctl case list --json | jq .id")]
 pub struct ListArgs {
     /// Only cases of this business date (YYYY-MM-DD).
     #[arg(long, value_name = "D")]
@@ -55,6 +59,8 @@ pub struct ListArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl case explain 12 --note 'coupon settled a day late: FIN-12' --operator carol")]
 pub struct ExplainArgs {
     /// The case's ID (from `case list`).
     #[arg(value_name = "ID")]

@@ -26,13 +26,13 @@ use clap::{ArgGroup, Args, Subcommand};
 use futures::StreamExt;
 use serde::Serialize;
 use shared::job::RefundRequest;
-use shared::state::State;
+use shared::state::{Cause, State};
 use shared::store::jobs::{self, Verdict};
 use shared::store::operator::{self, DeadFilter, DeadGroup, PoisonGroup};
 
 use super::publish::Publisher;
 use super::render::{self, Progress};
-use super::{Ctl, OperatorArgs, Out, Status};
+use super::{AuditedUnlessDryRun, Ctl, OperatorArgs, Out, Status};
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
@@ -57,20 +57,52 @@ pub enum DlqCommand {
     Discard(super::discard::DiscardArgs),
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl dlq list\n  \
+    refundctl dlq list --cause retries_exhausted --provider shengpay\n  \
+    refundctl dlq list --merchant 1900000109 --code SYSTEMERROR --since 2h\n  \
+    refundctl dlq list --json --limit 100 | jq -r .refund_no")]
 pub struct ListArgs {
-    /// Only this cause (retries_exhausted, outcome_unknown, provider_rejected_request,
-    /// merchant_not_configured; `rejected` or `conflict` for poison messages).
-    #[arg(long, value_name = "C")]
+    /// Only this cause; `rejected` or `conflict` select poison messages.
+    #[arg(long, value_name = "C", value_parser = list_causes())]
     pub cause: Option<String>,
-    /// Only this provider (shengpay, wupay); poison messages belong to no provider and are left
-    /// out.
+    /// Only this provider; poison messages belong to no provider and are left out.
     #[arg(long, value_name = "P", value_parser = ["shengpay", "wupay"])]
     pub provider: Option<String>,
+    /// Only this merchant (poison messages are left out).
+    #[arg(long, value_name = "M")]
+    pub merchant: Option<String>,
+    /// Only jobs whose last provider code is this (poison messages are left out).
+    #[arg(long, value_name = "CODE")]
+    pub code: Option<String>,
+    /// Only jobs that died (poison messages that last arrived) this recently: 30m, 2h, 7d, or
+    /// since an RFC 3339 time (2026-11-21T10:00:00+08:00).
+    #[arg(long, value_name = "AGE|TIME", value_parser = super::render::parse_since)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// At most this many dead jobs and poison messages (`--json`), or groups of each (the
+    /// table); the longest dead first.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
+    pub limit: Option<i64>,
     /// One JSON object per line: each dead job ("type":"dead_job"), then each poison message
     /// ("type":"poison_message").
     #[arg(long)]
     pub json: bool,
+}
+
+/// The causes a dead job can have, as `--cause` takes them (`dlq replay`).
+fn dead_causes() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(Cause::ALL.map(Cause::as_str))
+}
+
+/// The causes and the poison kinds, as `dlq list --cause` takes them.
+fn list_causes() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        Cause::ALL
+            .map(Cause::as_str)
+            .into_iter()
+            .chain(["rejected", "conflict"]),
+    )
 }
 
 /// What `dlq list` found.
@@ -105,10 +137,14 @@ pub async fn list(ctl: &Ctl, args: &ListArgs, out: &mut Out) -> anyhow::Result<L
     let filter = DeadFilter {
         cause: args.cause.clone(),
         provider: args.provider.clone(),
+        merchant: args.merchant.clone(),
+        code: args.code.clone(),
+        since: args.since,
+        limit: args.limit,
     };
-    // Poison messages have a kind, not a cause, and no provider: `--cause rejected` selects
-    // them, `--provider` leaves them out.
-    let with_poison = args.provider.is_none();
+    // Poison messages have a kind, not a cause, and no provider, merchant or code: `--cause
+    // rejected` selects them, `--provider`, `--merchant` and `--code` leave them out.
+    let with_poison = filter.admits_poison();
     if args.json {
         let mut report = ListReport::default();
         let mut rows = operator::dead_jobs(&ctl.pool, filter);
@@ -122,7 +158,10 @@ pub async fn list(ctl: &Ctl, args: &ListArgs, out: &mut Out) -> anyhow::Result<L
             report.json_lines += 1;
         }
         if with_poison {
-            for m in operator::poison_messages(&ctl.pool, args.cause.as_deref()).await? {
+            let messages =
+                operator::poison_messages(&ctl.pool, args.cause.as_deref(), args.since, args.limit)
+                    .await?;
+            for m in messages {
                 let line = Tagged {
                     kind: "poison_message",
                     item: m,
@@ -136,7 +175,7 @@ pub async fn list(ctl: &Ctl, args: &ListArgs, out: &mut Out) -> anyhow::Result<L
     }
     let groups = operator::dead_groups(&ctl.pool, &filter).await?;
     let poison = if with_poison {
-        operator::poison_groups(&ctl.pool, args.cause.as_deref()).await?
+        operator::poison_groups(&ctl.pool, args.cause.as_deref(), args.since, args.limit).await?
     } else {
         Vec::new()
     };
@@ -243,13 +282,20 @@ fn plural(n: usize) -> &'static str {
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(group(ArgGroup::new("selection").required(true).args(["refund_nos", "cause", "all"])))]
+#[command(
+    group(ArgGroup::new("selection").required(true).args(["refund_nos", "cause", "all"])),
+    after_help = "Examples:\n  \
+        refundctl dlq replay --all --dry-run\n  \
+        refundctl dlq replay --cause retries_exhausted --note 'INC-42 provider outage over'\n  \
+        refundctl dlq replay --refund-no R1001 R1002 --operator alice --note 'SP-7' --rate 5\n  \
+        refundctl dlq replay --all --note 'INC-42' --json > replay.jsonl"
+)]
 pub struct ReplayArgs {
     /// Replay these jobs (repeat the flag or list several).
     #[arg(long = "refund-no", value_name = "N", num_args = 1..)]
     pub refund_nos: Vec<String>,
     /// Replay every dead job of this cause.
-    #[arg(long, value_name = "C")]
+    #[arg(long, value_name = "C", value_parser = dead_causes())]
     pub cause: Option<String>,
     /// Replay every dead job.
     #[arg(long)]
@@ -265,7 +311,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub who: OperatorArgs,
+    pub who: AuditedUnlessDryRun,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -398,6 +444,12 @@ pub async fn replay_selected(
     selected: &[String],
     out: &mut Out,
 ) -> anyhow::Result<ReplayReport> {
+    // Who, and why, before anything is done: a dry run audits nothing and needs neither.
+    let who = if args.dry_run {
+        None
+    } else {
+        Some(args.who.resolve()?)
+    };
     let mut report = ReplayReport {
         dry_run: args.dry_run,
         jobs: Vec::with_capacity(selected.len()),
@@ -429,10 +481,9 @@ pub async fn replay_selected(
         if let Some(p) = pace.as_mut() {
             p.tick().await;
         }
-        let outcome = if args.dry_run {
-            dry_run_one(ctl, refund_no).await?
-        } else {
-            replay_one(ctl, &args.who, refund_no, &mut publisher).await?
+        let outcome = match &who {
+            None => dry_run_one(ctl, refund_no).await?,
+            Some(who) => replay_one(ctl, who, refund_no, &mut publisher).await?,
         };
         let item = JobReplay {
             refund_no: refund_no.clone(),

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
-use shared::job::{parse_request, sniff_refund_no};
+use shared::job::{Rejection, parse_request, sniff_refund_no};
 
 use super::publish::{PendingConfirm, Publisher};
 use super::render::Progress;
@@ -23,6 +23,9 @@ use super::{Ctl, Out, Status};
 pub const WINDOW: usize = 256;
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl enqueue --file requests.jsonl\n  \
+    jq -c '.[]' batch.json | refundctl enqueue --file -")]
 pub struct EnqueueArgs {
     /// JSON-lines file, one v1 request per line (`-` reads standard input).
     #[arg(long, value_name = "F")]
@@ -104,7 +107,19 @@ pub async fn enqueue(
             }
             continue;
         }
-        match parse_request(line) {
+        // What the worker's intake refuses is not published: a malformed line, or a merchant
+        // this config has no client for (the worker would dead-letter it unsent).
+        let parsed = parse_request(line).and_then(|request| {
+            if ctl
+                .idempotency
+                .is_configured(request.provider.as_str(), &request.merchant)
+            {
+                Ok(request)
+            } else {
+                Err(Rejection::unknown_merchant(&request))
+            }
+        });
+        match parsed {
             Err(rejection) => {
                 let problem = LineProblem {
                     line: number,

@@ -55,26 +55,60 @@ pub enum JobCommand {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl job show R2026112100000001\n  \
+    refundctl job show O2026112100000042        # by order number\n  \
+    refundctl job show 50000000382019052709732678859   # by the provider's refund id\n  \
+    refundctl job show R2026112100000001 --json | jq .job.state")]
 pub struct ShowArgs {
-    /// The refund's refund_no.
-    #[arg(value_name = "REFUND_NO")]
+    /// The refund's refund_no; or its order_no or the provider's refund id, when no
+    /// refund_no is that.
+    #[arg(value_name = "REFUND_NO|ORDER_NO|PROVIDER_REFUND_ID")]
     pub refund_no: String,
     /// One JSON object instead of the timeline.
     #[arg(long)]
     pub json: bool,
 }
 
-/// Shows one job; exit 1 when nothing is known about the `refund_no`.
+/// Shows one job, found by `refund_no`, else by order number or provider refund id; exit 1
+/// when nothing is known about the key, or when it names several jobs (they are listed).
 pub async fn show(ctl: &Ctl, args: &ShowArgs, out: &mut Out) -> anyhow::Result<Status> {
-    let detail = operator::job_detail(&ctl.pool, &args.refund_no).await?;
+    let key = &args.refund_no;
+    let mut detail = operator::job_detail(&ctl.pool, key).await?;
+    if !detail.found() {
+        let matches = operator::jobs_by_other_key(&ctl.pool, key).await?;
+        match matches.as_slice() {
+            [] => {}
+            [one] => {
+                // On stderr, so that --json stays one object.
+                eprintln!(
+                    "refundctl: {key:?} is the {} of refund {}",
+                    one.matched, one.refund_no
+                );
+                detail = operator::job_detail(&ctl.pool, &one.refund_no).await?;
+            }
+            several => {
+                let listed: Vec<String> = several
+                    .iter()
+                    .map(|m| format!("{} ({}, by {})", m.refund_no, m.state, m.matched))
+                    .collect();
+                eprintln!(
+                    "refundctl: {key:?} names {} refunds: {}; show one by its refund_no",
+                    several.len(),
+                    listed.join(", ")
+                );
+                return Ok(Status::Incomplete);
+            }
+        }
+    }
     if !detail.found() {
         if args.json {
             serde_json::to_writer(&mut *out, &detail)?;
             writeln!(out)?;
         }
         eprintln!(
-            "refundctl: no job or poison message has refund_no {:?}",
-            args.refund_no
+            "refundctl: no job or poison message has refund_no {key:?}, and no job has it as \
+             order_no or provider refund id"
         );
         return Ok(Status::Incomplete);
     }
@@ -368,6 +402,9 @@ pub enum ResolveAs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl job resolve R2026112100000001 --as succeeded --settlement-fee 90 --note 'confirmed by ShengPay: SP-7'\n  \
+    refundctl job resolve R2026112100000001 --as failed --operator alice --note 'provider: never received'")]
 pub struct ResolveArgs {
     /// The dead job's refund_no.
     #[arg(value_name = "REFUND_NO")]
@@ -432,6 +469,9 @@ pub async fn resolve(ctl: &Ctl, args: &ResolveArgs, out: &mut Out) -> anyhow::Re
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl job correct R2026112100000001 --as failed --evidence 'not in ShengPay statement of 2026-11-21'\n  \
+    refundctl job correct R2026112100000001 --as succeeded --settlement-fee 80 --evidence 'statement line 412' --operator alice")]
 pub struct CorrectArgs {
     /// The final job's refund_no.
     #[arg(value_name = "REFUND_NO")]

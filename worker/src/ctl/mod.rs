@@ -65,6 +65,23 @@ pub type Out = dyn Write + Send;
 /// Exit code when a command could not run.
 pub const EXIT_COULD_NOT_RUN: u8 = 2;
 
+/// Exit code when stdout was closed under a command (128 + SIGPIPE, what a shell reports for
+/// a filter the signal ended).
+pub const EXIT_BROKEN_PIPE: u8 = 141;
+
+/// Whether the error is a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+            .or_else(|| {
+                c.downcast_ref::<serde_json::Error>()
+                    .and_then(serde_json::Error::io_error_kind)
+            })
+            == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Operator CLI of the refund processor: dead letters, safe replay, manual resolution, job
 /// timelines.
 ///
@@ -74,8 +91,13 @@ pub const EXIT_COULD_NOT_RUN: u8 = 2;
 #[command(
     name = "refundctl",
     version,
-    after_help = "Exit status: 0 done, 1 some items refused, invalid or not found, 2 could not \
-                  run (usage, configuration, database or broker)."
+    after_help = "Examples:\n  \
+        refundctl --config refunds.toml stats\n  \
+        refundctl dlq list --since 2h\n  \
+        refundctl dlq replay --cause retries_exhausted --dry-run\n  \
+        refundctl job show R2026112100000001\n\n\
+        Exit status: 0 done, 1 some items refused, invalid or not found, 2 could not run \
+        (usage, configuration, database or broker), 141 stdout closed (| head)."
 )]
 pub struct Cli {
     /// Configuration file (TOML); the same file the worker reads.
@@ -89,8 +111,9 @@ pub struct Cli {
 pub enum Command {
     /// Publish v1 refund requests from a JSON-lines file, with publisher confirms.
     ///
-    /// Each line is validated as the worker's intake would (DESIGN §3); invalid lines are
-    /// reported with their line number and the field at fault and are not published. Running
+    /// Each line is validated as the worker's intake would (DESIGN §3), its merchant checked
+    /// against this config's; invalid lines are reported with their line number and the field
+    /// at fault and are not published. Running
     /// it twice is safe: the worker recognises a repeated refund_no with the same content as a
     /// duplicate.
     Enqueue(enqueue::EnqueueArgs),
@@ -109,6 +132,8 @@ pub enum Command {
     /// Jobs by state, the oldest non-final job, and the dead-letter depth.
     Stats(stats::StatsArgs),
     /// Apply the database migrations embedded in this binary.
+    #[command(after_help = "Examples:\n  refundctl migrate\n  \
+        REFUNDS__DATABASE_URL=postgres://owner@db/refunds refundctl migrate")]
     Migrate,
 }
 
@@ -129,6 +154,53 @@ impl OperatorArgs {
             name: &self.operator,
             note: &self.note,
         }
+    }
+}
+
+/// Who does an action a dry run can preview: `--operator` (default: the operating-system
+/// user) and `--note` are needed unless `--dry-run`, which changes and audits nothing.
+#[derive(Debug, Clone, Default, Args)]
+pub struct AuditedUnlessDryRun {
+    /// Who you are (stored in the audit row; default: the operating-system user; not needed
+    /// with --dry-run).
+    #[arg(long, value_name = "WHO", value_parser = non_empty)]
+    pub operator: Option<String>,
+    /// Why you do it: ticket, provider confirmation, ... (stored in the audit row; not needed
+    /// with --dry-run).
+    #[arg(long, value_name = "WHY", value_parser = non_empty, required_unless_present = "dry_run")]
+    pub note: Option<String>,
+}
+
+impl AuditedUnlessDryRun {
+    /// Both named, for a real run.
+    pub fn new(operator: &str, note: &str) -> Self {
+        Self {
+            operator: Some(operator.to_owned()),
+            note: Some(note.to_owned()),
+        }
+    }
+
+    /// The operator and note of a real run: `--operator` or the operating-system user, and
+    /// `--note`.
+    pub fn resolve(&self) -> anyhow::Result<OperatorArgs> {
+        let operator = match &self.operator {
+            Some(o) => o.clone(),
+            None => {
+                let user = os_user();
+                if user.is_empty() {
+                    anyhow::bail!(
+                        "--operator is required: the environment names no operating-system \
+                         user ($USER) to default to"
+                    );
+                }
+                user
+            }
+        };
+        let note = self
+            .note
+            .clone()
+            .context("--note is required unless --dry-run")?;
+        Ok(OperatorArgs { operator, note })
     }
 }
 
@@ -205,6 +277,12 @@ impl Idempotency {
             .collect()
     }
 
+    /// Whether this (provider, merchant) is configured at all.
+    pub fn is_configured(&self, provider: &str, merchant: &str) -> bool {
+        self.merchants
+            .contains_key(&(provider.to_owned(), merchant.to_owned()))
+    }
+
     /// Whether this merchant deduplicates on `refund_no`; false when it is not configured.
     pub fn is_idempotent(&self, provider: &str, merchant: &str) -> bool {
         self.merchants
@@ -279,6 +357,9 @@ pub async fn main(cli: Cli) -> ExitCode {
     let mut out = render::Escaped::new(std::io::stdout());
     let code = match run(cli, &mut out).await {
         Ok(status) => status.code(),
+        // The reader went away (`| head`): stop quietly, as a filter killed by SIGPIPE does
+        // (Rust ignores the signal, so the write fails instead), with its status.
+        Err(e) if is_broken_pipe(&e) => EXIT_BROKEN_PIPE,
         Err(e) => {
             let _ = out.flush();
             eprintln!("refundctl: {}", shared::telemetry::error_chain(e.as_ref()));

@@ -60,6 +60,35 @@ impl<W: Write> Write for Escaped<W> {
     }
 }
 
+/// A `--since`: an age back from now (`45s`, `30m`, `2h`, `7d`) or an RFC 3339 time.
+pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    let t = s.trim();
+    if let Ok(at) = DateTime::parse_from_rfc3339(t) {
+        return Ok(at.with_timezone(&Utc));
+    }
+    let unit = t.chars().last().unwrap_or(' ');
+    let seconds: i64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3_600,
+        'd' => 86_400,
+        _ => 0,
+    };
+    let n: Option<i64> = t[..t.len() - unit.len_utf8().min(t.len())].parse().ok();
+    let at = n
+        .filter(|n| *n >= 0 && seconds > 0)
+        .and_then(|n| n.checked_mul(seconds))
+        .and_then(chrono::Duration::try_seconds)
+        .and_then(|age| Utc::now().checked_sub_signed(age));
+    match at {
+        Some(at) => Ok(at),
+        None => Err(format!(
+            "{s:?} is neither an age like 30m, 2h or 7d nor an RFC 3339 time like \
+             2026-11-21T10:00:00+08:00"
+        )),
+    }
+}
+
 /// `2026-11-21 10:00:03 +08:00` in the business time zone.
 pub fn time(at: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
     at.with_timezone(&tz)
@@ -229,6 +258,36 @@ mod tests {
             writeln!(w, "msg: \x1b[2J ünï").unwrap();
         }
         assert_eq!(String::from_utf8(buf).unwrap(), "msg: \\u{1b}[2J ünï\n");
+    }
+
+    #[test]
+    fn since_takes_an_age_or_an_rfc3339_time() {
+        let now = Utc::now();
+        let two_hours = parse_since("2h").unwrap();
+        assert!(
+            (now - two_hours - chrono::Duration::hours(2))
+                .num_seconds()
+                .abs()
+                <= 1
+        );
+        let week = parse_since("7d").unwrap();
+        assert!((now - week - chrono::Duration::days(7)).num_seconds().abs() <= 1);
+        assert_eq!(
+            parse_since("2026-11-21T10:00:00+08:00").unwrap(),
+            "2026-11-21T02:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        for bad in [
+            "yesterday",
+            "2",
+            "h",
+            "",
+            "-3h",
+            "3w",
+            "99999999999999999d",
+            "9999999999999999s",
+        ] {
+            assert!(parse_since(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -20,6 +20,9 @@ use super::render;
 use super::{Ctl, Out};
 
 #[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    refundctl stats\n  \
+    refundctl stats --json | jq .dlq.depth")]
 pub struct StatsArgs {
     /// One JSON object.
     #[arg(long)]
@@ -48,6 +51,9 @@ pub struct DlqDepth {
 /// What `stats` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Stats {
+    /// The database read, its password left out: a wrong `database_url` shows here, not as a
+    /// quiet "0 jobs".
+    pub database: String,
     /// Every state, zeros included.
     pub counts: BTreeMap<String, i64>,
     pub total: i64,
@@ -81,6 +87,7 @@ pub async fn stats(
         Err(e) => (None, Some(shared::telemetry::error_chain(e.as_ref()))),
     };
     let s = Stats {
+        database: ctl.config.database_url_redacted(),
         total: counts.values().sum(),
         counts,
         oldest_non_final,
@@ -105,6 +112,8 @@ pub async fn stats(
 }
 
 fn write_stats(ctl: &Ctl, s: &Stats, out: &mut Out) -> anyhow::Result<()> {
+    writeln!(out, "Database: {}", s.database)?;
+    writeln!(out)?;
     writeln!(out, "Jobs by state")?;
     let mut rows: Vec<Vec<String>> = s
         .counts
@@ -145,6 +154,12 @@ fn write_stats(ctl: &Ctl, s: &Stats, out: &mut Out) -> anyhow::Result<()> {
         out,
         "DLQ depth: {} ({} dead jobs + {} poison messages; {} discarded, not counted)",
         s.dlq.depth, s.dlq.dead_jobs, s.dlq.poison_messages, s.dlq.discarded
+    )?;
+    // Poison messages are no job's state, so the table above cannot show them.
+    writeln!(
+        out,
+        "Poison messages: {} (requests refused at intake or conflicting, stored: `dlq list`)",
+        s.dlq.poison_messages
     )?;
     match (&s.dlq.broker_messages, &s.dlq.broker_error) {
         (Some(n), _) => writeln!(

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use shared::config::Config;
@@ -16,7 +18,7 @@ use sqlx::PgPool;
 use testkit::request_json;
 use worker::ctl::dlq::ReplayArgs;
 use worker::ctl::job::{CorrectArgs, ResolveArgs, ResolveAs};
-use worker::ctl::{Ctl, Idempotency, OperatorArgs};
+use worker::ctl::{AuditedUnlessDryRun, Ctl, Idempotency, OperatorArgs};
 
 /// ShengPay merchant `m1` deduplicates on refund_no; WuPay merchant `w1` does not.
 pub fn idempotency() -> Idempotency {
@@ -344,7 +346,7 @@ pub fn replay_all(by: &str) -> ReplayArgs {
         dry_run: false,
         rate: 0.0,
         json: false,
-        who: who(by, "INC-42 provider outage over"),
+        who: AuditedUnlessDryRun::new(by, "INC-42 provider outage over"),
     }
 }
 
@@ -390,4 +392,56 @@ pub async fn audit_rows(
 
 pub fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
+}
+
+/// The config as a TOML file of its own (what the binary reads).
+pub fn write_config(config: &Config) -> PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("refundctl-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, toml_of(config)).unwrap();
+    path
+}
+
+/// The keys of `c` the refundctl binary needs.
+pub fn toml_of(c: &Config) -> String {
+    let a = &c.amqp;
+    format!(
+        "database_url = {:?}\namqp_url = {:?}\n\n[amqp]\nexchange = {:?}\nqueue = {:?}\n\
+         routing_key = {:?}\ndead_letter_exchange = {:?}\ndead_letter_queue = {:?}\n\
+         events_exchange = {:?}\nqueue_type = {:?}\n",
+        c.database_url,
+        c.amqp_url,
+        a.exchange,
+        a.queue,
+        a.routing_key,
+        a.dead_letter_exchange,
+        a.dead_letter_queue,
+        a.events_exchange,
+        a.queue_type
+    )
+}
+
+/// Runs the real refundctl with `--config` (when given) and `args`.
+pub fn refundctl(config: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_refundctl"));
+    cmd.env_remove("REFUNDS_CONFIG");
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.args(args).output().expect("refundctl runs")
+}
+
+/// The exit code.
+pub fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited, not killed")
+}
+
+/// Exit code, stdout and stderr, for an assertion's message.
+pub fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }

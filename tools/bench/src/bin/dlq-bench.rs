@@ -149,6 +149,7 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<bool> {
         cause: cause.map(str::to_owned),
         provider: provider.map(str::to_owned),
         json,
+        ..ListArgs::default()
     };
     let cases = [
         ("dlq list", list(None, None, false)),
