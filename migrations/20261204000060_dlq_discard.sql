@@ -34,8 +34,9 @@ CREATE TRIGGER dlq_discards_append_only BEFORE UPDATE OR DELETE ON dlq_discards
 GRANT SELECT ON dlq_discards TO refunds_worker, refunds_reconciler, refunds_operator;
 
 -- Why a dead job may not be replayed: as before (migration 0050), and a discarded job is
--- archived, not waiting to be sent.
-DROP FUNCTION operator_replay_refusal(text, text, boolean, boolean);
+-- archived, not waiting to be sent. The four-argument form stays, for refundctl binaries of
+-- before this migration during a rolling upgrade (their dry run does not know discards; their
+-- replay calls operator_replay, which does).
 CREATE FUNCTION operator_replay_refusal(p_state text, p_cause text, p_idempotent boolean,
     p_not_paid_per_statement boolean, p_discarded boolean)
 RETURNS text LANGUAGE sql IMMUTABLE AS $$
@@ -49,6 +50,13 @@ RETURNS text LANGUAGE sql IMMUTABLE AS $$
             'check with the provider and use `refundctl job resolve`, or wait for the '
             'statements of the attempt''s day and the next to show it unpaid'
     END;
+$$;
+
+CREATE OR REPLACE FUNCTION operator_replay_refusal(p_state text, p_cause text,
+    p_idempotent boolean, p_not_paid_per_statement boolean)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT operator_replay_refusal(p_state, p_cause, p_idempotent, p_not_paid_per_statement,
+        false);
 $$;
 
 -- operator_replay of migration 0050, asking the rule above with the discard.

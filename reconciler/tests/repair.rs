@@ -6,8 +6,6 @@
 mod common;
 
 use common::*;
-use shared::state::State;
-use shared::store::jobs;
 use sqlx::Row;
 
 const DAY: &str = "2026-11-10";
@@ -34,21 +32,14 @@ async fn state_of(pool: &sqlx::PgPool, refund_no: &str) -> (String, Option<Strin
 }
 
 async fn replay_refused(pool: &sqlx::PgPool, refund_no: &str) -> bool {
-    let mut conn = pool.acquire().await.unwrap();
-    let not_paid = jobs::not_paid_per_statement(&mut conn, refund_no)
+    // The database's rule, which replay applies under the row lock (migrations 0050, 0060),
+    // as `dlq replay --dry-run` asks it.
+    shared::store::operator::replay_facts(pool, refund_no)
         .await
-        .unwrap();
-    let (state, cause) = state_of(pool, refund_no).await;
-    // The database's rule, which replay applies under the row lock (migration 0050).
-    let refusal: Option<String> =
-        sqlx::query_scalar("SELECT operator_replay_refusal($1, $2, false, $3)")
-            .bind(state.parse::<State>().unwrap().as_str())
-            .bind(cause.as_deref())
-            .bind(not_paid)
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    refusal.is_some()
+        .unwrap()
+        .expect("the job exists")
+        .refusal
+        .is_some()
 }
 
 #[tokio::test(flavor = "multi_thread")]
