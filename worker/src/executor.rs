@@ -130,8 +130,13 @@ async fn attempt(
         .await;
     shared::failpoint::hit("sent");
     let class = rec.outcome.class();
-    metrics::counter!(crate::metrics::PROVIDER_CALLS, "provider" => req.provider.as_str(), "outcome" => class).increment(1);
-    metrics::histogram!(crate::metrics::PROVIDER_LATENCY, "provider" => req.provider.as_str(), "outcome" => class)
+    let labels = [
+        ("provider", req.provider.as_str().to_owned()),
+        ("merchant", req.merchant.clone()),
+        ("outcome", class.to_owned()),
+    ];
+    metrics::counter!(crate::metrics::PROVIDER_CALLS, &labels).increment(1);
+    metrics::histogram!(crate::metrics::PROVIDER_LATENCY, &labels)
         .record(rec.latency.as_secs_f64());
     // The retry budget restarts at a replay: count attempts and age from there.
     let age = (chrono::Utc::now() - claimed.budget_start())
@@ -194,6 +199,8 @@ async fn attempt(
             if let Decision::Dead { cause } = decision {
                 metrics::counter!(crate::metrics::DEAD_LETTERS, "cause" => cause.as_str())
                     .increment(1);
+                // An operator's business: at WARN, its cause a plain word to grep and alert on.
+                tracing::warn!(cause = cause.as_str(), "job dead: {cause}");
             }
             Ok(None)
         }

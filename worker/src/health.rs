@@ -27,6 +27,7 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()
+                .inspect(|_| crate::metrics::describe())
         })
         .as_ref()
 }

@@ -19,6 +19,100 @@ pub const WRITE_SECONDS: &str = "refunds_write_seconds";
 pub const NOTIFIES: &str = "refunds_notifies_total";
 pub const STATUS_QUERIES: &str = "refunds_status_queries_total";
 pub const AWAITING_PROVIDER: &str = "refunds_awaiting_provider_jobs";
+pub const JOBS: &str = "refunds_jobs";
+pub const DLQ_DEPTH: &str = "refunds_dlq_depth";
+pub const BUILD_INFO: &str = "refunds_build_info";
+
+/// Registers the help text and unit of every metric (the `# HELP` lines of `/metrics`), and
+/// sets `refunds_build_info`. Called once, when the recorder is installed: a metric described
+/// here shows its help from its first sample on.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        TRANSITIONS,
+        "Job state transitions made by this process, by from and to state."
+    );
+    describe_counter!(
+        INTAKE,
+        "Messages taken off the request queue, by intake result."
+    );
+    describe_counter!(
+        PROVIDER_CALLS,
+        "Refund calls to the providers, by provider, merchant and outcome class."
+    );
+    describe_histogram!(
+        PROVIDER_LATENCY,
+        Unit::Seconds,
+        "Refund call latency, by provider, merchant and outcome class."
+    );
+    describe_counter!(
+        RETRIES,
+        "Refund calls scheduled again after a retryable outcome, by provider."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Jobs this process moved to dead, by cause (a counter: refunds_dlq_depth is what is outstanding)."
+    );
+    describe_gauge!(IN_FLIGHT, "Provider calls this process has open now.");
+    describe_gauge!(
+        OLDEST_OPEN_AGE,
+        Unit::Seconds,
+        "Age of the oldest job not in a final state, as of the last sweep."
+    );
+    describe_gauge!(
+        OUTBOX_LAG,
+        Unit::Seconds,
+        "Age of the oldest outcome event not yet published to the events exchange."
+    );
+    describe_counter!(
+        OUTBOX_PUBLISHED,
+        "Outcome events published to the events exchange."
+    );
+    describe_gauge!(
+        PREFETCH_IN_USE,
+        "Deliveries the consumer holds unacknowledged (at most the prefetch)."
+    );
+    describe_counter!(
+        FENCED,
+        "Outcomes discarded because another worker had taken the job over (its lease had run out)."
+    );
+    describe_counter!(
+        CONFLICTS,
+        "Requests that reused a refund_no with other content (stored, never sent)."
+    );
+    describe_gauge!(
+        BROKER_CONNECTED,
+        "1 while the broker connection is up, else 0."
+    );
+    describe_histogram!(WRITE_BATCH, "Jobs per batched database write, by kind.");
+    describe_histogram!(
+        WRITE_SECONDS,
+        Unit::Seconds,
+        "Duration of a batched database write, by kind."
+    );
+    describe_counter!(
+        NOTIFIES,
+        "ShengPay notifies received, by outcome or effect."
+    );
+    describe_counter!(
+        STATUS_QUERIES,
+        "Status queries made, by provider, merchant and outcome class."
+    );
+    describe_gauge!(
+        AWAITING_PROVIDER,
+        "Jobs waiting for the provider's word (accepted, or dead with an unknown outcome and still queried), as of the last full sweep."
+    );
+    describe_gauge!(
+        JOBS,
+        "Jobs by state in the database, as of the last full sweep (the same figure from every replica: aggregate with max, not sum)."
+    );
+    describe_gauge!(
+        DLQ_DEPTH,
+        "Dead jobs and poison messages outstanding in the database, not discarded, as of the last full sweep (every replica reports it: use max)."
+    );
+    describe_gauge!(BUILD_INFO, "1, labelled with this build's version.");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
 
 /// Counts one state transition.
 pub fn transition(from: &str, to: &str) {

@@ -89,7 +89,13 @@ async fn query_one(ctx: &Arc<Ctx>, d: DueQuery) -> anyhow::Result<()> {
         queries::done(&mut conn, &d.refund_no).await?;
         return Ok(());
     };
-    metrics::counter!(crate::metrics::STATUS_QUERIES, "provider" => d.request.provider.as_str(), "outcome" => rec.outcome.class()).increment(1);
+    metrics::counter!(
+        crate::metrics::STATUS_QUERIES,
+        "provider" => d.request.provider.as_str(),
+        "merchant" => d.request.merchant.clone(),
+        "outcome" => rec.outcome.class()
+    )
+    .increment(1);
     tracing::info!(
         refund_no = %d.refund_no,
         outcome = rec.outcome.class(),

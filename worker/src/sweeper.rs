@@ -78,6 +78,19 @@ impl Sweeper {
             }
             let (waiting, since) = shared::store::queries::backlog(&ctx.pool).await?;
             metrics::gauge!(crate::metrics::AWAITING_PROVIDER).set(waiting as f64);
+            // What the database holds, not what this pod saw: these go down when an operator
+            // replays, resolves or discards, where a per-pod counter never would.
+            let by_state = shared::store::ops::counts_by_state(&ctx.pool).await?;
+            for state in shared::state::State::ALL {
+                let n = by_state.get(&state).copied().unwrap_or(0);
+                metrics::gauge!(crate::metrics::JOBS, "state" => state.as_str()).set(n as f64);
+            }
+            let dead = by_state
+                .get(&shared::state::State::Dead)
+                .copied()
+                .unwrap_or(0);
+            let dlq = shared::store::operator::dlq_counts(&ctx.pool, dead).await?;
+            metrics::gauge!(crate::metrics::DLQ_DEPTH).set(dlq.depth() as f64);
             if let Some(since) = since {
                 tracing::debug!(waiting, oldest_wait_began = %since, "jobs waiting for the provider's end");
             }

@@ -690,6 +690,35 @@ pub async fn discarded_totals(pool: &PgPool) -> Result<(i64, i64), StoreError> {
     Ok((r.try_get("jobs")?, r.try_get("poison")?))
 }
 
+/// The dead-letter depth: what waits for an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DlqCounts {
+    /// Dead jobs not discarded.
+    pub dead_jobs: i64,
+    /// Distinct stored poison messages not discarded.
+    pub poison_messages: i64,
+    /// Dead jobs and poison messages operators discarded (`dlq discard`), out of the depth.
+    pub discarded: i64,
+}
+
+impl DlqCounts {
+    /// Dead jobs plus poison messages.
+    pub fn depth(&self) -> i64 {
+        self.dead_jobs + self.poison_messages
+    }
+}
+
+/// The dead-letter depth, given how many jobs are `dead` (the caller has counted states).
+pub async fn dlq_counts(pool: &PgPool, dead_total: i64) -> Result<DlqCounts, StoreError> {
+    let (discarded_jobs, discarded_poison) = discarded_totals(pool).await?;
+    let (poison_messages, _) = poison_totals(pool).await?;
+    Ok(DlqCounts {
+        dead_jobs: dead_total - discarded_jobs,
+        poison_messages,
+        discarded: discarded_jobs + discarded_poison,
+    })
+}
+
 /// Applied migrations: (version, description), in order.
 pub async fn applied_migrations(pool: &PgPool) -> Result<Vec<(i64, String)>, StoreError> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")

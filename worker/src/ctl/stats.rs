@@ -79,9 +79,8 @@ pub async fn stats(
     let in_progress = [State::Received, State::InFlight, State::RetryWait];
     let oldest_non_final = operator::oldest_in(&ctl.pool, &non_final).await?;
     let oldest_in_progress = operator::oldest_in(&ctl.pool, &in_progress).await?;
-    let (poison_messages, _) = operator::poison_totals(&ctl.pool).await?;
-    let (discarded_jobs, discarded_poison) = operator::discarded_totals(&ctl.pool).await?;
-    let dead_jobs = by_state.get(&State::Dead).copied().unwrap_or(0) - discarded_jobs;
+    let dlq =
+        operator::dlq_counts(&ctl.pool, by_state.get(&State::Dead).copied().unwrap_or(0)).await?;
     let (broker_messages, broker_error) = match broker_dead_letters(&ctl.config).await {
         Ok(n) => (Some(n), None),
         Err(e) => (None, Some(shared::telemetry::error_chain(e.as_ref()))),
@@ -93,10 +92,10 @@ pub async fn stats(
         oldest_non_final,
         oldest_in_progress,
         dlq: DlqDepth {
-            dead_jobs,
-            poison_messages,
-            discarded: discarded_jobs + discarded_poison,
-            depth: dead_jobs + poison_messages,
+            dead_jobs: dlq.dead_jobs,
+            poison_messages: dlq.poison_messages,
+            discarded: dlq.discarded,
+            depth: dlq.depth(),
             broker_queue: ctl.config.amqp.dead_letter_queue.clone(),
             broker_messages,
             broker_error,
