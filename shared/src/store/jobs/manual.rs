@@ -79,13 +79,7 @@ pub async fn replay(
     refund_no: &str,
     op: Operator<'_>,
 ) -> Result<Verdict, StoreError> {
-    let row = sqlx::query("SELECT verdict, prior, reason FROM operator_replay($1, $2, $3)")
-        .bind(refund_no)
-        .bind(op.name)
-        .bind(op.note)
-        .fetch_one(&mut *conn)
-        .await?;
-    verdict_of(&row)
+    job_action(conn, "operator_replay", refund_no, op).await
 }
 
 /// Discards a dead job from the dead letters (archived, still `dead`, no money moved):
@@ -96,7 +90,18 @@ pub async fn discard(
     refund_no: &str,
     op: Operator<'_>,
 ) -> Result<Verdict, StoreError> {
-    let row = sqlx::query("SELECT verdict, prior, reason FROM operator_discard_job($1, $2, $3)")
+    job_action(conn, "operator_discard_job", refund_no, op).await
+}
+
+/// Calls the operator function `function(refund_no, operator, note)` and reads its verdict.
+async fn job_action(
+    conn: &mut PgConnection,
+    function: &'static str,
+    refund_no: &str,
+    op: Operator<'_>,
+) -> Result<Verdict, StoreError> {
+    let sql = format!("SELECT verdict, prior, reason FROM {function}($1, $2, $3)");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(refund_no)
         .bind(op.name)
         .bind(op.note)
