@@ -25,14 +25,15 @@ test: up
     cargo test -p worker --test faults -- --nocapture
 
 # Formatting, clippy with warnings as errors, the supply chain (cargo-deny: bans, licences,
-# sources; offline, no advisory fetch), the Kubernetes manifests and the production image's
-# contents.
+# sources; offline, no advisory fetch), the Kubernetes manifests, the production image's
+# contents, and the alert rules (promtool: valid, each tested, each with its runbook).
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo deny --offline check bans licenses sources
     k8s/validate.sh
     scripts/check-image.py
+    scripts/check-alerts.sh
 
 # The benchmark: throughput, latency and cost per refund against this machine's ceilings.
 bench *ARGS: up

@@ -20,6 +20,8 @@ pub const NOTIFIES: &str = "refunds_notifies_total";
 pub const STATUS_QUERIES: &str = "refunds_status_queries_total";
 pub const AWAITING_PROVIDER: &str = "refunds_awaiting_provider_jobs";
 pub const JOBS: &str = "refunds_jobs";
+pub const DEAD_JOBS: &str = "refunds_dead_jobs";
+pub const OLDEST_PROVIDER_WAIT: &str = "refunds_oldest_provider_wait_seconds";
 pub const DLQ_DEPTH: &str = "refunds_dlq_depth";
 pub const BUILD_INFO: &str = "refunds_build_info";
 
@@ -101,6 +103,15 @@ pub fn describe() {
     describe_gauge!(
         AWAITING_PROVIDER,
         "Jobs waiting for the provider's word (accepted, or dead with an unknown outcome and still queried), as of the last full sweep."
+    );
+    describe_gauge!(
+        DEAD_JOBS,
+        "Dead jobs outstanding in the database, not discarded, by cause, as of the last full sweep (use max)."
+    );
+    describe_gauge!(
+        OLDEST_PROVIDER_WAIT,
+        Unit::Seconds,
+        "How long the job that has waited longest for the provider's notify or status query answer has waited (0: none waits), as of the last full sweep."
     );
     describe_gauge!(
         JOBS,

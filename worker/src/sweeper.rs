@@ -78,6 +78,8 @@ impl Sweeper {
             }
             let (waiting, since) = shared::store::queries::backlog(&ctx.pool).await?;
             metrics::gauge!(crate::metrics::AWAITING_PROVIDER).set(waiting as f64);
+            let longest_wait = since.map_or(0.0, |t| (Utc::now() - t).as_seconds_f64().max(0.0));
+            metrics::gauge!(crate::metrics::OLDEST_PROVIDER_WAIT).set(longest_wait);
             // What the database holds, not what this pod saw: these go down when an operator
             // replays, resolves or discards, where a per-pod counter never would.
             let by_state = shared::store::ops::counts_by_state(&ctx.pool).await?;
@@ -91,6 +93,16 @@ impl Sweeper {
                 .unwrap_or(0);
             let dlq = shared::store::operator::dlq_counts(&ctx.pool, dead).await?;
             metrics::gauge!(crate::metrics::DLQ_DEPTH).set(dlq.depth() as f64);
+            let groups =
+                shared::store::operator::dead_groups(&ctx.pool, &Default::default()).await?;
+            for cause in shared::state::Cause::ALL {
+                let n: i64 = groups
+                    .iter()
+                    .filter(|g| g.cause == cause.as_str())
+                    .map(|g| g.count)
+                    .sum();
+                metrics::gauge!(crate::metrics::DEAD_JOBS, "cause" => cause.as_str()).set(n as f64);
+            }
             if let Some(since) = since {
                 tracing::debug!(waiting, oldest_wait_began = %since, "jobs waiting for the provider's end");
             }

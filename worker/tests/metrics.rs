@@ -130,6 +130,14 @@ async fn metrics_have_help_merchants_a_build_and_database_gauges_that_go_down() 
         .sum();
     assert!(calls >= 4.0, "provider calls by merchant: {page}");
     assert_eq!(s.get("refunds_jobs{state=\"dead\"}"), Some(&0.0));
+    for cause in shared::state::Cause::ALL {
+        let key = format!("refunds_dead_jobs{{cause=\"{}\"}}", cause.as_str());
+        assert_eq!(s.get(&key), Some(&0.0), "{key}: {page}");
+    }
+    assert!(
+        s.contains_key("refunds_oldest_provider_wait_seconds"),
+        "{page}"
+    );
 
     // The poison message discarded by an operator: the depth goes back to zero (a counter of
     // dead letters never would).
