@@ -424,19 +424,28 @@ pub struct ResolveArgs {
     pub who: OperatorArgs,
 }
 
-/// Resolves a dead job (see [`JobCommand::Resolve`]).
-pub async fn resolve(ctl: &Ctl, args: &ResolveArgs, out: &mut Out) -> anyhow::Result<ActionReport> {
-    let resolution = match (args.to, args.settlement_fee) {
-        (ResolveAs::Succeeded, Some(fee)) => Resolution::Succeeded {
-            settlement_refund_fee: fee,
-        },
+/// The settlement fee to book for `--as` (`None`: failed, nothing booked); `--settlement-fee`
+/// goes with `--as succeeded` and only with it.
+fn settlement(to: ResolveAs, fee: Option<i64>) -> anyhow::Result<Option<i64>> {
+    match (to, fee) {
+        (ResolveAs::Succeeded, Some(fee)) => Ok(Some(fee)),
         (ResolveAs::Succeeded, None) => {
             anyhow::bail!("--settlement-fee is required with --as succeeded")
         }
-        (ResolveAs::Failed, None) => Resolution::Failed,
+        (ResolveAs::Failed, None) => Ok(None),
         (ResolveAs::Failed, Some(_)) => {
             anyhow::bail!("--settlement-fee applies only to --as succeeded")
         }
+    }
+}
+
+/// Resolves a dead job (see [`JobCommand::Resolve`]).
+pub async fn resolve(ctl: &Ctl, args: &ResolveArgs, out: &mut Out) -> anyhow::Result<ActionReport> {
+    let resolution = match settlement(args.to, args.settlement_fee)? {
+        Some(fee) => Resolution::Succeeded {
+            settlement_refund_fee: fee,
+        },
+        None => Resolution::Failed,
     };
     let action = Action::Resolve(resolution);
     let report = submit(ctl, &args.refund_no, action, args.who.as_operator()).await?;
@@ -497,17 +506,11 @@ pub struct CorrectArgs {
 
 /// Corrects a final job's booking (see [`JobCommand::Correct`]).
 pub async fn correct(ctl: &Ctl, args: &CorrectArgs, out: &mut Out) -> anyhow::Result<ActionReport> {
-    let correction = match (args.to, args.settlement_fee) {
-        (ResolveAs::Succeeded, Some(fee)) => Correction::Succeeded {
+    let correction = match settlement(args.to, args.settlement_fee)? {
+        Some(fee) => Correction::Succeeded {
             settlement_refund_fee: fee,
         },
-        (ResolveAs::Succeeded, None) => {
-            anyhow::bail!("--settlement-fee is required with --as succeeded")
-        }
-        (ResolveAs::Failed, None) => Correction::Failed,
-        (ResolveAs::Failed, Some(_)) => {
-            anyhow::bail!("--settlement-fee applies only to --as succeeded")
-        }
+        None => Correction::Failed,
     };
     let action = Action::Correct(correction);
     let op = Operator {
