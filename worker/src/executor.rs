@@ -130,13 +130,10 @@ async fn attempt(
         .await;
     shared::failpoint::hit("sent");
     let class = rec.outcome.class();
-    let labels = [
-        ("provider", req.provider.as_str().to_owned()),
-        ("merchant", req.merchant.clone()),
-        ("outcome", class.to_owned()),
-    ];
-    metrics::counter!(crate::metrics::PROVIDER_CALLS, &labels).increment(1);
-    metrics::histogram!(crate::metrics::PROVIDER_LATENCY, &labels)
+    // Static labels stay borrowed; only the merchant is copied (on the hot path).
+    let (provider, merchant) = (req.provider.as_str(), &req.merchant);
+    metrics::counter!(crate::metrics::PROVIDER_CALLS, "provider" => provider, "merchant" => merchant.clone(), "outcome" => class).increment(1);
+    metrics::histogram!(crate::metrics::PROVIDER_LATENCY, "provider" => provider, "merchant" => merchant.clone(), "outcome" => class)
         .record(rec.latency.as_secs_f64());
     // The retry budget restarts at a replay: count attempts and age from there.
     let age = (chrono::Utc::now() - claimed.budget_start())

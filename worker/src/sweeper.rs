@@ -82,27 +82,22 @@ impl Sweeper {
             metrics::gauge!(crate::metrics::OLDEST_PROVIDER_WAIT).set(longest_wait);
             // What the database holds, not what this pod saw: these go down when an operator
             // replays, resolves or discards, where a per-pod counter never would.
-            let by_state = shared::store::ops::counts_by_state(&ctx.pool).await?;
+            let census = shared::store::operator::job_census(&ctx.pool).await?;
             for state in shared::state::State::ALL {
-                let n = by_state.get(&state).copied().unwrap_or(0);
+                let n = census.by_state.get(&state).copied().unwrap_or(0);
                 metrics::gauge!(crate::metrics::JOBS, "state" => state.as_str()).set(n as f64);
             }
-            let dead = by_state
-                .get(&shared::state::State::Dead)
-                .copied()
-                .unwrap_or(0);
-            let dlq = shared::store::operator::dlq_counts(&ctx.pool, dead).await?;
-            metrics::gauge!(crate::metrics::DLQ_DEPTH).set(dlq.depth() as f64);
-            let groups =
-                shared::store::operator::dead_groups(&ctx.pool, &Default::default()).await?;
             for cause in shared::state::Cause::ALL {
-                let n: i64 = groups
-                    .iter()
-                    .filter(|g| g.cause == cause.as_str())
-                    .map(|g| g.count)
-                    .sum();
+                let n = census
+                    .dead_by_cause
+                    .get(cause.as_str())
+                    .copied()
+                    .unwrap_or(0);
                 metrics::gauge!(crate::metrics::DEAD_JOBS, "cause" => cause.as_str()).set(n as f64);
             }
+            let (poison, _) = shared::store::operator::poison_totals(&ctx.pool).await?;
+            let dead: i64 = census.dead_by_cause.values().sum();
+            metrics::gauge!(crate::metrics::DLQ_DEPTH).set((dead + poison) as f64);
             if let Some(since) = since {
                 tracing::debug!(waiting, oldest_wait_began = %since, "jobs waiting for the provider's end");
             }

@@ -719,6 +719,43 @@ pub async fn dlq_counts(pool: &PgPool, dead_total: i64) -> Result<DlqCounts, Sto
     })
 }
 
+/// Jobs by state, and the dead ones not discarded by cause, from one read of `jobs` (what
+/// the worker's full sweep exports as gauges).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobCensus {
+    pub by_state: std::collections::BTreeMap<State, i64>,
+    /// Dead jobs outstanding (not discarded), by cause.
+    pub dead_by_cause: std::collections::BTreeMap<String, i64>,
+}
+
+/// Counts [`JobCensus`] in one sequential read of `jobs`.
+pub async fn job_census(pool: &PgPool) -> Result<JobCensus, StoreError> {
+    let rows = sqlx::query(
+        "SELECT j.state, j.cause, d.refund_no IS NOT NULL AS discarded, count(*) AS n
+         FROM jobs j LEFT JOIN dlq_discards d ON d.refund_no = j.refund_no
+         GROUP BY 1, 2, 3",
+    )
+    .persistent(false)
+    .fetch_all(pool)
+    .await?;
+    let mut census = JobCensus::default();
+    for r in rows {
+        let state: State = r
+            .try_get::<String, _>("state")?
+            .parse()
+            .map_err(StoreError::Corrupt)?;
+        let n: i64 = r.try_get("n")?;
+        *census.by_state.entry(state).or_default() += n;
+        let discarded: bool = r.try_get("discarded")?;
+        if let (State::Dead, false, Some(cause)) =
+            (state, discarded, r.try_get::<Option<String>, _>("cause")?)
+        {
+            *census.dead_by_cause.entry(cause).or_default() += n;
+        }
+    }
+    Ok(census)
+}
+
 /// Applied migrations: (version, description), in order.
 pub async fn applied_migrations(pool: &PgPool) -> Result<Vec<(i64, String)>, StoreError> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
