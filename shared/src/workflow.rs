@@ -4,8 +4,11 @@
 //! worker applies after every call, so each rule — never retry a Declined, never resend a
 //! maybe-delivered request to a non-idempotent merchant, give up after the configured attempts
 //! or age — is stated once and tested without a database or a network. [`RetryPolicy`] computes
-//! backoff delays: exponential, capped, with full jitter so that a provider outage does not
-//! bring every job back at the same instant.
+//! backoff delays: exponential, capped, with equal jitter (uniform in the upper half of the
+//! window) so that a provider outage does not bring every job back at the same instant, while
+//! a job's retries still last a known minimum (full jitter could spend them all in seconds).
+//! A throttled call ("too many requests") is the provider's pacing, not a failure: its retry
+//! is not counted against the budget ([`decide`]'s `spare`).
 
 use std::time::Duration;
 
@@ -15,7 +18,7 @@ use crate::config::RetryConfig;
 use crate::provider::Outcome;
 use crate::state::Cause;
 
-/// Exponential backoff with full jitter, bounded by attempts and age.
+/// Exponential backoff with equal jitter, bounded by attempts and age.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     initial: Duration,
@@ -68,11 +71,26 @@ impl RetryPolicy {
         self.initial.saturating_mul(factor).min(self.cap)
     }
 
-    /// Full jitter: uniform in `[0, ceiling]`.
+    /// Equal jitter: uniform in `[ceiling / 2, ceiling]`.
     pub fn delay(&self, attempt: i32, rng: &mut impl Rng) -> Duration {
         let ceiling = self.ceiling(attempt);
         let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-        Duration::from_millis(rng.random_range(0..=ms))
+        Duration::from_millis(rng.random_range(ms / 2..=ms))
+    }
+
+    /// The shortest and longest a job's counted retries can last: the sum of the waits between
+    /// its `max_attempts` calls, each at its least and at its most.
+    pub fn lifetime(&self) -> (Duration, Duration) {
+        (1..self.max_attempts).fold((Duration::ZERO, Duration::ZERO), |(lo, hi), n| {
+            let c = self.ceiling(n);
+            let half = Duration::from_millis(u64::try_from(c.as_millis() / 2).unwrap_or(u64::MAX));
+            (lo.saturating_add(half), hi.saturating_add(c))
+        })
+    }
+
+    /// Counted calls at most.
+    pub fn attempts(&self) -> i32 {
+        self.max_attempts
     }
 
     /// Whether another call is allowed after `attempt` calls on a job of this age.
@@ -108,8 +126,9 @@ pub enum Decision {
     Accept { first_query: Duration },
     /// Definitive FAIL: `failed`, event; never called again.
     Fail,
-    /// Try again after this delay (`retry_wait`).
-    Retry { after: Duration },
+    /// Try again after this delay (`retry_wait`); `counted` is false for a throttled call,
+    /// which does not spend the job's retry budget.
+    Retry { after: Duration, counted: bool },
     /// Stop: `dead` with this cause, for an operator.
     Dead { cause: Cause },
 }
@@ -128,7 +147,10 @@ impl Decision {
 
 /// Decides the next step after a call with `outcome` as attempt number `attempt` of a job that
 /// is `age` old at a merchant that is (or is not) idempotent on `refund_no`, given what the
-/// job's earlier attempts left behind.
+/// job's earlier attempts left behind. With `spare`, the call was throttled and is not counted:
+/// a retry it leads to is decided as if the call had not been made (the attempt limit is not
+/// reached by it), and is marked uncounted. Sparing never makes a resend safe that was not:
+/// a maybe-delivered call at a non-idempotent merchant is still `outcome_unknown`.
 ///
 /// Two rules read the history, because the provider may already hold this refund from an
 /// earlier attempt: a decline then cannot prove that nothing was paid (it may be the answer to
@@ -136,12 +158,16 @@ impl Decision {
 /// the order amount kept, not `failed`; and a job that dies for any reason after such an
 /// attempt is `outcome_unknown`, so that nobody replays it or resolves it as failed as if no
 /// attempt had reached the provider.
+// Every argument is one fact of the rule table above, named at each call; a struct would only
+// rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn decide(
     outcome: &Outcome,
     attempt: i32,
     age: Duration,
     idempotent: bool,
     history: History,
+    spare: bool,
     policy: &RetryPolicy,
     rng: &mut impl Rng,
 ) -> Decision {
@@ -153,10 +179,16 @@ pub fn decide(
             cause
         },
     };
+    let counted_attempt = if spare {
+        attempt.saturating_sub(1).max(1)
+    } else {
+        attempt
+    };
     let retry = |rng: &mut _| {
-        if policy.may_retry(attempt, age) {
+        if (spare && age < policy.max_age) || policy.may_retry(counted_attempt, age) {
             Decision::Retry {
-                after: policy.delay(attempt, rng),
+                after: policy.delay(counted_attempt, rng),
+                counted: !spare,
             }
         } else {
             dead(Cause::RetriesExhausted)
@@ -210,6 +242,7 @@ mod tests {
                     Duration::ZERO,
                     true,
                     History::default(),
+                    false,
                     &policy(),
                     &mut rng
                 ),
@@ -228,6 +261,7 @@ mod tests {
                 Duration::ZERO,
                 true,
                 History::default(),
+                false,
                 &policy(),
                 &mut rng
             ),
@@ -240,6 +274,7 @@ mod tests {
                 Duration::ZERO,
                 false,
                 History::default(),
+                false,
                 &policy(),
                 &mut rng
             ),
@@ -269,6 +304,7 @@ mod tests {
                     Duration::ZERO,
                     false,
                     History::default(),
+                    false,
                     &policy(),
                     &mut rng
                 ),
@@ -295,6 +331,7 @@ mod tests {
                 young,
                 true,
                 History::default(),
+                false,
                 &policy(),
                 &mut rng
             ),
@@ -307,6 +344,7 @@ mod tests {
                 old,
                 true,
                 History::default(),
+                false,
                 &policy(),
                 &mut rng
             ),
@@ -324,6 +362,7 @@ mod tests {
                 Duration::ZERO,
                 true,
                 History::default(),
+                false,
                 &policy(),
                 &mut rng
             ),
@@ -352,6 +391,7 @@ mod tests {
                 Duration::ZERO,
                 true,
                 history,
+                false,
                 &policy(),
                 &mut rng
             ),
@@ -382,7 +422,16 @@ mod tests {
             rr,
         ] {
             assert_eq!(
-                decide(&o, 4, Duration::ZERO, true, history, &policy(), &mut rng),
+                decide(
+                    &o,
+                    4,
+                    Duration::ZERO,
+                    true,
+                    history,
+                    false,
+                    &policy(),
+                    &mut rng
+                ),
                 Decision::Dead {
                     cause: Cause::OutcomeUnknown
                 },
@@ -409,6 +458,7 @@ mod tests {
                 Duration::ZERO,
                 true,
                 history,
+                false,
                 &policy(),
                 &mut rng
             ),
@@ -430,7 +480,7 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_exponentially_to_its_cap_and_jitter_stays_below_the_ceiling() {
+    fn backoff_grows_exponentially_to_its_cap_and_jitter_stays_in_the_upper_half() {
         let p = policy();
         assert_eq!(p.ceiling(1), Duration::from_millis(100));
         assert_eq!(p.ceiling(3), Duration::from_millis(400));
@@ -438,9 +488,13 @@ mod tests {
         assert_eq!(p.ceiling(i32::MAX), Duration::from_secs(5));
         let mut rng = StdRng::seed_from_u64(7);
         let delays: Vec<_> = (0..200).map(|_| p.delay(3, &mut rng)).collect();
-        assert!(delays.iter().all(|d| *d <= Duration::from_millis(400)));
-        assert!(delays.iter().any(|d| *d < Duration::from_millis(200)));
-        assert!(delays.iter().any(|d| *d > Duration::from_millis(200)));
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_millis(200) && *d <= Duration::from_millis(400))
+        );
+        assert!(delays.iter().any(|d| *d < Duration::from_millis(300)));
+        assert!(delays.iter().any(|d| *d > Duration::from_millis(300)));
     }
 
     #[test]
@@ -458,6 +512,7 @@ mod tests {
                 Duration::ZERO,
                 true,
                 History::default(),
+                false,
                 &policy(),
                 &mut rng
             ),
@@ -476,6 +531,7 @@ mod tests {
                 Duration::ZERO,
                 true,
                 History::default(),
+                false,
                 &policy(),
                 &mut rng
             ),
@@ -495,5 +551,113 @@ mod tests {
         assert_eq!(Decision::Succeed.at_acceptance(true, q), Decision::Succeed);
         let fail = Decision::Fail;
         assert_eq!(fail.clone().at_acceptance(false, q), fail);
+    }
+
+    #[test]
+    fn the_default_policy_keeps_a_job_retrying_through_a_one_hour_outage() {
+        let policy = RetryPolicy::from_config(&crate::config::RetryConfig::default());
+        let (shortest, longest) = policy.lifetime();
+        assert!(shortest >= Duration::from_secs(3600), "{shortest:?}");
+        assert!(longest <= Duration::from_secs(3 * 3600), "{longest:?}");
+        // The README's figures.
+        assert_eq!(policy.attempts(), 24);
+        assert_eq!(shortest.as_secs() / 60, 61);
+        assert_eq!(longest.as_secs() / 60, 123);
+    }
+
+    #[test]
+    fn every_delay_is_at_least_half_its_ceiling() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let p = policy();
+        for attempt in 1..8 {
+            for _ in 0..200 {
+                let d = p.delay(attempt, &mut rng);
+                assert!(d >= p.ceiling(attempt) / 2 && d <= p.ceiling(attempt));
+            }
+        }
+    }
+
+    #[test]
+    fn a_throttled_call_is_retried_uncounted_even_on_the_last_attempt() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let throttled = Outcome::RetryLater {
+            code: "FREQUENCY_LIMITED".into(),
+            message: String::new(),
+            raw: String::new(),
+        };
+        let last = policy().attempts();
+        assert!(matches!(
+            decide(
+                &throttled,
+                last,
+                Duration::ZERO,
+                false,
+                History::default(),
+                true,
+                &policy(),
+                &mut rng
+            ),
+            Decision::Retry { counted: false, .. }
+        ));
+        assert_eq!(
+            decide(
+                &throttled,
+                last,
+                Duration::ZERO,
+                false,
+                History::default(),
+                false,
+                &policy(),
+                &mut rng
+            ),
+            Decision::Dead {
+                cause: Cause::RetriesExhausted
+            }
+        );
+    }
+
+    #[test]
+    fn sparing_never_resends_a_maybe_delivered_call_to_a_non_idempotent_merchant() {
+        let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(
+            decide(
+                &maybe(),
+                1,
+                Duration::ZERO,
+                false,
+                History::default(),
+                true,
+                &policy(),
+                &mut rng
+            ),
+            Decision::Dead {
+                cause: Cause::OutcomeUnknown
+            }
+        );
+    }
+
+    #[test]
+    fn a_throttled_call_past_the_age_limit_is_not_retried() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let throttled = Outcome::RetryLater {
+            code: "FREQUENCY_LIMITED".into(),
+            message: String::new(),
+            raw: String::new(),
+        };
+        assert_eq!(
+            decide(
+                &throttled,
+                1,
+                Duration::from_secs(61),
+                true,
+                History::default(),
+                true,
+                &policy(),
+                &mut rng
+            ),
+            Decision::Dead {
+                cause: Cause::RetriesExhausted
+            }
+        );
     }
 }

@@ -35,6 +35,8 @@ pub struct Ctx {
     pub jobs: TaskTracker,
     /// Claims and outcomes go through here, batched across jobs.
     pub writer: crate::writer::Writer,
+    /// Every provider call waits for its merchant's turn here (rate limits, pauses).
+    pub flow: Arc<crate::flow::Flow>,
     pub broker_up: AtomicBool,
     pub intake_up: AtomicBool,
     pub shutdown: CancellationToken,
@@ -143,9 +145,22 @@ pub async fn run(
         actor.clone(),
         tz,
     );
+    let flow = crate::flow::Flow::start(
+        pool.clone(),
+        config.worker.flow.clone(),
+        registry
+            .merchants()
+            .map(|(kind, merchant)| (kind, merchant.to_owned())),
+        &config.limits,
+        shutdown.clone(),
+    );
+    flow.configure()
+        .await
+        .context("recording the merchants' call budgets ([[limits]])")?;
     let ctx = Arc::new(Ctx {
         pool,
         writer,
+        flow,
         policy: RetryPolicy::from_config(&config.worker.retry),
         slots: Arc::new(Semaphore::new(config.worker.concurrency)),
         config,

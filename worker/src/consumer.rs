@@ -136,11 +136,24 @@ async fn take_batch(ctx: &Arc<Ctx>, batch: Vec<Delivery>) -> anyhow::Result<()> 
     }
     for result in results {
         match result {
-            IntakeResult::Created { refund_no } => crate::executor::dispatch(ctx, refund_no).await,
-            IntakeResult::Duplicate {
+            IntakeResult::Created {
+                refund_no,
+                provider,
+                merchant,
+            }
+            | IntakeResult::Duplicate {
                 refund_no,
                 state: shared::state::State::Received,
-            } => crate::executor::dispatch(ctx, refund_no).await,
+                provider,
+                merchant,
+            } => {
+                let job = crate::executor::JobRef {
+                    refund_no,
+                    provider,
+                    merchant,
+                };
+                crate::executor::dispatch(ctx, job).await
+            }
             _ => {}
         }
     }

@@ -8,11 +8,14 @@
 //! timeout) and the margin. No transaction is held across the HTTP call. Short retries wait here;
 //! longer ones go back to Postgres for the sweeper. Claims and outcomes are written through the
 //! [`crate::writer`], which shares each statement and commit among the jobs that are ready.
+//! Before each claim a job waits for its merchant's turn ([`crate::flow`]): rate limit and
+//! pause, without holding an executor slot.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shared::provider::{Outcome, RefundCall};
+use shared::job::ProviderKind;
+use shared::provider::{Outcome, RefundCall, Signal};
 use shared::state::{Cause, State};
 use shared::store::jobs::{self, Claimed, OutcomeToRecord, Recorded};
 use shared::workflow::{Decision, decide};
@@ -20,55 +23,109 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::app::Ctx;
+use crate::flow::{Admit, Ticket};
 
-/// Runs a job when a slot is free (waits for one: this is the consumer's backpressure).
-pub async fn dispatch(ctx: &Arc<Ctx>, refund_no: String) {
+/// A job to run, with the merchant whose lane it waits in.
+#[derive(Debug, Clone)]
+pub struct JobRef {
+    pub refund_no: String,
+    pub provider: ProviderKind,
+    pub merchant: String,
+}
+
+/// Runs a job: at once when its merchant is neither limited nor paused, waiting for an executor
+/// slot (this is the consumer's backpressure); otherwise it waits in its merchant's lane
+/// without holding the consumer ([`offer`]).
+pub async fn dispatch(ctx: &Arc<Ctx>, job: JobRef) {
+    let lane = ctx.flow.lane(job.provider, &job.merchant);
+    if lane.as_ref().is_some_and(|l| ctx.flow.waits(l)) {
+        offer(ctx, job);
+        return;
+    }
     let Ok(permit) = ctx.slots.clone().acquire_owned().await else {
         return;
     };
-    spawn(ctx, refund_no, permit);
+    spawn(ctx, job, Some(permit));
 }
 
-/// Runs a job in the background with an already-held slot.
-pub fn spawn(ctx: &Arc<Ctx>, refund_no: String, permit: OwnedSemaphorePermit) {
+/// Puts a job in its merchant's lane to wait for its turn, if the lane has room (else the job
+/// stays in the database for the sweeper); whether it was taken.
+pub fn offer(ctx: &Arc<Ctx>, job: JobRef) -> bool {
+    let Some(lane) = ctx.flow.lane(job.provider, &job.merchant) else {
+        // Not configured here: the attempt kills it with its cause.
+        spawn(ctx, job, None);
+        return true;
+    };
+    let Some(hold) = ctx.flow.hold(&lane, &job.refund_no) else {
+        return false;
+    };
+    spawn_held(ctx, job, None, Some(hold));
+    true
+}
+
+/// Runs a job in the background, with an executor slot already held or to be acquired when
+/// its turn comes.
+pub fn spawn(ctx: &Arc<Ctx>, job: JobRef, permit: Option<OwnedSemaphorePermit>) {
+    spawn_held(ctx, job, permit, None);
+}
+
+fn spawn_held(
+    ctx: &Arc<Ctx>,
+    job: JobRef,
+    permit: Option<OwnedSemaphorePermit>,
+    hold: Option<crate::flow::Hold>,
+) {
     if ctx.jobs.is_closed() {
-        // Draining for shutdown: the job stays `received` and the next sweeper takes it.
+        // Draining for shutdown: the job stays as it is and the next sweeper takes it.
         return;
     }
     let ctx2 = ctx.clone();
     ctx.jobs.spawn(async move {
-        let _permit = permit;
-        metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
-        if let Err(e) = run(&ctx2, &refund_no).await {
-            tracing::error!(refund_no = %refund_no, error = %e, "job run failed; the sweeper will pick it up");
+        if let Err(e) = run(&ctx2, &job, permit, hold).await {
+            tracing::error!(refund_no = %job.refund_no, error = %e, "job run failed; the sweeper will pick it up");
         }
-        metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
     });
 }
 
-/// Claims and calls until the job is final, dead, fenced, or waiting for a later retry.
-pub async fn run(ctx: &Arc<Ctx>, refund_no: &str) -> anyhow::Result<()> {
+/// Claims and calls until the job is final, dead, fenced, paused or waiting for a later retry.
+/// Every call first waits for its merchant's turn (flow control) without an executor slot, then
+/// takes a slot for the claim and the call only.
+pub async fn run(
+    ctx: &Arc<Ctx>,
+    job: &JobRef,
+    mut permit: Option<OwnedSemaphorePermit>,
+    mut hold: Option<crate::flow::Hold>,
+) -> anyhow::Result<()> {
     let lease = ctx.config.worker.lease();
     let margin = Duration::from_millis(ctx.config.worker.lease_margin_ms);
+    let lane = ctx.flow.lane(job.provider, &job.merchant);
     loop {
-        let started = Instant::now();
-        let Some(claimed) = ctx.writer.claim(refund_no.to_owned()).await? else {
-            // Final, dead, not yet due, or another worker has it.
-            return Ok(());
+        let ticket = match &lane {
+            Some(lane) => match ctx.flow.admit(lane).await {
+                Admit::Go(t) => Some(t),
+                Admit::Paused(until) => {
+                    tracing::debug!(refund_no = %job.refund_no, paused_until = %until, "merchant paused: the job waits in the database");
+                    return Ok(());
+                }
+            },
+            None => None,
         };
-        shared::failpoint::hit("claimed");
-        crate::metrics::transition(claimed.from.as_str(), State::InFlight.as_str());
-        let span = tracing::info_span!(
-            "job",
-            refund_no = %claimed.refund_no,
-            provider = %claimed.request.provider,
-            merchant = %claimed.request.merchant,
-            attempt = claimed.attempt
-        );
-        let next = attempt(ctx, claimed, started, lease, margin)
-            .instrument(span)
-            .await?;
-        match next {
+        // Its turn has come: it no longer counts against the lane's room.
+        drop(hold.take());
+        let permit = match permit.take() {
+            Some(p) => p,
+            None => ctx.slots.clone().acquire_owned().await?,
+        };
+        if ticket.as_ref().is_some_and(|t| ctx.flow.missed(t)) {
+            // Executor slots were busy past the merchant's slot: ask for a new one, unclaimed.
+            drop(permit);
+            continue;
+        }
+        metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
+        let next = claim_and_call(ctx, &job.refund_no, ticket, lease, margin).await;
+        metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
+        drop(permit);
+        match next? {
             Some(wait) => {
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => return Ok(()),
@@ -78,6 +135,33 @@ pub async fn run(ctx: &Arc<Ctx>, refund_no: &str) -> anyhow::Result<()> {
             None => return Ok(()),
         }
     }
+}
+
+/// One claim and, if the job was claimable, one attempt; `Some(wait)` to try again here.
+async fn claim_and_call(
+    ctx: &Arc<Ctx>,
+    refund_no: &str,
+    ticket: Option<Ticket>,
+    lease: Duration,
+    margin: Duration,
+) -> anyhow::Result<Option<Duration>> {
+    let started = Instant::now();
+    let Some(claimed) = ctx.writer.claim(refund_no.to_owned()).await? else {
+        // Final, dead, not yet due, or another worker has it. A slot it held goes unused.
+        return Ok(None);
+    };
+    shared::failpoint::hit("claimed");
+    crate::metrics::transition(claimed.from.as_str(), State::InFlight.as_str());
+    let span = tracing::info_span!(
+        "job",
+        refund_no = %claimed.refund_no,
+        provider = %claimed.request.provider,
+        merchant = %claimed.request.merchant,
+        attempt = claimed.attempt
+    );
+    attempt(ctx, claimed, ticket, started, lease, margin)
+        .instrument(span)
+        .await
 }
 
 /// Whether a lease of `lease`, `elapsed` into it, still covers a call that may take `timeout`
@@ -95,6 +179,7 @@ fn lease_covers_call(
 async fn attempt(
     ctx: &Arc<Ctx>,
     claimed: Claimed,
+    ticket: Option<Ticket>,
     started: Instant,
     lease: Duration,
     margin: Duration,
@@ -117,9 +202,18 @@ async fn attempt(
     // The last moment to decide whether to send. The call may take the whole HTTP timeout, and
     // the lease must outlast it with the margin to spare: past the lease, the sweeper may hand
     // the job to someone else while this call is still out.
+    // The merchant's turn: its slot's time, never later (a missed slot is traded for a new one).
+    if let Some(t) = ticket.as_ref()
+        && !ctx.flow.wait_turn(t).await
+    {
+        // The claim took longer than the slot's lead: ask for a new slot, uncounted.
+        tracing::debug!("the merchant's slot passed during the claim; giving the claim back");
+        jobs::release(&ctx.pool, &claimed, &ctx.actor, "slot missed").await?;
+        return Ok(Some(Duration::ZERO));
+    }
     if !lease_covers_call(started.elapsed(), lease, ctx.config.http.timeout(), margin) {
         tracing::warn!("lease nearly over before sending; giving the claim back");
-        jobs::release(&ctx.pool, &claimed, &ctx.actor).await?;
+        jobs::release(&ctx.pool, &claimed, &ctx.actor, "lease too short to send").await?;
         return Ok(None);
     }
     let rec = client
@@ -129,6 +223,11 @@ async fn attempt(
         })
         .await;
     shared::failpoint::hit("sent");
+    let signal = rec.signal();
+    let probe = ticket.as_ref().is_some_and(Ticket::is_probe);
+    if let Some(t) = ticket {
+        ctx.flow.finish(t, signal).await;
+    }
     let class = rec.outcome.class();
     // Static labels stay borrowed; only the merchant is copied (on the hot path).
     let (provider, merchant) = (req.provider.as_str(), &req.merchant);
@@ -139,12 +238,17 @@ async fn attempt(
     let age = (chrono::Utc::now() - claimed.budget_start())
         .to_std()
         .unwrap_or_default();
+    // A throttled call is the provider's pacing, not a failure, and a failed probe is the
+    // pause's business: neither is counted against the job's budget, up to a bound.
+    let spare = (signal == Signal::Throttled || (probe && signal == Signal::Failed))
+        && claimed.spared_attempts < ctx.config.worker.retry.max_uncounted;
     let decision = decide(
         &rec.outcome,
         claimed.budget_attempt(),
         age,
         claimed.idempotent,
         claimed.history,
+        spare,
         &ctx.policy,
         &mut rand::rng(),
     )
@@ -185,7 +289,7 @@ async fn attempt(
             );
             Ok(None)
         }
-        (Recorded::Applied(to), Decision::Retry { after }) => {
+        (Recorded::Applied(to), Decision::Retry { after, .. }) => {
             crate::metrics::transition(State::InFlight.as_str(), to.as_str());
             metrics::counter!(crate::metrics::RETRIES, "provider" => provider).increment(1);
             let in_process = Duration::from_millis(ctx.config.worker.retry.in_process_max_ms);

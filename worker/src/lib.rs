@@ -12,6 +12,7 @@ pub mod app;
 pub mod consumer;
 pub mod ctl;
 pub mod executor;
+pub mod flow;
 pub mod health;
 pub mod metrics;
 pub mod notify;

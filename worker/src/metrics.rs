@@ -24,6 +24,12 @@ pub const DEAD_JOBS: &str = "refunds_dead_jobs";
 pub const OLDEST_PROVIDER_WAIT: &str = "refunds_oldest_provider_wait_seconds";
 pub const DLQ_DEPTH: &str = "refunds_dlq_depth";
 pub const BUILD_INFO: &str = "refunds_build_info";
+pub const MERCHANT_PAUSED: &str = "refunds_merchant_paused";
+pub const BUDGET_RATE: &str = "refunds_merchant_rate_permille";
+pub const BUDGET_WAIT: &str = "refunds_budget_wait_seconds";
+pub const BUDGET_WAITING: &str = "refunds_budget_waiting_jobs";
+pub const THROTTLED: &str = "refunds_throttled_calls_total";
+pub const PAUSES: &str = "refunds_merchant_pauses_total";
 
 /// Registers the help text and unit of every metric (the `# HELP` lines of `/metrics`), and
 /// sets `refunds_build_info`. Called once, when the recorder is installed: a metric described
@@ -56,6 +62,31 @@ pub fn describe() {
         "Jobs this process moved to dead, by cause (a counter: refunds_dlq_depth is what is outstanding)."
     );
     describe_gauge!(IN_FLIGHT, "Provider calls this process has open now.");
+    describe_gauge!(
+        MERCHANT_PAUSED,
+        "1 while a merchant's calls are paused because its provider is down (probing), else 0; by provider and merchant."
+    );
+    describe_gauge!(
+        BUDGET_RATE,
+        "The share of a limited merchant's configured rate in force, in thousandths (below 1000 after the provider throttled us); by provider and merchant."
+    );
+    describe_histogram!(
+        BUDGET_WAIT,
+        Unit::Seconds,
+        "How long a call waited for its merchant's budget (rate limit), by provider and merchant."
+    );
+    describe_gauge!(
+        BUDGET_WAITING,
+        "Jobs waiting in this process for their merchant's budget, by provider and merchant (at worker.flow.lane_queue the rest wait in the database)."
+    );
+    describe_counter!(
+        THROTTLED,
+        "Provider calls answered 'too many requests' (FREQUENCY_LIMITED, BIZERR_NEED_RETRY, HTTP 429/503), by provider and merchant."
+    );
+    describe_counter!(
+        PAUSES,
+        "Times this process paused a merchant whose provider was failing, by provider and merchant."
+    );
     describe_gauge!(
         OLDEST_OPEN_AGE,
         Unit::Seconds,

@@ -14,12 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use shared::provider::Signal;
 use shared::provider::status::QueryOutcome;
 use shared::state::State;
 use shared::store::jobs::{self, Effect, Source};
 use shared::store::queries::{self, DueQuery};
 
 use crate::app::Ctx;
+use crate::flow::Admit;
 
 /// Runs until shutdown.
 pub async fn run(ctx: Arc<Ctx>) {
@@ -83,12 +85,34 @@ async fn query_one(ctx: &Arc<Ctx>, d: DueQuery) -> anyhow::Result<()> {
         )
         .await;
     };
+    // Queries spend from the merchant's budget too, and wait out its pause.
+    let ticket = match ctx.flow.lane(d.request.provider, &d.request.merchant) {
+        Some(lane) => match ctx.flow.admit(&lane).await {
+            Admit::Go(t) => Some(t),
+            // Its lease runs out and it is taken again later: nothing counted.
+            Admit::Paused(_) => return Ok(()),
+        },
+        None => None,
+    };
+    if let Some(t) = ticket.as_ref()
+        && !ctx.flow.wait_turn(t).await
+    {
+        return Ok(());
+    }
     let Some(rec) = client.query(&d.request).await else {
         // This provider has no status query (its unknowns are settled by statement).
         let mut conn = ctx.pool.acquire().await?;
         queries::done(&mut conn, &d.refund_no).await?;
         return Ok(());
     };
+    if let Some(t) = ticket {
+        let signal = match (&rec.outcome, rec.http_status) {
+            (_, Some(429 | 503)) => Signal::Throttled,
+            (QueryOutcome::Unanswered { .. }, _) => Signal::Failed,
+            _ => Signal::Answered,
+        };
+        ctx.flow.finish(t, signal).await;
+    }
     metrics::counter!(
         crate::metrics::STATUS_QUERIES,
         "provider" => d.request.provider.as_str(),
@@ -147,7 +171,12 @@ async fn on_not_found(ctx: &Arc<Ctx>, d: &DueQuery) -> anyhow::Result<()> {
         if let Some(t) = resent {
             crate::metrics::transition(t.from.as_str(), t.to.as_str());
             tracing::info!(refund_no = %d.refund_no, "the provider has no such refund: sending it again");
-            crate::executor::dispatch(ctx, d.refund_no.clone()).await;
+            let job = crate::executor::JobRef {
+                refund_no: d.refund_no.clone(),
+                provider: d.request.provider,
+                merchant: d.request.merchant.clone(),
+            };
+            crate::executor::dispatch(ctx, job).await;
             return Ok(());
         }
     }

@@ -146,13 +146,31 @@ async fn sweep_scope(
         }
     }
     let free = ctx.slots.available_permits();
-    if free > 0 && !ctx.shutdown.is_cancelled() {
+    let room = ctx.flow.lane_room();
+    if free + room > 0 && !ctx.shutdown.is_cancelled() {
         let orphan_after = Duration::from_millis(ctx.config.worker.orphan_after_ms);
-        for refund_no in sweep::due(store, scope, orphan_after, free as i64).await? {
-            let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
-                break;
+        // Paused merchants' jobs stay as they are (their attempts unspent), and so do those of
+        // limited merchants whose lane is full here.
+        let skip = ctx.flow.closed_lanes();
+        let limit = i64::try_from(free + room).unwrap_or(i64::MAX);
+        for d in sweep::due(store, scope, orphan_after, limit, &skip).await? {
+            let job = crate::executor::JobRef {
+                refund_no: d.refund_no,
+                provider: d.provider,
+                merchant: d.merchant,
             };
-            crate::executor::spawn(ctx, refund_no, permit);
+            let waits = ctx
+                .flow
+                .lane(job.provider, &job.merchant)
+                .is_some_and(|l| ctx.flow.waits(&l));
+            if waits {
+                crate::executor::offer(ctx, job);
+                continue;
+            }
+            let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            crate::executor::spawn(ctx, job, Some(permit));
         }
     }
     sweep::oldest_open(store, scope).await

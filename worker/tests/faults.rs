@@ -127,6 +127,9 @@ struct Scenario {
     poison: bool,
     /// Every call the provider received must be recorded as an attempt (no crash loses one).
     every_call_recorded: bool,
+    /// `[[limits]]` on every merchant (calls per second, burst): the provider must never see
+    /// more than `rate × 1 s + burst` (and 5 % for timing) of one merchant's calls in a second.
+    limit: Option<(f64, u32)>,
 }
 
 #[derive(Debug, Default)]
@@ -441,6 +444,19 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     base.worker.query.poll_ms = 200;
     base.worker.query.lease_ms = 3_000;
     let mut config = testkit::with_sim_merchants(&base, &sim)?;
+    if let Some((rate, burst)) = s.limit {
+        config.limits = SHENGPAY
+            .iter()
+            .map(|m| (ProviderKind::Shengpay, m))
+            .chain(WUPAY.iter().map(|m| (ProviderKind::Wupay, m)))
+            .map(|(provider, m)| shared::config::LimitConfig {
+                provider,
+                merchant: (*m).to_owned(),
+                rate_per_sec: rate,
+                burst,
+            })
+            .collect();
+    }
     let proxy = match &s.injury {
         Injury::Network {
             peer: Peer::Provider,
@@ -609,6 +625,23 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
             ));
         }
     }
+    if let Some((rate, burst)) = s.limit {
+        let allowed = (rate * 1.05).floor() as usize + burst as usize;
+        let mut by_merchant: HashMap<String, Vec<chrono::DateTime<chrono::Utc>>> = HashMap::new();
+        for c in sim.calls() {
+            if let Some(m) = c.merchant {
+                by_merchant.entry(m).or_default().push(c.at);
+            }
+        }
+        for (m, at) in by_merchant {
+            let peak = max_per_second(at);
+            if peak > allowed {
+                t.problems.push(format!(
+                    "merchant {m}: {peak} calls in one second, limit {rate}/s burst {burst}"
+                ));
+            }
+        }
+    }
     if let Err(e) = settled {
         t.problems.push(format!("did not settle: {e}"));
         t.lost += open_jobs(&pool).await? as usize;
@@ -619,6 +652,20 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     t.seconds = started.elapsed().as_secs_f64();
     sim.shutdown().await;
     Ok(t)
+}
+
+/// The most calls any one-second window (sliding) holds.
+fn max_per_second(mut at: Vec<chrono::DateTime<chrono::Utc>>) -> usize {
+    at.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..at.len() {
+        while at[end] - at[start] >= chrono::Duration::seconds(1) {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
 }
 
 /// Waits until at least `n` jobs are final or dead: the injury lands mid-run.
@@ -651,6 +698,7 @@ fn scenarios() -> Vec<Scenario> {
         idempotent_all_succeed: false,
         poison: false,
         every_call_recorded: false,
+        limit: None,
     };
     let transport = |provider| {
         vec![
@@ -684,6 +732,20 @@ fn scenarios() -> Vec<Scenario> {
             Injury::RestartRabbit,
         ),
         plain("PostgreSQL restart", Injury::RestartPostgres),
+        Scenario {
+            limit: Some((20.0, 3)),
+            ..plain(
+                "limits: the budget's PostgreSQL restarts mid-run",
+                Injury::RestartPostgres,
+            )
+        },
+        Scenario {
+            limit: Some((20.0, 3)),
+            ..plain(
+                "limits: kill -9 holding reserved budget",
+                Injury::Crash("budget_taken:30"),
+            )
+        },
         plain(
             "provider network: 3 s blackhole",
             Injury::Network {
@@ -741,6 +803,7 @@ fn scenarios() -> Vec<Scenario> {
             idempotent_all_succeed: true,
             poison: false,
             every_call_recorded: false,
+            limit: None,
         },
         Scenario {
             name: "30% transport faults, not idempotent (WuPay)",
@@ -751,6 +814,7 @@ fn scenarios() -> Vec<Scenario> {
             idempotent_all_succeed: true,
             poison: false,
             every_call_recorded: false,
+            limit: None,
         },
         Scenario {
             name: "notifies dropped, repeated, reordered, forged",
@@ -768,6 +832,7 @@ fn scenarios() -> Vec<Scenario> {
             idempotent_all_succeed: true,
             poison: false,
             every_call_recorded: true,
+            limit: None,
         },
         Scenario {
             name: "kill -9 between a notify's commit and its answer",
@@ -781,6 +846,7 @@ fn scenarios() -> Vec<Scenario> {
             idempotent_all_succeed: true,
             poison: false,
             every_call_recorded: false,
+            limit: None,
         },
         Scenario {
             name: "no notifies; status queries with transport faults",
@@ -806,6 +872,7 @@ fn scenarios() -> Vec<Scenario> {
             idempotent_all_succeed: true,
             poison: false,
             every_call_recorded: true,
+            limit: None,
         },
         Scenario {
             name: "NUL and oversized messages among 300 valid ones",
@@ -816,6 +883,7 @@ fn scenarios() -> Vec<Scenario> {
             idempotent_all_succeed: true,
             poison: true,
             every_call_recorded: true,
+            limit: None,
         },
         Scenario {
             name: "answers with a NUL, and 5xx bodies that are not UTF-8",
@@ -835,6 +903,7 @@ fn scenarios() -> Vec<Scenario> {
             idempotent_all_succeed: true,
             poison: false,
             every_call_recorded: true,
+            limit: None,
         },
     ]
 }

@@ -97,6 +97,7 @@ fn record(kind: Kind, fee: i64) -> (AttemptRecord, Decision) {
             },
             Decision::Retry {
                 after: Duration::ZERO,
+                counted: true,
             },
         ),
         Kind::DeadUnknown => (

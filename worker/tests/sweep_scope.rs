@@ -75,7 +75,11 @@ async fn a_bounded_sweep_finds_recent_jobs_by_index_and_only_a_full_sweep_finds_
     let recent = Scope::CreatedSince(Utc::now() - chrono::Duration::hours(1));
     flush_stats(&pool).await?;
     let before = scans(&pool).await?;
-    let due = sweep::due(&pool, recent, Duration::from_secs(10), 100).await?;
+    let due: Vec<String> = sweep::due(&pool, recent, Duration::from_secs(10), 100, &[])
+        .await?
+        .into_iter()
+        .map(|d| d.refund_no)
+        .collect();
     let expired = sweep::expired_leases(&pool, recent, 100).await?;
     let oldest = sweep::oldest_open(&pool, recent).await?;
     flush_stats(&pool).await?;
@@ -104,7 +108,11 @@ async fn a_bounded_sweep_finds_recent_jobs_by_index_and_only_a_full_sweep_finds_
         "index scans {before:?} -> {after:?}"
     );
 
-    let mut due = sweep::due(&pool, Scope::All, Duration::from_secs(10), 100).await?;
+    let mut due: Vec<String> = sweep::due(&pool, Scope::All, Duration::from_secs(10), 100, &[])
+        .await?
+        .into_iter()
+        .map(|d| d.refund_no)
+        .collect();
     due.sort();
     assert_eq!(due, vec!["NEWR00000001", "OLDR00000001"]);
     let mut expired: Vec<String> = sweep::expired_leases(&pool, Scope::All, 100)

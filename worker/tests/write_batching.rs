@@ -104,6 +104,7 @@ async fn outcomes_recorded_together_apply_per_job_and_fence_a_stale_attempt() {
             rec: declined(),
             decision: Decision::Retry {
                 after: Duration::from_secs(60),
+                counted: true,
             },
         },
         OutcomeToRecord {

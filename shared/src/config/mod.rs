@@ -18,10 +18,12 @@ use serde::{Deserialize, Serialize};
 use crate::provider::CodeClass;
 
 mod finality;
+mod flow;
 mod operator;
 mod reconciler;
 
 pub use finality::{NotifyConfig, QueryConfig};
+pub use flow::{FlowConfig, LimitConfig};
 pub use operator::OperatorConfig;
 pub use reconciler::{ReconcilerConfig, StatementSource, fill as fill_statement_template};
 
@@ -107,6 +109,8 @@ pub struct Config {
     pub reconciler: ReconcilerConfig,
     pub notify: NotifyConfig,
     pub operator: OperatorConfig,
+    /// `[[limits]]`: per (provider, merchant) call budgets shared by every replica.
+    pub limits: Vec<LimitConfig>,
 }
 
 impl Default for Config {
@@ -124,6 +128,7 @@ impl Default for Config {
             reconciler: ReconcilerConfig::default(),
             notify: NotifyConfig::default(),
             operator: OperatorConfig::default(),
+            limits: Vec::new(),
         }
     }
 }
@@ -265,6 +270,8 @@ pub struct WorkerConfig {
     pub outbox_poll_ms: u64,
     /// The status queries of jobs waiting for the provider's end.
     pub query: QueryConfig,
+    /// Rate limits, slow-down and pause (`[worker.flow]`).
+    pub flow: FlowConfig,
 }
 
 impl Default for WorkerConfig {
@@ -287,6 +294,7 @@ impl Default for WorkerConfig {
             writers: 2,
             outbox_poll_ms: 200,
             query: QueryConfig::default(),
+            flow: FlowConfig::default(),
         }
     }
 }
@@ -297,31 +305,41 @@ impl WorkerConfig {
     }
 }
 
-/// Exponential backoff with full jitter, capped, bounded by attempts and age.
+/// Exponential backoff with equal jitter, capped, bounded by attempts and age.
+///
+/// The defaults keep a job at an idempotent merchant alive through a one-hour outage even when
+/// nothing pauses it: the delay after call n is drawn from [c/2, c] with
+/// c = min(200 ms × 2^(n-1), 10 min), so the 23 waits between its 24 counted calls last at
+/// least 1 h 01 min and at most 2 h 03 min (see the README, "Retries and outages").
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     pub initial_delay_ms: u64,
     pub max_delay_ms: u64,
     pub multiplier: u32,
-    /// Provider calls at most, the first included.
+    /// Counted provider calls at most, the first included.
     pub max_attempts: i32,
     /// A job older than this is not retried again.
     pub max_age_ms: u64,
     /// Retries due sooner than this wait in the worker; later ones go back to Postgres and the
     /// sweeper picks them up.
     pub in_process_max_ms: u64,
+    /// Calls answered "too many requests" (throttled), and failed probes of a paused
+    /// merchant, are not counted against `max_attempts`, up to this many over a job's life;
+    /// past it they count like any failure.
+    pub max_uncounted: i32,
 }
 
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
             initial_delay_ms: 200,
-            max_delay_ms: 60_000,
+            max_delay_ms: 600_000,
             multiplier: 2,
-            max_attempts: 8,
+            max_attempts: 24,
             max_age_ms: 24 * 3_600_000,
             in_process_max_ms: 2_000,
+            max_uncounted: 100,
         }
     }
 }
@@ -656,6 +674,20 @@ impl Config {
             ));
         }
         w.query.validate(self.http.timeout_ms)?;
+        w.flow.validate()?;
+        let merchants: Vec<(crate::job::ProviderKind, &str)> = self
+            .shengpay
+            .merchants
+            .iter()
+            .map(|m| (crate::job::ProviderKind::Shengpay, m.merchant.as_str()))
+            .chain(
+                self.wupay
+                    .merchants
+                    .iter()
+                    .map(|m| (crate::job::ProviderKind::Wupay, m.merchant.as_str())),
+            )
+            .collect();
+        flow::validate_limits(&self.limits, &merchants)?;
         self.notify.validate(&w.metrics_addr)?;
         self.operator.validate()?;
         let r = &w.retry;

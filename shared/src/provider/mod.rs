@@ -151,6 +151,37 @@ pub struct AttemptRecord {
     pub latency: Duration,
 }
 
+/// What a call says about the provider's health, for flow control (DESIGN §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// It answered (whatever the answer): it is up.
+    Answered,
+    /// It asked us to slow down: `FREQUENCY_LIMITED`, `BIZERR_NEED_RETRY`, HTTP 429 or 503.
+    Throttled,
+    /// No usable answer: transport failure, timeout, 5xx.
+    Failed,
+}
+
+/// The provider codes that mean "too many requests", not "something broke".
+pub const THROTTLE_CODES: &[&str] = &["FREQUENCY_LIMITED", "BIZERR_NEED_RETRY", "HTTP_429"];
+
+impl AttemptRecord {
+    /// What this call says about the provider's health. Failed means no answer at all (not
+    /// sent, or sent and nothing came back) or a 5xx; an answer the client could not read or
+    /// verify came from a provider that is up, so it is not a failure here.
+    pub fn signal(&self) -> Signal {
+        match (&self.outcome, self.http_status) {
+            (_, Some(429 | 503)) => Signal::Throttled,
+            (Outcome::RetryLater { code, .. }, _) if THROTTLE_CODES.contains(&code.as_str()) => {
+                Signal::Throttled
+            }
+            (_, Some(s)) if s >= 500 => Signal::Failed,
+            (Outcome::NotSent { .. }, _) | (Outcome::MaybeDelivered { .. }, None) => Signal::Failed,
+            _ => Signal::Answered,
+        }
+    }
+}
+
 /// A payment provider client for one merchant account.
 #[async_trait]
 pub trait Provider: Send + Sync {
@@ -268,4 +299,65 @@ pub enum CodeClass {
     RetryLater,
     Declined,
     RequestRejected,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(outcome: Outcome, http_status: Option<u16>) -> AttemptRecord {
+        AttemptRecord {
+            outcome,
+            request_redacted: String::new(),
+            http_status,
+            latency: Duration::ZERO,
+        }
+    }
+
+    fn retry_later(code: &str) -> Outcome {
+        Outcome::RetryLater {
+            code: code.into(),
+            message: String::new(),
+            raw: String::new(),
+        }
+    }
+
+    fn maybe() -> Outcome {
+        Outcome::MaybeDelivered {
+            error: "x".into(),
+            raw: None,
+        }
+    }
+
+    #[test]
+    fn too_many_requests_is_a_throttle_whatever_the_protocol_says() {
+        for r in [
+            record(retry_later("FREQUENCY_LIMITED"), Some(200)),
+            record(retry_later("BIZERR_NEED_RETRY"), Some(200)),
+            record(retry_later("HTTP_429"), Some(429)),
+            record(maybe(), Some(503)),
+        ] {
+            assert_eq!(r.signal(), Signal::Throttled, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn no_answer_or_a_5xx_is_a_failure_and_an_unreadable_answer_is_not() {
+        let not_sent = Outcome::NotSent {
+            error: "refused".into(),
+        };
+        assert_eq!(record(not_sent, None).signal(), Signal::Failed);
+        assert_eq!(record(maybe(), None).signal(), Signal::Failed);
+        assert_eq!(record(maybe(), Some(500)).signal(), Signal::Failed);
+        assert_eq!(
+            record(retry_later("SYSTEMERROR"), Some(502)).signal(),
+            Signal::Failed
+        );
+        // A bad signature on a 200: the provider is up.
+        assert_eq!(record(maybe(), Some(200)).signal(), Signal::Answered);
+        assert_eq!(
+            record(retry_later("SYSTEMERROR"), Some(200)).signal(),
+            Signal::Answered
+        );
+    }
 }

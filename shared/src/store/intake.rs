@@ -20,8 +20,8 @@ use super::StoreError;
 use super::text::{bounded, storable, storable_opt};
 use crate::events::{EventKind, OutcomeEvent};
 use crate::job::{
-    ErrorCode, MAX_MESSAGE_BYTES, RefundRequest, Rejection, WHOLE_MESSAGE, content_hash_of,
-    parse_request, read_what_parses,
+    ErrorCode, MAX_MESSAGE_BYTES, ProviderKind, RefundRequest, Rejection, WHOLE_MESSAGE,
+    content_hash_of, parse_request, read_what_parses,
 };
 use crate::provider::Admission;
 use crate::state::State;
@@ -49,10 +49,19 @@ pub struct Incoming<'a> {
 /// What intake did with a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IntakeResult {
-    /// A new job in `received`.
-    Created { refund_no: String },
+    /// A new job in `received`, of this provider and merchant.
+    Created {
+        refund_no: String,
+        provider: ProviderKind,
+        merchant: String,
+    },
     /// The same request again: nothing changed.
-    Duplicate { refund_no: String, state: State },
+    Duplicate {
+        refund_no: String,
+        state: State,
+        provider: ProviderKind,
+        merchant: String,
+    },
     /// Same `refund_no`, different content: stored as a conflict, never sent.
     Conflict { refund_no: String },
     /// Refused: stored with its reason.
@@ -105,6 +114,8 @@ pub async fn take(
         insert_intake_history(conn, &request.refund_no).await?;
         return Ok(IntakeResult::Created {
             refund_no: request.refund_no,
+            provider: request.provider,
+            merchant: request.merchant,
         });
     }
     let (existing_hash, state) = existing(conn, &request.refund_no).await?;
@@ -112,6 +123,8 @@ pub async fn take(
         return Ok(IntakeResult::Duplicate {
             refund_no: request.refund_no,
             state,
+            provider: request.provider,
+            merchant: request.merchant,
         });
     }
     let reason = format!(
@@ -180,6 +193,8 @@ pub async fn take_batch(
                     if created {
                         results[*i] = Some(IntakeResult::Created {
                             refund_no: r.refund_no.clone(),
+                            provider: r.provider,
+                            merchant: r.merchant.clone(),
                         });
                     }
                 }

@@ -11,6 +11,7 @@
 //! transaction.
 
 pub mod approvals;
+pub mod budgets;
 pub mod cases;
 pub mod intake;
 pub mod jobs;

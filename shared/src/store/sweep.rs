@@ -85,23 +85,46 @@ pub async fn due(
     scope: Scope,
     orphan_after: Duration,
     limit: i64,
-) -> Result<Vec<String>, StoreError> {
+    skip: &[(String, String)],
+) -> Result<Vec<DueJob>, StoreError> {
+    let (skip_provider, skip_merchant): (Vec<&str>, Vec<&str>) =
+        skip.iter().map(|(p, m)| (p.as_str(), m.as_str())).unzip();
     let rows = sqlx::query(
-        "SELECT refund_no FROM jobs
+        "SELECT refund_no, provider, merchant FROM jobs
          WHERE ((state = 'retry_wait' AND next_attempt_at <= now())
                 OR (state = 'received' AND updated_at < now() - $1 * interval '1 millisecond'))
            AND ($3::timestamptz IS NULL OR created_at >= $3)
+           AND (provider, merchant) NOT IN (SELECT * FROM unnest($4::text[], $5::text[]))
          ORDER BY updated_at LIMIT $2",
     )
     .persistent(false)
     .bind(i64::try_from(orphan_after.as_millis()).unwrap_or(i64::MAX))
     .bind(limit)
     .bind(scope.since())
+    .bind(&skip_provider)
+    .bind(&skip_merchant)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
-        .map(|r| Ok(r.try_get("refund_no")?))
+        .map(|r| {
+            let provider: String = r.try_get("provider")?;
+            Ok(DueJob {
+                refund_no: r.try_get("refund_no")?,
+                provider: provider
+                    .parse()
+                    .map_err(|e: String| StoreError::Corrupt(format!("jobs.provider: {e}")))?,
+                merchant: r.try_get("merchant")?,
+            })
+        })
         .collect()
+}
+
+/// A job the sweeper found due, and whose lane it goes through.
+#[derive(Debug, Clone)]
+pub struct DueJob {
+    pub refund_no: String,
+    pub provider: crate::job::ProviderKind,
+    pub merchant: String,
 }
 
 /// When the oldest non-final, non-dead job in `scope` was created (`None` when there is none).

@@ -14,6 +14,7 @@ use lapin::types::FieldTable;
 use serde::Serialize;
 use shared::config::Config;
 use shared::state::State;
+use shared::store::budgets::BudgetState;
 use shared::store::operator::{self, OldestJob};
 
 use super::render;
@@ -49,7 +50,7 @@ pub struct DlqDepth {
 }
 
 /// What `stats` reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stats {
     /// The database read, its password left out: a wrong `database_url` shows here, not as a
     /// quiet "0 jobs".
@@ -62,6 +63,9 @@ pub struct Stats {
     /// The oldest job still being worked on (`received`, `in_flight`, `retry_wait`).
     pub oldest_in_progress: Option<OldestJob>,
     pub dlq: DlqDepth,
+    /// Flow control: each merchant with a limit or a pause on record, its rate in force and
+    /// whether it is paused because its provider is down.
+    pub merchants: Vec<BudgetState>,
 }
 
 /// Gathers and prints the stats.
@@ -85,7 +89,10 @@ pub async fn stats(
         Ok(n) => (Some(n), None),
         Err(e) => (None, Some(shared::telemetry::error_chain(e.as_ref()))),
     };
+    let merchants =
+        shared::store::budgets::states(&ctl.pool, ctl.config.worker.flow.recover()).await?;
     let s = Stats {
+        merchants,
         database: ctl.config.database_url_redacted(),
         total: counts.values().sum(),
         counts,
@@ -173,6 +180,51 @@ fn write_stats(ctl: &Ctl, s: &Stats, out: &mut Out) -> anyhow::Result<()> {
         )?,
         (None, None) => {}
     }
+    writeln!(out)?;
+    if s.merchants.is_empty() {
+        writeln!(
+            out,
+            "Merchants: no limit or pause on record (no [[limits]] configured, no provider down)"
+        )?;
+        return Ok(());
+    }
+    writeln!(out, "Merchants (flow control)")?;
+    let rows: Vec<Vec<String>> = s
+        .merchants
+        .iter()
+        .map(|m| {
+            let limit = match m.rate_per_sec {
+                Some(r) => format!("{r:.1}/s, burst {}", m.burst),
+                None => "none".into(),
+            };
+            let now = match m.rate_per_sec {
+                Some(r) if m.permille < 1000 => format!(
+                    "{:.1}/s ({}% after throttling)",
+                    r * f64::from(m.permille) / 1000.0,
+                    m.permille / 10
+                ),
+                Some(r) => format!("{r:.1}/s"),
+                None => "-".into(),
+            };
+            let state = match (m.paused_since, m.paused_until) {
+                (since, Some(until)) => format!(
+                    "PAUSED since {}, next probe {} ({})",
+                    since.map_or_else(|| "?".into(), |t| render::time(t, ctl.tz)),
+                    render::time(until, ctl.tz),
+                    m.pause_reason.as_deref().unwrap_or("provider failing")
+                ),
+                _ => "running".into(),
+            };
+            vec![m.provider.clone(), m.merchant.clone(), limit, now, state]
+        })
+        .collect();
+    render::table(
+        out,
+        "  ",
+        &["PROVIDER", "MERCHANT", "LIMIT", "RATE NOW", "STATE"],
+        &rows,
+        &[],
+    )?;
     Ok(())
 }
 

@@ -191,6 +191,7 @@ pub async fn exhausted_job(pool: &PgPool, refund_no: &str, merchant: &str, code:
         retry_later(code),
         Decision::Retry {
             after: Duration::ZERO,
+            counted: true,
         },
     )
     .await;

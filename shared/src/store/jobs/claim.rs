@@ -24,8 +24,9 @@ pub struct Claimed {
     pub request: RefundRequest,
     pub created_at: DateTime<Utc>,
     pub lease_until: DateTime<Utc>,
-    /// The attempt number at the job's last replay (0 if never replayed): the retry budget
-    /// counts attempts after it.
+    /// Attempts not counted against the retry budget: the attempt number at the job's last
+    /// replay (0 if never replayed), plus the claims given back without a call and the
+    /// throttled calls since. The budget counts the attempts beyond it.
     pub retry_base: i32,
     /// When the job was last replayed: the retry budget's age counts from then.
     pub retry_since: Option<DateTime<Utc>>,
@@ -33,6 +34,8 @@ pub struct Claimed {
     pub idempotent: bool,
     /// What the job's earlier attempts left behind.
     pub history: History,
+    /// Throttled calls not counted against the retry budget, over the job's life.
+    pub spared_attempts: i32,
 }
 
 impl Claimed {
@@ -125,6 +128,7 @@ fn read_claim(
         created_at: r.try_get("created_at")?,
         lease_until: r.try_get("lease_until")?,
         retry_base: r.try_get("retry_base")?,
+        spared_attempts: r.try_get("spared_attempts")?,
         retry_since: r.try_get("retry_since")?,
         // A job from before idempotence was recorded, not yet backfilled: the side that never
         // resends a maybe-delivered request.
@@ -164,7 +168,7 @@ pub async fn claim(
              FROM prev WHERE j.refund_no = prev.refund_no
              RETURNING j.refund_no, prev.state AS from_state, j.attempt, j.request,
                        j.created_at, j.lease_until, j.retry_base, j.retry_since, j.idempotent,
-                       j.maybe_paid
+                       j.maybe_paid, j.spared_attempts
          ), hist AS (
              INSERT INTO job_transitions (refund_no, from_state, to_state, attempt, actor)
              SELECT refund_no, from_state, 'in_flight', attempt, $3 FROM upd
@@ -190,7 +194,7 @@ pub async fn claimed_by(
 ) -> Result<Claims, StoreError> {
     let rows = sqlx::query(
         "SELECT j.refund_no, j.attempt, j.request, j.created_at, j.lease_until, j.retry_base,
-                j.retry_since, j.idempotent, j.maybe_paid,
+                j.retry_since, j.idempotent, j.maybe_paid, j.spared_attempts,
                 (SELECT t.from_state FROM job_transitions t
                  WHERE t.refund_no = j.refund_no AND t.attempt = j.attempt
                    AND t.to_state = 'in_flight'

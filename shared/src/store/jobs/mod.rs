@@ -285,13 +285,20 @@ pub async fn backfill_idempotent(
     .rows_affected())
 }
 
-/// Gives a claim back without a call (too little lease left to send safely).
-pub async fn release(pool: &PgPool, claimed: &Claimed, actor: &str) -> Result<bool, StoreError> {
-    let mut conn = pool.acquire().await?;
+/// Gives a claim back without a call (too little lease left to send safely, or the
+/// merchant's slot missed). No call was made, so the claim is not counted against the job's
+/// retry budget.
+pub async fn release(
+    pool: &PgPool,
+    claimed: &Claimed,
+    actor: &str,
+    reason: &str,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
     let change = Change {
         attempt: Some(claimed.attempt),
         retry_in: Some(Duration::ZERO),
-        detail: Some(serde_json::json!({ "reason": "lease too short to send" })),
+        detail: Some(serde_json::json!({ "reason": reason })),
         ..Change::new(
             &claimed.refund_no,
             Trigger::Released,
@@ -299,7 +306,15 @@ pub async fn release(pool: &PgPool, claimed: &Claimed, actor: &str) -> Result<bo
             actor,
         )
     };
-    Ok(transition(&mut conn, &change).await?.is_some())
+    let released = transition(&mut tx, &change).await?.is_some();
+    if released {
+        sqlx::query("UPDATE jobs SET retry_base = retry_base + 1 WHERE refund_no = $1")
+            .bind(&claimed.refund_no)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(released)
 }
 
 /// Moves a job that cannot be called to `dead` with a cause (and its event).

@@ -46,7 +46,7 @@ impl OutcomeToRecord {
                 Some(*first_query),
             ),
             Decision::Fail => (Trigger::Declined, State::Failed, None, None),
-            Decision::Retry { after } => (
+            Decision::Retry { after, .. } => (
                 Trigger::RetryScheduled,
                 State::RetryWait,
                 None,
@@ -145,6 +145,7 @@ pub async fn record_outcomes(
     let mut payload = Vec::with_capacity(n);
     let mut targets = Vec::with_capacity(n);
     let mut maybe_paid = Vec::with_capacity(n);
+    let mut spare = Vec::with_capacity(n);
     // What the provider said is stored as PostgreSQL can hold it (see `text`): a NUL in an
     // answer must not make the attempt, the evidence, unrecordable.
     let texts: Vec<[Option<Cow<str>>; 5]> = items
@@ -213,6 +214,10 @@ pub async fn record_outcomes(
         request.push(t_request.as_deref().unwrap_or_default());
         response.push(t_response.as_deref());
         maybe_paid.push(item.rec.outcome.may_have_paid());
+        spare.push(matches!(
+            item.decision,
+            Decision::Retry { counted: false, .. }
+        ));
         latency_us.push(i64::try_from(item.rec.latency.as_micros()).unwrap_or(i64::MAX));
         provider.push(item.claimed.request.provider.as_str());
         merchant.push(item.claimed.request.merchant.as_str());
@@ -225,10 +230,10 @@ pub async fn record_outcomes(
              SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int8[],
                  $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[],
                  $12::text[], $13::int4[], $14::text[], $15::text[], $16::int8[], $17::text[],
-                 $18::text[], $19::text[], $20::text[], $23::bool[])
+                 $18::text[], $19::text[], $20::text[], $23::bool[], $24::bool[])
                AS u(refund_no, attempt, to_state, cause, retry_ms, code, message, prid, fee,
                     settle, coupon, outcome, http_status, request, response, latency_us,
-                    provider, merchant, event_key, payload, maybe_paid)
+                    provider, merchant, event_key, payload, maybe_paid, spare)
          ), upd AS (
              UPDATE jobs j SET state = u.to_state,
                     -- A dead job that may have been paid says so (a fenced attempt of another
@@ -236,6 +241,9 @@ pub async fn record_outcomes(
                     cause = CASE WHEN u.to_state = 'dead' AND j.maybe_paid
                                  THEN 'outcome_unknown' ELSE u.cause END,
                     maybe_paid = j.maybe_paid OR u.maybe_paid,
+                    -- A throttled call is not counted: the budget's base moves past it.
+                    retry_base = j.retry_base + u.spare::int,
+                    spared_attempts = j.spared_attempts + u.spare::int,
                     lease_until = NULL,
                     -- retry_ms is the retry's delay for retry_wait, the first query's for accepted.
                     next_attempt_at = CASE WHEN u.to_state = 'retry_wait'
@@ -327,6 +335,7 @@ pub async fn record_outcomes(
     .bind(actor)
     .bind(tz.name())
     .bind(&maybe_paid)
+    .bind(&spare)
     .fetch_all(pool)
     .await?;
     let mut applied = std::collections::HashSet::with_capacity(rows.len());
