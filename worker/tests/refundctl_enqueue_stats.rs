@@ -144,3 +144,40 @@ async fn stats_counts_jobs_by_state_names_the_oldest_non_final_job_and_the_dlq_d
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_shows_each_merchants_limit_its_rate_now_and_a_pause() -> anyhow::Result<()> {
+    let (config, db) = testkit::test_config().await?;
+    shared::store::budgets::configure(&db.pool, &[("wupay".into(), "w1".into(), 200.0, 10)], &[])
+        .await?;
+    shared::store::budgets::pause(
+        &db.pool,
+        "shengpay",
+        "m1",
+        std::time::Duration::from_secs(60),
+        "80% or more of the last 20 calls failed",
+    )
+    .await?;
+    testkit::publish_requests(&config, &[]).await?;
+    let ctl = rc::ctl(&config, &db.pool);
+    let mut out = Vec::new();
+    stats::stats(&ctl, &StatsArgs { json: true }, &mut out).await?;
+    let v: serde_json::Value = serde_json::from_slice(&out)?;
+    let merchants = v["merchants"].as_array().cloned().unwrap_or_default();
+    assert_eq!(merchants.len(), 2, "{v}");
+    assert_eq!(merchants[0]["merchant"], "m1");
+    assert!(merchants[0]["paused_until"].is_string());
+    assert_eq!(merchants[1]["rate_per_sec"], 200.0);
+    assert_eq!(merchants[1]["permille"], 1000);
+
+    let mut out = Vec::new();
+    stats::stats(&ctl, &StatsArgs { json: false }, &mut out).await?;
+    let printed = rc::text(&out);
+    assert!(printed.contains("Merchants (flow control)"), "{printed}");
+    assert!(printed.contains("200.0/s, burst 10"), "{printed}");
+    assert!(
+        printed.contains("PAUSED since") && printed.contains("80% or more of the last 20 calls"),
+        "{printed}"
+    );
+    Ok(())
+}
