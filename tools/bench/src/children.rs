@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use shared::config::Config;
 
-use refund_sim::FaultRule;
+use refund_sim::{FaultRule, RateWindow, SimLimit};
 use testkit::{free_addr, free_port, http_get, local_sim_config, point_merchants, toml_file};
 
 /// A child process stopped with SIGTERM (then SIGKILL) when dropped.
@@ -95,9 +95,15 @@ pub struct Sim {
 }
 
 /// Starts `refund-sim` with `config/sim.toml`'s merchants and keys, the given rules (the demo
-/// rules are dropped), no coupons and no string amounts, on a free port; waits until it answers.
-pub async fn start_sim(bin_dir: &Path, rules: Vec<FaultRule>) -> anyhow::Result<Sim> {
+/// rules are dropped) and provider-side rate limits, no coupons and no string amounts, on a
+/// free port; waits until it answers.
+pub async fn start_sim(
+    bin_dir: &Path,
+    rules: Vec<FaultRule>,
+    limits: Vec<SimLimit>,
+) -> anyhow::Result<Sim> {
     let mut c = local_sim_config(rules, 0.0)?;
+    c.limits = limits;
     let port = free_port()?;
     c.listen = format!("127.0.0.1:{port}").parse()?;
     c.string_amounts_rate = 0.0;
@@ -147,6 +153,60 @@ pub async fn start_sim(bin_dir: &Path, rules: Vec<FaultRule>) -> anyhow::Result<
     })
 }
 
+impl Sim {
+    /// `HOST:PORT` of the simulator.
+    pub fn addr(&self) -> &str {
+        self.base_url.trim_start_matches("http://")
+    }
+
+    /// The simulator's arrival timeline for one merchant (`GET /_sim/rates?merchant=`).
+    pub async fn rates(&self, merchant: &str) -> anyhow::Result<Vec<RateWindow>> {
+        let name: String = url::form_urlencoded::byte_serialize(merchant.as_bytes()).collect();
+        let path = format!("/_sim/rates?merchant={name}");
+        let (status, body) = http_get(self.addr(), &path).await?;
+        if status != 200 {
+            bail!("GET {path} answered {status}: {body}");
+        }
+        serde_json::from_str(&body).with_context(|| format!("GET {path}: {body}"))
+    }
+
+    /// Replaces the simulator's fault rules at run time (`POST /_sim/rules`).
+    pub async fn set_rules(&self, rules: &[FaultRule]) -> anyhow::Result<()> {
+        let body = serde_json::to_string(rules)?;
+        let (status, answer) = http_post(self.addr(), "/_sim/rules", &body).await?;
+        if status != 200 {
+            bail!("POST /_sim/rules answered {status}: {answer}");
+        }
+        Ok(())
+    }
+}
+
+/// A minimal HTTP/1.1 POST of a JSON body (the test kit has the GET); status and body.
+async fn http_post(addr: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await??;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let answer = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, answer))
+}
+
 /// Points `base`'s merchants at the simulator (keys made absolute), gives it a free metrics
 /// port and no migrations at start (scenario databases are cloned from the migrated template).
 pub fn point_at_sim(base: &Config, sim: &Sim) -> anyhow::Result<Config> {
@@ -176,6 +236,20 @@ pub async fn start_worker(
     log_level: &str,
     log: &Path,
 ) -> anyhow::Result<Worker> {
+    let addr = config.worker.metrics_addr.clone();
+    start_worker_from(bin_dir, config, &addr, log_level, log).await
+}
+
+/// [`start_worker`] with a config given as anything that serialises to the worker's TOML
+/// (S6 adds tables that [`Config`] may not know, as a [`toml::Value`]); `metrics_addr` is its
+/// `worker.metrics_addr`, where readiness is asked.
+pub async fn start_worker_from(
+    bin_dir: &Path,
+    config: &impl serde::Serialize,
+    metrics_addr: &str,
+    log_level: &str,
+    log: &Path,
+) -> anyhow::Result<Worker> {
     let file = toml_file("refund-bench-worker-", config)?;
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -195,7 +269,7 @@ pub async fn start_worker(
         child,
         name: "refund-worker",
     };
-    let addr = config.worker.metrics_addr.clone();
+    let addr = metrics_addr.to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok((200, body)) = http_get(&addr, "/readyz").await

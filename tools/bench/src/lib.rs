@@ -6,7 +6,9 @@
 //! first (S0: raw AMQP publish+consume+ack, and the job's own PostgreSQL transactions driven
 //! directly), then the scenarios (S1 WuPay SOAP, S1u the same over PostgreSQL's Unix socket,
 //! S1s ShengPay with RSA, S2 provider latency, S3 a backlog drain, S4 transport faults), then
-//! the reconciler's and `dlq list`'s own benchmarks (S5) when they are built. It prints a table,
+//! the reconciler's and `dlq list`'s own benchmarks (S5) when they are built, and the flow-control
+//! scenarios (S6 a per-merchant rate limit across three workers, S7 one merchant's provider
+//! down for a minute; issue #19). It prints a table,
 //! and writes JSON and a Markdown section for `docs/benchmarks.md`, each with the machine and
 //! the date.
 //!
@@ -14,12 +16,14 @@
 //! `dlq-bench` (binaries of their own). Developers run it through `just bench`; nothing that
 //! ships depends on it.
 //!
-//! Modules: [`ceilings`] (S0), [`scenario`] (S1–S4), [`children`] (the simulator and worker
+//! Modules: [`ceilings`] (S0), [`scenario`] (S1–S4), [`flow`] (S6, S7), [`children`] (the
+//! simulator and worker
 //! processes), [`publish`] (requests with confirms, timed), [`procs`] (CPU and memory from
 //! `/proc`), [`stats`] (percentiles, medians, PostgreSQL counters), [`machine`], [`report`].
 
 pub mod ceilings;
 pub mod children;
+pub mod flow;
 pub mod machine;
 pub mod procs;
 pub mod publish;
@@ -59,7 +63,7 @@ use report::{Row, num};
 use scenario::{Phase, PhaseResult, Spec};
 
 /// Every scenario, in the order they run.
-pub const ALL: [&str; 8] = ["S0", "S1", "S1u", "S1s", "S2", "S3", "S4", "S5"];
+pub const ALL: [&str; 10] = ["S0", "S1", "S1u", "S1s", "S2", "S3", "S4", "S5", "S6", "S7"];
 
 /// Benchmarks the refund processor on this machine against the machine's own ceilings.
 #[derive(Debug, Clone, Parser, Serialize)]
@@ -74,11 +78,12 @@ pub const ALL: [&str; 8] = ["S0", "S1", "S1u", "S1s", "S2", "S3", "S4", "S5"];
 pub struct Options {
     /// Scenarios to run, comma separated: S0 (ceilings), S1 (WuPay SOAP), S1u (S1 with the
     /// worker on PostgreSQL's Unix socket), S1s (ShengPay RSA), S2 (provider latency), S3
-    /// (backlog drain), S4 (transport faults), S5 (reconciler and dlq list benches).
+    /// (backlog drain), S4 (transport faults), S5 (reconciler and dlq list benches), S6 (a
+    /// per-merchant rate limit across three workers), S7 (one merchant's provider down).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "S0,S1,S1u,S1s,S2,S3,S4,S5"
+        default_value = "S0,S1,S1u,S1s,S2,S3,S4,S5,S6,S7"
     )]
     pub scenarios: Vec<String>,
     /// Refunds per burst (S1, S1u, S1s, S2, S4).
@@ -97,7 +102,8 @@ pub struct Options {
     /// appended when the file has none).
     #[arg(long)]
     pub markdown: Option<PathBuf>,
-    /// Small sizes for a smoke run (CI, development): 2,000 jobs, 5,000 backlog, 5 s paced.
+    /// Small sizes for a smoke run (CI, development): 2,000 jobs, 5,000 backlog, 5 s paced,
+    /// S7 with 8 s before, 15 s of outage and 5 s after.
     #[arg(long)]
     pub quick: bool,
     /// Admin URL of PostgreSQL (scenario databases are created and dropped through it).
@@ -168,6 +174,37 @@ pub struct Options {
     /// Give each S5 bench at most this many seconds.
     #[arg(long, default_value_t = 900)]
     pub external_timeout_secs: u64,
+    /// S6: refunds of the unlimited merchant per run (default: --jobs).
+    #[arg(long)]
+    pub s6_jobs: Option<usize>,
+    /// S6: worker processes on the one queue and database.
+    #[arg(long, default_value_t = 3)]
+    pub s6_workers: usize,
+    /// S6: the limited merchant's `rate_per_sec` in `[[limits]]`.
+    #[arg(long, default_value_t = 200.0)]
+    pub limit_rate: f64,
+    /// S6: the limited merchant's `burst` in `[[limits]]`.
+    #[arg(long, default_value_t = 10)]
+    pub limit_burst: u32,
+    /// S6: the simulator enforces the limit too, as a provider would (+5%, twice the burst):
+    /// requests beyond it are answered HTTP 429, and counted.
+    #[arg(long)]
+    pub sim_limit: bool,
+    /// S7: offered refunds/s to each merchant that stays up.
+    #[arg(long, default_value_t = 200.0)]
+    pub s7_rate: f64,
+    /// S7: offered refunds/s to the merchant whose provider goes down.
+    #[arg(long, default_value_t = 100.0)]
+    pub s7_down_rate: f64,
+    /// S7: seconds of load before the outage.
+    #[arg(long, default_value_t = 15.0)]
+    pub s7_before_secs: f64,
+    /// S7: seconds the provider is down.
+    #[arg(long, default_value_t = 60.0)]
+    pub outage_secs: f64,
+    /// S7: seconds of load after the provider's return.
+    #[arg(long, default_value_t = 10.0)]
+    pub s7_after_secs: f64,
 }
 
 impl Options {
@@ -179,6 +216,9 @@ impl Options {
             self.paced_secs = self.paced_secs.min(5.0);
             self.pg_refunds = Some(self.pg_refunds.unwrap_or(1_000).min(1_000));
             self.amqp_messages = Some(self.amqp_messages.unwrap_or(5_000).min(5_000));
+            self.s7_before_secs = self.s7_before_secs.min(8.0);
+            self.outage_secs = self.outage_secs.min(15.0);
+            self.s7_after_secs = self.s7_after_secs.min(5.0);
         }
         self.pg_refunds.get_or_insert(self.jobs / 2);
         self.amqp_messages.get_or_insert(self.jobs * 5 / 2);
@@ -251,6 +291,8 @@ pub struct Report {
     pub scenarios: Vec<Spec>,
     pub ceilings: Vec<Ceiling>,
     pub runs: Vec<PhaseResult>,
+    pub s6: Vec<flow::S6Result>,
+    pub s7: Vec<flow::S7Result>,
 }
 
 impl Report {
@@ -267,7 +309,17 @@ impl Report {
             .iter()
             .filter(|x| x.status != "ok")
             .map(|x| format!("{}: {}", x.name, x.status));
-        phases.chain(tools).collect()
+        let s6 = self.s6.iter().filter_map(|r| {
+            r.error
+                .as_ref()
+                .map(|e| format!("S6 run {}: {e}", r.rep + 1))
+        });
+        let s7 = self.s7.iter().filter_map(|r| {
+            r.error
+                .as_ref()
+                .map(|e| format!("S7 run {}: {e}", r.rep + 1))
+        });
+        phases.chain(tools).chain(s6).chain(s7).collect()
     }
 }
 
@@ -429,6 +481,19 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         }
     }
     let mut s5 = Vec::new();
+    let mut s6 = Vec::new();
+    let mut s7 = Vec::new();
+    for rep in 0..opts.repeat.max(1) {
+        if opts.repeat > 1 && (opts.wants("S6") || opts.wants("S7")) {
+            eprintln!("== S6/S7 repetition {} of {}", rep + 1, opts.repeat);
+        }
+        if opts.wants("S6") {
+            s6.push(flow::s6(&env, &opts, rep).await);
+        }
+        if opts.wants("S7") {
+            s7.push(flow::s7(&env, &opts, rep).await);
+        }
+    }
     if opts.wants("S5") {
         let timeout = Duration::from_secs(opts.external_timeout_secs);
         for name in ["reconcile-bench", "dlq-bench"] {
@@ -483,7 +548,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             }
         ));
     }
-    let targets = targets(&rows, signing.as_ref(), &opts);
+    setup.extend(flow::setup_notes(&opts, !s6.is_empty(), !s7.is_empty()));
+    let mut targets = targets(&rows, signing.as_ref(), &opts);
+    targets.extend(flow::targets(&s6, &s7));
     let bounds = bounds(&rows);
     Ok(Report {
         tool: format!("refund-bench {}", env!("CARGO_PKG_VERSION")),
@@ -498,6 +565,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         scenarios: specs,
         ceilings,
         runs,
+        s6,
+        s7,
     })
 }
 

@@ -19,9 +19,12 @@ pub fn render_text(r: &Report) -> String {
         m.rabbitmq_version,
         m.sqlx_version
     );
-    s.push_str(&report::results_table(&r.rows, false));
-    s.push_str("\nWhere the CPU went (cores busy during each measurement):\n");
-    s.push_str(&report::cpu_table(&r.rows, false));
+    // A run of S6/S7 alone has no rows: no empty tables.
+    if !r.rows.is_empty() {
+        s.push_str(&report::results_table(&r.rows, false));
+        s.push_str("\nWhere the CPU went (cores busy during each measurement):\n");
+        s.push_str(&report::cpu_table(&r.rows, false));
+    }
     if let Some(sg) = &r.signing {
         let _ = writeln!(
             s,
@@ -31,6 +34,10 @@ pub fn render_text(r: &Report) -> String {
             num(sg.sign_rsa2_sha256_us, 0),
             num(sg.verify_rsa_sha1_us, 0)
         );
+    }
+    if !r.s6.is_empty() || !r.s7.is_empty() {
+        s.push_str("\nFlow control (S6 per-merchant limit, S7 one provider down):\n");
+        s.push_str(&flow::render(&r.s6, &r.s7, false));
     }
     s.push_str("\nTargets:\n");
     for t in &r.targets {
@@ -46,7 +53,9 @@ pub fn render_text(r: &Report) -> String {
             t.measured
         );
     }
-    s.push_str("\nWhat bounds it:\n");
+    if !r.bounds.is_empty() {
+        s.push_str("\nWhat bounds it:\n");
+    }
     for b in &r.bounds {
         let _ = writeln!(s, "  - {}", b.replace("**", ""));
     }
@@ -92,29 +101,31 @@ pub fn render_markdown(r: &Report) -> String {
     for line in &r.setup {
         let _ = writeln!(s, "- {line}");
     }
-    let _ = writeln!(
-        s,
-        "\n### Throughput, latency and cost per refund{}\n",
-        if r.options.repeat > 1 {
-            format!(" (medians of {} runs)", r.options.repeat)
-        } else {
-            String::new()
-        }
-    );
-    s.push_str(&report::results_table(&r.rows, true));
-    s.push_str(
-        "\nLatency is end to end: publish → the job's final transition. In a `max` burst it is \
-         mostly queueing (all N requests are published at once); the `% load` rows are the \
-         latency figures. `(!)` marks a phase that reported an error (see the JSON).\n",
-    );
-    s.push_str("\n### Where the CPU went\n\n");
-    s.push_str(
-        "Cores kept busy during each measurement (CPU-seconds per second, from /proc; \
-         `postgres` is every postgres process on the server, in brackets the scenario \
-         database's own backends). `system CPU µs/refund` = worker + postgres + rabbitmq; \
-         `CPU-implied refunds/s` = cores × 1 s / that. WAL figures are cluster-wide.\n\n",
-    );
-    s.push_str(&report::cpu_table(&r.rows, true));
+    if !r.rows.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### Throughput, latency and cost per refund{}\n",
+            if r.options.repeat > 1 {
+                format!(" (medians of {} runs)", r.options.repeat)
+            } else {
+                String::new()
+            }
+        );
+        s.push_str(&report::results_table(&r.rows, true));
+        s.push_str(
+            "\nLatency is end to end: publish → the job's final transition. In a `max` burst it is \
+             mostly queueing (all N requests are published at once); the `% load` rows are the \
+             latency figures. `(!)` marks a phase that reported an error (see the JSON).\n",
+        );
+        s.push_str("\n### Where the CPU went\n\n");
+        s.push_str(
+            "Cores kept busy during each measurement (CPU-seconds per second, from /proc; \
+             `postgres` is every postgres process on the server, in brackets the scenario \
+             database's own backends). `system CPU µs/refund` = worker + postgres + rabbitmq; \
+             `CPU-implied refunds/s` = cores × 1 s / that. WAL figures are cluster-wide.\n\n",
+        );
+        s.push_str(&report::cpu_table(&r.rows, true));
+    }
     if let Some(sg) = &r.signing {
         let _ = writeln!(
             s,
@@ -125,6 +136,15 @@ pub fn render_markdown(r: &Report) -> String {
             num(sg.sign_rsa2_sha256_us, 0),
             num(sg.verify_rsa_sha1_us, 0)
         );
+    }
+    if !r.s6.is_empty() || !r.s7.is_empty() {
+        s.push_str("\n### Flow control: S6 (a per-merchant limit) and S7 (one provider down)\n\n");
+        s.push_str(
+            "Provider rates are the simulator's own counts of requests per merchant per second \
+             of its clock (`/_sim/rates`); refunds/s are jobs over first publish → last final \
+             transition. `(!)` marks a run that reported an error.\n\n",
+        );
+        s.push_str(&flow::render(&r.s6, &r.s7, true));
     }
     s.push_str("\n### Targets\n\n| target | measured | met |\n|---|---|---|\n");
     for t in &r.targets {
@@ -140,7 +160,9 @@ pub fn render_markdown(r: &Report) -> String {
             }
         );
     }
-    s.push_str("\n### What bounds each figure\n\n");
+    if !r.bounds.is_empty() {
+        s.push_str("\n### What bounds each figure\n\n");
+    }
     for b in &r.bounds {
         let _ = writeln!(s, "- {b}");
     }

@@ -172,10 +172,10 @@ impl PhaseResult {
     }
 }
 
-const END_STATES: &str = "('succeeded', 'failed', 'rejected', 'dead')";
+pub(crate) const END_STATES: &str = "('succeeded', 'failed', 'rejected', 'dead')";
 
 /// Polls until every job with `prefix` has ended; the number of queries it ran.
-async fn wait_ended(
+pub(crate) async fn wait_ended(
     mon: &mut PgConnection,
     label: &str,
     prefix: &str,
@@ -260,7 +260,7 @@ struct Ctx<'a> {
 /// Runs every phase of a scenario; `rep` numbers the repetition (for refund numbers). The
 /// database, the broker names and the simulator are cleaned up whatever happens.
 pub async fn run(env: &Env, spec: &Spec, rep: usize) -> anyhow::Result<Vec<PhaseResult>> {
-    let mut sim = children::start_sim(&env.bin_dir, spec.rules.clone()).await?;
+    let mut sim = children::start_sim(&env.bin_dir, spec.rules.clone(), Vec::new()).await?;
     let db = testkit::test_db().await?;
     db.pool.close().await;
     let amqp = testkit::test_amqp();

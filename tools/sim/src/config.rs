@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::SimError;
 use super::faults::FaultRule;
+use super::limits::SimLimit;
+use super::{Provider, SimError};
 
 /// Top-level configuration. Every field except `platform_private_key_file` has a default.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,6 +59,10 @@ pub struct SimConfig {
     /// Fault rules active from the start (replaceable at run time).
     #[serde(default)]
     pub rules: Vec<FaultRule>,
+    /// The providers' own per-merchant rate limits: requests beyond one are refused
+    /// (ShengPay `FREQUENCY_LIMITED`, WuPay HTTP 429) before any rule is looked at.
+    #[serde(default)]
+    pub limits: Vec<SimLimit>,
 }
 
 /// ShengPay's accounts and its asynchronous side: how long a refund processes, where the
@@ -199,6 +204,7 @@ impl SimConfig {
             shengpay: ShengPaySection::default(),
             wupay: WuPaySection::default(),
             rules: Vec::new(),
+            limits: Vec::new(),
         }
     }
 
@@ -289,7 +295,21 @@ impl SimConfig {
             rule.validate()
                 .map_err(|e| SimError::Invalid(format!("{}: {e}", rule.label(i))))?;
         }
+        crate::limits::Limiter::new(&self.limits, |p, name| self.merchant_index(p, name))
+            .map_err(SimError::Invalid)?;
         Ok(())
+    }
+
+    /// Where merchant `name` of `provider` is in its account list (the simulator's index).
+    pub(crate) fn merchant_index(&self, provider: Provider, name: &str) -> Option<usize> {
+        match provider {
+            Provider::ShengPay => self
+                .shengpay
+                .merchants
+                .iter()
+                .position(|m| m.merchant == name),
+            Provider::WuPay => self.wupay.merchants.iter().position(|m| m.merchant == name),
+        }
     }
 
     /// The configured time zone (validated by [`SimConfig::validate`]).

@@ -21,7 +21,13 @@
 //!   succeeded), the ShengPay refunds with their status, call, query and notify logs and a
 //!   provider statement CSV (DESIGN.md §7), all exposed under `/_sim/` and on [`SimHandle`],
 //!   which also ends every processing refund at once ([`SimHandle::finish`]) and resends
-//!   notifies ([`SimHandle::send_notify`]).
+//!   notifies ([`SimHandle::send_notify`]);
+//! - an arrival timeline that the call log's cap does not limit: requests per merchant per
+//!   second of its clock, refund calls and status queries apart (`GET /_sim/rates`,
+//!   [`SimHandle::rates`]), what the benchmarks check rate limits against;
+//! - the providers' own per-merchant rate limits, if configured: a request beyond one is
+//!   refused as the real services do (ShengPay `FREQUENCY_LIMITED`, WuPay HTTP 429)
+//!   ([`limits`]).
 //!
 //! Use it in-process with [`Simulator::start`], or run the `refund-sim` binary. The demo, the
 //! integration and fault tests (through `testkit`) and the benchmarks pay against it; nothing
@@ -33,6 +39,8 @@ pub mod config;
 mod crypto;
 pub mod faults;
 pub mod ledger;
+pub mod limits;
+mod rates;
 mod server;
 mod shengpay;
 mod wupay;
@@ -43,6 +51,8 @@ pub use calls::{CallRecord, Outcome, QueryRecord};
 pub use config::{ShengPayMerchant, ShengPaySection, SimConfig, WuPayMerchant};
 pub use faults::{FaultAction, FaultRule, Operation};
 pub use ledger::PaidRefund;
+pub use limits::SimLimit;
+pub use rates::RateWindow;
 pub use server::{SimHandle, Simulator};
 pub use shengpay::{NotifyKind, NotifyOutcome, NotifyRecord, RefundStatus, ShengPayRefund};
 

@@ -33,6 +33,8 @@ Control API (JSON unless noted):
   GET  /_sim/health                      liveness and counters
   GET  /_sim/paid                        every refund paid
   GET  /_sim/calls[?full=1&refund_no=R]  call counts per served kind and per refund number
+  GET  /_sim/rates[?merchant=M&provider=P]  requests per merchant per second (uncapped):
+                                         [{provider, merchant, second, calls, refunds, queries}]
   GET  /_sim/statement?date=YYYY-MM-DD[&provider=P][&tz=Asia/Shanghai]   statement CSV
   GET  /_sim/rules | POST /_sim/rules    fault rules (POST replaces all: a JSON array)
   GET  /_sim/clock | POST /_sim/clock    {\"now\": RFC 3339 or null} shifts the clock

@@ -1,6 +1,7 @@
 //! The `/_sim/` control API: fault rules, the simulated clock, the paid list, the ShengPay
-//! refunds, the call, query and notify logs, finishing refunds and resending notifies, and the
-//! provider statement CSV that tests and the reconciler read.
+//! refunds, the call, query and notify logs, the arrival timeline (`/_sim/rates`), finishing
+//! refunds and resending notifies, and the provider statement CSV that tests and the
+//! reconciler read.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -93,6 +94,7 @@ pub(super) async fn control(
             let refund_no = query.get("refund_no").map(String::as_str);
             json(StatusCode::OK, &lock(&state.calls).summary(refund_no, full))
         }
+        (&Method::GET, "/_sim/rates") => rates(state, &query),
         (&Method::GET, "/_sim/statement") => statement(state, &query),
         (&Method::POST, "/_sim/reset") => {
             reset(state);
@@ -133,6 +135,22 @@ fn clock_json(state: &SimState) -> HttpResponse {
             "offset_ms": state.clock.offset_ms(),
         }),
     )
+}
+
+/// `GET /_sim/rates[?merchant=NAME][&provider=shengpay|wupay]`: a JSON array of
+/// [`crate::RateWindow`] — `{"provider", "merchant", "second" (unix), "calls" (refund calls +
+/// status queries), "refunds", "queries"}` — one per merchant and second that saw a request.
+fn rates(state: &SimState, query: &HashMap<String, String>) -> HttpResponse {
+    let provider = match query
+        .get("provider")
+        .map(|p| p.parse::<Provider>())
+        .transpose()
+    {
+        Ok(p) => p,
+        Err(e) => return error_json(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let merchant = query.get("merchant").map(String::as_str);
+    json(StatusCode::OK, &rate_windows(state, merchant, provider))
 }
 
 fn statement(state: &SimState, query: &HashMap<String, String>) -> HttpResponse {

@@ -49,6 +49,8 @@ use crate::config::{SHENGPAY_REFUND_PATH, SimConfig};
 use crate::crypto::{self, MerchantKey, PlatformKey};
 use crate::faults::{FaultEngine, FaultRule};
 use crate::ledger::{self, Ledger, PaidRefund};
+use crate::limits::Limiter;
+use crate::rates::{RateBook, RateWindow};
 use crate::shengpay::{self, Book, Notifier, NotifyRecord, ShengPayRefund, Which};
 use crate::wupay::Binding;
 use crate::{Provider, SimError};
@@ -164,6 +166,10 @@ pub(crate) struct SimState {
     pub ledger: Mutex<Ledger>,
     pub calls: Mutex<CallLog>,
     pub queries: Mutex<QueryLog>,
+    /// Requests per merchant per second, uncapped (the logs above are capped).
+    pub rates: Mutex<RateBook>,
+    /// The providers' own per-merchant rate limits.
+    pub limiter: Mutex<Limiter>,
     pub notifier: Notifier,
     pub faults: Mutex<FaultEngine>,
     pub clock: Clock,
@@ -227,6 +233,8 @@ impl Simulator {
     pub async fn start(config: SimConfig) -> Result<SimHandle, SimError> {
         let settings = Settings::load(&config)?;
         let faults = FaultEngine::new(&config.rules, config.seed).map_err(SimError::Invalid)?;
+        let limiter = Limiter::new(&config.limits, |p, name| config.merchant_index(p, name))
+            .map_err(SimError::Invalid)?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = Arc::new(SimState {
             settings,
@@ -234,6 +242,8 @@ impl Simulator {
             ledger: Mutex::new(Ledger::new()),
             calls: Mutex::new(CallLog::new(config.call_log_capacity)),
             queries: Mutex::new(QueryLog::new(config.call_log_capacity)),
+            rates: Mutex::new(RateBook::default()),
+            limiter: Mutex::new(limiter),
             notifier: Notifier::new(&config.shengpay, config.call_log_capacity, config.seed)?,
             faults: Mutex::new(faults),
             clock: Clock::default(),
@@ -380,6 +390,13 @@ impl SimHandle {
         calls
     }
 
+    /// Requests per merchant per second of the simulator's clock (refund calls and status
+    /// queries, counted apart and together), ordered by provider, merchant and second; only
+    /// `merchant`'s when given. Not capped like the call log.
+    pub fn rates(&self, merchant: Option<&str>) -> Vec<RateWindow> {
+        rate_windows(&self.state, merchant, None)
+    }
+
     /// Replaces all fault rules (all or nothing) and restarts their `times` counters.
     pub fn set_rules(&self, rules: Vec<FaultRule>) -> Result<(), SimError> {
         lock(&self.state.faults)
@@ -402,7 +419,8 @@ impl SimHandle {
     }
 
     /// Forgets every payment, order, ShengPay refund (and its pending end), call, query,
-    /// notify record and `times` counter, and stops notifies under way; keeps rules and clock.
+    /// notify record, arrival count and `times` counter, and stops notifies under way; keeps
+    /// rules and clock.
     pub fn reset(&self) {
         reset(&self.state);
     }
@@ -446,6 +464,19 @@ impl Drop for SimHandle {
     }
 }
 
+/// The arrival timeline with merchant indices turned into our merchant names.
+pub(crate) fn rate_windows(
+    state: &SimState,
+    merchant: Option<&str>,
+    provider: Option<Provider>,
+) -> Vec<RateWindow> {
+    let settings = &state.settings;
+    lock(&state.rates).windows(merchant, provider, |p, i| match p {
+        Provider::ShengPay => settings.shengpay.get(i).map(|m| m.name.as_str()),
+        Provider::WuPay => settings.wupay.get(i).map(|m| m.name.as_str()),
+    })
+}
+
 fn reset(state: &SimState) {
     // Bumped first: a notify that checks it after this point stops instead of logging about a
     // refund that no longer exists.
@@ -457,6 +488,7 @@ fn reset(state: &SimState) {
     }
     lock(&state.calls).clear();
     lock(&state.queries).clear();
+    lock(&state.rates).clear();
     state.notifier.clear();
     lock(&state.faults).clear_counts();
 }

@@ -13,7 +13,8 @@ use hyper::{Request, StatusCode};
 use tracing::debug;
 
 use crate::calls::{CallRecord, Outcome};
-use crate::faults::{CallKey, FaultAction, Operation};
+use crate::faults::{CallKey, FaultAction, Fired, Operation};
+use crate::limits::FREQUENCY_LIMITED;
 use crate::shengpay::Which;
 use crate::wupay::{self, Binding, WuParams};
 use crate::{Provider, shengpay};
@@ -109,6 +110,14 @@ impl Parsed {
         }
     }
 
+    /// The merchant's index in its provider's account list, if the request named a known one.
+    fn merchant_index(&self) -> Option<usize> {
+        match self {
+            Parsed::ShengPay { merchant, .. } => *merchant,
+            Parsed::WuPay { merchant, .. } => Some(*merchant),
+        }
+    }
+
     /// (merchant, refund number, order number) as far as the request tells them.
     fn identity<'a>(
         &'a self,
@@ -201,6 +210,18 @@ pub(super) async fn provider_call(
 
     let (merchant, refund_no, order_no) = parsed.identity(&state);
     let operation = parsed.operation();
+    let throttled = !lock(&state.limiter).admit(
+        parsed.provider(),
+        parsed.merchant_index(),
+        std::time::Instant::now(),
+    );
+    lock(&state.rates).record(
+        parsed.provider(),
+        parsed.merchant_index(),
+        operation,
+        arrived.timestamp(),
+        throttled,
+    );
     let key = CallKey {
         operation,
         provider: parsed.provider(),
@@ -208,7 +229,11 @@ pub(super) async fn provider_call(
         refund_no,
         order_no,
     };
-    let (fired, ends) = {
+    // A throttled request never reaches the rules: the provider's front door refused it, so
+    // no rule fires for it nor counts it towards `times`.
+    let (fired, ends) = if throttled {
+        (None, None)
+    } else {
         let mut faults = lock(&state.faults);
         let fired = faults.select(&key);
         // How the refund ends is matched on its own (see `faults`); only a refund call has one.
@@ -273,6 +298,30 @@ pub(super) async fn provider_call(
         }
         _ => {}
     }
+    if throttled && matches!(parsed, Parsed::WuPay { .. }) {
+        // WuPay's gateway throttles before the service: a bare 429, no SOAP.
+        record.outcome = Outcome::RetryLater;
+        record.code = Some("HTTP_429".into());
+        log(&state, operation, record, Some("retry_later".into()));
+        return Ok(respond(
+            StatusCode::TOO_MANY_REQUESTS,
+            "text/plain; charset=utf-8",
+            "Too Many Requests",
+        ));
+    }
+    // ShengPay throttles with a signed business answer: the provider module serves it as a
+    // retry-later with its code.
+    let fired = if throttled {
+        Some(Fired {
+            index: usize::MAX,
+            latency_ms: 0,
+            action: Some(FaultAction::RetryLater),
+            code: Some(FREQUENCY_LIMITED.into()),
+            message: None,
+        })
+    } else {
+        fired
+    };
 
     let reply = match parsed {
         Parsed::ShengPay {
