@@ -232,11 +232,33 @@ def check_triggerauthentication(o: dict) -> list[str]:
     return errors
 
 
+def check_servicemonitor(o: dict) -> list[str]:
+    errors: list[str] = []
+    _check_fields(o, {"apiVersion", "kind", "metadata", "spec"}, "", errors)
+    _check_metadata(o, errors)
+    spec = o.get("spec") or {}
+    _check_fields(spec, {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels",
+                         "podTargetLabels", "sampleLimit"}, "spec", errors)
+    labels = ((spec.get("selector") or {}).get("matchLabels"))
+    if not isinstance(labels, dict) or not labels:
+        errors.append("spec.selector.matchLabels is required")
+    eps = spec.get("endpoints")
+    if not isinstance(eps, list) or not eps:
+        errors.append("spec.endpoints needs at least one endpoint")
+    for i, e in enumerate(eps if isinstance(eps, list) else []):
+        _check_fields(e, {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels",
+                          "relabelings", "metricRelabelings"}, f"spec.endpoints[{i}]", errors)
+        if not isinstance((e or {}).get("port"), str):
+            errors.append(f"spec.endpoints[{i}].port must name a port of the Service")
+    return errors
+
+
 # Custom resources allowed in the manifests: not in kubernetes-validate's schemas, so each has
 # its own structural check. Anything else that has no schema is an error.
 CUSTOM_KINDS: dict[tuple[str, str], Callable[[dict], list[str]]] = {
     ("keda.sh/v1alpha1", "ScaledObject"): check_scaledobject,
     ("keda.sh/v1alpha1", "TriggerAuthentication"): check_triggerauthentication,
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): check_servicemonitor,
 }
 
 
@@ -576,6 +598,21 @@ def policy_checks(objs: list[dict], report: Report, label: str, secrets_required
         target = s["spec"]["scaleTargetRef"]
         if (target.get("kind", "Deployment"), target["name"]) not in names:
             report.error(f"{label}: ScaledObject/{s['metadata']['name']}: target {target['name']} missing")
+    for m in by_kind.get("ServiceMonitor", []):
+        want = m["spec"]["selector"]["matchLabels"]
+        ports = {e["port"] for e in m["spec"]["endpoints"]}
+        services = [s for s in by_kind.get("Service", [])
+                    if all((s["metadata"].get("labels") or {}).get(k) == v for k, v in want.items())]
+        where = f"ServiceMonitor/{m['metadata']['name']}"
+        lacking = [s["metadata"]["name"] for s in services
+                   if not ports <= {p.get("name") for p in s["spec"].get("ports", [])}]
+        if not services:
+            report.error(f"{label}: {where}: selects no Service")
+        elif lacking:
+            report.error(f"{label}: {where}: selects Service(s) {lacking} without port(s) {sorted(ports)}")
+        else:
+            report.ok(f"{label}: {where}: scrapes port(s) {sorted(ports)} of "
+                      f"{', '.join(s['metadata']['name'] for s in services)}")
     for n in by_kind.get("NetworkPolicy", []):
         sel = n["spec"].get("podSelector")
         if not any(selects(sel, md.get("labels") or {}) for _, md, _ in pods):

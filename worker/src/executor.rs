@@ -265,6 +265,11 @@ async fn attempt(
     );
     let provider = req.provider.as_str();
     let accepted = matches!(rec.outcome, Outcome::Accepted { .. });
+    // For the end-to-end histogram: the item takes the claim.
+    let (kind, published) = (
+        req.provider,
+        crate::metrics::published_at(req, claimed.created_at),
+    );
     let item = OutcomeToRecord {
         claimed,
         rec,
@@ -297,6 +302,7 @@ async fn attempt(
         }
         (Recorded::Applied(to), decision) => {
             crate::metrics::transition(State::InFlight.as_str(), to.as_str());
+            crate::metrics::ended(kind, published, *to);
             if let Decision::Dead { cause } = decision {
                 metrics::counter!(crate::metrics::DEAD_LETTERS, "cause" => cause.as_str())
                     .increment(1);

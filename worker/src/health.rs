@@ -25,6 +25,11 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ])
                 .ok()?
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(crate::metrics::END_TO_END.into()),
+                    crate::metrics::END_TO_END_BUCKETS,
+                )
+                .ok()?
                 .install_recorder()
                 .ok()
                 .inspect(|_| crate::metrics::describe())

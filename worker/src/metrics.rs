@@ -30,6 +30,44 @@ pub const BUDGET_WAIT: &str = "refunds_budget_wait_seconds";
 pub const BUDGET_WAITING: &str = "refunds_budget_waiting_jobs";
 pub const THROTTLED: &str = "refunds_throttled_calls_total";
 pub const PAUSES: &str = "refunds_merchant_pauses_total";
+pub const END_TO_END: &str = "refunds_end_to_end_seconds";
+
+/// Buckets of [`END_TO_END`]: a refund ends in a second (WuPay) or after the provider's
+/// asynchronous processing (ShengPay: minutes, up to a day of status queries).
+pub const END_TO_END_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
+];
+
+/// When a refund was requested, for [`ended`]: its `requested_at` when the order system set
+/// it and it is not after the intake, else when it was taken in.
+pub fn published_at(
+    request: &shared::job::RefundRequest,
+    created_at: chrono::DateTime<chrono::Utc>,
+) -> chrono::DateTime<chrono::Utc> {
+    request
+        .requested_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .filter(|t| *t <= created_at)
+        .unwrap_or(created_at)
+}
+
+/// Records a refund's end (`succeeded` or `failed`; other states are not ends): from its
+/// request ([`published_at`]) to now.
+pub fn ended(
+    provider: shared::job::ProviderKind,
+    published: chrono::DateTime<chrono::Utc>,
+    to: shared::state::State,
+) {
+    use shared::state::State;
+    if !matches!(to, State::Succeeded | State::Failed) {
+        return;
+    }
+    let secs = (chrono::Utc::now() - published).as_seconds_f64().max(0.0);
+    metrics::histogram!(END_TO_END, "provider" => provider.as_str(), "state" => to.as_str())
+        .record(secs);
+}
 
 /// Registers the help text and unit of every metric (the `# HELP` lines of `/metrics`), and
 /// sets `refunds_build_info`. Called once, when the recorder is installed: a metric described
@@ -62,6 +100,11 @@ pub fn describe() {
         "Jobs this process moved to dead, by cause (a counter: refunds_dlq_depth is what is outstanding)."
     );
     describe_gauge!(IN_FLIGHT, "Provider calls this process has open now.");
+    describe_histogram!(
+        END_TO_END,
+        Unit::Seconds,
+        "From a refund's request (requested_at, else its intake) to its end (succeeded or failed), by provider and state."
+    );
     describe_gauge!(
         MERCHANT_PAUSED,
         "1 while a merchant's calls are paused because its provider is down (probing), else 0; by provider and merchant."
@@ -159,4 +202,53 @@ pub fn describe() {
 /// Counts one state transition.
 pub fn transition(from: &str, to: &str) {
     metrics::counter!(TRANSITIONS, "from" => from.to_owned(), "to" => to.to_owned()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// Every metric name this module defines, read from its own source.
+    fn defined() -> BTreeSet<String> {
+        let re = regex::Regex::new(r#"pub const [A-Z_]+: &str = "(refunds_[a-z_]+)";"#).unwrap();
+        re.captures_iter(include_str!("metrics.rs"))
+            .map(|c| c[1].to_owned())
+            .collect()
+    }
+
+    /// The metric names a file refers to (histogram series named by their metric).
+    fn used(text: &str) -> BTreeSet<String> {
+        let re = regex::Regex::new(r"refunds_[a-z_]+").unwrap();
+        re.find_iter(text)
+            .map(|m| {
+                let n = m.as_str();
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| n.strip_suffix(s))
+                    .unwrap_or(n)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_dashboard_and_the_alerts_only_use_metrics_the_worker_exports() {
+        let defined = defined();
+        assert!(defined.len() > 20, "{defined:?}");
+        let dashboard = include_str!("../../monitoring/grafana-dashboard.json");
+        let v: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+        assert!(v["panels"].as_array().is_some_and(|p| !p.is_empty()));
+        let alerts = include_str!("../../monitoring/alerts.yml");
+        for (file, text) in [
+            ("grafana-dashboard.json", dashboard),
+            ("alerts.yml", alerts),
+        ] {
+            // A name ending in `_` is a comment's wildcard (`refunds_oldest_*`).
+            let unknown: Vec<_> = used(text)
+                .into_iter()
+                .filter(|n| !defined.contains(n) && !n.ends_with('_'))
+                .collect();
+            assert!(unknown.is_empty(), "{file} uses {unknown:?}");
+        }
+    }
 }

@@ -129,7 +129,7 @@ async fn handle(l: &Listener, body: &[u8]) -> Result<Effect, Response> {
     let request = job_request(&mut tx, &refund_no, merchant)
         .await
         .map_err(|e| internal(&e))?;
-    let Some(request) = request else {
+    let Some((request, created_at)) = request else {
         return Err(refuse(
             StatusCode::NOT_FOUND,
             "unknown_refund",
@@ -159,6 +159,11 @@ async fn handle(l: &Listener, body: &[u8]) -> Result<Effect, Response> {
     shared::failpoint::hit("notify_committed");
     if let Effect::Applied { from, to } = &effect {
         crate::metrics::transition(from.as_str(), to.as_str());
+        crate::metrics::ended(
+            request.provider,
+            crate::metrics::published_at(&request, created_at),
+            *to,
+        );
     }
     tracing::info!(
         refund_no = %report.refund_no,
@@ -169,22 +174,27 @@ async fn handle(l: &Listener, body: &[u8]) -> Result<Effect, Response> {
     Ok(effect)
 }
 
-/// The request of `merchant`'s ShengPay job `refund_no`, locked for the notify's transaction.
+/// The request of `merchant`'s ShengPay job `refund_no` and when it was taken in, locked for
+/// the notify's transaction.
 async fn job_request(
     tx: &mut sqlx::PgConnection,
     refund_no: &str,
     merchant: &str,
-) -> anyhow::Result<Option<RefundRequest>> {
-    let row: Option<serde_json::Value> = sqlx::query_scalar(
-        "SELECT request FROM jobs
+) -> anyhow::Result<Option<(RefundRequest, chrono::DateTime<chrono::Utc>)>> {
+    let row: Option<(serde_json::Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT request, created_at FROM jobs
          WHERE refund_no = $1 AND provider = 'shengpay' AND merchant = $2 FOR UPDATE",
     )
     .bind(refund_no)
     .bind(merchant)
     .fetch_optional(&mut *tx)
     .await?;
-    row.map(|v| serde_json::from_value(v).context("the job's stored request cannot be read"))
-        .transpose()
+    row.map(|(v, at)| {
+        serde_json::from_value(v)
+            .map(|r| (r, at))
+            .context("the job's stored request cannot be read")
+    })
+    .transpose()
 }
 
 /// Stores the notify as it came, with what applying it did.

@@ -154,6 +154,11 @@ async fn on_status(
     match effect {
         Effect::Applied { from, to } => {
             crate::metrics::transition(from.as_str(), to.as_str());
+            crate::metrics::ended(
+                d.request.provider,
+                crate::metrics::published_at(&d.request, d.created_at),
+                to,
+            );
             Ok(())
         }
         Effect::NoChange { .. } => reschedule(ctx, d, Some(report.status.as_str()), None).await,

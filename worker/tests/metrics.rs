@@ -138,6 +138,21 @@ async fn metrics_have_help_merchants_a_build_and_database_gauges_that_go_down() 
         s.contains_key("refunds_oldest_provider_wait_seconds"),
         "{page}"
     );
+    // Published to final: the four refunds that ended, with the long buckets of an end that
+    // may take the provider minutes.
+    let ended: f64 = s
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("refunds_end_to_end_seconds_count{") && k.contains("state=\"succeeded\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(ended, 4.0, "{page}");
+    assert!(
+        page.contains("refunds_end_to_end_seconds_bucket{"),
+        "{page}"
+    );
+    assert!(page.contains("le=\"3600\""), "end-to-end buckets: {page}");
 
     // The poison message discarded by an operator: the depth goes back to zero (a counter of
     // dead letters never would).

@@ -27,6 +27,8 @@ pub struct DueQuery {
     pub state: State,
     pub cause: Option<String>,
     pub request: RefundRequest,
+    /// When the job was taken in.
+    pub created_at: DateTime<Utc>,
 }
 
 /// Takes up to `limit` due queries for `lease`, skipping rows another worker holds; the job's
@@ -47,7 +49,7 @@ pub async fn take_due(
              FROM due WHERE q.refund_no = due.refund_no
              RETURNING q.refund_no, q.since, q.queries
          )
-         SELECT t.refund_no, t.since, t.queries, j.state, j.cause, j.request
+         SELECT t.refund_no, t.since, t.queries, j.state, j.cause, j.request, j.created_at
          FROM taken t JOIN jobs j USING (refund_no)",
     )
     .bind(limit)
@@ -73,6 +75,7 @@ pub async fn take_due(
             state: state.parse().map_err(StoreError::Corrupt)?,
             cause: r.try_get("cause")?,
             request,
+            created_at: r.try_get("created_at")?,
         });
     }
     Ok(out)
