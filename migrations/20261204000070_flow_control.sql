@@ -55,7 +55,8 @@ $$;
 -- database's clock (a worker places the slots on its own clock relative to it). A
 -- merchant without a row, or without a limit, is granted everything at once.
 CREATE FUNCTION budget_take(p_provider text, p_merchant text, p_want integer,
-                            p_lead_us bigint, p_ahead_us bigint, p_recover_us bigint)
+                            p_lead_us bigint, p_ahead_us bigint, p_recover_us bigint,
+                            p_slack_us bigint)
 RETURNS TABLE (first_at timestamptz, step_us bigint, granted integer, next_at timestamptz,
                paused_until timestamptz, db_now timestamptz)
 LANGUAGE plpgsql AS $$
@@ -81,7 +82,10 @@ BEGIN
         RETURN;
     END IF;
     v_step := (b.interval_us * 1000) / budget_permille(b, t_now, p_recover_us);
-    v_start := greatest(b.tat, t_now + (p_lead_us - (b.burst - 1) * v_step) * interval '1 microsecond');
+    -- The burst credit less the slack: a call may leave up to the slack after its slot (timer,
+    -- send), and the window's bound must hold for the calls, not only for the slots.
+    v_start := greatest(b.tat, t_now + (p_lead_us - greatest(0, (b.burst - 1) * v_step - p_slack_us))
+                                      * interval '1 microsecond');
     -- Slots v_start + k * step for k = 0.. as long as they fall within now + lead + ahead.
     v_n := floor(extract(epoch FROM (t_now + (p_lead_us + p_ahead_us) * interval '1 microsecond') - v_start)
                  * 1000000.0 / v_step)::bigint + 1;
@@ -126,6 +130,6 @@ GRANT SELECT, INSERT, UPDATE ON merchant_budgets TO refunds_worker;
 GRANT SELECT ON merchant_budgets TO refunds_operator, refunds_reconciler;
 GRANT EXECUTE ON FUNCTION
     budget_permille(merchant_budgets, timestamptz, bigint),
-    budget_take(text, text, integer, bigint, bigint, bigint),
+    budget_take(text, text, integer, bigint, bigint, bigint, bigint),
     budget_slow(text, text, integer, bigint, bigint)
 TO refunds_worker;

@@ -9,7 +9,7 @@
 #   scripts/bench.sh --quick                     # a smoke run of every scenario, results in
 #                                                # target/bench.md instead of docs/
 #   scripts/bench.sh --scenarios S0,S1 --repeat 3
-# A full run (the defaults) takes about 13 minutes on 2 cores.
+# A full run (the defaults) takes about 16 minutes on 2 cores (S6 and S7 about 2 of them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${CARGO_TARGET_DIR:-target}/release/refund-bench"

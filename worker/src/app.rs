@@ -184,6 +184,7 @@ pub async fn run(
     let stop_intake = CancellationToken::new();
     let consumer = tokio::spawn(crate::consumer::run(ctx.clone(), stop_intake.clone()));
     tasks.spawn(crate::sweeper::run(ctx.clone()));
+    tasks.spawn(crate::executor::run_ready(ctx.clone()));
     tasks.spawn(crate::status_sync::run(ctx.clone()));
     let stop_relay = CancellationToken::new();
     tasks.spawn(crate::relay::run(ctx.clone(), stop_relay.clone()));

@@ -23,7 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::app::Ctx;
-use crate::flow::{Admit, Ticket};
+use crate::flow::{Admit, Held, Ticket};
 
 /// A job to run, with the merchant whose lane it waits in.
 #[derive(Debug, Clone)]
@@ -56,11 +56,36 @@ pub fn offer(ctx: &Arc<Ctx>, job: JobRef) -> bool {
         spawn(ctx, job, None);
         return true;
     };
-    let Some(hold) = ctx.flow.hold(&lane, &job.refund_no) else {
-        return false;
+    match ctx.flow.hold(&lane, &job.refund_no) {
+        Held::Run(hold) => {
+            spawn_held(ctx, job, None, Some(hold));
+            true
+        }
+        Held::Queued => true,
+        Held::Refused => false,
+    }
+}
+
+/// Runs the jobs that waited in a lane's queue as their turn to wait comes, until shutdown.
+pub async fn run_ready(ctx: Arc<Ctx>) {
+    let Some(mut ready) = ctx.flow.take_ready() else {
+        return;
     };
-    spawn_held(ctx, job, None, Some(hold));
-    true
+    loop {
+        let hold = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            h = ready.recv() => match h {
+                Some(h) => h,
+                None => return,
+            },
+        };
+        let job = JobRef {
+            refund_no: hold.refund_no().to_owned(),
+            provider: hold.lane().provider(),
+            merchant: hold.lane().merchant().to_owned(),
+        };
+        spawn_held(&ctx, job, None, Some(hold));
+    }
 }
 
 /// Runs a job in the background, with an executor slot already held or to be acquired when
@@ -103,6 +128,21 @@ pub async fn run(
         let ticket = match &lane {
             Some(lane) => match ctx.flow.admit(lane).await {
                 Admit::Go(t) => Some(t),
+                Admit::Paused(until) if hold.is_some() => {
+                    // It waits in its lane: ready to go the moment the merchant resumes (a
+                    // job left in the database would wait for the orphan sweep).
+                    let wait = (until - chrono::Utc::now())
+                        .to_std()
+                        .unwrap_or_default()
+                        .clamp(
+                            Duration::from_millis(10),
+                            ctx.config.worker.flow.probe_interval(),
+                        );
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
                 Admit::Paused(until) => {
                     tracing::debug!(refund_no = %job.refund_no, paused_until = %until, "merchant paused: the job waits in the database");
                     return Ok(());

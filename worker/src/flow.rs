@@ -23,9 +23,10 @@
 //! merchant's rate in the shared budget, which climbs back over `flow.recover_ms`.
 //!
 //! Fairness: waiting for budget happens in the lane, outside the executor's slots and the
-//! consumer's prefetch. A lane holds at most `flow.lane_queue` jobs per worker; the others stay
-//! in the database and the sweeper offers them again when there is room. If the database is
-//! unreachable, a limited lane grants nothing (it fails closed: never a call without budget).
+//! consumer's prefetch. At most `flow.lane_queue` jobs of a lane ask for slots at once per
+//! worker; the others queue behind them (refund numbers only, up to a bound; beyond it they stay
+//! in the database for the sweeper). If the database is unreachable, a limited lane grants
+//! nothing (it fails closed: never a call without budget).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,6 +50,7 @@ pub struct Flow {
     pool: PgPool,
     cfg: FlowConfig,
     lanes: HashMap<LaneKey, Arc<Lane>>,
+    ready: Mutex<Option<mpsc::UnboundedReceiver<Hold>>>,
 }
 
 /// What a lane answers a job that asks to call.
@@ -68,6 +70,8 @@ pub struct Lane {
     /// Where jobs of a limited lane wait for a slot: the lane's task answers each with the
     /// time of its slot, or with the pause that began meanwhile.
     waiters: Option<mpsc::UnboundedSender<Waiter>>,
+    /// Where a queued job goes when it gets its task ([`Flow::take_ready`]).
+    ready: mpsc::UnboundedSender<Hold>,
 }
 
 type Waiter = oneshot::Sender<Result<Instant, DateTime<Utc>>>;
@@ -79,8 +83,12 @@ struct LaneState {
     probing: bool,
     /// The last calls, `true` for a failure.
     window: VecDeque<bool>,
-    /// Jobs waiting in this lane (so that one job waits once).
+    /// Jobs waiting in this lane, with a task or queued (so that one job waits once).
     held: HashSet<String>,
+    /// How many of them have a task (at most `flow.lane_queue`).
+    tasks: usize,
+    /// The others, in arrival order: each gets a task when one ends.
+    queued: VecDeque<String>,
     /// When this process last asked the database to slow the merchant down.
     last_slow: Option<Instant>,
     /// When this process paused the merchant itself: a read of the database from before its
@@ -121,15 +129,44 @@ pub struct Hold {
     refund_no: String,
 }
 
+impl Hold {
+    /// The job held.
+    pub fn refund_no(&self) -> &str {
+        &self.refund_no
+    }
+
+    /// Its merchant's lane.
+    pub fn lane(&self) -> &Lane {
+        &self.lane
+    }
+}
+
 impl Drop for Hold {
     fn drop(&mut self) {
         let mut st = self.lane.lock();
         st.held.remove(&self.refund_no);
+        // The next queued job takes this one's task.
+        let next = st.queued.pop_front();
+        if next.is_none() {
+            st.tasks = st.tasks.saturating_sub(1);
+        }
         let n = st.held.len();
         drop(st);
         self.lane.gauge_waiting(n);
+        if let Some(refund_no) = next {
+            let hold = Hold {
+                lane: self.lane.clone(),
+                refund_no,
+            };
+            // The receiver is gone only at shutdown: the job stays in the database.
+            let _ = self.lane.ready.send(hold);
+        }
     }
 }
+
+/// Queued jobs of one lane in one worker at most (refund numbers only: a few MB); beyond, the
+/// jobs wait in the database for the sweeper.
+const QUEUED_MAX: usize = 100_000;
 
 impl Flow {
     /// Lanes for every configured merchant; limited lanes start their tasks (stopped by
@@ -143,6 +180,7 @@ impl Flow {
     ) -> Arc<Flow> {
         let mut lanes = HashMap::new();
         let mut tasks = Vec::new();
+        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         for (provider, merchant) in merchants {
             let limit = limits
                 .iter()
@@ -161,6 +199,7 @@ impl Flow {
                 limit,
                 state: Mutex::new(LaneState::default()),
                 waiters: tx,
+                ready: ready_tx.clone(),
             });
             lane.gauge_paused(false);
             if let Some(rx) = rx {
@@ -168,7 +207,12 @@ impl Flow {
             }
             lanes.insert((provider, merchant), lane);
         }
-        let flow = Arc::new(Flow { pool, cfg, lanes });
+        let flow = Arc::new(Flow {
+            pool,
+            cfg,
+            lanes,
+            ready: Mutex::new(Some(ready_rx)),
+        });
         for (lane, rx) in tasks {
             tokio::spawn(flow.clone().grant_loop(lane, rx, shutdown.clone()));
         }
@@ -195,23 +239,29 @@ impl Flow {
         self.lanes.get(&(provider, merchant.to_owned())).cloned()
     }
 
-    /// Lanes that cannot take a job now: paused, or limited and full in this process. The
-    /// sweeper leaves their jobs in the database.
+    /// The queued jobs that got their task, for the executor to run (once: `None` after).
+    pub fn take_ready(&self) -> Option<mpsc::UnboundedReceiver<Hold>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Lanes that cannot take a job now: paused, or limited with jobs queued in this process
+    /// (it has more than it can run; the rest wait in the database). The sweeper leaves their
+    /// jobs in the database.
     pub fn closed_lanes(&self) -> Vec<(String, String)> {
         let now = Utc::now();
         self.lanes
             .values()
-            .filter(|l| l.paused_at(now).is_some() || l.full(self.cfg.lane_queue))
+            .filter(|l| l.paused_at(now).is_some() || l.busy())
             .map(|l| (l.provider.as_str().to_owned(), l.merchant.clone()))
             .collect()
     }
 
-    /// How many more jobs limited lanes can hold in this process.
+    /// How many more jobs limited lanes can give a task in this process.
     pub fn lane_room(&self) -> usize {
         self.lanes
             .values()
             .filter(|l| l.limit.is_some())
-            .map(|l| self.cfg.lane_queue.saturating_sub(l.lock().held.len()))
+            .map(|l| self.cfg.lane_queue.saturating_sub(l.lock().tasks))
             .sum()
     }
 
@@ -221,21 +271,32 @@ impl Flow {
         lane.limit.is_some() || lane.paused_at(Utc::now()).is_some()
     }
 
-    /// Holds a place for `refund_no` in its lane; `None` when the lane is full or already
-    /// holds it.
-    pub fn hold(&self, lane: &Arc<Lane>, refund_no: &str) -> Option<Hold> {
+    /// Takes `refund_no` into its lane: `Run` with a place to wait in (a task may start),
+    /// `Queued` when the lane's tasks are all taken (it starts when one ends, through
+    /// [`Flow::take_ready`]), `Refused` when the lane holds it already or its queue is full
+    /// (the job stays in the database for the sweeper).
+    pub fn hold(&self, lane: &Arc<Lane>, refund_no: &str) -> Held {
         let mut st = lane.lock();
-        if st.held.len() >= self.cfg.lane_queue || st.held.contains(refund_no) {
-            return None;
+        if st.held.contains(refund_no) {
+            return Held::Refused;
         }
+        let held = if st.tasks < self.cfg.lane_queue {
+            st.tasks += 1;
+            Held::Run(Hold {
+                lane: lane.clone(),
+                refund_no: refund_no.to_owned(),
+            })
+        } else if st.queued.len() < QUEUED_MAX {
+            st.queued.push_back(refund_no.to_owned());
+            Held::Queued
+        } else {
+            return Held::Refused;
+        };
         st.held.insert(refund_no.to_owned());
         let n = st.held.len();
         drop(st);
         lane.gauge_waiting(n);
-        Some(Hold {
-            lane: lane.clone(),
-            refund_no: refund_no.to_owned(),
-        })
+        held
     }
 
     /// Waits for the lane's permission to make one call.
@@ -350,6 +411,11 @@ impl Flow {
             return false;
         }
         tokio::time::sleep_until(at).await;
+        // A busy machine can wake this task late: a call sent now would bunch with later
+        // slots' calls, past the limit.
+        if self.missed(ticket) {
+            return false;
+        }
         metrics::histogram!(crate::metrics::BUDGET_WAIT, &ticket.lane.labels())
             .record(ticket.waited_since.elapsed().as_secs_f64());
         true
@@ -533,7 +599,12 @@ impl Flow {
                 p,
                 m,
                 want,
-                (self.cfg.slot_lead(), ahead),
+                budgets::Reach {
+                    lead: self.cfg.slot_lead(),
+                    ahead,
+                    // A call leaves at most the grace after its slot (`wait_turn`).
+                    slack: self.cfg.slot_grace(),
+                },
                 self.cfg.recover(),
             )
             .await
@@ -631,6 +702,13 @@ impl Flow {
     }
 }
 
+/// What [`Flow::hold`] did with a job.
+pub enum Held {
+    Run(Hold),
+    Queued,
+    Refused,
+}
+
 enum Probe {
     Won,
     Paused(DateTime<Utc>),
@@ -678,8 +756,9 @@ impl Lane {
         self.lock().paused_until.is_some_and(|t| t <= now)
     }
 
-    fn full(&self, cap: usize) -> bool {
-        self.limit.is_some() && self.lock().held.len() >= cap
+    /// A limited lane with jobs queued behind its tasks.
+    fn busy(&self) -> bool {
+        self.limit.is_some() && !self.lock().queued.is_empty()
     }
 
     /// Takes the pause the database holds (read at most `poll` ago).

@@ -30,11 +30,25 @@ pub async fn run(ctx: Arc<Ctx>) {
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Err(e) = sweeper.sweep_once(&ctx).await {
-            tracing::warn!(error = %e, "sweep failed; trying again next round");
+        // A round that found more due jobs than it could start goes again as soon as some
+        // have ended (a backlog after a pause drains at the executor's pace, not a round's).
+        loop {
+            match sweeper.sweep_once(&ctx).await {
+                Ok(true) if !ctx.shutdown.is_cancelled() => {
+                    tokio::time::sleep(MORE_DUE_PAUSE).await;
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweep failed; trying again next round");
+                    break;
+                }
+            }
         }
     }
 }
+
+/// Between two rounds while due jobs are left over.
+const MORE_DUE_PAUSE: Duration = Duration::from_millis(10);
 
 /// What a sweeper remembers between rounds.
 #[derive(Debug, Default)]
@@ -48,8 +62,9 @@ pub struct Sweeper {
 }
 
 impl Sweeper {
-    /// One sweep round: a full one when due, else the recent jobs only.
-    pub async fn sweep_once(&mut self, ctx: &Arc<Ctx>) -> Result<(), shared::store::StoreError> {
+    /// One sweep round: a full one when due, else the recent jobs only. Whether it left due
+    /// jobs it had no room for.
+    pub async fn sweep_once(&mut self, ctx: &Arc<Ctx>) -> Result<bool, shared::store::StoreError> {
         let w = &ctx.config.worker;
         let full_every = Duration::from_millis(w.full_sweep_interval_ms);
         let full = self.last_full.is_none_or(|t| t.elapsed() >= full_every);
@@ -60,7 +75,7 @@ impl Sweeper {
         } else {
             Scope::CreatedSince(window_start)
         };
-        let oldest = sweep_scope(ctx, scope).await?;
+        let (oldest, more) = sweep_scope(ctx, scope).await?;
         if full {
             // Jobs that workers of an earlier release created without their merchant's
             // idempotence (a rolling upgrade): found by a partial index, usually none.
@@ -116,15 +131,16 @@ impl Sweeper {
                 "a job has been open longer than worker.stuck_after_ms"
             );
         }
-        Ok(())
+        Ok(more)
     }
 }
 
-/// Sweeps the jobs in `scope`; when the oldest open one among them was created.
+/// Sweeps the jobs in `scope`; when the oldest open one among them was created, and whether
+/// due jobs were left for want of room.
 async fn sweep_scope(
     ctx: &Arc<Ctx>,
     scope: Scope,
-) -> Result<Option<DateTime<Utc>>, shared::store::StoreError> {
+) -> Result<(Option<DateTime<Utc>>, bool), shared::store::StoreError> {
     let store = &ctx.pool;
     for e in sweep::expired_leases(store, scope, 500).await? {
         if let Some(to) = shared::store::jobs::expire_lease(
@@ -147,13 +163,16 @@ async fn sweep_scope(
     }
     let free = ctx.slots.available_permits();
     let room = ctx.flow.lane_room();
+    let mut more = false;
     if free + room > 0 && !ctx.shutdown.is_cancelled() {
         let orphan_after = Duration::from_millis(ctx.config.worker.orphan_after_ms);
         // Paused merchants' jobs stay as they are (their attempts unspent), and so do those of
         // limited merchants whose lane is full here.
         let skip = ctx.flow.closed_lanes();
         let limit = i64::try_from(free + room).unwrap_or(i64::MAX);
-        for d in sweep::due(store, scope, orphan_after, limit, &skip).await? {
+        let due = sweep::due(store, scope, orphan_after, limit, &skip).await?;
+        more = i64::try_from(due.len()).unwrap_or(i64::MAX) >= limit;
+        for d in due {
             let job = crate::executor::JobRef {
                 refund_no: d.refund_no,
                 provider: d.provider,
@@ -168,10 +187,11 @@ async fn sweep_scope(
                 continue;
             }
             let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
+                more = true;
                 continue;
             };
             crate::executor::spawn(ctx, job, Some(permit));
         }
     }
-    sweep::oldest_open(store, scope).await
+    Ok((sweep::oldest_open(store, scope).await?, more))
 }

@@ -8,7 +8,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use shared::store::budgets;
 
-const NO_LEAD: Duration = Duration::ZERO;
+fn reach(ahead_ms: u64) -> budgets::Reach {
+    budgets::Reach {
+        lead: Duration::ZERO,
+        ahead: Duration::from_millis(ahead_ms),
+        slack: Duration::ZERO,
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_takes_never_hand_out_more_than_the_rate_and_the_burst() -> anyhow::Result<()> {
@@ -22,15 +28,8 @@ async fn concurrent_takes_never_hand_out_more_than_the_rate_and_the_burst() -> a
             let mut slots: Vec<DateTime<Utc>> = Vec::new();
             let until = std::time::Instant::now() + Duration::from_millis(1_200);
             while std::time::Instant::now() < until {
-                let g = budgets::take(
-                    &pool,
-                    "wupay",
-                    "w1",
-                    7,
-                    (NO_LEAD, Duration::from_millis(50)),
-                    Duration::from_secs(30),
-                )
-                .await?;
+                let g = budgets::take(&pool, "wupay", "w1", 7, reach(50), Duration::from_secs(30))
+                    .await?;
                 slots.extend((0..g.granted).map(|k| g.slot(k)));
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -86,15 +85,7 @@ async fn a_slow_down_halves_the_rate_once_per_debounce_and_never_below_its_floor
     let states = budgets::states(&db.pool, recover).await?;
     assert!((100..=101).contains(&states[0].permille), "{:?}", states[0]);
     // The step between slots follows the cut rate: 10 calls/s, 100 ms apart.
-    let g = budgets::take(
-        &db.pool,
-        "wupay",
-        "w1",
-        3,
-        (NO_LEAD, Duration::from_millis(500)),
-        recover,
-    )
-    .await?;
+    let g = budgets::take(&db.pool, "wupay", "w1", 3, reach(500), recover).await?;
     assert!(g.step >= Duration::from_millis(99), "{g:?}");
     // An unlimited merchant has nothing to cut.
     assert_eq!(
@@ -107,7 +98,8 @@ async fn a_slow_down_halves_the_rate_once_per_debounce_and_never_below_its_floor
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_caller_wins_a_paused_merchants_probe_and_an_answer_resumes_it() -> anyhow::Result<()> {
     let db = testkit::test_db().await?;
-    let probe = Duration::from_millis(200);
+    // Long enough that no caller, however late, reaches the next probe.
+    let probe = Duration::from_secs(30);
     budgets::pause(&db.pool, "shengpay", "m1", Duration::ZERO, "test").await?;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let mut tasks = Vec::new();
@@ -130,7 +122,7 @@ async fn one_caller_wins_a_paused_merchants_probe_and_an_answer_resumes_it() -> 
         "shengpay",
         "m1",
         5,
-        (NO_LEAD, Duration::from_millis(100)),
+        reach(100),
         Duration::from_secs(30),
     )
     .await?;

@@ -37,12 +37,13 @@ pub struct FlowConfig {
     /// No slot is handed out sooner than this from now: the time a worker needs to take an
     /// executor slot and claim the job before the call's slot comes.
     pub slot_lead_ms: u64,
-    /// A reserved slot that could not be used within this of its time is given up rather than
-    /// used late (late slots would bunch with later ones past the limit).
+    /// A call goes no later than this after its slot (a slot missed by more, before the claim
+    /// or after a late wake-up, is given up and the job asks again); the burst credit is kept
+    /// this much short, so that the limit holds for the calls as sent, not only for the slots.
     pub slot_grace_ms: u64,
-    /// How many jobs of one limited (or paused) merchant wait in one worker for their turn;
-    /// more are left in the database for the sweeper, so that a merchant waiting for its
-    /// budget holds neither the consumer nor executor slots.
+    /// How many jobs of one limited merchant ask for their slot at once in one worker; more
+    /// queue behind them (refund numbers only), so that a merchant waiting for its budget holds
+    /// neither the consumer nor executor slots.
     pub lane_queue: usize,
     /// After a throttled answer (`FREQUENCY_LIMITED`, `BIZERR_NEED_RETRY`, HTTP 429/503) a
     /// limited merchant's rate is halved; it climbs back to the full rate over this.
@@ -67,14 +68,14 @@ impl Default for FlowConfig {
         Self {
             reserve_ahead_ms: 200,
             slot_lead_ms: 100,
-            slot_grace_ms: 10,
+            slot_grace_ms: 30,
             lane_queue: 512,
             recover_ms: 30_000,
             min_rate_permille: 100,
             pause_window: 20,
             pause_min_calls: 10,
             pause_failure_percent: 80,
-            probe_interval_ms: 2_000,
+            probe_interval_ms: 1_000,
             poll_ms: 1_000,
         }
     }

@@ -106,26 +106,35 @@ pub async fn configure(
     Ok(())
 }
 
-/// Takes up to `want` call slots for a merchant, none sooner than `lead` from now, reserving at
-/// most `ahead` beyond that.
+/// When slots may fall: none sooner than `lead` from now, at most `ahead` beyond that, and the
+/// burst credit less `slack` (how late after its slot a call may leave).
+#[derive(Debug, Clone, Copy)]
+pub struct Reach {
+    pub lead: Duration,
+    pub ahead: Duration,
+    pub slack: Duration,
+}
+
+/// Takes up to `want` call slots for a merchant within `reach`.
 pub async fn take(
     pool: &PgPool,
     provider: &str,
     merchant: &str,
     want: u32,
-    (lead, ahead): (Duration, Duration),
+    reach: Reach,
     recover: Duration,
 ) -> Result<Grant, StoreError> {
     let row = sqlx::query(
         "SELECT first_at, step_us, granted, next_at, paused_until, db_now
-         FROM budget_take($1, $2, $3, $4, $5, $6)",
+         FROM budget_take($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(provider)
     .bind(merchant)
     .bind(i32::try_from(want).unwrap_or(i32::MAX))
-    .bind(micros(lead))
-    .bind(micros(ahead))
+    .bind(micros(reach.lead))
+    .bind(micros(reach.ahead))
     .bind(micros(recover))
+    .bind(micros(reach.slack))
     .fetch_one(pool)
     .await?;
     let step: i64 = row.try_get("step_us")?;
