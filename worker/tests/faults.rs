@@ -634,7 +634,7 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
             }
         }
         for (m, at) in by_merchant {
-            let peak = max_per_second(at);
+            let peak = testkit::max_per_second(at);
             if peak > allowed {
                 t.problems.push(format!(
                     "merchant {m}: {peak} calls in one second, limit {rate}/s burst {burst}"
@@ -652,20 +652,6 @@ async fn run(s: &Scenario) -> anyhow::Result<Tally> {
     t.seconds = started.elapsed().as_secs_f64();
     sim.shutdown().await;
     Ok(t)
-}
-
-/// The most calls any one-second window (sliding) holds.
-fn max_per_second(mut at: Vec<chrono::DateTime<chrono::Utc>>) -> usize {
-    at.sort();
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..at.len() {
-        while at[end] - at[start] >= chrono::Duration::seconds(1) {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
 }
 
 /// Waits until at least `n` jobs are final or dead: the injury lands mid-run.

@@ -70,20 +70,6 @@ async fn all_succeeded(pool: &PgPool, prefix: &str, n: i64, secs: u64) -> anyhow
     .await
 }
 
-/// The most calls any one-second window (sliding) holds.
-fn max_per_second(mut at: Vec<DateTime<Utc>>) -> usize {
-    at.sort();
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..at.len() {
-        while at[end] - at[start] >= chrono::Duration::seconds(1) {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
-}
-
 /// `base` pointed at the simulator, WuPay merchants idempotent, no notify listener (WuPay has
 /// none, and replicas in one process would share its port).
 fn wupay_config(base: &Config, sim: &refund_sim::SimHandle) -> anyhow::Result<Config> {
@@ -134,7 +120,7 @@ async fn three_workers_together_never_exceed_a_merchants_limit() -> anyhow::Resu
         .collect();
     assert_eq!(limited.len(), 300, "one call per refund");
     // At most rate × 1 s + burst in any second, and 5 % for timing.
-    let peak = max_per_second(limited);
+    let peak = testkit::max_per_second(limited);
     assert!(
         peak <= 44,
         "{peak} calls in one second at a limit of 40/s, burst 2"

@@ -366,6 +366,20 @@ where
     }
 }
 
+/// The most of these instants any one-second window (sliding) holds: what a rate limit bounds.
+pub fn max_per_second(mut at: Vec<chrono::DateTime<chrono::Utc>>) -> usize {
+    at.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..at.len() {
+        while at[end] - at[start] >= chrono::Duration::seconds(1) {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
