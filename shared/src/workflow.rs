@@ -219,6 +219,14 @@ mod tests {
             .max_age(Duration::from_secs(60))
     }
 
+    fn throttled() -> Outcome {
+        Outcome::RetryLater {
+            code: "FREQUENCY_LIMITED".into(),
+            message: String::new(),
+            raw: String::new(),
+        }
+    }
+
     fn maybe() -> Outcome {
         Outcome::MaybeDelivered {
             error: "timeout".into(),
@@ -580,11 +588,7 @@ mod tests {
     #[test]
     fn a_throttled_call_is_retried_uncounted_even_on_the_last_attempt() {
         let mut rng = StdRng::seed_from_u64(1);
-        let throttled = Outcome::RetryLater {
-            code: "FREQUENCY_LIMITED".into(),
-            message: String::new(),
-            raw: String::new(),
-        };
+        let throttled = throttled();
         let last = policy().attempts();
         assert!(matches!(
             decide(
@@ -639,11 +643,7 @@ mod tests {
     #[test]
     fn a_throttled_call_past_the_age_limit_is_not_retried() {
         let mut rng = StdRng::seed_from_u64(1);
-        let throttled = Outcome::RetryLater {
-            code: "FREQUENCY_LIMITED".into(),
-            message: String::new(),
-            raw: String::new(),
-        };
+        let throttled = throttled();
         assert_eq!(
             decide(
                 &throttled,

@@ -51,7 +51,9 @@ pub type LaneKey = (ProviderKind, String);
 pub struct Flow {
     pool: PgPool,
     cfg: FlowConfig,
-    lanes: HashMap<LaneKey, Arc<Lane>>,
+    /// By provider, then merchant: looked up with the merchant as `&str`, no key to build on
+    /// the hot path.
+    lanes: HashMap<ProviderKind, HashMap<String, Arc<Lane>>>,
     ready: Mutex<Option<mpsc::UnboundedReceiver<Hold>>>,
 }
 
@@ -207,7 +209,10 @@ impl Flow {
             if let Some(rx) = rx {
                 tasks.push((lane.clone(), rx));
             }
-            lanes.insert((provider, merchant), lane);
+            lanes
+                .entry(provider)
+                .or_insert_with(HashMap::new)
+                .insert(merchant, lane);
         }
         let flow = Arc::new(Flow {
             pool,
@@ -226,7 +231,7 @@ impl Flow {
     pub async fn configure(&self) -> Result<(), shared::store::StoreError> {
         let mut limited = Vec::new();
         let mut unlimited = Vec::new();
-        for lane in self.lanes.values() {
+        for lane in self.all() {
             let key = (lane.provider.as_str().to_owned(), lane.merchant.clone());
             match &lane.limit {
                 Some(l) => limited.push((key.0, key.1, l.rate_per_sec, l.burst)),
@@ -238,7 +243,12 @@ impl Flow {
 
     /// The lane of a merchant; `None` for a merchant not configured here.
     pub fn lane(&self, provider: ProviderKind, merchant: &str) -> Option<Arc<Lane>> {
-        self.lanes.get(&(provider, merchant.to_owned())).cloned()
+        self.lanes.get(&provider)?.get(merchant).cloned()
+    }
+
+    /// Every lane.
+    fn all(&self) -> impl Iterator<Item = &Arc<Lane>> {
+        self.lanes.values().flat_map(HashMap::values)
     }
 
     /// The queued jobs that got their task, for the executor to run (once: `None` after).
@@ -251,8 +261,7 @@ impl Flow {
     /// jobs in the database.
     pub fn closed_lanes(&self) -> Vec<(String, String)> {
         let now = Utc::now();
-        self.lanes
-            .values()
+        self.all()
             .filter(|l| l.paused_at(now).is_some() || l.busy())
             .map(|l| (l.provider.as_str().to_owned(), l.merchant.clone()))
             .collect()
@@ -260,8 +269,7 @@ impl Flow {
 
     /// How many more jobs limited lanes can give a task in this process.
     pub fn lane_room(&self) -> usize {
-        self.lanes
-            .values()
+        self.all()
             .filter(|l| l.limit.is_some())
             .map(|l| self.cfg.lane_queue.saturating_sub(l.lock().tasks))
             .sum()

@@ -139,18 +139,18 @@ impl Flow {
                 let Ok(provider) = s.provider.parse::<ProviderKind>() else {
                     continue;
                 };
-                let Some(lane) = self.lanes.get(&(provider, s.merchant.clone())) else {
+                let Some(lane) = self.lane(provider, &s.merchant) else {
                     continue;
                 };
-                seen.insert((provider, s.merchant.clone()));
+                seen.insert((provider, s.merchant));
                 lane.sync(s.paused_until, self.cfg.poll());
                 if lane.limit.is_some() {
                     metrics::gauge!(crate::metrics::BUDGET_RATE, &lane.labels())
                         .set(f64::from(s.permille));
                 }
             }
-            for (key, lane) in &self.lanes {
-                if !seen.contains(key) {
+            for lane in self.all() {
+                if !seen.contains(&(lane.provider, lane.merchant.clone())) {
                     lane.sync(None, self.cfg.poll());
                 }
             }

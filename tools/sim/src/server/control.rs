@@ -141,16 +141,21 @@ fn clock_json(state: &SimState) -> HttpResponse {
 /// [`crate::RateWindow`] — `{"provider", "merchant", "second" (unix), "calls" (refund calls +
 /// status queries), "refunds", "queries"}` — one per merchant and second that saw a request.
 fn rates(state: &SimState, query: &HashMap<String, String>) -> HttpResponse {
-    let provider = match query
-        .get("provider")
-        .map(|p| p.parse::<Provider>())
-        .transpose()
-    {
+    let provider = match provider_param(query) {
         Ok(p) => p,
-        Err(e) => return error_json(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => return error_json(StatusCode::BAD_REQUEST, &e),
     };
     let merchant = query.get("merchant").map(String::as_str);
     json(StatusCode::OK, &rate_windows(state, merchant, provider))
+}
+
+/// The optional `provider=shengpay|wupay` parameter; why not when it names no provider.
+fn provider_param(query: &HashMap<String, String>) -> Result<Option<Provider>, String> {
+    query
+        .get("provider")
+        .map(|p| p.parse::<Provider>())
+        .transpose()
+        .map_err(|e| e.to_string())
 }
 
 fn statement(state: &SimState, query: &HashMap<String, String>) -> HttpResponse {
@@ -160,13 +165,9 @@ fn statement(state: &SimState, query: &HashMap<String, String>) -> HttpResponse 
     else {
         return error_json(StatusCode::BAD_REQUEST, "date=YYYY-MM-DD is required");
     };
-    let provider = match query
-        .get("provider")
-        .map(|p| p.parse::<Provider>())
-        .transpose()
-    {
+    let provider = match provider_param(query) {
         Ok(p) => p,
-        Err(e) => return error_json(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => return error_json(StatusCode::BAD_REQUEST, &e),
     };
     let tz = match query.get("tz").map(|t| t.parse::<Tz>()).transpose() {
         Ok(tz) => tz.unwrap_or(state.settings.tz),
