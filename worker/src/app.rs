@@ -145,6 +145,20 @@ pub async fn run(
         actor.clone(),
         tz,
     );
+    let (attempts, min_calls) = (
+        config.worker.retry.max_attempts,
+        config.worker.flow.pause_min_calls,
+    );
+    if usize::try_from(attempts).is_ok_and(|a| a <= min_calls) {
+        // Not an error: a short retry budget can be wanted (the dev config has one). But the
+        // pause cannot spare a lone job's attempts: it trips only after `pause_min_calls`
+        // failures, which one job alone never reaches.
+        tracing::warn!(
+            max_attempts = attempts,
+            pause_min_calls = min_calls,
+            "worker.retry.max_attempts is not above worker.flow.pause_min_calls: a job alone at a failing merchant spends its whole retry budget before the merchant pauses"
+        );
+    }
     let flow = crate::flow::Flow::start(
         pool.clone(),
         config.worker.flow.clone(),

@@ -190,6 +190,74 @@ async fn a_throttled_merchant_is_slowed_down_and_its_jobs_spend_no_attempts() ->
     Ok(())
 }
 
+/// The refunds of `prefix` that died, with what each call said: (refund, cause, attempt,
+/// retry base, spared, calls), for an assertion's message.
+async fn dead_jobs(
+    pool: &PgPool,
+    prefix: &str,
+) -> anyhow::Result<Vec<(String, Option<String>, i32, i32, i32, Vec<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT j.refund_no, j.cause, j.attempt, j.retry_base, j.spared_attempts,
+                array_agg(a.outcome || coalesce(':' || a.http_status::text, '') || '@'
+                          || to_char(a.recorded_at, 'SS.MS') ORDER BY a.id)
+         FROM jobs j JOIN provider_attempts a USING (refund_no)
+         WHERE j.refund_no LIKE $1 || '%' AND j.state = 'dead' GROUP BY j.refund_no",
+    )
+    .bind(prefix)
+    .fetch_all(pool)
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_the_database_is_slow_to_record_still_holds_and_no_job_dies() -> anyhow::Result<()>
+{
+    let down = vec![
+        FaultRule::new(FaultAction::Http500)
+            .merchant(LIMITED)
+            .rate(1.0),
+    ];
+    let sim = testkit::start_sim(down, 0.0).await?;
+    let (mut base, db) = testkit::test_config().await?;
+    base.worker.retry.max_attempts = 4;
+    // Below the attempts: the pause trips before any one job's budget is spent, even when the
+    // first failures are a few jobs' retries (the intake may take the 30 in several batches).
+    base.worker.flow.pause_min_calls = 3;
+    base.worker.flow.probe_interval_ms = 300;
+    base.worker.flow.poll_ms = 200;
+    let config = wupay_config(&base, &sim)?;
+    let registry = worker::app::build_registry(&config)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let app = tokio::spawn(worker::app::run(config.clone(), registry, shutdown.clone()));
+    // The write of the pause waits behind this row lock for longer than four attempts with
+    // their backoff last, as on a database too busy to answer; reads of the budgets and the
+    // claim of a probe (which finds no pause to move on) go on, and show no pause meanwhile.
+    sqlx::query("INSERT INTO merchant_budgets (provider, merchant) VALUES ('wupay', $1)")
+        .bind(LIMITED)
+        .execute(&db.pool)
+        .await?;
+    let mut lock = db.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM merchant_budgets WHERE merchant = $1 FOR UPDATE")
+        .bind(LIMITED)
+        .execute(&mut *lock)
+        .await?;
+    publish(&config, "SLW", LIMITED, 30).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lock.commit().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = states(&db.pool, "SLW").await?;
+    let dead = dead_jobs(&db.pool, "SLW").await?;
+    assert_eq!(
+        s.get("dead"),
+        None,
+        "no job dies while its pause is on its way to the database: {s:?}; the dead: {dead:?}"
+    );
+    sim.set_rules(vec![])?;
+    all_succeeded(&db.pool, "SLW", 30, 15).await?;
+    shutdown.cancel();
+    app.await??;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_is_down_pauses_its_merchant_and_no_job_dies() -> anyhow::Result<()> {
     let down = vec![
@@ -200,6 +268,9 @@ async fn a_provider_that_is_down_pauses_its_merchant_and_no_job_dies() -> anyhow
     let sim = testkit::start_sim(down, 0.0).await?;
     let (mut base, db) = testkit::test_config().await?;
     base.worker.retry.max_attempts = 4;
+    // Below the attempts: the pause trips before any one job's budget is spent, even when the
+    // first failures are a few jobs' retries (the intake may take the 30 in several batches).
+    base.worker.flow.pause_min_calls = 3;
     base.worker.flow.probe_interval_ms = 300;
     base.worker.flow.poll_ms = 200;
     let config = wupay_config(&base, &sim)?;
@@ -225,10 +296,11 @@ async fn a_provider_that_is_down_pauses_its_merchant_and_no_job_dies() -> anyhow
     // jobs wait with their attempts unspent.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let s = states(pool, "DWN").await?;
+    let dead = dead_jobs(pool, "DWN").await?;
     assert_eq!(
         s.get("dead"),
         None,
-        "no job dies while its merchant is paused: {s:?}"
+        "no job dies while its merchant is paused: {s:?}; the dead: {dead:?}"
     );
     let probes = sim
         .calls()

@@ -95,9 +95,13 @@ struct LaneState {
     queued: VecDeque<String>,
     /// When this process last asked the database to slow the merchant down.
     last_slow: Option<Instant>,
-    /// When this process paused the merchant itself: a read of the database from before its
-    /// pause was recorded must not undo it.
-    paused_here: Option<Instant>,
+    /// This process paused the merchant and the database does not hold that pause (yet, or at
+    /// all when the write failed): a read of the database that shows no pause says nothing
+    /// about it, and the probe at its end is this process's to send.
+    local_only: bool,
+    /// When this process's pause was recorded in the database: a read begun before then may
+    /// not show it, so it must not undo it.
+    recorded_at: Option<Instant>,
 }
 
 /// Permission to make one call, and what the call said.
@@ -385,6 +389,17 @@ impl Flow {
                 st.paused_until = Some(until);
                 Probe::Paused(until)
             }
+            Ok((false, None)) if st.local_only => {
+                // The database does not hold this process's pause (its write is on its way,
+                // or failed): nobody else can have probed it, so this process probes.
+                st.paused_until = Some(Utc::now() + self.cfg.probe_interval());
+                tracing::info!(
+                    provider = p,
+                    merchant = m,
+                    "merchant paused (here only so far): sending a probe"
+                );
+                Probe::Won
+            }
             Ok((false, None)) => {
                 st.probing = false;
                 st.paused_until = None;
@@ -458,6 +473,7 @@ impl Flow {
             let mut st = lane.lock();
             st.probing = false;
             st.paused_until = None;
+            st.local_only = false;
             st.window.clear();
             drop(st);
             lane.gauge_paused(false);
@@ -473,22 +489,24 @@ impl Flow {
                 "{}% or more of the last {} calls failed",
                 self.cfg.pause_failure_percent, self.cfg.pause_window
             );
-            let shared_until = match budgets::pause(
-                &self.pool,
-                p,
-                m,
-                self.cfg.probe_interval(),
-                &reason,
-            )
-            .await
-            {
-                Ok(t) => t,
+            let recorded =
+                budgets::pause(&self.pool, p, m, self.cfg.probe_interval(), &reason).await;
+            let mut st = lane.lock();
+            let shared_until = match recorded {
+                Ok(t) => {
+                    st.local_only = false;
+                    st.recorded_at = Some(Instant::now());
+                    t
+                }
                 Err(e) => {
                     tracing::warn!(provider = p, merchant = m, error = %e, "could not record the pause; pausing this worker only");
                     until
                 }
             };
-            lane.lock().paused_until = Some(shared_until);
+            // A probe of this process may have gone out while the write was on its way: the
+            // pause it pushed on stands.
+            st.paused_until = st.paused_until.max(Some(shared_until));
+            drop(st);
             tracing::warn!(
                 provider = p,
                 merchant = m,
@@ -517,7 +535,7 @@ impl Flow {
             st.window.clear();
             let until = Utc::now() + self.cfg.probe_interval();
             st.paused_until = Some(until);
-            st.paused_here = Some(Instant::now());
+            st.local_only = true;
             drop(st);
             lane.gauge_paused(true);
             return Some(until);
@@ -629,22 +647,21 @@ impl Lane {
         self.limit.is_some() && !self.lock().queued.is_empty()
     }
 
-    /// Takes the pause the database holds (read at most `poll` ago).
-    fn sync(&self, paused_until: Option<DateTime<Utc>>, poll: Duration) {
+    /// Takes the pause the database held in a read begun at `read_at`.
+    fn sync(&self, paused_until: Option<DateTime<Utc>>, read_at: Instant) {
         let mut st = self.lock();
         if st.probing {
             return;
         }
-        if paused_until.is_none()
-            && st
-                .paused_here
-                .is_some_and(|t| t.elapsed() < poll.saturating_mul(2))
+        if paused_until.is_none() && (st.local_only || st.recorded_at.is_some_and(|t| t > read_at))
         {
-            // This read may predate the pause this process just recorded.
+            // The database does not hold this process's pause yet, or the read began before
+            // it was recorded: it says nothing about it.
             return;
         }
         let was = st.paused_until.is_some();
         st.paused_until = paused_until;
+        st.local_only = false;
         if was && paused_until.is_none() {
             st.window.clear();
         }

@@ -127,6 +127,7 @@ impl Flow {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.cfg.poll()) => {}
             }
+            let read_at = Instant::now();
             let states = match budgets::states(&self.pool, self.cfg.recover()).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -143,7 +144,7 @@ impl Flow {
                     continue;
                 };
                 seen.insert((provider, s.merchant));
-                lane.sync(s.paused_until, self.cfg.poll());
+                lane.sync(s.paused_until, read_at);
                 if lane.limit.is_some() {
                     metrics::gauge!(crate::metrics::BUDGET_RATE, &lane.labels())
                         .set(f64::from(s.permille));
@@ -151,7 +152,7 @@ impl Flow {
             }
             for lane in self.all() {
                 if !seen.contains(&(lane.provider, lane.merchant.clone())) {
-                    lane.sync(None, self.cfg.poll());
+                    lane.sync(None, read_at);
                 }
             }
         }
