@@ -190,6 +190,35 @@ async fn a_throttled_merchant_is_slowed_down_and_its_jobs_spend_no_attempts() ->
     Ok(())
 }
 
+/// A worker whose `LIMITED` merchant's provider answers every call with HTTP 500: four
+/// attempts per job, the pause tripping after three failures and probing every 300 ms.
+async fn start_with_limited_down() -> anyhow::Result<(
+    refund_sim::SimHandle,
+    testkit::TestDb,
+    Config,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let down = vec![
+        FaultRule::new(FaultAction::Http500)
+            .merchant(LIMITED)
+            .rate(1.0),
+    ];
+    let sim = testkit::start_sim(down, 0.0).await?;
+    let (mut base, db) = testkit::test_config().await?;
+    base.worker.retry.max_attempts = 4;
+    // Below the attempts: the pause trips before any one job's budget is spent, even when the
+    // first failures are a few jobs' retries (the intake may take the 30 in several batches).
+    base.worker.flow.pause_min_calls = 3;
+    base.worker.flow.probe_interval_ms = 300;
+    base.worker.flow.poll_ms = 200;
+    let config = wupay_config(&base, &sim)?;
+    let registry = worker::app::build_registry(&config)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let app = tokio::spawn(worker::app::run(config.clone(), registry, shutdown.clone()));
+    Ok((sim, db, config, shutdown, app))
+}
+
 /// The refunds of `prefix` that died, with what each call said: (refund, cause, attempt,
 /// retry base, spared, calls), for an assertion's message.
 async fn dead_jobs(
@@ -211,23 +240,7 @@ async fn dead_jobs(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_the_database_is_slow_to_record_still_holds_and_no_job_dies() -> anyhow::Result<()>
 {
-    let down = vec![
-        FaultRule::new(FaultAction::Http500)
-            .merchant(LIMITED)
-            .rate(1.0),
-    ];
-    let sim = testkit::start_sim(down, 0.0).await?;
-    let (mut base, db) = testkit::test_config().await?;
-    base.worker.retry.max_attempts = 4;
-    // Below the attempts: the pause trips before any one job's budget is spent, even when the
-    // first failures are a few jobs' retries (the intake may take the 30 in several batches).
-    base.worker.flow.pause_min_calls = 3;
-    base.worker.flow.probe_interval_ms = 300;
-    base.worker.flow.poll_ms = 200;
-    let config = wupay_config(&base, &sim)?;
-    let registry = worker::app::build_registry(&config)?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let app = tokio::spawn(worker::app::run(config.clone(), registry, shutdown.clone()));
+    let (sim, db, config, shutdown, app) = start_with_limited_down().await?;
     // The write of the pause waits behind this row lock for longer than four attempts with
     // their backoff last, as on a database too busy to answer; reads of the budgets and the
     // claim of a probe (which finds no pause to move on) go on, and show no pause meanwhile.
@@ -260,23 +273,7 @@ async fn a_pause_the_database_is_slow_to_record_still_holds_and_no_job_dies() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_is_down_pauses_its_merchant_and_no_job_dies() -> anyhow::Result<()> {
-    let down = vec![
-        FaultRule::new(FaultAction::Http500)
-            .merchant(LIMITED)
-            .rate(1.0),
-    ];
-    let sim = testkit::start_sim(down, 0.0).await?;
-    let (mut base, db) = testkit::test_config().await?;
-    base.worker.retry.max_attempts = 4;
-    // Below the attempts: the pause trips before any one job's budget is spent, even when the
-    // first failures are a few jobs' retries (the intake may take the 30 in several batches).
-    base.worker.flow.pause_min_calls = 3;
-    base.worker.flow.probe_interval_ms = 300;
-    base.worker.flow.poll_ms = 200;
-    let config = wupay_config(&base, &sim)?;
-    let registry = worker::app::build_registry(&config)?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let app = tokio::spawn(worker::app::run(config.clone(), registry, shutdown.clone()));
+    let (sim, db, config, shutdown, app) = start_with_limited_down().await?;
     publish(&config, "DWN", LIMITED, 30).await?;
     publish(&config, "UP", FREE, 30).await?;
     let pool = &db.pool;
