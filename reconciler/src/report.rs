@@ -137,19 +137,7 @@ pub struct KindSum {
     pub diff: i64,
 }
 
-/// An amount of fen in yuan, `-1234567` → `-12,345.67`: integer arithmetic only.
-pub fn yuan(fen: i64) -> String {
-    let a = fen.unsigned_abs();
-    let digits = (a / 100).to_string();
-    let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            grouped.push(',');
-        }
-        grouped.push(c);
-    }
-    format!("{}{grouped}.{:02}", if fen < 0 { "-" } else { "" }, a % 100)
-}
+pub use shared::job::yuan;
 
 /// A CSV text cell a spreadsheet will not run: a leading `=`, `+`, `-`, `@`, tab or CR gets a
 /// `'` in front (OWASP, CSV injection).

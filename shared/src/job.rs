@@ -657,6 +657,20 @@ pub fn content_hash_of(canonical_json: &str) -> [u8; 32] {
     Sha256::digest(canonical_json.as_bytes()).into()
 }
 
+/// An amount of fen in yuan, `-1234567` → `-12,345.67`: integer arithmetic only.
+pub fn yuan(fen: i64) -> String {
+    let a = fen.unsigned_abs();
+    let digits = (a / 100).to_string();
+    let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{}{grouped}.{:02}", if fen < 0 { "-" } else { "" }, a % 100)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

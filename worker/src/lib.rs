@@ -9,6 +9,7 @@
 //! [`health`] endpoint (metrics, liveness, readiness). [`app`] wires them and owns shutdown.
 
 pub mod app;
+pub mod console;
 pub mod consumer;
 pub mod ctl;
 pub mod executor;
@@ -17,6 +18,7 @@ pub mod health;
 pub mod metrics;
 pub mod notify;
 pub mod relay;
+pub mod signals;
 pub mod status_sync;
 pub mod sweeper;
 pub mod writer;

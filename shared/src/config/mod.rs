@@ -17,11 +17,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::provider::CodeClass;
 
+mod console;
 mod finality;
 mod flow;
 mod operator;
 mod reconciler;
 
+pub use console::ConsoleConfig;
 pub use finality::{NotifyConfig, QueryConfig};
 pub use flow::{FlowConfig, LimitConfig};
 pub use operator::OperatorConfig;
@@ -109,6 +111,7 @@ pub struct Config {
     pub reconciler: ReconcilerConfig,
     pub notify: NotifyConfig,
     pub operator: OperatorConfig,
+    pub console: ConsoleConfig,
     /// `[[limits]]`: per (provider, merchant) call budgets shared by every replica.
     pub limits: Vec<LimitConfig>,
 }
@@ -128,6 +131,7 @@ impl Default for Config {
             reconciler: ReconcilerConfig::default(),
             notify: NotifyConfig::default(),
             operator: OperatorConfig::default(),
+            console: ConsoleConfig::default(),
             limits: Vec::new(),
         }
     }
@@ -690,6 +694,7 @@ impl Config {
         flow::validate_limits(&self.limits, &merchants)?;
         self.notify.validate(&w.metrics_addr)?;
         self.operator.validate()?;
+        self.console.validate()?;
         let r = &w.retry;
         if r.max_attempts < 1 {
             return Err(ConfigError::invalid(

@@ -10,6 +10,7 @@
 //! checks it against [`crate::state::TRANSITIONS`] and appends the history row in the same
 //! transaction.
 
+pub mod activity;
 pub mod approvals;
 pub mod budgets;
 pub mod cases;
@@ -19,6 +20,7 @@ pub mod operator;
 pub mod ops;
 pub mod outbox;
 pub mod queries;
+pub mod runs;
 pub mod sweep;
 pub mod text;
 

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +32,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     // Listen before anything else: a SIGTERM during startup (a rollout that changes its mind,
     // a test) must mean a clean stop, not death by the signal's default action.
-    let signals = Signals::listen()?;
+    let signals = worker::signals::Signals::listen()?;
     let config = shared::config::Config::load(args.config.as_deref())?;
     let registry = worker::app::build_registry(&config)?;
     let shutdown = CancellationToken::new();
@@ -43,28 +42,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
         trigger.cancel();
     });
     worker::app::run(config, registry, shutdown).await
-}
-
-/// SIGTERM and Ctrl-C, registered when made.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn listen() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self {
-            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
-            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
-        })
-    }
-
-    /// Waits for either.
-    async fn recv(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received"),
-            _ = self.interrupt.recv() => tracing::info!("interrupt received"),
-        }
-    }
 }

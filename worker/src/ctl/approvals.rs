@@ -77,7 +77,7 @@ impl ActionReport {
     }
 }
 
-fn context(ctl: &Ctl) -> Context {
+pub(crate) fn context(ctl: &Ctl) -> Context {
     Context {
         quiet: ctl.config.resolve_quiet(),
         tz: ctl.tz,

@@ -514,7 +514,7 @@ pub async fn replay_selected(
 }
 
 /// The same checks as a replay, read-only.
-async fn dry_run_one(ctl: &Ctl, refund_no: &str) -> anyhow::Result<ReplayOutcome> {
+pub(crate) async fn dry_run_one(ctl: &Ctl, refund_no: &str) -> anyhow::Result<ReplayOutcome> {
     let Some(f) = operator::replay_facts(&ctl.pool, refund_no).await? else {
         return Ok(ReplayOutcome::WouldRefuse {
             prior: None,
@@ -532,7 +532,7 @@ async fn dry_run_one(ctl: &Ctl, refund_no: &str) -> anyhow::Result<ReplayOutcome
 }
 
 /// One job: re-check, transition and audit in one transaction; publish after the commit.
-async fn replay_one(
+pub(crate) async fn replay_one(
     ctl: &Ctl,
     who: &OperatorArgs,
     refund_no: &str,
