@@ -39,9 +39,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked \
-        --bin refund-worker --bin refundctl --bin refund-reconciler \
+        --bin refund-worker --bin refundctl --bin refund-console --bin refund-reconciler \
  && mkdir -p /out \
- && cp target/release/refund-worker target/release/refundctl \
+ && cp target/release/refund-worker target/release/refundctl target/release/refund-console \
        target/release/refund-reconciler /out/
 
 # The development tools, on top of the production build (same cache, so shared crates are
@@ -72,15 +72,16 @@ WORKDIR /etc/refunds
 ENV RUST_LOG=info
 # Numeric, so that Kubernetes' runAsNonRoot can check it.
 USER 10001:10001
-# /metrics, /healthz, /readyz (set REFUNDS__WORKER__METRICS_ADDR=0.0.0.0:9464 in a container).
-EXPOSE 9464 9465
+# /metrics, /healthz, /readyz (set REFUNDS__WORKER__METRICS_ADDR=0.0.0.0:9464 in a container),
+# the notify listener, and refund-console (REFUNDS__CONSOLE__ADDR=0.0.0.0:9470).
+EXPOSE 9464 9465 9470
 # In Kubernetes, set `args` (not `command`) so that tini stays PID 1.
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["refund-worker"]
 
 # The development image: the production binaries and the development tools.
 FROM runtime-base AS dev
-COPY --from=build /out/refund-worker /out/refundctl /out/refund-reconciler /usr/local/bin/
+COPY --from=build /out/refund-worker /out/refundctl /out/refund-console /out/refund-reconciler /usr/local/bin/
 COPY --from=build-dev /out-dev/ /usr/local/bin/
 LABEL org.opencontainers.image.title="refunds-dev" \
       org.opencontainers.image.description="Refund processor with development tools: refund-sim, fault-proxy, refund-demo, benches; never for production" \
@@ -88,7 +89,7 @@ LABEL org.opencontainers.image.title="refunds-dev" \
 
 # The production image (the default target): production binaries only.
 FROM runtime-base AS runtime
-COPY --from=build /out/refund-worker /out/refundctl /out/refund-reconciler /usr/local/bin/
+COPY --from=build /out/refund-worker /out/refundctl /out/refund-console /out/refund-reconciler /usr/local/bin/
 LABEL org.opencontainers.image.title="refunds" \
-      org.opencontainers.image.description="Refund processor: refund-worker, refundctl, refund-reconciler" \
+      org.opencontainers.image.description="Refund processor: refund-worker, refundctl, refund-console, refund-reconciler" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -48,6 +48,12 @@ migrate:
 sim:
     cargo run --bin refund-sim -- --config config/sim.toml
 
+# The operator web console on config/refunds.toml, http://127.0.0.1:9470/, over the demo's
+# database when `just demo` has run (first run prints the development operators' passwords).
+console: up
+    cargo build --quiet --bin refund-console --bin refundctl
+    scripts/console-dev.sh
+
 # Run a worker in the foreground (config/refunds.toml).
 worker:
     cargo run --bin refund-worker -- --config config/refunds.toml

@@ -267,6 +267,13 @@ async fn operators_search_replay_in_bulk_and_approve_in_a_browser_and_a_viewer_i
     assert!(timeline.contains("→ dead"), "{timeline}");
     shot(&b, "timeline").await;
 
+    // A preview of every dead job lists what would be refused, and why.
+    b.goto(&format!("{base}/dlq/replay")).await.unwrap();
+    assert_eq!(text(&b, "#would-replay").await, "5");
+    assert_eq!(text(&b, "#would-refuse").await, "1");
+    let refusals = text(&b, "#refusals").await;
+    assert!(refusals.contains("U1"), "{refusals}");
+
     // The dead letters, grouped; the exhausted group's replay is previewed first.
     b.goto(&format!("{base}/dlq")).await.unwrap();
     shot(&b, "dead-letters").await;
@@ -309,6 +316,43 @@ async fn operators_search_replay_in_bulk_and_approve_in_a_browser_and_a_viewer_i
             "{no}: {audit:?}"
         );
     }
+
+    // A slow bulk replay can be aborted: it stops between two jobs, the rest stay dead.
+    for i in 1..=4 {
+        rc::exhausted_job(&pool, &format!("C{i}"), "m1", "FREQUENCY_LIMITED").await;
+    }
+    b.goto(&format!(
+        "{base}/dlq/replay?cause=retries_exhausted&provider=shengpay&code=FREQUENCY_LIMITED"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(text(&b, "#would-replay").await, "4");
+    let form = b.form(Locator::Css("#replay-form")).await.unwrap();
+    form.set_by_name("note", "INC-8 try one first")
+        .await
+        .unwrap();
+    form.set_by_name("rate", "0.2").await.unwrap();
+    form.submit().await.unwrap();
+    b.wait()
+        .for_element(Locator::Css("#abort"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&b, "#run-state", "aborted").await;
+    let replayed: usize = text(&b, "#replayed").await.parse().unwrap();
+    assert!(replayed < 4, "aborted after {replayed}");
+    let mut still_dead = 0;
+    for i in 1..=4 {
+        if rc::state_of(&pool, &format!("C{i}")).await == "dead" {
+            still_dead += 1;
+        }
+    }
+    assert_eq!(still_dead, 4 - replayed, "what was not replayed stays dead");
+
+    b.goto(&format!("{base}/replays")).await.unwrap();
+    shot(&b, "replays").await;
 
     // alice files a resolution of the unknown outcome; she cannot approve her own.
     b.goto(&format!("{base}/unknown")).await.unwrap();
@@ -358,6 +402,13 @@ async fn operators_search_replay_in_bulk_and_approve_in_a_browser_and_a_viewer_i
     assert_eq!(rc::state_of(&pool, "U1").await, "failed");
     // And explains the reconciliation case.
     b.goto(&format!("{base}/reconciliation")).await.unwrap();
+    assert!(
+        text(&b, "#by-kind")
+            .await
+            .contains("amount_mismatch 1 100 fen"),
+        "{}",
+        page(&b).await
+    );
     shot(&b, "reconciliation").await;
     let form = b.form(Locator::Css("#cases form")).await.unwrap();
     form.set_by_name("note", "coupon share, per ShengPay SP-12")

@@ -46,13 +46,24 @@ pub async fn last_minutes(pool: &PgPool, minutes: i32) -> Result<Vec<Minute>, St
     .await?)
 }
 
-/// Reconciliation discrepancies of each date's current runs, counted by kind (the kinds that
-/// have any).
-pub async fn current_discrepancies_by_kind(
-    pool: &PgPool,
-) -> Result<Vec<(String, i64)>, StoreError> {
-    Ok(sqlx::query_as::<_, (String, i64)>(
-        "SELECT kind, count(*) FROM reconciliation_current_discrepancies
+/// The discrepancies of one kind in each date's current reconciliation run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct KindTotal {
+    pub kind: String,
+    pub count: i64,
+    /// Sums of the amounts on each side (fen; a side without an amount counts 0).
+    pub ledger_amount: i64,
+    pub provider_amount: i64,
+}
+
+/// Discrepancies of each date's current runs, by kind (the kinds that have any), largest
+/// first.
+pub async fn current_discrepancies_by_kind(pool: &PgPool) -> Result<Vec<KindTotal>, StoreError> {
+    Ok(sqlx::query_as::<_, KindTotal>(
+        "SELECT kind, count(*) AS count,
+                coalesce(sum(ledger_amount), 0)::int8 AS ledger_amount,
+                coalesce(sum(provider_amount), 0)::int8 AS provider_amount
+         FROM reconciliation_current_discrepancies
          GROUP BY kind ORDER BY count(*) DESC, kind",
     )
     .fetch_all(pool)

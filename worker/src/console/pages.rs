@@ -696,7 +696,13 @@ pub async fn reconciliation(
             } } } }
         h2 { "Current discrepancies by kind" }
         @if by_kind.is_empty() { p { "None in the current runs." } }
-        table { tbody { @for (kind, n) in &by_kind { tr { td { code { (kind) } } td.num { (n) } } } } }
+        @if !by_kind.is_empty() {
+            table #by-kind { thead { tr { th { "kind" } th.num { "discrepancies" } th { "ledger" } th { "provider" } th { "provider − ledger" } } }
+                tbody { @for k in &by_kind { tr {
+                    td { code { (k.kind) } } td.num { (k.count) } td { (money(k.ledger_amount)) } td { (money(k.provider_amount)) }
+                    td { (k.provider_amount.checked_sub(k.ledger_amount).map_or_else(|| html! { "overflow" }, money)) }
+                } } } }
+        }
         h2 { "Cases" }
         p { "Show: " a href="/reconciliation?state=open" { "open" } " · " a href="/reconciliation?state=explained" { "explained" } " · " a href="/reconciliation?state=corrected" { "corrected" } " · " a href="/reconciliation?state=all" { "all" } }
         @if case_rows.is_empty() { p { "No case." } }
