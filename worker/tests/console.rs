@@ -509,8 +509,9 @@ async fn a_trusted_proxy_names_the_operator_and_an_untrusted_one_is_not_believed
         "{body}"
     );
     // Somebody the operators file does not name gets nothing.
-    let (status, _) = http(&addr, "GET", "/", &[(header, "mallory")], "").await;
-    assert_eq!(status, 404);
+    let (status, body) = http(&addr, "GET", "/", &[(header, "mallory")], "").await;
+    assert_eq!(status, 403);
+    assert!(body.contains("who is not in the console"), "{body}");
     // A proxied operator's form still needs the token of the page.
     let (status, _) = http(
         &addr,

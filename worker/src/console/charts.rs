@@ -1,4 +1,6 @@
-//! Charts drawn as SVG on the server: no script, no chart library to ship or vendor.
+//! Charts drawn as SVG on the server: no script, no chart library to ship or vendor. Colours
+//! are SVG `fill` attributes, never `style`: the console's Content-Security-Policy allows no
+//! inline style.
 
 use maud::{Markup, html};
 
@@ -73,7 +75,7 @@ pub fn stacked_bars(title: &str, labels: &[String], series: &[(&str, &str, Vec<i
                 }
             }
             p.legend { @for (name, colour, v) in series {
-                span.swatch style=(format!("background:{colour}")) {} " " (name) " " b { (v.iter().sum::<i64>()) } " "
+                svg.swatch width="10" height="10" viewBox="0 0 10 10" aria-hidden="true" { rect width="10" height="10" fill=(colour) {} } " " (name) " " b { (v.iter().sum::<i64>()) } " "
             } }
         }
     }

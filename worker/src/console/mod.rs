@@ -156,6 +156,8 @@ pub enum PageError {
         role: Role,
         needs: Role,
     },
+    /// Signed in by the proxy as somebody the operators file does not name.
+    NotListed(String),
     /// A form without the page's CSRF token.
     BadToken,
     NotFound(String),
@@ -186,6 +188,7 @@ impl IntoResponse for PageError {
                     needs.as_str()
                 ),
             ),
+            PageError::NotListed(what) => (StatusCode::FORBIDDEN, "Not an operator", what),
             PageError::BadToken => (
                 StatusCode::FORBIDDEN,
                 "Form expired",
@@ -220,7 +223,7 @@ impl FromRequestParts<Arc<Console>> for Signed {
             .to_owned();
         if let Some(name) = proxy_operator(parts, console) {
             let role = console.operators.role(&name).ok_or_else(|| {
-                PageError::NotFound(format!(
+                PageError::NotListed(format!(
                     "the proxy signed you in as {name:?}, who is not in the console's \
                          operators file"
                 ))
