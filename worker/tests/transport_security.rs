@@ -116,6 +116,36 @@ async fn verify_full_connects_with_the_right_ca_and_refuses_a_wrong_ca_or_host_n
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_file_is_read_at_each_connection_and_a_bundle_of_two_cas_is_trusted()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let old = TestCa::new("refunds database CA, old")?;
+    let new = TestCa::new("refunds database CA, new")?;
+    let ca_file = write(dir.path(), "ca.crt", &old.cert_pem()?);
+    let pg = PrivatePostgres::start_tls(old.issue(&["localhost"])?).await?;
+    let config = tls_config(
+        format!(
+            "postgres://postgres@localhost:{}/postgres?sslmode=verify-full",
+            pg.port()
+        ),
+        &ca_file,
+    )?;
+    shared::store::connect(&config).await?.close().await;
+
+    // The file now holds only a CA that did not sign the server's certificate: the next
+    // connection reads it and is refused (no connector built from the old contents is reused).
+    std::fs::write(&ca_file, new.cert_pem()?)?;
+    let e = connect_error(&config).await;
+    assert!(e.contains("certificate verify failed"), "{e}");
+
+    // A rotation's first step, the new CA and the old one in one file: trusted whichever comes
+    // first in it.
+    std::fs::write(&ca_file, format!("{}{}", new.cert_pem()?, old.cert_pem()?))?;
+    shared::store::connect(&config).await?.close().await;
+    Ok(())
+}
+
 #[test]
 fn a_ca_file_without_certificate_checking_in_the_url_is_refused() {
     let dir = tempfile::tempdir().unwrap();
