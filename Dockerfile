@@ -72,9 +72,10 @@ WORKDIR /etc/refunds
 ENV RUST_LOG=info
 # Numeric, so that Kubernetes' runAsNonRoot can check it.
 USER 10001:10001
-# /metrics, /healthz, /readyz (set REFUNDS__WORKER__METRICS_ADDR=0.0.0.0:9464 in a container),
-# the notify listener, and refund-console (REFUNDS__CONSOLE__ADDR=0.0.0.0:9470).
-EXPOSE 9464 9465 9470
+# /metrics, /healthz, /readyz (set REFUNDS__WORKER__METRICS_ADDR=0.0.0.0:9464 in a container)
+# and the notify listener. refund-console listens on 9470 (REFUNDS__CONSOLE__ADDR=0.0.0.0:9470),
+# its own Deployment's port; k8s/validate.py checks this line against the worker's manifests.
+EXPOSE 9464 9465
 # In Kubernetes, set `args` (not `command`) so that tini stays PID 1.
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["refund-worker"]
