@@ -58,7 +58,9 @@ impl Console {
                 "console.operators_file is not set: the console lets nobody in without it",
             )?;
         let operators = Operators::load(&path)?;
-        let ctl = Ctl::connect(config, true).await?;
+        // Replay reads idempotence from each job's own record; no provider client is needed (and
+        // the console holds no merchant keys).
+        let ctl = Ctl::connect(config, false).await?;
         Self::new(ctl, operators)
     }
 
