@@ -108,6 +108,8 @@ mod tests {
     #[test]
     fn a_chart_without_data_draws_an_empty_plot() {
         let svg = stacked_bars("t", &[], &[("x", "#000", vec![])]).into_string();
-        assert!(!svg.contains("<rect"), "{svg}");
+        let (plot, legend) = svg.split_once(r#"<p class="legend">"#).unwrap();
+        assert!(!plot.contains("<rect"), "{svg}");
+        assert!(legend.contains("x <b>0</b>"), "{svg}");
     }
 }
