@@ -420,6 +420,13 @@ async fn operators_search_replay_in_bulk_and_approve_in_a_browser_and_a_viewer_i
         rc::case_state(&pool, "S1", "amount_mismatch").await,
         ("explained".to_owned(), Some("bob".to_owned()))
     );
+    // The job's page shows its case, and who explained it.
+    b.goto(&format!("{base}/jobs/S1")).await.unwrap();
+    let case = text(&b, "#job-cases").await;
+    assert!(
+        case.contains("amount_mismatch") && case.contains("explained by bob"),
+        "{case}"
+    );
     sign_out(&b).await;
 
     // vic, a viewer, sees the job but no action; a form forged into the page is refused by

@@ -192,22 +192,41 @@ pub struct CaseFilter {
     pub state: Option<CaseState>,
 }
 
-/// The cases matching the filter, oldest business date first.
-pub async fn list(pool: &PgPool, filter: CaseFilter) -> Result<Vec<Case>, StoreError> {
-    Ok(sqlx::query_as::<_, Case>(
+/// The columns of [`Case`] from `reconciliation_cases c`, as a literal (queries are static
+/// text).
+macro_rules! case_select {
+    () => {
         "SELECT c.id, c.business_date, c.provider, c.merchant, c.refund_no, c.kind, c.state,
                 c.ledger_amount, c.provider_amount, c.detail, c.first_run_id, c.last_run_id,
                 (SELECT count(*) FROM case_sightings r WHERE r.case_id = c.id) AS runs,
                 c.opened_at, c.closed_at, c.closed_by, c.close_note, c.closed_db_user,
                 floor(extract(epoch FROM coalesce(c.closed_at, now()) - c.opened_at)
                       / 86400)::bigint AS days_open
-         FROM reconciliation_cases c
-         WHERE ($1::date IS NULL OR c.business_date = $1)
+         FROM reconciliation_cases c "
+    };
+}
+
+/// The cases matching the filter, oldest business date first.
+pub async fn list(pool: &PgPool, filter: CaseFilter) -> Result<Vec<Case>, StoreError> {
+    Ok(sqlx::query_as::<_, Case>(concat!(
+        case_select!(),
+        "WHERE ($1::date IS NULL OR c.business_date = $1)
            AND ($2::text IS NULL OR c.state = $2)
-         ORDER BY c.business_date, c.provider, c.merchant, c.refund_no, c.kind",
-    )
+         ORDER BY c.business_date, c.provider, c.merchant, c.refund_no, c.kind"
+    ))
     .bind(filter.date)
     .bind(filter.state.map(CaseState::as_str))
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Every case of one refund, open or closed, oldest first (a job's timeline shows them).
+pub async fn of_refund(pool: &PgPool, refund_no: &str) -> Result<Vec<Case>, StoreError> {
+    Ok(sqlx::query_as::<_, Case>(concat!(
+        case_select!(),
+        "WHERE c.refund_no = $1 ORDER BY c.business_date, c.id"
+    ))
+    .bind(refund_no)
     .fetch_all(pool)
     .await?)
 }

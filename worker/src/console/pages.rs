@@ -357,6 +357,7 @@ pub async fn job(State(c): State<Arc<Console>>, s: Signed, Path(no): Path<String
         )));
     }
     let moments = timeline(&d);
+    let job_cases = cases::of_refund(&c.ctl.pool, &no).await?;
     let actions = match &d.job {
         Some(j) => job_actions(&s, j)?,
         None => html! {},
@@ -387,6 +388,15 @@ pub async fn job(State(c): State<Arc<Console>>, s: Signed, Path(no): Path<String
             @for m in &moments { li class=(m.kind) { span.time { (at(&c, m.at)) } " " span.kind { (m.kind) } " " (m.what) } }
         }
         h2 { "Reconciliation" }
+        @if !job_cases.is_empty() {
+            table #job-cases { thead { tr { th { "case" } th { "date" } th { "kind" } th { "ledger" } th { "provider" } th { "state" } th.num { "runs" } th.num { "days" } } }
+                tbody { @for k in &job_cases { tr {
+                    td { a href="/reconciliation?state=all" { (k.id) } } td { (k.business_date) } td { code { (k.kind) } }
+                    td { (opt_money(k.ledger_amount)) } td { (opt_money(k.provider_amount)) }
+                    td { (k.state) @if let Some(by) = &k.closed_by { " by " (by) } @if let Some(n) = &k.close_note { ": " q { (n) } } }
+                    td.num { (k.runs) } td.num { (k.days_open) }
+                } } } }
+        }
         @match &d.discrepancies {
             Discrepancies::NotInstalled => { p { "Reconciliation is not installed in this database." } }
             Discrepancies::Unavailable { error } => { p.error { "Could not read discrepancies: " (error) } }
