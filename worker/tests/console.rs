@@ -561,3 +561,43 @@ async fn a_trusted_proxy_names_the_operator_and_an_untrusted_one_is_not_believed
     assert_eq!(status, 303, "{head}");
     assert!(head.contains("location: /sign-in"), "{head}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_wrong_passwords_lock_the_name_out_even_with_the_right_one_next() {
+    let (config, _db) = testkit::test_config().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_console, addr) = spawn_console(&config, dir.path(), "").await;
+    // The sign-in form's cookie and token, as a browser gets them.
+    let (_, page) = http(&addr, "GET", "/sign-in", &[], "").await;
+    let cookie = regex::Regex::new(r"refund_console_pre=([0-9a-f]+)")
+        .unwrap()
+        .captures(&page)
+        .expect("a pre-session cookie")[1]
+        .to_owned();
+    let token = regex::Regex::new(r#"name="token" value="([0-9a-f]+)""#)
+        .unwrap()
+        .captures(&page)
+        .expect("a form token")[1]
+        .to_owned();
+    let cookie = format!("refund_console_pre={cookie}");
+    let try_password = |password: &'static str| {
+        let (addr, cookie, token) = (addr.clone(), cookie.clone(), token.clone());
+        async move {
+            http(
+                &addr,
+                "POST",
+                "/sign-in",
+                &[("Cookie", &cookie)],
+                &format!("token={token}&name=alice&password={password}&next=%2F"),
+            )
+            .await
+        }
+    };
+    for _ in 0..5 {
+        assert_eq!(try_password("guess").await.0, 401);
+    }
+    let (status, body) = try_password("alice-passphrase").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("Too many failed sign-ins"), "{body}");
+    assert!(!body.contains("refund_console="), "no session: {body}");
+}

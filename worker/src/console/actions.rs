@@ -508,6 +508,21 @@ pub async fn sign_in(
         );
     }
     let name = f.name.trim().to_owned();
+    if let Some(left) = c.sign_ins.blocked(&name) {
+        tracing::warn!(operator = %name, "console sign-in refused: too many failures");
+        let minutes = left.as_secs().div_ceil(60);
+        let mut page = pages::sign_in_page(
+            &c,
+            jar,
+            &next,
+            Some(&format!(
+                "Too many failed sign-ins for this name: try again in {minutes} minute{}.",
+                if minutes == 1 { "" } else { "s" }
+            )),
+        );
+        *page.status_mut() = axum::http::StatusCode::TOO_MANY_REQUESTS;
+        return page;
+    }
     let checker = c.clone();
     let password = f.password;
     let who = name.clone();
@@ -517,12 +532,14 @@ pub async fn sign_in(
         .flatten();
     match role {
         Some(role) => {
+            c.sign_ins.succeeded(&name);
             let id = c.sessions.start(&name);
             tracing::info!(operator = %name, role = role.as_str(), "console sign-in");
             let jar = jar.remove(PRE_COOKIE).add(c.cookie(SESSION_COOKIE, id));
             (jar, Redirect::to(&next)).into_response()
         }
         None => {
+            c.sign_ins.failed(&name);
             tracing::warn!(operator = %name, "console sign-in refused");
             pages::sign_in_page(&c, jar, &next, Some("Unknown name or wrong password."))
         }

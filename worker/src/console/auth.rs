@@ -248,6 +248,54 @@ impl Sessions {
     }
 }
 
+/// Failed sign-ins of a name: after [`Throttle::MAX_FAILURES`] within [`Throttle::WINDOW`],
+/// the name is refused without its password being checked until the window since the first
+/// failure has passed, so a password cannot be guessed at argon2's pace. Keyed by name, not by
+/// address: guessing from many addresses is the case it is for (the price: somebody who knows
+/// a name can keep it locked out; an administrator sees the refusals in the log).
+pub struct Throttle {
+    failures: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Self {
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Throttle {
+    pub const MAX_FAILURES: u32 = 5;
+    pub const WINDOW: Duration = Duration::from_secs(15 * 60);
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long `name` must wait before it may try again; `None`: it may now.
+    pub fn blocked(&self, name: &str) -> Option<Duration> {
+        let map = self.lock();
+        let (first, count) = map.get(name)?;
+        let left = Self::WINDOW.checked_sub(first.elapsed())?;
+        (*count >= Self::MAX_FAILURES).then_some(left)
+    }
+
+    /// Counts a failed sign-in of `name`.
+    pub fn failed(&self, name: &str) {
+        let mut map = self.lock();
+        // Forget windows that are over while here: the map stays as big as the recent failures.
+        map.retain(|_, (first, _)| first.elapsed() < Self::WINDOW);
+        let entry = map.entry(name.to_owned()).or_insert((Instant::now(), 0));
+        entry.1 = entry.1.saturating_add(1);
+    }
+
+    /// A successful sign-in clears the name's failures.
+    pub fn succeeded(&self, name: &str) {
+        self.lock().remove(name);
+    }
+}
+
 /// Whether a token sent with a form is the expected one (constant time).
 pub fn token_matches(expected: &str, sent: &str) -> bool {
     !expected.is_empty()
@@ -319,6 +367,22 @@ mod tests {
         assert!(token_matches(&ta, &s.csrf_token(&Via::Session(a), "alice")));
         assert!(!token_matches(&ta, &s.csrf_token(&Via::Session(b), "bob")));
         assert!(!token_matches(&ta, ""));
+    }
+
+    #[test]
+    fn a_name_is_refused_after_five_failed_sign_ins_and_a_success_clears_them() {
+        let t = Throttle::default();
+        for _ in 0..Throttle::MAX_FAILURES - 1 {
+            t.failed("alice");
+        }
+        assert_eq!(t.blocked("alice"), None, "four failures still leave a try");
+        t.succeeded("alice");
+        for _ in 0..Throttle::MAX_FAILURES {
+            t.failed("alice");
+        }
+        let left = t.blocked("alice").expect("blocked after five");
+        assert!(left > Throttle::WINDOW - Duration::from_secs(5), "{left:?}");
+        assert_eq!(t.blocked("bob"), None, "another name is not affected");
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Console {
     pub ctl: Arc<Ctl>,
     pub operators: Operators,
     pub sessions: Sessions,
+    /// Failed sign-ins by name.
+    pub sign_ins: auth::Throttle,
     pub runs: replay::Runs,
     trusted: Vec<IpAddr>,
 }
@@ -74,6 +76,7 @@ impl Console {
             ctl: Arc::new(ctl),
             operators,
             sessions,
+            sign_ins: auth::Throttle::default(),
             runs: replay::Runs::default(),
             trusted,
         })
