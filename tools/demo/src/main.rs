@@ -606,7 +606,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = broker.close(200, "demo done".into()).await;
     let _ = std::fs::remove_file(&cfg_file);
     println!(
-        "\nDone. The demo database `{DEMO_DB}` is kept for a look: psql -h 127.0.0.1 -U postgres {DEMO_DB}"
+        "\nDone. The demo database `{DEMO_DB}` is kept for a look: psql -h 127.0.0.1 -U postgres {DEMO_DB}, \
+         or in the web console: just console (http://127.0.0.1:9470/)"
     );
     Ok(())
 }
