@@ -100,6 +100,20 @@ async fn verify_full_connects_with_the_right_ca_and_refuses_a_wrong_ca_or_host_n
         "{e}"
     );
 
+    // sslmode=require without a CA: encrypted, the certificate not checked (no CA is loaded,
+    // so this is also the cheap path for a local server).
+    let mut require = Config {
+        database_url: format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=require"),
+        ..Config::default()
+    };
+    require.database.max_connections = 1;
+    let pool = shared::store::connect(&require).await?;
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await?;
+    assert!(ssl, "sslmode=require connected in plain text");
+    pool.close().await;
+
     // Without TLS asked for, the same server takes a plain connection: the encryption above
     // is the client's doing (sslmode), not the server's default.
     let mut plain = Config {

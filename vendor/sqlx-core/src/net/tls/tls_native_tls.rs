@@ -1,4 +1,11 @@
+//! TLS to the database through OpenSSL directly (refunds patch, see VENDORED.md): upstream goes
+//! through native-tls, which on Linux is the same OpenSSL but always loads the system CA bundle
+//! when it builds a connector, even for a connection that verifies nothing (`sslmode=prefer`,
+//! `require`) or trusts only its `sslrootcert` (libpq's rule, which native-tls does not follow:
+//! it trusted the system CAs beside it).
+
 use std::io::{self, Read, Write};
+use std::net::IpAddr;
 
 use crate::io::ReadBuf;
 use crate::net::tls::util::StdSocket;
@@ -7,11 +14,17 @@ use crate::net::Socket;
 use crate::rt;
 use crate::Error;
 
-use native_tls::{HandshakeError, Identity};
+use openssl::error::ErrorStack;
+use openssl::pkey::PKey;
+use openssl::ssl::{
+    ErrorCode, HandshakeError, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream,
+    SslVerifyMode, SslVersion,
+};
+use openssl::x509::{X509VerifyResult, X509};
 use std::task::{Context, Poll};
 
 pub struct NativeTlsSocket<S: Socket> {
-    stream: native_tls::TlsStream<StdSocket<S>>,
+    stream: SslStream<StdSocket<S>>,
 }
 
 impl<S: Socket> Socket for NativeTlsSocket<S> {
@@ -33,62 +46,85 @@ impl<S: Socket> Socket for NativeTlsSocket<S> {
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.stream.shutdown() {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stream.get_mut().poll_ready(cx),
-            ready => Poll::Ready(ready),
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(e) if e.code() == ErrorCode::WANT_READ || e.code() == ErrorCode::WANT_WRITE => {
+                self.stream.get_mut().poll_ready(cx)
+            }
+            Err(e) => Poll::Ready(Err(e
+                .into_io_error()
+                .unwrap_or_else(|e| io::Error::new(io::ErrorKind::Other, e)))),
         }
     }
 }
 
-/// Everything a connector is built from: the same inputs give the same connector.
+/// Everything a TLS context is built from: the same inputs give the same context.
 #[derive(PartialEq, Eq)]
-struct ConnectorKey {
+struct ContextKey {
     accept_invalid_certs: bool,
-    accept_invalid_hostnames: bool,
     root_cert: Option<Vec<u8>>,
     client_cert: Option<Vec<u8>>,
     client_key: Option<Vec<u8>>,
 }
 
-/// Connectors built by this process, newest last (refunds patch: see VENDORED.md). Building one
-/// loads and parses the system CA bundle (OpenSSL's default verify paths, twice with OpenSSL 3),
-/// tens of milliseconds a connection; a connector is immutable and cheap to clone, so the ones
-/// already built are reused. The key holds the certificate files' contents, read at every
-/// connection as before, so a rotated CA or client certificate builds a new connector.
-static CONNECTORS: std::sync::Mutex<Vec<(ConnectorKey, native_tls::TlsConnector)>> =
+/// Contexts built by this process, newest last. A context is immutable and shared by its
+/// connections; the key holds the certificate files' contents, read at every connection, so a
+/// rotated CA or client certificate builds a new one at the next connection.
+static CONTEXTS: std::sync::Mutex<Vec<(ContextKey, SslContext)>> =
     std::sync::Mutex::new(Vec::new());
 
 /// A process keeps at most this many (a pool uses one; a rotation adds one).
-const MAX_CONNECTORS: usize = 8;
+const MAX_CONTEXTS: usize = 8;
 
-/// The connector for `key`: a clone of the one built before, or a new one. The lock is held
-/// while building, so connections opened at once wait for the first one's build instead of
-/// each loading the bundle (runs on a blocking thread).
-fn connector(key: ConnectorKey) -> Result<native_tls::TlsConnector, native_tls::Error> {
-    let mut built = CONNECTORS.lock().unwrap_or_else(|p| p.into_inner());
+/// The context for `key`: the one built before, or a new one. The lock is held while building,
+/// so connections opened at once wait for the first one's build (runs on a blocking thread:
+/// the system CA bundle, when it is needed, is read from disk).
+fn context(key: ContextKey) -> Result<SslContext, ErrorStack> {
+    let mut built = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, c)) = built.iter().find(|(k, _)| *k == key) {
         return Ok(c.clone());
     }
-    let mut builder = native_tls::TlsConnector::builder();
-    builder
-        .danger_accept_invalid_certs(key.accept_invalid_certs)
-        .danger_accept_invalid_hostnames(key.accept_invalid_hostnames);
-    // Every certificate of the file (refunds patch): a rotation trusts a bundle of the new CA
-    // and the old one while the server's certificate changes.
-    if let Some(data) = &key.root_cert {
-        for cert in native_tls::Certificate::stack_from_pem(data)? {
-            builder.add_root_certificate(cert);
+    let mut b = SslContextBuilder::new(SslMethod::tls_client())?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
+    if key.accept_invalid_certs {
+        // prefer / require: encrypted, nothing verified, so no CA is loaded at all.
+        b.set_verify(SslVerifyMode::NONE);
+    } else {
+        b.set_verify(SslVerifyMode::PEER);
+        match &key.root_cert {
+            // verify-ca / verify-full with sslrootcert: that file's CAs only (every one of them:
+            // a rotation bundles the new CA with the old), as libpq does.
+            Some(pem) => {
+                for cert in X509::stack_from_pem(pem)? {
+                    b.cert_store_mut().add_cert(cert)?;
+                }
+            }
+            None => b.set_default_verify_paths()?,
         }
     }
     // authentication using user's key-file and its associated certificate
-    if let (Some(cert), Some(key)) = (&key.client_cert, &key.client_key) {
-        builder.identity(Identity::from_pkcs8(cert, key)?);
+    if let (Some(cert), Some(pkey)) = (&key.client_cert, &key.client_key) {
+        let cert = X509::from_pem(cert)?;
+        let pkey = PKey::private_key_from_pem(pkey)?;
+        b.set_certificate(&cert)?;
+        b.set_private_key(&pkey)?;
+        b.check_private_key()?;
     }
-    let connector = builder.build()?;
-    if built.len() >= MAX_CONNECTORS {
+    let context = b.build();
+    if built.len() >= MAX_CONTEXTS {
         built.remove(0);
     }
-    built.push((key, connector.clone()));
-    Ok(connector)
+    built.push((key, context.clone()));
+    Ok(context)
+}
+
+/// The handshake's failure, with the certificate check's reason when that is what failed
+/// (`certificate verify failed ... (hostname mismatch)`).
+fn failure(e: openssl::ssl::Error, verify: X509VerifyResult) -> Error {
+    if verify == X509VerifyResult::OK {
+        Error::tls(e)
+    } else {
+        Error::tls(format!("{e} ({})", verify.error_string()))
+    }
 }
 
 pub async fn handshake<S: Socket>(
@@ -103,34 +139,53 @@ pub async fn handshake<S: Socket>(
         (Some(cert), Some(key)) => (Some(cert.data().await?), Some(key.data().await?)),
         _ => (None, None),
     };
-    let key = ConnectorKey {
+    let key = ContextKey {
         accept_invalid_certs: config.accept_invalid_certs,
-        accept_invalid_hostnames: config.accept_invalid_hostnames,
         root_cert,
         client_cert,
         client_key,
     };
-
-    // The openssl TlsConnector synchronously loads certificates from files.
-    // Loading these files can block for tens of milliseconds.
-    let connector = rt::spawn_blocking(move || connector(key))
+    let context = rt::spawn_blocking(move || context(key))
         .await
         .map_err(Error::tls)?;
 
-    let mut mid_handshake = match connector.connect(config.hostname, StdSocket::new(socket)) {
-        Ok(tls_stream) => return Ok(NativeTlsSocket { stream: tls_stream }),
-        Err(HandshakeError::Failure(e)) => return Err(Error::tls(e)),
-        Err(HandshakeError::WouldBlock(mid_handshake)) => mid_handshake,
+    let mut ssl = Ssl::new(&context).map_err(Error::tls)?;
+    let ip = config.hostname.parse::<IpAddr>().ok();
+    // SNI names a host, never an address (RFC 6066 §3).
+    if ip.is_none() {
+        ssl.set_hostname(config.hostname).map_err(Error::tls)?;
+    }
+    if !config.accept_invalid_certs && !config.accept_invalid_hostnames {
+        let param = ssl.param_mut();
+        match ip {
+            Some(ip) => param.set_ip(ip),
+            None => param.set_host(config.hostname),
+        }
+        .map_err(Error::tls)?;
+    }
+
+    let mut mid_handshake = match ssl.connect(StdSocket::new(socket)) {
+        Ok(stream) => return Ok(NativeTlsSocket { stream }),
+        Err(HandshakeError::SetupFailure(e)) => return Err(Error::tls(e)),
+        Err(HandshakeError::Failure(mid)) => {
+            let verify = mid.ssl().verify_result();
+            return Err(failure(mid.into_error(), verify));
+        }
+        Err(HandshakeError::WouldBlock(mid)) => mid,
     };
 
     loop {
         mid_handshake.get_mut().ready().await?;
 
         match mid_handshake.handshake() {
-            Ok(tls_stream) => return Ok(NativeTlsSocket { stream: tls_stream }),
-            Err(HandshakeError::Failure(e)) => return Err(Error::tls(e)),
-            Err(HandshakeError::WouldBlock(mid_handshake_)) => {
-                mid_handshake = mid_handshake_;
+            Ok(stream) => return Ok(NativeTlsSocket { stream }),
+            Err(HandshakeError::SetupFailure(e)) => return Err(Error::tls(e)),
+            Err(HandshakeError::Failure(mid)) => {
+                let verify = mid.ssl().verify_result();
+                return Err(failure(mid.into_error(), verify));
+            }
+            Err(HandshakeError::WouldBlock(mid)) => {
+                mid_handshake = mid;
             }
         }
     }
