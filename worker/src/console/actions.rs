@@ -215,8 +215,40 @@ fn settlement(f: &OutcomeForm) -> Result<Option<i64>, PageError> {
     }
 }
 
-/// Files (or, with one approval required, applies) a resolution or correction.
-async fn outcome_action(c: &Console, s: &Signed, no: &str, action: Action, why: &str) -> Done {
+/// Which action an outcome form asks for.
+#[derive(Debug, Clone, Copy)]
+enum OutcomeKind {
+    /// Settle a dead job (its reason is `note`).
+    Resolve,
+    /// Put a final job's booking right (its reason is `evidence`).
+    Correct,
+}
+
+/// Checks the form, then files (or, with one approval required, applies) the resolution or
+/// correction it asks for.
+async fn outcome_action(
+    c: &Console,
+    s: &Signed,
+    no: &str,
+    kind: OutcomeKind,
+    f: &OutcomeForm,
+) -> Done {
+    let why = match kind {
+        OutcomeKind::Resolve => f.note.as_deref(),
+        OutcomeKind::Correct => f.evidence.as_deref(),
+    };
+    let why = authorised(s, Role::Operator, &f.csrf, Some(why.unwrap_or("")))?;
+    let action = match (kind, settlement(f)?) {
+        (OutcomeKind::Resolve, Some(fee)) => Action::Resolve(Resolution::Succeeded {
+            settlement_refund_fee: fee,
+        }),
+        (OutcomeKind::Resolve, None) => Action::Resolve(Resolution::Failed),
+        (OutcomeKind::Correct, Some(fee)) => Action::Correct(Correction::Succeeded {
+            settlement_refund_fee: fee,
+        }),
+        (OutcomeKind::Correct, None) => Action::Correct(Correction::Failed),
+    };
+    let why = why.as_str();
     let report = submit(
         &c.ctl,
         no,
@@ -262,19 +294,7 @@ pub async fn resolve(
     Path(no): Path<String>,
     Form(f): Form<OutcomeForm>,
 ) -> Done {
-    let note = authorised(
-        &s,
-        Role::Operator,
-        &f.csrf,
-        Some(f.note.as_deref().unwrap_or("")),
-    )?;
-    let resolution = match settlement(&f)? {
-        Some(fee) => Resolution::Succeeded {
-            settlement_refund_fee: fee,
-        },
-        None => Resolution::Failed,
-    };
-    outcome_action(&c, &s, &no, Action::Resolve(resolution), &note).await
+    outcome_action(&c, &s, &no, OutcomeKind::Resolve, &f).await
 }
 
 pub async fn correct(
@@ -283,19 +303,7 @@ pub async fn correct(
     Path(no): Path<String>,
     Form(f): Form<OutcomeForm>,
 ) -> Done {
-    let evidence = authorised(
-        &s,
-        Role::Operator,
-        &f.csrf,
-        Some(f.evidence.as_deref().unwrap_or("")),
-    )?;
-    let correction = match settlement(&f)? {
-        Some(fee) => Correction::Succeeded {
-            settlement_refund_fee: fee,
-        },
-        None => Correction::Failed,
-    };
-    outcome_action(&c, &s, &no, Action::Correct(correction), &evidence).await
+    outcome_action(&c, &s, &no, OutcomeKind::Correct, &f).await
 }
 
 pub async fn approve(
